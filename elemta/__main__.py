@@ -1,0 +1,5 @@
+import sys
+
+from elemta.cli.elemta import main
+
+sys.exit(main())

@@ -1,0 +1,295 @@
+"""Configuration: /etc/elemta/elemta.toml read with tomllib into frozen dataclasses.
+
+Every key has its default here and only here (conf/elemta.toml mirrors it, and a test checks
+that the two agree).  Validation is strict: an unknown key, a wrong type or an impossible value
+raises ConfigError whose one-line message names the key path and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import socket
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any
+
+from elemta.errors import ConfigError
+
+DEFAULT_PATH = "/etc/elemta/elemta.toml"
+ROLES = ("mx", "submission")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+
+# (minimum, maximum) for numbers; a key absent here may take any value of its type.
+_RANGES: dict[str, tuple[float, float]] = {
+    "server.max_connections": (1, 1_000_000),
+    "server.max_connections_per_ip": (1, 1_000_000),
+    "server.grace_period": (0, 3600),
+    "smtp.max_message_size": (1024, 2**40),
+    "smtp.max_recipients": (1, 100_000),
+    "smtp.max_errors": (1, 10_000),
+    "smtp.command_timeout": (1, 3600),
+    "smtp.data_timeout": (1, 3600),
+    "smtp.greet_pause": (0, 60),
+    "smtp.max_received_headers": (1, 1000),
+    "queue.min_free_space": (0, 2**50),
+    "queue.max_messages": (0, 2**40),
+    "queue.max_bytes": (0, 2**60),
+    "queue.batch_max": (1, 100_000),
+}
+
+
+@dataclass(frozen=True)
+class Listener:
+    address: str = "0.0.0.0:25"  # host:port; IPv6 as [::]:25
+    role: str = "mx"  # "mx" (port 25) or "submission" (587)
+
+    @property
+    def host(self) -> str:
+        return split_host_port(self.address)[0]
+
+    @property
+    def port(self) -> int:
+        return split_host_port(self.address)[1]
+
+
+def _default_listeners() -> tuple[Listener, ...]:
+    return (Listener("0.0.0.0:25", "mx"), Listener("0.0.0.0:587", "submission"))
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    hostname: str = ""  # name in the banner and Received headers; "" = this host's FQDN
+    spool_dir: str = "/var/spool/elemta"
+    max_connections: int = 1000
+    max_connections_per_ip: int = 20
+    grace_period: float = 30.0
+
+
+@dataclass(frozen=True)
+class SmtpConfig:
+    max_message_size: int = 26_214_400  # 25 MiB; advertised in EHLO SIZE
+    max_recipients: int = 100  # RFC 5321 §4.5.3.1.8: at least 100 must be accepted
+    max_errors: int = 20  # error replies (or unknown commands) before 421 and close
+    command_timeout: float = 300.0  # RFC 5321 §4.5.3.2.7: 5 minutes
+    data_timeout: float = 180.0  # RFC 5321 §4.5.3.2.5-6: 3 minutes per data block
+    greet_pause: float = 0.0  # wait this long before the banner; input in it is refused
+    max_received_headers: int = 50  # more Received headers than this is a mail loop
+    local_domains: tuple[str, ...] = ()
+    relay_domains: tuple[str, ...] = ()
+    trusted_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    auth_required: bool = True  # submission: only trusted networks may send until AUTH exists
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    min_free_space: int = 104_857_600  # refuse mail (452 4.3.1) below 100 MiB free on the spool
+    max_messages: int = 0  # refuse mail above this many undelivered messages; 0 = no limit
+    max_bytes: int = 0  # ... or above this many bytes of them; 0 = no limit
+    batch_max: int = 256  # most messages committed in one group-commit transaction
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    hold: bool = False  # keep new mail held in the queue instead of delivering it
+    relayhost: str = ""  # host:port to send all outbound mail through; "" = MX lookup
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+    format: str = "text"
+
+
+@dataclass(frozen=True)
+class Config:
+    listeners: tuple[Listener, ...] = field(default_factory=_default_listeners)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    smtp: SmtpConfig = field(default_factory=SmtpConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    # Not a TOML key: set by `elemta --dev`, which accepts every recipient (open relay on
+    # loopback) so a developer can send anything and read it back from the queue.
+    dev: bool = False
+    source: str = ""  # the file this was read from, for messages
+
+    @property
+    def queue_path(self) -> str:
+        return os.path.join(self.server.spool_dir, "queue.db")
+
+    @property
+    def hostname(self) -> str:
+        return self.server.hostname or socket.getfqdn()
+
+
+_SECTIONS = {
+    "server": ServerConfig,
+    "smtp": SmtpConfig,
+    "queue": QueueConfig,
+    "delivery": DeliveryConfig,
+    "log": LogConfig,
+}
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """'127.0.0.1:25' / '[::1]:25' / 'mail.example:25' -> (host, port); ValueError if bad."""
+    if address.startswith("["):
+        host, sep, port = address[1:].partition("]:")
+        if not sep:
+            raise ValueError("IPv6 addresses are written [addr]:port")
+    else:
+        host, sep, port = address.rpartition(":")
+        if not sep or ":" in host:
+            raise ValueError("expected host:port (IPv6 as [addr]:port)")
+    # Port 0 binds any free port: tests use it; elemta prints the port it got.
+    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError("expected host:port with a port from 0 to 65535")
+    return host, int(port)
+
+
+def _type_name(tp: Any) -> str:
+    return {
+        int: "an integer",
+        float: "a number",
+        bool: "true or false",
+        str: "a string",
+        tuple: "a list of strings",
+    }[tp]
+
+
+def _coerce(path: str, value: Any, default: Any) -> Any:
+    """Check value against the type of its default; return it in the dataclass's type."""
+    kind = type(default)
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif kind is tuple:
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        value = tuple(value) if ok else value
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        got = type(value).__name__
+        raise ConfigError(f"{path}: expected {_type_name(kind)}, got {got} {value!r}")
+    if path in _RANGES:
+        low, high = _RANGES[path]
+        if not low <= value <= high:
+            raise ConfigError(f"{path}: {value} is out of range (allowed {low:g} to {high:g})")
+    return value
+
+
+def _section(name: str, cls: type, raw: Any) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{name}: expected a table [{name}], got {type(raw).__name__}")
+    defaults = cls()
+    known = {f.name for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in raw.items():
+        path = f"{name}.{key}"
+        if key not in known:
+            raise ConfigError(f"{path}: unknown key (allowed: {', '.join(sorted(known))})")
+        values[key] = _coerce(path, value, getattr(defaults, key))
+    return cls(**values)
+
+
+def _listeners(raw: Any) -> tuple[Listener, ...]:
+    if not isinstance(raw, list) or not all(isinstance(item, dict) for item in raw):
+        raise ConfigError("listeners: expected an array of tables [[listeners]]")
+    if not raw:
+        raise ConfigError("listeners: at least one [[listeners]] table is needed")
+    result = []
+    for index, item in enumerate(raw):
+        listener = _section(f"listeners[{index}]", Listener, item)
+        try:
+            split_host_port(listener.address)
+        except ValueError as exc:
+            raise ConfigError(f"listeners[{index}].address: {listener.address!r}: {exc}") from None
+        if listener.role not in ROLES:
+            raise ConfigError(
+                f"listeners[{index}].role: {listener.role!r} is not a role (allowed: {', '.join(ROLES)})"
+            )
+        result.append(listener)
+    addresses = [lst.address for lst in result]
+    for address in addresses:
+        if addresses.count(address) > 1:
+            raise ConfigError(f"listeners: address {address} is listed twice")
+    return tuple(result)
+
+
+def _check(config: Config) -> None:
+    """Checks that need more than one value's type and range."""
+    if config.log.level not in LOG_LEVELS:
+        raise ConfigError(f"log.level: {config.log.level!r} (allowed: {', '.join(LOG_LEVELS)})")
+    if config.log.format not in LOG_FORMATS:
+        raise ConfigError(f"log.format: {config.log.format!r} (allowed: {', '.join(LOG_FORMATS)})")
+    for index, network in enumerate(config.smtp.trusted_networks):
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"smtp.trusted_networks[{index}]: {network!r} is not a network (e.g. 192.0.2.0/24)"
+            ) from None
+    for key in ("local_domains", "relay_domains"):
+        for index, domain in enumerate(getattr(config.smtp, key)):
+            if not domain or domain != domain.strip() or "@" in domain or " " in domain:
+                raise ConfigError(f"smtp.{key}[{index}]: {domain!r} is not a domain name")
+    if config.delivery.relayhost:
+        try:
+            split_host_port(config.delivery.relayhost)
+        except ValueError as exc:
+            raise ConfigError(f"delivery.relayhost: {config.delivery.relayhost!r}: {exc}") from None
+    if not config.server.spool_dir:
+        raise ConfigError("server.spool_dir: must name a directory")
+
+
+def parse(data: dict, source: str = "") -> Config:
+    """Build a Config from parsed TOML (a dict); raise ConfigError naming the bad key."""
+    values: dict[str, Any] = {"source": source}
+    for key, raw in data.items():
+        if key == "listeners":
+            values["listeners"] = _listeners(raw)
+        elif key in _SECTIONS:
+            values[key] = _section(key, _SECTIONS[key], raw)
+        else:
+            allowed = ", ".join(sorted(["listeners", *_SECTIONS]))
+            raise ConfigError(f"{key}: unknown key (allowed: {allowed})")
+    config = Config(**values)
+    _check(config)
+    # Domains compare case-insensitively; normalise once here, not per recipient.
+    smtp = dataclasses.replace(
+        config.smtp,
+        local_domains=tuple(d.lower().rstrip(".") for d in config.smtp.local_domains),
+        relay_domains=tuple(d.lower().rstrip(".") for d in config.smtp.relay_domains),
+    )
+    return dataclasses.replace(config, smtp=smtp)
+
+
+def load(path: str) -> Config:
+    """Read and check a config file; ConfigError (one line) on any problem."""
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file (use --config FILE, or --dev)") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: permission denied") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, expected a TOML file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse(data, source=path)
+
+
+def replace(config: Config, **sections: dict) -> Config:
+    """Return config with some keys of some sections replaced: replace(c, smtp={...})."""
+    changes = {
+        name: dataclasses.replace(getattr(config, name), **keys) for name, keys in sections.items()
+    }
+    return dataclasses.replace(config, **changes)

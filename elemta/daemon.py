@@ -1,0 +1,118 @@
+"""The daemon: builds every component, passes it in, and handles signals.
+
+SIGTERM/SIGINT: stop accepting, let sessions finish for server.grace_period seconds, tell the
+rest 421, flush the queue writer, exit 0.  SIGHUP: reload the configuration; listeners are
+opened and closed to match it and new connections get the new limits.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from collections.abc import Callable
+
+from elemta import log as logmod
+from elemta.config import Config
+from elemta.errors import ConfigError
+from elemta.queue.store import Store
+from elemta.smtp.server import SmtpServer
+
+# Smaller thread stacks: a thread per connection, and a session needs little stack.
+THREAD_STACK = 512 * 1024
+
+
+def build_store(config: Config) -> Store:
+    q = config.queue
+    return Store(
+        config.queue_path,
+        batch_max=q.batch_max,
+        min_free_bytes=q.min_free_space,
+        max_messages=q.max_messages,
+        max_bytes=q.max_bytes,
+    )
+
+
+class Daemon:
+    def __init__(self, load_config: Callable[[], Config], announce=print):
+        """load_config reads the config (with command-line overrides) afresh on each call."""
+        self.load_config = load_config
+        self.announce = announce
+        self._wake = threading.Event()
+        self._stop = False
+        self._reload = False
+
+    def run(self) -> int:
+        config = self.load_config()
+        logger = logmod.setup(config.log.level)
+        events = logmod.EventLog(logger, json_format=config.log.format == "json")
+        threading.stack_size(THREAD_STACK)
+        store = build_store(config)
+        store.open()
+        server = SmtpServer(config, store, events)
+        try:
+            server.start()
+        except OSError as exc:
+            store.close()
+            raise ConfigError(f"listeners: cannot listen: {exc}") from None
+        self._install_signals()
+        for address, listener in server.listeners.items():
+            host = listener.server_address[0]
+            shown = f"[{host}]" if ":" in host else host
+            self.announce(f"elemta: listening on {shown}:{listener.port} ({listener.listener.role})")
+        events("started", spool=config.server.spool_dir, listeners=len(server.listeners))
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            if self._stop:
+                break
+            if self._reload:
+                self._reload = False
+                self._do_reload(server, store, events)
+        events("stopping", grace=config.server.grace_period, open=server.connections.count())
+        server.stop(server.config.server.grace_period)
+        store.close()
+        events("stopped")
+        return 0
+
+    def _do_reload(self, server: SmtpServer, store: Store, events: logmod.EventLog) -> None:
+        try:
+            config = self.load_config()
+        except ConfigError as exc:
+            events("reload_failed", error=str(exc))
+            return
+        if config.server.spool_dir != server.config.server.spool_dir:
+            events("reload_warning", error="server.spool_dir changes need a restart")
+        server.apply(config)
+        store.set_limits(
+            min_free_bytes=config.queue.min_free_space,
+            max_messages=config.queue.max_messages,
+            max_bytes=config.queue.max_bytes,
+        )
+        try:
+            server.start()
+        except OSError as exc:
+            events("reload_failed", error=f"cannot listen: {exc}")
+            return
+        events("reloaded", listeners=len(server.listeners))
+
+    def _install_signals(self) -> None:
+        def stop(signum, frame):
+            self._stop = True
+            self._wake.set()
+
+        def reload(signum, frame):
+            self._reload = True
+            self._wake.set()
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGHUP, reload)
+
+
+def main_loop(load_config: Callable[[], Config]) -> int:
+    try:
+        return Daemon(load_config, announce=lambda line: print(line, flush=True)).run()
+    except ConfigError as exc:
+        print(f"elemta: {exc}", file=sys.stderr)
+        return 78  # EX_CONFIG

@@ -1,0 +1,81 @@
+"""Message text: the DATA terminator scan, dot-unstuffing and the content checks.
+
+Pure byte functions, no I/O.  Only CRLF.CRLF ends DATA (RFC 5321 §4.1.1.4); a bare CR or LF
+never does, so `\\n.\\r\\n` cannot end a message early and smuggle a second one (the SMTP
+smuggling attacks of 2023).  Elemta reads such a message to its real end and then refuses it:
+the choice of chasquid and Postfix 3.9, rather than normalising, because a bare line ending in
+the middle of a message means the sender and some MTA on the path disagree about where lines
+end.  Every violation is kept as a sticky error and reported only after the real terminator,
+so no part of a refused body can run as a command.
+"""
+
+from __future__ import annotations
+
+from elemta.smtp import replies
+
+TERMINATOR = b"\r\n.\r\n"
+# RFC 5321 §4.5.3.1.6: a text line is at most 1000 octets including CRLF.
+MAX_TEXT_LINE = 998
+
+
+class DataReader:
+    """Collects DATA input until CRLF.CRLF; keeps only a tail once over the size limit."""
+
+    def __init__(self, max_size: int):
+        self.max_size = max_size
+        # A virtual CRLF in front lets the same search find a terminator on the first line
+        # (an empty message is just ".\r\n" after the 354).
+        self._buf = bytearray(b"\r\n")
+        self._scan_from = 0
+        self.received = 0  # octets seen, including any that were dropped
+        self.too_big = False
+
+    def feed(self, data: bytes) -> tuple[bytes, bytes] | None:
+        """Add input; return (message text, input after the terminator) once it is found.
+
+        The message text is still dot-stuffed and ends with the CRLF of its last line.
+        """
+        self._buf += data
+        index = self._buf.find(TERMINATOR, self._scan_from)
+        if index < 0:
+            self.received += len(data)
+            if not self.too_big and self.received > self.max_size:
+                self.too_big = True
+            if self.too_big:
+                # Past the limit only the tail matters: it may hold the start of the terminator.
+                del self._buf[:-4]
+                self._scan_from = 0
+            else:
+                self._scan_from = max(0, len(self._buf) - 4)
+            return None
+        rest = bytes(self._buf[index + 5 :])
+        self.received += len(data) - len(rest)
+        text = b"" if self.too_big else bytes(self._buf[2 : index + 2])
+        self._buf = bytearray()
+        return text, rest
+
+
+def unstuff(text: bytes) -> bytes:
+    """RFC 5321 §4.5.2: drop the first of any line's leading dots."""
+    if text.startswith(b"."):
+        text = text[1:]
+    if b"\r\n." in text:
+        text = text.replace(b"\r\n.", b"\r\n")
+    return text
+
+
+def check_text(text: bytes) -> replies.Reply | None:
+    """The content rules shared by DATA and BDAT; None when the message text is fine."""
+    crlf = text.count(b"\r\n")
+    if text.count(b"\n") != crlf or text.count(b"\r") != crlf:
+        return replies.BARE_LINE_ENDING
+    if len(text) > MAX_TEXT_LINE and max(map(len, text.split(b"\r\n"))) > MAX_TEXT_LINE:
+        return replies.TEXT_LINE_TOO_LONG
+    return None
+
+
+def count_received(text: bytes) -> int:
+    """How many Received: header fields the header section holds (RFC 5321 §6.3 loops)."""
+    end = text.find(b"\r\n\r\n")
+    header = b"\r\n" + (text if end < 0 else text[: end + 2])
+    return header.lower().count(b"\r\nreceived:")

@@ -1,0 +1,87 @@
+"""Every SMTP reply elemta sends, as data: code, enhanced status code (RFC 3463) and text.
+
+RFC 2034 §3 puts an enhanced status code on every reply except the 220 greeting and the
+replies to HELO/EHLO; intermediate replies (354) carry none either, as Postfix does.  Texts
+are fixed here so operators can grep for them; `{name}` fields are filled per use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Reply:
+    code: int
+    esc: str  # enhanced status code "X.Y.Z", or "" where RFC 2034 puts none
+    text: str
+    close: bool = False  # the server closes the connection after sending this reply
+
+    def format(self, **fields: object) -> Reply:
+        return Reply(self.code, self.esc, self.text.format(**fields), self.close)
+
+    def to_bytes(self) -> bytes:
+        lines = self.text.split("\n")
+        prefix = f"{self.esc} " if self.esc else ""
+        out = [f"{self.code}-{prefix}{line}\r\n" for line in lines[:-1]]
+        out.append(f"{self.code} {prefix}{lines[-1]}\r\n")
+        return "".join(out).encode("utf-8", "replace")
+
+    @property
+    def is_error(self) -> bool:
+        return self.code >= 400
+
+
+# Connection level
+GREETING = Reply(220, "", "{host} ESMTP elemta")
+BYE = Reply(221, "2.0.0", "Bye", close=True)
+TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "{host} Too many connections, try again later", True)
+TOO_MANY_FROM_IP = Reply(421, "4.7.0", "{host} Too many connections from your address", True)
+TOO_MANY_ERRORS = Reply(421, "4.7.0", "{host} Too many errors, closing connection", True)
+TIMEOUT = Reply(421, "4.4.2", "{host} Timeout exceeded, closing connection", True)
+SHUTTING_DOWN = Reply(421, "4.3.2", "{host} Service shutting down, closing connection", True)
+# RFC 2920 §3.1 and RFC 5321 §4.3.1: input the server has not asked for yet.
+SYNC_ERROR = Reply(554, "5.5.0", "SMTP synchronization error: input before reply", True)
+# Cross-protocol attacks: an HTTP request sent to an SMTP port.
+NOT_HTTP = Reply(502, "5.5.1", "This is an SMTP server, not an HTTP proxy", True)
+
+# Greeting and simple commands
+EHLO = Reply(250, "", "{lines}")
+HELO = Reply(250, "", "{host}")
+OK = Reply(250, "2.0.0", "Ok")
+HELP = Reply(214, "2.0.0", "Commands: {commands}\nSee RFC 5321; report problems to postmaster")
+VRFY = Reply(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
+EXPN = Reply(502, "5.5.1", "EXPN is not available")
+
+# Transaction
+SENDER_OK = Reply(250, "2.1.0", "Ok")
+RCPT_OK = Reply(250, "2.1.5", "Ok")
+START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
+QUEUED = Reply(250, "2.0.0", "Ok: queued as {queue_id}")
+CHUNK_OK = Reply(250, "2.0.0", "Ok: {size} octets received")
+
+# Order and syntax (RFC 5321 §4.2.4, §4.3.2)
+UNKNOWN_COMMAND = Reply(500, "5.5.1", "Command unrecognized")
+COMMAND_TOO_LONG = Reply(500, "5.5.2", "Line too long")
+SYNTAX = Reply(501, "5.5.4", "Syntax: {usage}")
+BAD_SEQUENCE = Reply(503, "5.5.1", "Bad sequence of commands: {why}")
+BAD_SENDER = Reply(501, "5.1.7", "Bad sender address syntax: {why}")
+BAD_RECIPIENT = Reply(501, "5.1.3", "Bad recipient address syntax: {why}")
+UTF8_REQUIRED = Reply(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")
+BAD_PARAMETER = Reply(501, "5.5.4", "Bad parameter: {why}")
+UNKNOWN_PARAMETER = Reply(555, "5.5.4", "Unsupported parameter {name}")
+
+# Policy and limits
+SIZE_EXCEEDED = Reply(552, "5.3.4", "Message size exceeds fixed limit of {limit} octets")
+TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
+RELAY_DENIED = Reply(550, "5.7.1", "Relay access denied")
+AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
+LOOP = Reply(554, "5.4.6", "Too many Received headers ({count}): mail loop")
+
+# Message content (checked after the real end of data, never before)
+BARE_LINE_ENDING = Reply(550, "5.6.0", "Message refused: bare CR or LF (RFC 5321 2.3.8)")
+TEXT_LINE_TOO_LONG = Reply(500, "5.6.0", "Message refused: line longer than 1000 octets")
+
+# Storage
+NO_STORAGE = Reply(452, "4.3.1", "Insufficient system storage, try again later")
+QUEUE_FAILED = Reply(451, "4.3.0", "Local error in processing, try again later")

@@ -1,0 +1,297 @@
+"""SMTP listeners: socketserver.ThreadingTCPServer, a daemon thread per connection.
+
+This module owns the sockets: it feeds received bytes to a Session, writes the replies,
+stores messages through the queue when the session asks, enforces the connection caps and the
+timeouts, and lets sessions finish (or tells them 421) when the daemon stops.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import select
+import socket
+import socketserver
+import threading
+import time
+from dataclasses import dataclass
+
+from elemta.config import Config, Listener, split_host_port
+from elemta.errors import QueueError
+from elemta.log import EventLog
+from elemta.queue.store import Store
+from elemta.smtp import replies
+from elemta.smtp.session import CLOSED, Client, Enqueue, Services, Session, Settings
+
+RECV_SIZE = 65536
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-connection settings that a reload (SIGHUP) may change; read once per connection."""
+
+    command_timeout: float
+    data_timeout: float
+    greet_pause: float
+    max_connections: int
+    max_connections_per_ip: int
+    trusted: tuple  # ipaddress networks
+
+
+def session_settings(config: Config, listener: Listener) -> Settings:
+    smtp = config.smtp
+    return Settings(
+        hostname=config.hostname,
+        role=listener.role,
+        listener=listener.address,
+        max_message_size=smtp.max_message_size,
+        max_recipients=smtp.max_recipients,
+        max_errors=smtp.max_errors,
+        max_received_headers=smtp.max_received_headers,
+        local_domains=frozenset(smtp.local_domains),
+        relay_domains=frozenset(smtp.relay_domains),
+        auth_required=smtp.auth_required,
+        accept_all=config.dev,
+        hold=config.delivery.hold,
+    )
+
+
+def limits_from(config: Config) -> Limits:
+    return Limits(
+        command_timeout=config.smtp.command_timeout,
+        data_timeout=config.smtp.data_timeout,
+        greet_pause=config.smtp.greet_pause,
+        max_connections=config.server.max_connections,
+        max_connections_per_ip=config.server.max_connections_per_ip,
+        trusted=tuple(ipaddress.ip_network(n, strict=False) for n in config.smtp.trusted_networks),
+    )
+
+
+class Connections:
+    """Counts open connections, globally and per client address, and keeps their sockets."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._per_ip: dict[str, int] = {}
+        self._open: dict[int, socket.socket] = {}
+        self._serial = 0
+        self.idle = threading.Condition(self._lock)
+
+    def admit(self, ip: str, sock: socket.socket, limits: Limits) -> tuple[int, replies.Reply | None]:
+        """Return (connection number, None) if admitted, else (0, the 421 to send)."""
+        with self._lock:
+            if len(self._open) >= limits.max_connections:
+                return 0, replies.TOO_MANY_CONNECTIONS
+            if self._per_ip.get(ip, 0) >= limits.max_connections_per_ip:
+                return 0, replies.TOO_MANY_FROM_IP
+            self._serial += 1
+            self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
+            self._open[self._serial] = sock
+            return self._serial, None
+
+    def release(self, number: int, ip: str) -> None:
+        with self._lock:
+            self._open.pop(number, None)
+            left = self._per_ip.get(ip, 1) - 1
+            if left:
+                self._per_ip[ip] = left
+            else:
+                self._per_ip.pop(ip, None)
+            if not self._open:
+                self.idle.notify_all()
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self._open)
+
+    def wait_idle(self, timeout: float) -> bool:
+        with self._lock:
+            return self.idle.wait_for(lambda: not self._open, timeout)
+
+    def interrupt_all(self) -> None:
+        """Wake every session blocked in recv: it then says 421 and closes (shutdown)."""
+        with self._lock:
+            sockets = list(self._open.values())
+        for sock in sockets:
+            try:
+                sock.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
+
+
+class SmtpServer:
+    """Everything the listeners share: config-derived state, the queue, the connection table."""
+
+    def __init__(self, config: Config, store: Store, log: EventLog):
+        self.store = store
+        self.log = log
+        self.connections = Connections()
+        self.stopping = threading.Event()
+        self.services = Services(new_id=store.new_id, intake_check=store.intake_check, log=log)
+        self.listeners: dict[str, ListenerServer] = {}
+        self.apply(config)
+
+    def apply(self, config: Config) -> None:
+        """Take a (re)loaded config: new connections use it; open ones keep what they had."""
+        self.config = config
+        self.limits = limits_from(config)
+        self.settings = {lst.address: session_settings(config, lst) for lst in config.listeners}
+
+    # ---- listeners -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Bind every configured listener that is not bound yet; close those no longer wanted."""
+        wanted = {lst.address: lst for lst in self.config.listeners}
+        for address in list(self.listeners):
+            if address not in wanted:
+                self.listeners.pop(address).stop()
+                self.log("listener_closed", address=address)
+        for address, listener in wanted.items():
+            if address not in self.listeners:
+                server = ListenerServer(self, listener)
+                thread = threading.Thread(
+                    target=server.serve_forever, kwargs={"poll_interval": 0.5},
+                    name=f"listener-{address}", daemon=True,
+                )
+                thread.start()
+                self.listeners[address] = server
+                self.log("listening", address=address, role=listener.role, port=server.port)
+
+    def stop(self, grace: float) -> None:
+        """Stop accepting, give sessions `grace` seconds, then tell the rest 421 and close."""
+        for server in self.listeners.values():
+            server.stop()
+        self.listeners.clear()
+        if not self.connections.wait_idle(grace):
+            self.stopping.set()
+            self.connections.interrupt_all()
+            self.connections.wait_idle(5.0)
+
+    # ---- one connection --------------------------------------------------------------------
+
+    def handle(self, sock: socket.socket, peer: tuple, listener: Listener, number: int) -> None:
+        limits = self.limits
+        settings = self.settings[listener.address]
+        ip = peer[0]
+        trusted = any(ipaddress.ip_address(ip) in net for net in limits.trusted)
+        session = Session(settings, Client(ip, peer[1], trusted), self.services)
+        started = time.monotonic()
+        self.log("connect", ip=ip, port=peer[1], listener=listener.address, conn=number)
+        conn = _Conn(sock)
+        try:
+            if limits.greet_pause and conn.readable(limits.greet_pause):
+                conn.send(session.input_before_reply())
+                return
+            conn.send([session.greeting()])
+            self._converse(conn, session, limits)
+        except OSError as exc:
+            self.log("io_error", ip=ip, conn=number, error=str(exc)[:80])
+        finally:
+            self.log(
+                "disconnect", ip=ip, conn=number, commands=session.commands_seen,
+                errors=session.errors, seconds=round(time.monotonic() - started, 3),
+            )
+
+    def _converse(self, conn: _Conn, session: Session, limits: Limits) -> None:
+        timeout = None
+        while session.state != CLOSED:
+            wanted = limits.data_timeout if session.in_data else limits.command_timeout
+            if wanted != timeout:
+                conn.sock.settimeout(wanted)
+                timeout = wanted
+            try:
+                data = conn.sock.recv(RECV_SIZE)
+            except socket.timeout:
+                conn.send(session.timed_out())
+                return
+            if not data:
+                if self.stopping.is_set():
+                    conn.send(session.shutting_down())
+                return
+            outputs = session.feed(data)
+            pending: list = []
+            while outputs:
+                item = outputs.pop(0)
+                if isinstance(item, Enqueue):
+                    outputs = self._enqueue(session, item) + outputs
+                else:
+                    pending.append(item)
+            if session.awaiting_data and conn.readable(0):
+                # RFC 2920 §3.1: the client sent message text before our 354.
+                pending[-1:] = session.input_before_reply()
+            conn.send(pending)
+
+    def _enqueue(self, session: Session, item: Enqueue) -> list:
+        try:
+            queue_id = self.store.enqueue(item.message)
+        except QueueError as exc:
+            return session.enqueue_failed(exc)
+        return session.enqueued(queue_id, item.message)
+
+
+class _Conn:
+    __slots__ = ("sock",)
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+
+    def send(self, items: list) -> None:
+        if items:
+            self.sock.sendall(b"".join(r.to_bytes() for r in items))
+
+    def readable(self, timeout: float) -> bool:
+        ready, _, _ = select.select([self.sock], [], [], timeout)
+        return bool(ready)
+
+
+class ListenerServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 1024  # accept backlog: bursts of clients wait in the kernel
+
+    def __init__(self, owner: SmtpServer, listener: Listener):
+        self.owner = owner
+        self.listener = listener
+        host, port = split_host_port(listener.address)
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        # process_request below runs each connection itself, so no handler class is used.
+        super().__init__((host, port), socketserver.BaseRequestHandler)
+
+    @property
+    def port(self) -> int:
+        return self.server_address[1]
+
+    def server_bind(self) -> None:
+        if self.address_family == socket.AF_INET6:
+            # Separate IPv4 and IPv6 listeners may share a port.
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        super().server_bind()
+
+    def process_request(self, request, client_address) -> None:
+        """ThreadingMixIn's thread per connection, after the connection caps are checked."""
+        number, refusal = self.owner.connections.admit(client_address[0], request, self.owner.limits)
+        if refusal is not None:
+            # Refused in the accept thread: no session thread for a client we won't serve.
+            self.owner.log("reject", ip=client_address[0], reason="connection_limit", reply="421 4.7.0")
+            try:
+                request.settimeout(1.0)
+                request.sendall(refusal.format(host=self.owner.config.hostname).to_bytes())
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        thread = threading.Thread(
+            target=self._serve, args=(request, client_address, number), daemon=True
+        )
+        thread.start()
+
+    def _serve(self, request, client_address, number) -> None:
+        try:
+            self.owner.handle(request, client_address, self.listener, number)
+        finally:
+            self.owner.connections.release(number, client_address[0])
+            self.shutdown_request(request)
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()

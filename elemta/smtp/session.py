@@ -1,0 +1,594 @@
+"""The SMTP server session as a pure state machine (sans-IO).
+
+Bytes go in through feed(); a list of outputs comes back: Reply objects to send in order and,
+at the end of a message, one Enqueue.  The caller (smtp/server.py) stores the message and hands
+the outcome back with enqueued() / enqueue_failed(), which gives the final reply.  Nothing here
+touches a socket or the disk, so every rule is unit-testable with plain bytes.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import ipaddress
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from elemta.errors import QueueFullError
+from elemta.queue.model import NewMessage, NewRecipient
+from elemta.smtp import address as addr
+from elemta.smtp import dotreader, replies
+from elemta.smtp.replies import Reply
+
+# RFC 5321 §4.5.3.1.4: a command line is at most 512 octets including CRLF.  MAIL and RCPT
+# may be longer by what their extensions add (RFC 1870 §3: SIZE +26; RFC 3461 §4: +100 on
+# MAIL, +500 on RCPT; RFC 6710: MT-PRIORITY +16), so they get 1,024.
+MAX_COMMAND = 512
+MAX_ENVELOPE_COMMAND = 1024
+
+# RFC 6710 §3 levels (-9..9) onto elemta's four queue priorities.
+def mt_priority_class(level: int) -> str:
+    if level >= 5:
+        return "critical"
+    if level >= 1:
+        return "high"
+    if level >= 0:
+        return "normal"
+    return "low"
+
+
+HTTP_VERBS = frozenset({"GET", "POST", "CONNECT", "HEAD", "PUT"})
+COMMANDS = ("EHLO", "HELO", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "NOOP", "QUIT", "VRFY", "HELP")
+
+
+@dataclass(frozen=True)
+class Enqueue:
+    """Output: store this message, then call enqueued() or enqueue_failed()."""
+
+    message: NewMessage
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a session needs from the configuration; built once per listener, not per client."""
+
+    hostname: str
+    role: str = "mx"  # "mx" or "submission"
+    listener: str = ""
+    max_message_size: int = 26_214_400
+    max_recipients: int = 100
+    max_errors: int = 20
+    max_received_headers: int = 50
+    local_domains: frozenset[str] = frozenset()
+    relay_domains: frozenset[str] = frozenset()
+    auth_required: bool = True
+    accept_all: bool = False  # dev mode: every recipient is accepted
+    hold: bool = False  # new mail starts held in the queue
+
+
+@dataclass(frozen=True)
+class Client:
+    ip: str
+    port: int = 0
+    trusted: bool = False  # from a trusted network (smtp.trusted_networks)
+
+
+@dataclass(frozen=True)
+class Services:
+    """What the session asks of the rest of elemta; plain callables, no I/O of its own."""
+
+    new_id: Callable[[], str]
+    intake_check: Callable[[], str | None] = lambda: None  # None, or why mail can't be taken now
+    log: Callable[..., None] = lambda event, **fields: None  # log(event, qid=..., key=value)
+    now: Callable[[], float] = time.time
+
+
+@dataclass
+class Envelope:
+    queue_id: str
+    sender: addr.Address
+    body_type: str = "7BIT"
+    smtputf8: bool = False
+    priority: str = "normal"
+    ret: str | None = None
+    envid: str | None = None
+    recipients: list[NewRecipient] = field(default_factory=list)
+
+
+# Session states
+COMMAND, DATA, BDAT_CHUNK, WAIT_QUEUE, CLOSED = range(5)
+
+
+class Session:
+    def __init__(self, settings: Settings, client: Client, services: Services):
+        self.settings = settings
+        self.client = client
+        self.services = services
+        self.state = COMMAND
+        self.helo: str | None = None
+        self.esmtp = False
+        self.envelope: Envelope | None = None
+        self.errors = 0
+        self.commands_seen = 0
+        self._buf = bytearray()
+        self._draining = False  # discarding an overlong command line up to its end
+        self._data: dotreader.DataReader | None = None
+        self._chunks: list[bytes] = []  # BDAT chunks of the current message
+        self._chunk_left = 0
+        self._chunk_last = False
+        self._chunk_parts: list[bytes] = []
+        self._chunk_refusal: Reply | None = None
+
+    # ---- entry points ----------------------------------------------------------------------
+
+    def greeting(self) -> Reply:
+        return replies.GREETING.format(host=self.settings.hostname)
+
+    def feed(self, data: bytes) -> list:
+        """Take input from the client; return replies (and maybe an Enqueue) in order."""
+        if self.state == CLOSED:
+            return []
+        self._buf += data
+        return self._run()
+
+    def input_before_reply(self) -> list:
+        """The client sent input before the greeting or before the 354 (RFC 2920 §3.1)."""
+        self.services.log("sync_error", ip=self.client.ip)
+        return self._close_with(replies.SYNC_ERROR)
+
+    def timed_out(self) -> list:
+        return self._close_with(replies.TIMEOUT.format(host=self.settings.hostname))
+
+    def shutting_down(self) -> list:
+        return self._close_with(replies.SHUTTING_DOWN.format(host=self.settings.hostname))
+
+    def enqueued(self, queue_id: str, message: NewMessage) -> list:
+        self.services.log(
+            "queued", qid=queue_id, size=len(message.body), nrcpt=len(message.recipients),
+            priority=message.priority, state="held" if message.hold else "queued",
+        )
+        return self._after_queue(replies.QUEUED.format(queue_id=queue_id))
+
+    def enqueue_failed(self, error: Exception) -> list:
+        reply = replies.NO_STORAGE if isinstance(error, QueueFullError) else replies.QUEUE_FAILED
+        qid = self.envelope.queue_id if self.envelope else None
+        self.services.log("queue_error", qid=qid, error=str(error) or type(error).__name__)
+        return self._after_queue(reply)
+
+    @property
+    def in_data(self) -> bool:
+        return self.state in (DATA, BDAT_CHUNK)
+
+    @property
+    def awaiting_data(self) -> bool:
+        """True right after a 354: nothing may have arrived yet (checked by the server)."""
+        return self.state == DATA and self._data is not None and self._data.received == 0
+
+    # ---- the input loop --------------------------------------------------------------------
+
+    def _run(self) -> list:
+        out: list = []
+        while self.state not in (WAIT_QUEUE, CLOSED):
+            if self.state == DATA:
+                done = self._data.feed(bytes(self._buf))
+                self._buf.clear()
+                if done is None:
+                    break
+                text, rest = done
+                self._buf += rest
+                out += self._end_of_data(text)
+            elif self.state == BDAT_CHUNK:
+                if not self._take_chunk():
+                    break
+                out += self._end_of_chunk()
+            else:
+                line = self._next_line(out)
+                if line is None:
+                    break
+                out += self._command(line)
+        return out
+
+    def _next_line(self, out: list) -> bytes | None:
+        """The next complete command line without its line ending, or None if none yet."""
+        while True:
+            end = self._buf.find(b"\n")
+            if self._draining:
+                if end < 0:
+                    self._buf.clear()
+                    return None
+                del self._buf[: end + 1]
+                self._draining = False
+                out += self._error(replies.COMMAND_TOO_LONG)
+                if self.state == CLOSED:
+                    return None
+                continue
+            limit = MAX_ENVELOPE_COMMAND if self._buf[:4].upper() in (b"MAIL", b"RCPT") else MAX_COMMAND
+            if end < 0:
+                if len(self._buf) > limit:
+                    self._draining = True
+                    continue
+                return None
+            if end + 1 > limit:
+                del self._buf[: end + 1]
+                out += self._error(replies.COMMAND_TOO_LONG)
+                if self.state == CLOSED:
+                    return None
+                continue
+            line = bytes(self._buf[:end])
+            del self._buf[: end + 1]
+            # Commands end in CRLF; a bare LF is tolerated here (as Postfix does) since a
+            # command line cannot smuggle anything: it is one line either way.
+            return line[:-1] if line.endswith(b"\r") else line
+
+    def _command(self, line: bytes) -> list:
+        text = line.decode("utf-8", "surrogateescape")
+        verb, _, arg = text.partition(" ")
+        verb = verb.upper()
+        self.commands_seen += 1
+        if self.commands_seen == 1 and verb in HTTP_VERBS:
+            self.services.log("reject", ip=self.client.ip, reason="http", verb=verb)
+            return self._close_with(replies.NOT_HTTP)
+        handler = _HANDLERS.get(verb)
+        if handler is None:
+            self.services.log("unknown_command", ip=self.client.ip, verb=verb[:16])
+            return self._error(replies.UNKNOWN_COMMAND)
+        return handler(self, arg.strip(" "))
+
+    # ---- helpers ---------------------------------------------------------------------------
+
+    def _error(self, reply: Reply) -> list:
+        """Send an error reply; past the error budget, close with 421 after it."""
+        if reply.code >= 500:
+            self.errors += 1
+            if self.errors >= self.settings.max_errors:
+                self.services.log("too_many_errors", ip=self.client.ip, errors=self.errors)
+                return [reply] + self._close_with(
+                    replies.TOO_MANY_ERRORS.format(host=self.settings.hostname)
+                )
+        return [reply]
+
+    def _close_with(self, reply: Reply) -> list:
+        self.state = CLOSED
+        self._buf.clear()
+        return [reply]
+
+    def _reset(self) -> None:
+        self.envelope = None
+        self._data = None
+        self._chunks = []
+        self._chunk_refusal = None
+
+    def _after_queue(self, reply: Reply) -> list:
+        self._reset()
+        self.state = COMMAND
+        return [reply] + self._run()
+
+    def _sequence(self, why: str) -> list:
+        return self._error(replies.BAD_SEQUENCE.format(why=why))
+
+    def _syntax(self, usage: str) -> list:
+        return self._error(replies.SYNTAX.format(usage=usage))
+
+    # ---- commands --------------------------------------------------------------------------
+
+    def _ehlo(self, arg: str) -> list:
+        return self._hello(arg, esmtp=True)
+
+    def _helo(self, arg: str) -> list:
+        return self._hello(arg, esmtp=False)
+
+    def _hello(self, arg: str, esmtp: bool) -> list:
+        if not arg or " " in arg:
+            return self._syntax("EHLO hostname" if esmtp else "HELO hostname")
+        # RFC 5321 §4.1.4: a second EHLO/HELO resets the transaction like RSET.
+        self._reset()
+        self.helo = arg
+        self.esmtp = esmtp
+        self.services.log("helo", ip=self.client.ip, helo=arg[:64], esmtp=esmtp)
+        if not esmtp:
+            return [replies.HELO.format(host=self.settings.hostname)]
+        lines = [
+            self.settings.hostname,
+            "PIPELINING",
+            f"SIZE {self.settings.max_message_size}",
+            "8BITMIME",
+            "SMTPUTF8",
+            "ENHANCEDSTATUSCODES",
+            "CHUNKING",
+            "DSN",
+        ]
+        if self.client.trusted:
+            lines.append("MT-PRIORITY MIXER")  # RFC 6710 §7: the policy the levels follow
+        return [replies.EHLO.format(lines="\n".join(lines))]
+
+    def _mail(self, arg: str) -> list:
+        if self.helo is None:
+            return self._sequence("send HELO/EHLO first")
+        if self.envelope is not None:
+            return self._sequence("nested MAIL command")
+        try:
+            path, rest = addr.split_command_arg(arg, "FROM")
+            params = addr.parse_params(rest)
+            if params and not self.esmtp:
+                raise addr.AddressError("param", "parameters need EHLO")
+            smtputf8 = "SMTPUTF8" in params
+            sender = addr.parse_path(path, smtputf8=smtputf8, allow_null=True, allow_postmaster=False)
+        except addr.AddressError as exc:
+            return self._address_error(exc, replies.BAD_SENDER)
+        try:
+            envelope = self._mail_params(sender, params)
+        except addr.AddressError as exc:
+            return self._address_error(exc, replies.BAD_SENDER)
+        except _Refused as refused:
+            return self._error(refused.reply)
+        if self.settings.role == "submission" and self.settings.auth_required:
+            if not (self.client.trusted or self.settings.accept_all):
+                return self._error(replies.AUTH_REQUIRED)
+        why = self.services.intake_check()
+        if why is not None:
+            self.services.log("reject", ip=self.client.ip, reason=why, reply="452 4.3.1")
+            return [replies.NO_STORAGE]
+        envelope.queue_id = self.services.new_id()  # as Postfix, the ID exists from MAIL on
+        self.envelope = envelope
+        self.services.log(
+            "mail", qid=envelope.queue_id, ip=self.client.ip, sender=f"<{sender}>",
+            size=params.get("SIZE") or "-", body=envelope.body_type,
+        )
+        return [replies.SENDER_OK]
+
+    def _mail_params(self, sender: addr.Address, params: dict) -> Envelope:
+        envelope = Envelope(queue_id="", sender=sender)
+        for name, value in params.items():
+            if name == "SIZE":
+                size = addr.parse_size(value)
+                if size > self.settings.max_message_size:
+                    raise _Refused(replies.SIZE_EXCEEDED.format(limit=self.settings.max_message_size))
+            elif name == "BODY":
+                envelope.body_type = addr.parse_body(value)
+            elif name == "SMTPUTF8":
+                if value is not None:
+                    raise addr.AddressError("param", "SMTPUTF8 takes no value")
+                envelope.smtputf8 = True
+            elif name == "RET":
+                envelope.ret = addr.parse_ret(value)
+            elif name == "ENVID":
+                envelope.envid = addr.parse_envid(value)
+            elif name == "MT-PRIORITY":
+                level = addr.parse_mt_priority(value)
+                # RFC 6710 §5: priorities are honoured only from clients we trust; from
+                # others the parameter is accepted and ignored.
+                if self.client.trusted:
+                    envelope.priority = mt_priority_class(level)
+            else:
+                raise _Refused(replies.UNKNOWN_PARAMETER.format(name=name[:32]))
+        return envelope
+
+    def _address_error(self, exc: addr.AddressError, syntax_reply: Reply) -> list:
+        if exc.kind == "utf8":
+            return self._error(replies.UTF8_REQUIRED)
+        if exc.kind == "unknown_param":
+            return self._error(replies.UNKNOWN_PARAMETER.format(name=str(exc)[:32]))
+        if exc.kind == "param":
+            return self._error(replies.BAD_PARAMETER.format(why=str(exc)))
+        return self._error(syntax_reply.format(why=str(exc)))
+
+    def _rcpt(self, arg: str) -> list:
+        if self.envelope is None:
+            return self._sequence("send MAIL first")
+        if len(self.envelope.recipients) >= self.settings.max_recipients:
+            return [replies.TOO_MANY_RECIPIENTS]
+        try:
+            path, rest = addr.split_command_arg(arg, "TO")
+            params = addr.parse_params(rest)
+            rcpt = addr.parse_path(
+                path, smtputf8=self.envelope.smtputf8, allow_null=False, allow_postmaster=True
+            )
+            orcpt, notify = None, ()
+            for name, value in params.items():
+                if name == "NOTIFY":
+                    notify = addr.parse_notify(value)
+                elif name == "ORCPT":
+                    orcpt = ";".join(addr.parse_orcpt(value))
+                else:
+                    return self._error(replies.UNKNOWN_PARAMETER.format(name=name[:32]))
+        except addr.AddressError as exc:
+            return self._address_error(exc, replies.BAD_RECIPIENT)
+        if not self._may_receive(rcpt):
+            self.services.log(
+                "reject", qid=self.envelope.queue_id, ip=self.client.ip, rcpt=f"<{rcpt}>",
+                reply="550 5.7.1",
+            )
+            return self._error(replies.RELAY_DENIED)
+        if all(r.address != str(rcpt) for r in self.envelope.recipients):
+            self.envelope.recipients.append(NewRecipient(str(rcpt), orcpt, notify))
+        self.services.log("rcpt", qid=self.envelope.queue_id, rcpt=f"<{rcpt}>")
+        return [replies.RCPT_OK]
+
+    def _may_receive(self, rcpt: addr.Address) -> bool:
+        """Relay control: who may send to this recipient through this listener."""
+        if self.settings.accept_all or self.client.trusted or not rcpt.domain:
+            return True  # not rcpt.domain: the bare <postmaster> of RFC 5321 §4.1.1.3
+        if self.settings.role == "submission":
+            return not self.settings.auth_required
+        domain = rcpt.domain
+        if domain in self.settings.local_domains or domain in self.settings.relay_domains:
+            return True
+        # ".example.org" in relay_domains covers every subdomain of example.org.
+        return any(
+            domain.endswith(d) for d in self.settings.relay_domains if d.startswith(".")
+        )
+
+    def _data_cmd(self, arg: str) -> list:
+        if arg:
+            return self._syntax("DATA")
+        problem = self._transaction_problem()
+        if problem:
+            return self._sequence(problem)
+        if self._chunks:
+            return self._sequence("DATA after BDAT")
+        if self._buf:
+            # RFC 2920 §3.1: DATA ends a pipelined group; text sent before the 354 means the
+            # client is not waiting for replies, so nothing it sends can be trusted as a message.
+            return self.input_before_reply()
+        self.state = DATA
+        self._data = dotreader.DataReader(self.settings.max_message_size)
+        return [replies.START_DATA]
+
+    def _transaction_problem(self) -> str | None:
+        if self.helo is None:
+            return "send HELO/EHLO first"
+        if self.envelope is None:
+            return "send MAIL first"
+        if not self.envelope.recipients:
+            return "send RCPT first"
+        return None
+
+    def _end_of_data(self, text: bytes) -> list:
+        self.state = COMMAND
+        if self._data.too_big:
+            self._log_refusal("552 5.3.4", size=self._data.received)
+            self._reset()
+            return self._error(replies.SIZE_EXCEEDED.format(limit=self.settings.max_message_size))
+        return self._finish(dotreader.unstuff(text))
+
+    # BDAT (RFC 3030): the chunk's octets follow the command line; they are data, never
+    # commands, whatever the state of the transaction, so they are always read in full.
+    def _bdat(self, arg: str) -> list:
+        parts = arg.split(" ")
+        if not parts[0].isdigit() or len(parts) > 2 or (len(parts) == 2 and parts[1].upper() != "LAST"):
+            return self._syntax("BDAT size [LAST]")
+        self._chunk_left = int(parts[0])
+        self._chunk_last = len(parts) == 2
+        self._chunk_parts = []
+        problem = self._transaction_problem()
+        self._chunk_refusal = replies.BAD_SEQUENCE.format(why=problem) if problem else None
+        received = sum(map(len, self._chunks))
+        if self._chunk_refusal is None and received + self._chunk_left > self.settings.max_message_size:
+            self._chunk_refusal = replies.SIZE_EXCEEDED.format(limit=self.settings.max_message_size)
+        self.state = BDAT_CHUNK
+        return []
+
+    def _take_chunk(self) -> bool:
+        """Move this chunk's octets out of the input buffer; True once all have come."""
+        take = min(self._chunk_left, len(self._buf))
+        if take:
+            if self._chunk_refusal is None:
+                self._chunk_parts.append(bytes(self._buf[:take]))
+            del self._buf[:take]
+            self._chunk_left -= take
+        return self._chunk_left == 0
+
+    def _end_of_chunk(self) -> list:
+        self.state = COMMAND
+        refusal = self._chunk_refusal
+        if refusal is not None:
+            if refusal.code == 552:
+                self._log_refusal("552 5.3.4")
+                self._reset()
+            return self._error(refusal)
+        chunk = b"".join(self._chunk_parts)
+        self._chunk_parts = []
+        self._chunks.append(chunk)
+        if not self._chunk_last:
+            return [replies.CHUNK_OK.format(size=len(chunk))]
+        text = b"".join(self._chunks)
+        self._chunks = []
+        return self._finish(text)
+
+    def _finish(self, text: bytes) -> list:
+        """The whole message text is here: check it, add Received, hand it to the queue."""
+        refusal = dotreader.check_text(text)
+        if refusal is None:
+            hops = dotreader.count_received(text)
+            if hops >= self.settings.max_received_headers:
+                refusal = replies.LOOP.format(count=hops)
+        if refusal is not None:
+            self._log_refusal(f"{refusal.code} {refusal.esc}")
+            self._reset()
+            return self._error(refusal)
+        env = self.envelope
+        message = NewMessage(
+            queue_id=env.queue_id,
+            sender=str(env.sender),
+            recipients=tuple(env.recipients),
+            body=self._received_header(env) + text,
+            priority=env.priority,
+            hold=self.settings.hold,
+            envid=env.envid,
+            ret=env.ret,
+            body_type=env.body_type,
+            smtputf8=env.smtputf8,
+            client_ip=self.client.ip,
+            client_helo=self.helo or "",
+            listener=self.settings.listener,
+            received_at=self.services.now(),
+        )
+        self.state = WAIT_QUEUE
+        return [Enqueue(message)]
+
+    def _log_refusal(self, reply: str, **fields) -> None:
+        qid = self.envelope.queue_id if self.envelope else None
+        self.services.log("reject", qid=qid, ip=self.client.ip, reply=reply, **fields)
+
+    def _received_header(self, env: Envelope) -> bytes:
+        """RFC 5321 §4.4 trace field; protocol names from RFC 3848 and RFC 6531 §3.7.3."""
+        protocol = ("UTF8" if env.smtputf8 else "") + ("ESMTP" if self.esmtp else "SMTP")
+        ip = ipaddress.ip_address(self.client.ip)
+        literal = f"[IPv6:{ip}]" if ip.version == 6 else f"[{ip}]"
+        helo = "".join(c if 32 < ord(c) < 127 else "?" for c in self.helo or "")[:255]
+        header = (
+            f"Received: from {helo} ({literal})\r\n"
+            f"\tby {self.settings.hostname} (elemta) with {protocol} id {env.queue_id}"
+        )
+        if len(env.recipients) == 1:
+            rcpt = env.recipients[0].address
+            header += f"\r\n\tfor <{rcpt}>"
+        date = email.utils.formatdate(self.services.now(), localtime=True)
+        header += f";\r\n\t{date}\r\n"
+        return header.encode("utf-8", "surrogateescape")
+
+    def _rset(self, arg: str) -> list:
+        if arg:
+            return self._syntax("RSET")
+        self._reset()
+        return [replies.OK]
+
+    def _noop(self, arg: str) -> list:
+        return [replies.OK]  # RFC 5321 §4.1.1.9: NOOP may carry a string, which is ignored
+
+    def _quit(self, arg: str) -> list:
+        if arg:
+            return self._syntax("QUIT")
+        return self._close_with(replies.BYE)
+
+    def _vrfy(self, arg: str) -> list:
+        if not arg:
+            return self._syntax("VRFY address")
+        return [replies.VRFY]
+
+    def _expn(self, arg: str) -> list:
+        return self._error(replies.EXPN)
+
+    def _help(self, arg: str) -> list:
+        return [replies.HELP.format(commands=" ".join(COMMANDS))]
+
+
+class _Refused(Exception):
+    def __init__(self, reply: Reply):
+        self.reply = reply
+
+
+_HANDLERS: dict[str, Callable[[Session, str], list]] = {
+    "EHLO": Session._ehlo,
+    "HELO": Session._helo,
+    "MAIL": Session._mail,
+    "RCPT": Session._rcpt,
+    "DATA": Session._data_cmd,
+    "BDAT": Session._bdat,
+    "RSET": Session._rset,
+    "NOOP": Session._noop,
+    "QUIT": Session._quit,
+    "VRFY": Session._vrfy,
+    "EXPN": Session._expn,
+    "HELP": Session._help,
+}
