@@ -126,7 +126,7 @@ class SmtpServer:
         self.log = log
         self.connections = Connections()
         self.stopping = threading.Event()
-        self.services = Services(new_id=store.new_id, intake_check=store.intake_check, log=log)
+        self.services = Services(new_id=store.new_id, intake_check=self._intake_check, log=log)
         self.listeners: dict[str, ListenerServer] = {}
         self.apply(config)
 
@@ -135,6 +135,13 @@ class SmtpServer:
         self.config = config
         self.limits = limits_from(config)
         self.settings = {lst.address: session_settings(config, lst) for lst in config.listeners}
+
+    def _intake_check(self) -> str | None:
+        try:
+            return self.store.intake_check()
+        except QueueError as exc:  # e.g. statvfs failed: refuse (452) rather than guess
+            self.log("intake_error", error=str(exc)[:120])
+            return "error"
 
     # ---- listeners -------------------------------------------------------------------------
 

@@ -1,0 +1,69 @@
+"""Opening queue database connections with the settings the durability contract needs.
+
+Every connection is in autocommit mode (isolation_level=None). Python 3.11's
+default mode silently opens a DEFERRED transaction before INSERT/UPDATE and
+keeps it open until someone calls commit(); a deferred transaction that later
+needs the write lock can fail with SQLITE_BUSY without waiting, and a
+forgotten implicit transaction pins the WAL. So all writes go through
+write(), which takes the lock up front with BEGIN IMMEDIATE.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from typing import Iterator
+
+BUSY_TIMEOUT_MS = 5000
+
+
+def connect(path: str, *, readonly: bool = False, check_same_thread: bool = True) -> sqlite3.Connection:
+    """Open `path` with WAL, synchronous=FULL, foreign keys and a busy timeout.
+
+    check_same_thread=False is for connections that are created on one thread
+    and then used (never concurrently) by another, such as the store's writer
+    connection and its pooled reader connections.
+    """
+    conn = sqlite3.connect(
+        path,
+        isolation_level=None,
+        check_same_thread=check_same_thread,
+        timeout=BUSY_TIMEOUT_MS / 1000,  # also covers the pragmas below
+    )
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        # Changing journal_mode needs a write lock even when nothing changes, so
+        # look first: readers and second processes then never block on it.
+        mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+        if mode.lower() != "wal":
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                raise sqlite3.OperationalError(f"could not switch {path} to WAL (journal_mode is {mode})")
+        # FULL: in WAL mode this fsyncs the WAL at every commit, which is what
+        # makes the 250 reply after DATA a promise (NORMAL could lose the last
+        # transactions on power loss).
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        if readonly:
+            conn.execute("PRAGMA query_only = ON")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+@contextlib.contextmanager
+def write(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """One write transaction: BEGIN IMMEDIATE, COMMIT on success, ROLLBACK on error."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+        conn.execute("COMMIT")
+    except BaseException:
+        # Some errors (SQLITE_FULL, SQLITE_IOERR, ...) make SQLite roll back by
+        # itself; a second ROLLBACK would then fail and hide the real error.
+        # If ROLLBACK itself fails, the original error is the one worth reporting.
+        if conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+        raise

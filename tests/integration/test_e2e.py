@@ -1,0 +1,198 @@
+"""End to end: the real launcher as a subprocess, real clients (smtplib, swaks), the queue read
+back from SQLite and compared byte for byte."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import smtplib
+import subprocess
+import sys
+
+import pytest
+
+from tests.support import ELEMTA, Daemon, RawClient, wait_for
+
+CONFIG = """
+[[listeners]]
+address = "127.0.0.1:0"
+role = "mx"
+
+[server]
+spool_dir = "@SPOOL@"
+hostname = "mx.e2e.example"
+grace_period = {grace}
+
+[smtp]
+local_domains = ["example.com"]
+max_message_size = {size}
+
+[queue]
+min_free_space = {free}
+max_messages = {max_messages}
+"""
+
+
+def config(grace=30, size=1_000_000, free=0, max_messages=0) -> str:
+    return CONFIG.format(grace=grace, size=size, free=free, max_messages=max_messages)
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    started = Daemon(tmp_path, config()).start()
+    yield started
+    started.stop()
+
+
+def stored_text(daemon: Daemon, qid: str) -> bytes:
+    """The stored message without the Received header elemta prepended."""
+    body = daemon.body(qid)
+    assert body.startswith(b"Received: from ")
+    return body[body.index(b"\r\n", body.index(b";\r\n\t") + 3) + 2 :]
+
+
+def test_smtplib_message_stored_byte_for_byte(daemon):
+    text = (
+        b"From: Alice <alice@example.org>\r\nTo: bob@example.com\r\nSubject: e2e\r\n"
+        b"Message-ID: <e2e@example.org>\r\n\r\nHello Bob.\r\n.leading dot\r\n\r\nBye.\r\n"
+    )
+    with smtplib.SMTP("127.0.0.1", daemon.port, timeout=10) as client:
+        client.ehlo("client.example")
+        refused = client.sendmail("alice@example.org", ["bob@example.com", "carol@example.com"], text)
+    assert refused == {}
+    [message] = daemon.messages()
+    qid = message["queue_id"]
+    assert message["sender"] == "alice@example.org"
+    assert stored_text(daemon, qid) == text
+    rcpts = daemon.recipients(qid)
+    assert [(r["address"], r["state"]) for r in rcpts] == [
+        ("bob@example.com", "queued"), ("carol@example.com", "queued"),
+    ]
+    wait_for(lambda: f"{qid} queued size=" in daemon.log_text(), 5, what="the queued log line")
+    assert f"{qid} mail " in daemon.log_text() and f"{qid} rcpt " in daemon.log_text()
+
+
+@pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks is not installed")
+def test_swaks_message(daemon):
+    result = subprocess.run(
+        ["swaks", "--server", f"127.0.0.1:{daemon.port}", "--from", "s@example.org",
+         "--to", "user@example.com", "--header", "Subject: swaks test", "--body", "from swaks",
+         "--pipeline"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "queued as" in result.stdout
+    [message] = daemon.messages()
+    stored = stored_text(daemon, message["queue_id"])
+    assert b"Subject: swaks test\r\n" in stored and b"from swaks" in stored
+
+
+def test_dev_mode_holds_mail_and_says_its_port(tmp_path):
+    proc = subprocess.Popen(
+        [str(ELEMTA), "--dev", "--port", "0"], cwd=tmp_path, stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    try:
+        assert proc.stdout.readline().startswith("elemta: dev mode: spool ")
+        line = proc.stdout.readline()
+        assert line.startswith("elemta: listening on 127.0.0.1:"), line
+        port = int(line.split(":")[2].split()[0])
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+            client.sendmail("dev@example.org", ["anyone@anywhere.example"], b"Subject: dev\r\n\r\nx\r\n")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert (tmp_path / "dev-spool" / "queue.db").exists()
+    dev = Daemon(tmp_path, "")
+    dev.spool = tmp_path / "dev-spool"
+    [message] = dev.messages()
+    assert [r["state"] for r in dev.recipients(message["queue_id"])] == ["held"]
+
+
+def test_intake_refused_when_disk_space_is_low(tmp_path):
+    daemon = Daemon(tmp_path, config(free=2**50)).start()
+    try:
+        with RawClient("127.0.0.1", daemon.port) as c:
+            assert c.cmd("EHLO c.example")[0] == 250
+            code, text = c.cmd("MAIL FROM:<a@example.org>")
+            assert (code, text.split()[0]) == (452, "4.3.1")
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_intake_refused_over_queue_quota(tmp_path):
+    daemon = Daemon(tmp_path, config(max_messages=1)).start()
+    try:
+        with smtplib.SMTP("127.0.0.1", daemon.port, timeout=10) as client:
+            client.sendmail("a@example.org", ["u@example.com"], b"Subject: 1\r\n\r\nx\r\n")
+            with pytest.raises(smtplib.SMTPSenderRefused) as refused:
+                client.sendmail("a@example.org", ["u@example.com"], b"Subject: 2\r\n\r\nx\r\n")
+        assert refused.value.smtp_code == 452
+        assert len(daemon.messages()) == 1
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_sighup_reloads_limits_and_listeners(tmp_path):
+    daemon = Daemon(tmp_path, config(size=1_000_000)).start()
+    try:
+        with smtplib.SMTP("127.0.0.1", daemon.port, timeout=10) as client:
+            client.ehlo("c.example")
+            assert client.esmtp_features["size"] == "1000000"
+        daemon.config_path.write_text(
+            daemon.config_path.read_text().replace("1000000", "50000")
+            + '\n[[listeners]]\naddress = "127.0.0.1:0"\nrole = "submission"\n'
+        )
+        # The new file has two listeners on 127.0.0.1:0 -- no: duplicates are refused, so
+        # the reload must fail and keep the old config running.
+        daemon.signal(signal.SIGHUP)
+        wait_for(lambda: "reload_failed" in daemon.log_text(), 10, what="reload_failed")
+        daemon.config_path.write_text(config(size=50_000))
+        daemon.signal(signal.SIGHUP)
+        wait_for(lambda: "NOQUEUE reloaded" in daemon.log_text(), 10, what="reloaded")
+        with smtplib.SMTP("127.0.0.1", daemon.port, timeout=10) as client:
+            client.ehlo("c.example")
+            assert client.esmtp_features["size"] == "50000"
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_sigterm_lets_an_open_transaction_finish(tmp_path):
+    daemon = Daemon(tmp_path, config(grace=30)).start()
+    with RawClient("127.0.0.1", daemon.port) as c:
+        assert c.cmd("EHLO c.example")[0] == 250
+        assert c.cmd("MAIL FROM:<a@example.org>")[0] == 250
+        daemon.signal(signal.SIGTERM)
+        wait_for(lambda: "NOQUEUE stopping" in daemon.log_text(), 10, what="stopping")
+        # The listener is closed: new clients are refused...
+        with pytest.raises(OSError):
+            RawClient("127.0.0.1", daemon.port, timeout=2)
+        # ...but the open session completes its message.
+        assert c.cmd("RCPT TO:<u@example.com>")[0] == 250
+        assert c.cmd("DATA")[0] == 354
+        code, text = c.cmd(b"Subject: late\r\n\r\nstill here\r\n.\r\n")
+        assert code == 250 and "queued as" in text
+        assert c.cmd("QUIT")[0] == 221
+    assert daemon.proc.wait(30) == 0
+    assert len(daemon.messages()) == 1
+
+
+def test_sigterm_grace_over_tells_idle_clients_421(tmp_path):
+    daemon = Daemon(tmp_path, config(grace=0.5)).start()
+    with RawClient("127.0.0.1", daemon.port) as c:
+        assert c.cmd("EHLO c.example")[0] == 250
+        daemon.signal(signal.SIGTERM)
+        code, text = c.reply()
+        assert (code, text.split()[0]) == (421, "4.3.2")
+    assert daemon.proc.wait(30) == 0
+
+
+def test_check_config_of_the_example_file():
+    result = subprocess.run(
+        [sys.executable, "-m", "elemta", "--check-config", "--config", "conf/elemta.toml"],
+        cwd=ELEMTA.parent.parent, capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 0, result.stderr

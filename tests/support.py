@@ -1,0 +1,182 @@
+"""Test helpers shared by the suites: waiting on conditions, the real daemon, a raw SMTP client."""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import sqlite3
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ELEMTA = ROOT / "bin" / "elemta"
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.01, what: str = "condition"):
+    """Poll predicate until it returns something true; fail the test after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class Daemon:
+    """The real `elemta` launcher as a subprocess, on ports it picks itself (port 0)."""
+
+    LISTENING = re.compile(r"^elemta: listening on \[?([0-9a-f.:]+)\]?:(\d+) \((\w+)\)$")
+
+    def __init__(self, workdir: Path, config: str, args: tuple[str, ...] = ()):
+        self.workdir = Path(workdir)
+        self.spool = self.workdir / "spool"
+        self.config_path = self.workdir / "elemta.toml"
+        self.config_path.write_text(
+            config.replace("@SPOOL@", str(self.spool)), encoding="utf-8"
+        )
+        self.args = args
+        self.proc: subprocess.Popen | None = None
+        self.stdout: list[str] = []
+        self.stderr: list[str] = []
+        self.ports: dict[str, int] = {}  # role -> port (the last listener of that role)
+        self.addresses: list[tuple[str, int, str]] = []
+
+    def start(self, timeout: float = 15.0) -> Daemon:
+        self.stdout.clear()
+        self.addresses.clear()
+        self.proc = subprocess.Popen(
+            [str(ELEMTA), "--config", str(self.config_path), *self.args],
+            cwd=self.workdir, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        self._readers = [
+            threading.Thread(target=self._collect, args=(self.proc.stdout, self.stdout), daemon=True),
+            threading.Thread(target=self._collect, args=(self.proc.stderr, self.stderr), daemon=True),
+        ]
+        for reader in self._readers:
+            reader.start()
+        wait_for(lambda: "started" in self.log_text() or self.proc.poll() is not None, timeout, what="daemon start")
+        if self.proc.poll() is not None:
+            raise AssertionError(f"elemta exited {self.proc.returncode}: {self.log_text()}")
+        for line in list(self.stdout):
+            match = self.LISTENING.match(line)
+            if match:
+                host, port, role = match.group(1), int(match.group(2)), match.group(3)
+                self.addresses.append((host, port, role))
+                self.ports[role] = port
+        return self
+
+    @staticmethod
+    def _collect(stream, lines: list[str]) -> None:
+        for line in stream:
+            lines.append(line.rstrip("\n"))
+
+    def log_text(self) -> str:
+        return "\n".join(self.stderr)
+
+    @property
+    def port(self) -> int:
+        return self.addresses[0][1]
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM and wait; returns the exit status."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._reap()
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or power cut would stop it."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._reap()
+
+    def _reap(self) -> None:
+        for reader in self._readers:
+            reader.join(5)
+
+    # ---- reading the queue back, as an admin would, straight from SQLite ----
+
+    def db(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(f"file:{self.spool / 'queue.db'}?mode=ro", uri=True, timeout=10)
+        conn.row_factory = sqlite3.Row
+        return conn
+
+    def messages(self) -> list[sqlite3.Row]:
+        with self.db() as conn:
+            return conn.execute("SELECT * FROM messages ORDER BY queue_id").fetchall()
+
+    def body(self, queue_id: str) -> bytes:
+        with self.db() as conn:
+            row = conn.execute("SELECT data FROM bodies WHERE queue_id = ?", (queue_id,)).fetchone()
+        return bytes(row[0])
+
+    def recipients(self, queue_id: str) -> list[sqlite3.Row]:
+        with self.db() as conn:
+            return conn.execute(
+                "SELECT * FROM recipients WHERE queue_id = ? ORDER BY id", (queue_id,)
+            ).fetchall()
+
+
+class RawClient:
+    """A deliberately dumb SMTP client: sends exactly the bytes given, reads whole replies."""
+
+    def __init__(self, host: str, port: int, timeout: float = 10.0, read_greeting: bool = True):
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect((host, port))
+        self._buf = b""
+        self.greeting = self.reply() if read_greeting else None
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def reply(self) -> tuple[int, str]:
+        """One whole reply (multi-line joined with \\n) as (code, text)."""
+        lines = []
+        while True:
+            while b"\r\n" not in self._buf:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    raise ConnectionError(f"closed by server after {lines!r}")
+                self._buf += chunk
+            line, self._buf = self._buf.split(b"\r\n", 1)
+            lines.append(line.decode())
+            if len(line) < 4 or line[3:4] != b"-":
+                return int(line[:3]), "\n".join(l[4:] for l in lines)
+
+    def cmd(self, data: bytes | str) -> tuple[int, str]:
+        if isinstance(data, str):
+            data = data.encode()
+        self.send(data if data.endswith(b"\n") else data + b"\r\n")
+        return self.reply()
+
+    def closed_by_server(self) -> bool:
+        """True once the server has closed its side (recv gives EOF or a reset)."""
+        try:
+            return self.sock.recv(1) == b""
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> RawClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
