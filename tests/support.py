@@ -48,6 +48,7 @@ class Daemon:
 
     def start(self, timeout: float = 15.0) -> Daemon:
         self.stdout.clear()
+        self.stderr.clear()  # each start has its own log
         self.addresses.clear()
         self.proc = subprocess.Popen(
             [str(ELEMTA), "--config", str(self.config_path), *self.args],
