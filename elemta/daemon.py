@@ -56,7 +56,7 @@ class Daemon:
             store.close()
             raise ConfigError(f"listeners: cannot listen: {exc}") from None
         self._install_signals()
-        for address, listener in server.listeners.items():
+        for listener in server.listeners.values():
             host = listener.server_address[0]
             shown = f"[{host}]" if ":" in host else host
             self.announce(f"elemta: listening on {shown}:{listener.port} ({listener.listener.role})")

@@ -8,7 +8,8 @@ import os
 import socket
 import sys
 
-from elemta import __version__, config as cfg
+from elemta import __version__
+from elemta import config as cfg
 from elemta.errors import ConfigError
 
 DEV_PORTS = (2525, 2526, 2527, 2528)
@@ -98,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         hold = "held in the queue" if config.delivery.hold else f"relayed via {config.delivery.relayhost}"
         print(f"elemta: dev mode: spool {config.server.spool_dir}, outbound mail {hold}", flush=True)
 
-    from elemta.daemon import main_loop  # imported late: --check-config needs none of it
+    from elemta.daemon import (
+        main_loop,  # imported late: --check-config needs none of it
+    )
 
     return main_loop(lambda: build_config(args, dev_port))
 

@@ -68,6 +68,6 @@ class NewMessage:
         # rather than deep inside the writer thread.
         priority_value(self.priority)
         if not isinstance(self.recipients, tuple) or not self.recipients:
-            raise ValueError("a message needs a non-empty tuple of recipients")
+            raise TypeError("a message needs a non-empty tuple of recipients")
         if not isinstance(self.body, bytes):
-            raise ValueError("body must be bytes")
+            raise TypeError("body must be bytes")

@@ -18,11 +18,16 @@ Representation choices:
 from __future__ import annotations
 
 import sqlite3
-from typing import Iterable
+from collections.abc import Iterable
 
 from elemta.errors import QueueError
 from elemta.queue import db, ids
-from elemta.queue.model import UNDELIVERED_STATES, NewMessage, priority_value, recipient_domain
+from elemta.queue.model import (
+    UNDELIVERED_STATES,
+    NewMessage,
+    priority_value,
+    recipient_domain,
+)
 
 _V1 = (
     """

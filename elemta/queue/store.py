@@ -17,8 +17,8 @@ import queue
 import sqlite3
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 from elemta.errors import QueueError, QueueFullError
 from elemta.queue import db, ids, schema
@@ -37,7 +37,7 @@ class _Request:
     never both, so a message reported as "not stored" is never written later.
     """
 
-    __slots__ = ("msg", "done", "error", "_lock", "_state")
+    __slots__ = ("_lock", "_state", "done", "error", "msg")
 
     def __init__(self, msg: NewMessage) -> None:
         self.msg = msg
@@ -182,7 +182,7 @@ class Store:
         if self._wconn is not None:
             self._wconn.close()
 
-    def __enter__(self) -> "Store":
+    def __enter__(self):
         self.open()
         return self
 
@@ -231,10 +231,10 @@ class Store:
                 if not req.done.wait(timeout):
                     raise QueueError("timed out waiting for the queue writer's commit; outcome unknown")
                 break
-            if not req.done.wait(remaining) and writer is not None and not writer.is_alive():
-                # The writer fails everything left before it exits; this is a backstop.
-                if not req.done.is_set():
-                    raise QueueError(self._not_accepting_reason())
+            writer_gone = writer is not None and not writer.is_alive()
+            # The writer fails everything left before it exits; this is a backstop.
+            if not req.done.wait(remaining) and writer_gone and not req.done.is_set():
+                raise QueueError(self._not_accepting_reason())
         if req.error is not None:
             raise req.error
         return msg.queue_id
@@ -334,7 +334,7 @@ class Store:
                 if batch:
                     self._write_batch(batch)
                 batch = []
-        except BaseException as exc:  # a bug or a broken connection: stop, but strand nobody
+        except BaseException as exc:  # noqa: BLE001 -- a bug or a broken connection: stop, but strand nobody
             self._writer_error = exc
         finally:
             with self._lock:
@@ -354,7 +354,7 @@ class Store:
         try:
             try:
                 self._commit(batch)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 -- any failure is reported to its sessions
                 if len(batch) == 1:
                     batch[0].finish(self._error_for(batch[0].msg, exc))
                     return
@@ -365,7 +365,7 @@ class Store:
                 for req in batch:
                     try:
                         self._commit([req])
-                    except Exception as exc1:
+                    except Exception as exc1:  # noqa: BLE001 -- reported to that session
                         req.finish(self._error_for(req.msg, exc1))
                     else:
                         req.finish(None)

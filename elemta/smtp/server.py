@@ -207,7 +207,7 @@ class SmtpServer:
                 timeout = wanted
             try:
                 data = conn.sock.recv(RECV_SIZE)
-            except socket.timeout:
+            except TimeoutError:
                 conn.send(session.timed_out())
                 return
             if not data:

@@ -8,16 +8,15 @@ touches a socket or the disk, so every rule is unit-testable with plain bytes.
 
 from __future__ import annotations
 
-import email.utils
-import ipaddress
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from elemta.errors import QueueFullError
-from elemta.queue.model import NewMessage, NewRecipient
+from elemta.queue.model import NewMessage
 from elemta.smtp import address as addr
 from elemta.smtp import dotreader, replies
+from elemta.smtp import envelope as env
 from elemta.smtp.replies import Reply
 
 # RFC 5321 §4.5.3.1.4: a command line is at most 512 octets including CRLF.  MAIL and RCPT
@@ -26,19 +25,6 @@ from elemta.smtp.replies import Reply
 MAX_COMMAND = 512
 MAX_ENVELOPE_COMMAND = 1024
 
-# RFC 6710 §3 levels (-9..9) onto elemta's four queue priorities.
-def mt_priority_class(level: int) -> str:
-    if level >= 5:
-        return "critical"
-    if level >= 1:
-        return "high"
-    if level >= 0:
-        return "normal"
-    return "low"
-
-
-MAIL_PARAMS = frozenset({"SIZE", "BODY", "SMTPUTF8", "RET", "ENVID", "MT-PRIORITY"})
-RCPT_PARAMS = frozenset({"NOTIFY", "ORCPT"})
 HTTP_VERBS = frozenset({"GET", "POST", "CONNECT", "HEAD", "PUT"})
 COMMANDS = ("EHLO", "HELO", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "NOOP", "QUIT", "VRFY", "HELP")
 
@@ -85,18 +71,6 @@ class Services:
     now: Callable[[], float] = time.time
 
 
-@dataclass
-class Envelope:
-    queue_id: str
-    sender: addr.Address
-    body_type: str = "7BIT"
-    smtputf8: bool = False
-    priority: str = "normal"
-    ret: str | None = None
-    envid: str | None = None
-    recipients: list[NewRecipient] = field(default_factory=list)
-
-
 # Session states
 COMMAND, DATA, BDAT_CHUNK, WAIT_QUEUE, CLOSED = range(5)
 
@@ -109,7 +83,7 @@ class Session:
         self.state = COMMAND
         self.helo: str | None = None
         self.esmtp = False
-        self.envelope: Envelope | None = None
+        self.envelope: env.Envelope | None = None
         self.errors = 0
         self.commands_seen = 0
         self._buf = bytearray()
@@ -310,22 +284,21 @@ class Session:
             return self._sequence("nested MAIL command")
         try:
             path, rest = addr.split_command_arg(arg, "FROM")
-            params = addr.parse_params(rest, MAIL_PARAMS)
+            params = addr.parse_params(rest, env.MAIL_PARAMS)
             if params and not self.esmtp:
                 raise addr.AddressError("param", "parameters need EHLO")
             smtputf8 = "SMTPUTF8" in params
             sender = addr.parse_path(path, smtputf8=smtputf8, allow_null=True, allow_postmaster=False)
+            envelope = env.from_mail(
+                sender, params, max_size=self.settings.max_message_size, trusted=self.client.trusted
+            )
         except addr.AddressError as exc:
             return self._address_error(exc, replies.BAD_SENDER)
-        try:
-            envelope = self._mail_params(sender, params)
-        except addr.AddressError as exc:
-            return self._address_error(exc, replies.BAD_SENDER)
-        except _Refused as refused:
-            return self._error(refused.reply)
-        if self.settings.role == "submission" and self.settings.auth_required:
-            if not (self.client.trusted or self.settings.accept_all):
-                return self._error(replies.AUTH_REQUIRED)
+        except env.TooBig:
+            return self._error(replies.SIZE_EXCEEDED.format(limit=self.settings.max_message_size))
+        submission_locked = self.settings.role == "submission" and self.settings.auth_required
+        if submission_locked and not (self.client.trusted or self.settings.accept_all):
+            return self._error(replies.AUTH_REQUIRED)
         why = self.services.intake_check()
         if why is not None:
             self.services.log("reject", ip=self.client.ip, reason=why, reply="452 4.3.1")
@@ -337,31 +310,6 @@ class Session:
             size=params.get("SIZE") or "-", body=envelope.body_type,
         )
         return [replies.SENDER_OK]
-
-    def _mail_params(self, sender: addr.Address, params: dict) -> Envelope:
-        envelope = Envelope(queue_id="", sender=sender)
-        for name, value in params.items():
-            if name == "SIZE":
-                size = addr.parse_size(value)
-                if size > self.settings.max_message_size:
-                    raise _Refused(replies.SIZE_EXCEEDED.format(limit=self.settings.max_message_size))
-            elif name == "BODY":
-                envelope.body_type = addr.parse_body(value)
-            elif name == "SMTPUTF8":
-                if value is not None:
-                    raise addr.AddressError("param", "SMTPUTF8 takes no value")
-                envelope.smtputf8 = True
-            elif name == "RET":
-                envelope.ret = addr.parse_ret(value)
-            elif name == "ENVID":
-                envelope.envid = addr.parse_envid(value)
-            else:  # MT-PRIORITY
-                level = addr.parse_mt_priority(value)
-                # RFC 6710 §5: priorities are honoured only from clients we trust; from
-                # others the parameter is accepted and ignored.
-                if self.client.trusted:
-                    envelope.priority = mt_priority_class(level)
-        return envelope
 
     def _address_error(self, exc: addr.AddressError, syntax_reply: Reply) -> list:
         if exc.kind == "utf8":
@@ -379,16 +327,11 @@ class Session:
             return [replies.TOO_MANY_RECIPIENTS]
         try:
             path, rest = addr.split_command_arg(arg, "TO")
-            params = addr.parse_params(rest, RCPT_PARAMS)
+            params = addr.parse_params(rest, env.RCPT_PARAMS)
             rcpt = addr.parse_path(
                 path, smtputf8=self.envelope.smtputf8, allow_null=False, allow_postmaster=True
             )
-            orcpt, notify = None, ()
-            for name, value in params.items():
-                if name == "NOTIFY":
-                    notify = addr.parse_notify(value)
-                else:  # ORCPT
-                    orcpt = ";".join(addr.parse_orcpt(value))
+            new_rcpt = env.recipient(rcpt, params)
         except addr.AddressError as exc:
             return self._address_error(exc, replies.BAD_RECIPIENT)
         if not self._may_receive(rcpt):
@@ -397,8 +340,7 @@ class Session:
                 reply="550 5.7.1",
             )
             return self._error(replies.RELAY_DENIED)
-        if all(r.address != str(rcpt) for r in self.envelope.recipients):
-            self.envelope.recipients.append(NewRecipient(str(rcpt), orcpt, notify))
+        self.envelope.add_recipient(new_rcpt)
         self.services.log("rcpt", qid=self.envelope.queue_id, rcpt=f"<{rcpt}>")
         return [replies.RCPT_OK]
 
@@ -504,18 +446,21 @@ class Session:
             self._log_refusal(f"{refusal.code} {refusal.esc}")
             self._reset()
             return self._error(refusal)
-        env = self.envelope
+        envelope = self.envelope
         message = NewMessage(
-            queue_id=env.queue_id,
-            sender=str(env.sender),
-            recipients=tuple(env.recipients),
-            body=self._received_header(env) + text,
-            priority=env.priority,
+            queue_id=envelope.queue_id,
+            sender=str(envelope.sender),
+            recipients=tuple(envelope.recipients),
+            body=env.received_header(
+                envelope, helo=self.helo or "", client_ip=self.client.ip, esmtp=self.esmtp,
+                hostname=self.settings.hostname, now=self.services.now(),
+            ) + text,
+            priority=envelope.priority,
             hold=self.settings.hold,
-            envid=env.envid,
-            ret=env.ret,
-            body_type=env.body_type,
-            smtputf8=env.smtputf8,
+            envid=envelope.envid,
+            ret=envelope.ret,
+            body_type=envelope.body_type,
+            smtputf8=envelope.smtputf8,
             client_ip=self.client.ip,
             client_helo=self.helo or "",
             listener=self.settings.listener,
@@ -527,23 +472,6 @@ class Session:
     def _log_refusal(self, reply: str, **fields) -> None:
         qid = self.envelope.queue_id if self.envelope else None
         self.services.log("reject", qid=qid, ip=self.client.ip, reply=reply, **fields)
-
-    def _received_header(self, env: Envelope) -> bytes:
-        """RFC 5321 §4.4 trace field; protocol names from RFC 3848 and RFC 6531 §3.7.3."""
-        protocol = ("UTF8" if env.smtputf8 else "") + ("ESMTP" if self.esmtp else "SMTP")
-        ip = ipaddress.ip_address(self.client.ip)
-        literal = f"[IPv6:{ip}]" if ip.version == 6 else f"[{ip}]"
-        helo = "".join(c if 32 < ord(c) < 127 else "?" for c in self.helo or "")[:255]
-        header = (
-            f"Received: from {helo} ({literal})\r\n"
-            f"\tby {self.settings.hostname} (elemta) with {protocol} id {env.queue_id}"
-        )
-        if len(env.recipients) == 1:
-            rcpt = env.recipients[0].address
-            header += f"\r\n\tfor <{rcpt}>"
-        date = email.utils.formatdate(self.services.now(), localtime=True)
-        header += f";\r\n\t{date}\r\n"
-        return header.encode("utf-8", "surrogateescape")
 
     def _rset(self, arg: str) -> list:
         if arg:
@@ -569,11 +497,6 @@ class Session:
 
     def _help(self, arg: str) -> list:
         return [replies.HELP.format(commands=" ".join(COMMANDS))]
-
-
-class _Refused(Exception):
-    def __init__(self, reply: Reply):
-        self.reply = reply
 
 
 _HANDLERS: dict[str, Callable[[Session, str], list]] = {

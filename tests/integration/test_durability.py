@@ -72,7 +72,7 @@ def test_acknowledged_mail_survives_kill_9(tmp_path):
         for thread in threads:
             thread.start()
         target = already + rng.randrange(5, 60)
-        wait_for(lambda: len(acked) >= target, 60, what=f"{target} acknowledged messages")
+        wait_for(lambda target=target: len(acked) >= target, 60, what=f"{target} acknowledged messages")
         daemon.kill()
         stop.set()
         for thread in threads:

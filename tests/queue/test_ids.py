@@ -1,3 +1,4 @@
+import itertools
 import threading
 import time
 
@@ -30,7 +31,7 @@ def test_format_fixed_width_uppercase_unambiguous():
 def test_sequential_ids_are_strictly_increasing():
     gen = IdGenerator()
     issued = [gen.next() for _ in range(20000)]
-    assert all(a < b for a, b in zip(issued, issued[1:]))
+    assert all(a < b for a, b in itertools.pairwise(issued))
 
 
 def test_string_order_matches_numeric_order():
@@ -59,7 +60,7 @@ def test_unique_and_per_thread_ordered_under_8_threads():
     assert len(everything) == 80_000
     assert len(set(everything)) == 80_000
     for out in results:
-        assert all(a < b for a, b in zip(out, out[1:]))
+        assert all(a < b for a, b in itertools.pairwise(out))
 
 
 def test_clock_stepping_back_keeps_ids_increasing():

@@ -13,17 +13,18 @@ import pytest
 
 from elemta.errors import QueueError, QueueFullError
 from elemta.smtp import replies
-from elemta.smtp.session import CLOSED, Client, Enqueue, Services, Session, Settings, mt_priority_class
+from elemta.smtp.envelope import mt_priority_class
+from elemta.smtp.session import CLOSED, Client, Enqueue, Services, Session, Settings
 
 HOST = "mx.test.example"
 
 
 def make_session(trusted=False, role="mx", **overrides) -> tuple[Session, list]:
-    settings = dict(
-        hostname=HOST, role=role, max_message_size=2000, max_recipients=3, max_errors=5,
-        max_received_headers=3, local_domains=frozenset({"local.example"}),
-        relay_domains=frozenset({"relay.example", ".sub.example"}),
-    )
+    settings = {
+        "hostname": HOST, "role": role, "max_message_size": 2000, "max_recipients": 3,
+        "max_errors": 5, "max_received_headers": 3, "local_domains": frozenset({"local.example"}),
+        "relay_domains": frozenset({"relay.example", ".sub.example"}),
+    }
     settings.update(overrides)
     counter = itertools.count(1)
     logged: list = []
@@ -193,7 +194,7 @@ def test_message_is_unstuffed_and_gets_received_header():
     session, _ = make_session()
     body = b"Subject: dots\r\n\r\n.From\r\n..x\r\n..\r\n.This\r\n"
     [message] = play(session, [EHLO, MAIL, RCPT, DATA, (body + b".\r\n", ["enqueue", "250 2.0.0"])])
-    received, _, rest = message.body.partition(b"\r\n\t")
+    received = message.body.partition(b"\r\n\t")[0]
     assert received == b"Received: from client.example ([192.0.2.7])"
     header_end = message.body.index(b"Subject:")
     assert b"by mx.test.example (elemta) with ESMTP id Q0001" in message.body[:header_end]

@@ -1,0 +1,104 @@
+"""The envelope of one SMTP transaction: MAIL/RCPT parameters and the Received trace field.
+
+Pure functions over parsed values; smtp/session.py decides when they run and what to reply.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import ipaddress
+from dataclasses import dataclass, field
+
+from elemta.queue.model import NewRecipient
+from elemta.smtp import address as addr
+
+MAIL_PARAMS = frozenset({"SIZE", "BODY", "SMTPUTF8", "RET", "ENVID", "MT-PRIORITY"})
+RCPT_PARAMS = frozenset({"NOTIFY", "ORCPT"})
+
+
+class TooBig(Exception):
+    """MAIL ... SIZE=n declares more than the limit (RFC 1870 §6.2: 552 5.3.4)."""
+
+
+@dataclass
+class Envelope:
+    sender: addr.Address
+    queue_id: str = ""
+    body_type: str = "7BIT"
+    smtputf8: bool = False
+    priority: str = "normal"
+    ret: str | None = None
+    envid: str | None = None
+    recipients: list[NewRecipient] = field(default_factory=list)
+
+    def add_recipient(self, rcpt: NewRecipient) -> None:
+        """Keep one row per distinct recipient; a repeated RCPT is acknowledged, not doubled."""
+        if all(r.address != rcpt.address for r in self.recipients):
+            self.recipients.append(rcpt)
+
+
+def mt_priority_class(level: int) -> str:
+    """RFC 6710 §3 levels (-9..9) onto elemta's four queue priorities."""
+    if level >= 5:
+        return "critical"
+    if level >= 1:
+        return "high"
+    if level >= 0:
+        return "normal"
+    return "low"
+
+
+def from_mail(sender: addr.Address, params: dict, *, max_size: int, trusted: bool) -> Envelope:
+    """An envelope from MAIL's parameters; AddressError for a bad value, TooBig for SIZE."""
+    envelope = Envelope(sender=sender)
+    for name, value in params.items():
+        if name == "SIZE":
+            if addr.parse_size(value) > max_size:
+                raise TooBig()
+        elif name == "BODY":
+            envelope.body_type = addr.parse_body(value)
+        elif name == "SMTPUTF8":
+            if value is not None:
+                raise addr.AddressError("param", "SMTPUTF8 takes no value")
+            envelope.smtputf8 = True
+        elif name == "RET":
+            envelope.ret = addr.parse_ret(value)
+        elif name == "ENVID":
+            envelope.envid = addr.parse_envid(value)
+        else:  # MT-PRIORITY
+            level = addr.parse_mt_priority(value)
+            # RFC 6710 §5: priorities are honoured only from clients we trust; from others
+            # the parameter is accepted and ignored.
+            if trusted:
+                envelope.priority = mt_priority_class(level)
+    return envelope
+
+
+def recipient(rcpt: addr.Address, params: dict) -> NewRecipient:
+    """A queue recipient from RCPT's DSN parameters (RFC 3461 §4.1-4.2)."""
+    orcpt, notify = None, ()
+    for name, value in params.items():
+        if name == "NOTIFY":
+            notify = addr.parse_notify(value)
+        else:  # ORCPT
+            orcpt = ";".join(addr.parse_orcpt(value))
+    return NewRecipient(str(rcpt), orcpt, notify)
+
+
+def received_header(
+    envelope: Envelope, *, helo: str, client_ip: str, esmtp: bool, hostname: str, now: float
+) -> bytes:
+    """RFC 5321 §4.4 trace field; protocol names from RFC 3848 and RFC 6531 §3.7.3."""
+    protocol = ("UTF8" if envelope.smtputf8 else "") + ("ESMTP" if esmtp else "SMTP")
+    ip = ipaddress.ip_address(client_ip)
+    literal = f"[IPv6:{ip}]" if ip.version == 6 else f"[{ip}]"
+    # The HELO name is the client's word: keep it printable ASCII and short.
+    helo = "".join(c if 32 < ord(c) < 127 else "?" for c in helo)[:255]
+    header = (
+        f"Received: from {helo} ({literal})\r\n"
+        f"\tby {hostname} (elemta) with {protocol} id {envelope.queue_id}"
+    )
+    if len(envelope.recipients) == 1:  # naming one recipient leaks nothing about others
+        header += f"\r\n\tfor <{envelope.recipients[0].address}>"
+    header += f";\r\n\t{email.utils.formatdate(now, localtime=True)}\r\n"
+    return header.encode("utf-8", "surrogateescape")
