@@ -72,11 +72,11 @@ class ServerConfig:
 class SmtpConfig:
     max_message_size: int = 26_214_400  # 25 MiB; advertised in EHLO SIZE
     max_recipients: int = 100  # RFC 5321 §4.5.3.1.8: at least 100 must be accepted
-    max_errors: int = 20  # error replies (or unknown commands) before 421 and close
+    max_errors: int = 20  # 5xx replies (unknown commands, bad syntax...) before 421 and close
     command_timeout: float = 300.0  # RFC 5321 §4.5.3.2.7: 5 minutes
     data_timeout: float = 180.0  # RFC 5321 §4.5.3.2.5-6: 3 minutes per data block
     greet_pause: float = 0.0  # wait this long before the banner; input in it is refused
-    max_received_headers: int = 50  # more Received headers than this is a mail loop
+    max_received_headers: int = 50  # a message arriving with this many Received headers loops
     local_domains: tuple[str, ...] = ()
     relay_domains: tuple[str, ...] = ()
     trusted_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
@@ -145,7 +145,7 @@ def split_host_port(address: str) -> tuple[str, int]:
         if not sep or ":" in host:
             raise ValueError("expected host:port (IPv6 as [addr]:port)")
     # Port 0 binds any free port: tests use it; elemta prints the port it got.
-    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+    if not host or not (port.isascii() and port.isdigit()) or not 0 <= int(port) < 65536:
         raise ValueError("expected host:port with a port from 0 to 65535")
     return host, int(port)
 
@@ -181,8 +181,12 @@ def _coerce(path: str, value: Any, default: Any) -> Any:
     if path in _RANGES:
         low, high = _RANGES[path]
         if not low <= value <= high:
-            raise ConfigError(f"{path}: {value} is out of range (allowed {low:g} to {high:g})")
+            raise ConfigError(f"{path}: {value} is out of range (allowed {_number(low)} to {_number(high)})")
     return value
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if value == int(value) else str(value)
 
 
 def _section(name: str, cls: type, raw: Any) -> Any:
@@ -206,6 +210,8 @@ def _listeners(raw: Any) -> tuple[Listener, ...]:
         raise ConfigError("listeners: at least one [[listeners]] table is needed")
     result = []
     for index, item in enumerate(raw):
+        if "address" not in item:
+            raise ConfigError(f"listeners[{index}].address: missing (e.g. address = \"0.0.0.0:25\")")
         listener = _section(f"listeners[{index}]", Listener, item)
         try:
             split_host_port(listener.address)
@@ -216,10 +222,13 @@ def _listeners(raw: Any) -> tuple[Listener, ...]:
                 f"listeners[{index}].role: {listener.role!r} is not a role (allowed: {', '.join(ROLES)})"
             )
         result.append(listener)
-    addresses = [lst.address for lst in result]
-    for address in addresses:
-        if addresses.count(address) > 1:
-            raise ConfigError(f"listeners: address {address} is listed twice")
+    seen = set()
+    for listener in result:
+        host, port = split_host_port(listener.address)
+        key = (host.lower(), port)
+        if key in seen:
+            raise ConfigError(f"listeners: address {listener.address} is listed twice")
+        seen.add(key)
     return tuple(result)
 
 

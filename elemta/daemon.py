@@ -7,14 +7,16 @@ opened and closed to match it and new connections get the new limits.
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 import threading
 from collections.abc import Callable
 
+from elemta import config as cfgmod
 from elemta import log as logmod
 from elemta.config import Config
-from elemta.errors import ConfigError
+from elemta.errors import ConfigError, ElemtaError, QueueError
 from elemta.queue.store import Store
 from elemta.smtp.server import SmtpServer
 
@@ -44,11 +46,14 @@ class Daemon:
 
     def run(self) -> int:
         config = self.load_config()
-        logger = logmod.setup(config.log.level)
+        logger = logmod.setup(config.log.level, json_format=config.log.format == "json")
         events = logmod.EventLog(logger, json_format=config.log.format == "json")
         threading.stack_size(THREAD_STACK)
         store = build_store(config)
-        store.open()
+        try:
+            store.open()
+        except (QueueError, OSError) as exc:
+            raise SpoolError(f"server.spool_dir: cannot open the queue {config.queue_path}: {exc}") from None
         server = SmtpServer(config, store, events)
         try:
             server.start()
@@ -69,31 +74,36 @@ class Daemon:
             if self._reload:
                 self._reload = False
                 self._do_reload(server, store, events)
-        events("stopping", grace=config.server.grace_period, open=server.connections.count())
+        events("stopping", grace=server.config.server.grace_period, open=server.connections.count())
         server.stop(server.config.server.grace_period)
         store.close()
         events("stopped")
         return 0
 
     def _do_reload(self, server: SmtpServer, store: Store, events: logmod.EventLog) -> None:
+        """All or nothing: a config that is invalid or whose listeners cannot bind changes nothing."""
         try:
             config = self.load_config()
         except ConfigError as exc:
-            events("reload_failed", error=str(exc))
+            events("reload_failed", level=logging.WARNING, error=str(exc))
             return
-        if config.server.spool_dir != server.config.server.spool_dir:
-            events("reload_warning", error="server.spool_dir changes need a restart")
-        server.apply(config)
+        old_spool = server.config.server.spool_dir
+        if config.server.spool_dir != old_spool:
+            events("reload_warning", level=logging.WARNING, error="server.spool_dir changes need a restart")
+            config = cfgmod.replace(config, server={"spool_dir": old_spool})
+        try:
+            server.reload(config)
+        except OSError as exc:
+            events("reload_failed", level=logging.WARNING, error=f"cannot listen: {exc}")
+            return
         store.set_limits(
             min_free_bytes=config.queue.min_free_space,
             max_messages=config.queue.max_messages,
             max_bytes=config.queue.max_bytes,
+            batch_max=config.queue.batch_max,
         )
-        try:
-            server.start()
-        except OSError as exc:
-            events("reload_failed", error=f"cannot listen: {exc}")
-            return
+        logmod.setup(config.log.level, json_format=config.log.format == "json")
+        events.json_format = config.log.format == "json"
         events("reloaded", listeners=len(server.listeners))
 
     def _install_signals(self) -> None:
@@ -110,9 +120,16 @@ class Daemon:
         signal.signal(signal.SIGHUP, reload)
 
 
+class SpoolError(ElemtaError):
+    """The spool or its queue database cannot be opened."""
+
+
 def main_loop(load_config: Callable[[], Config]) -> int:
     try:
         return Daemon(load_config, announce=lambda line: print(line, flush=True)).run()
     except ConfigError as exc:
         print(f"elemta: {exc}", file=sys.stderr)
         return 78  # EX_CONFIG
+    except SpoolError as exc:
+        print(f"elemta: {exc}", file=sys.stderr)
+        return 73  # EX_CANTCREAT

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 
 LOGGER_NAME = "elemta"
 
@@ -33,7 +34,7 @@ class EventLog:
         if not self.logger.isEnabledFor(level):
             return
         if self.json_format:
-            record = {"qid": qid, "event": event}
+            record = {"time": round(time.time(), 3), "qid": qid, "event": event}
             record.update((k.rstrip("_"), v) for k, v in fields.items())
             line = json.dumps(record, default=str)
         else:
@@ -43,12 +44,16 @@ class EventLog:
         self.logger.log(level, line)
 
 
-def setup(level: str = "info", stream=None) -> logging.Logger:
-    """Send elemta's log lines to stderr (journald adds time and unit under systemd)."""
+def setup(level: str = "info", stream=None, json_format: bool = False) -> logging.Logger:
+    """Send elemta's log lines to stderr (journald adds time and unit under systemd).
+
+    JSON lines carry their own time and are written bare, so each line parses as JSON.
+    """
     logger = logging.getLogger(LOGGER_NAME)
     logger.handlers.clear()
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s elemta[%(process)d]: %(message)s"))
+    fmt = "%(message)s" if json_format else "%(asctime)s elemta[%(process)d]: %(message)s"
+    handler.setFormatter(logging.Formatter(fmt))
     logger.addHandler(handler)
     logger.setLevel(level.upper())
     logger.propagate = False

@@ -15,7 +15,6 @@ from elemta.errors import ConfigError
 DEV_PORTS = (2525, 2526, 2527, 2528)
 DEV_SPOOL = "dev-spool"
 EX_CONFIG = 78  # sysexits.h: configuration error
-EX_USAGE = 64
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -244,8 +244,12 @@ class Store:
             return f"queue writer stopped: {self._writer_error!r}"
         return "queue store is not open" if self._state == "new" else "queue store is closed"
 
-    def set_limits(self, *, min_free_bytes: int, max_messages: int, max_bytes: int) -> None:
+    def set_limits(
+        self, *, min_free_bytes: int, max_messages: int, max_bytes: int, batch_max: int | None = None
+    ) -> None:
         """New intake limits (a config reload); they apply from the next intake_check."""
+        if batch_max is not None:
+            self._batch_max = batch_max
         self._min_free_bytes = min_free_bytes
         self._max_messages = max_messages
         self._max_bytes = max_bytes

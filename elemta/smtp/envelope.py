@@ -89,7 +89,8 @@ def received_header(
     envelope: Envelope, *, helo: str, client_ip: str, esmtp: bool, hostname: str, now: float
 ) -> bytes:
     """RFC 5321 §4.4 trace field; protocol names from RFC 3848 and RFC 6531 §3.7.3."""
-    protocol = ("UTF8" if envelope.smtputf8 else "") + ("ESMTP" if esmtp else "SMTP")
+    # SMTPUTF8 needs EHLO, so a UTF8 transaction is always ESMTP: its registered name is UTF8SMTP.
+    protocol = "UTF8SMTP" if envelope.smtputf8 else ("ESMTP" if esmtp else "SMTP")
     ip = ipaddress.ip_address(client_ip)
     literal = f"[IPv6:{ip}]" if ip.version == 6 else f"[{ip}]"
     # The HELO name is the client's word: keep it printable ASCII and short.

@@ -8,6 +8,7 @@ timeouts, and lets sessions finish (or tells them 421) when the daemon stops.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import select
 import socket
 import socketserver
@@ -140,28 +141,41 @@ class SmtpServer:
         try:
             return self.store.intake_check()
         except QueueError as exc:  # e.g. statvfs failed: refuse (452) rather than guess
-            self.log("intake_error", error=str(exc)[:120])
+            self.log("intake_error", level=logging.WARNING, error=str(exc)[:120])
             return "error"
 
     # ---- listeners -------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Bind every configured listener that is not bound yet; close those no longer wanted."""
-        wanted = {lst.address: lst for lst in self.config.listeners}
+        """Bind and serve the configured listeners (OSError if one cannot be bound)."""
+        self.reload(self.config)
+
+    def reload(self, config: Config) -> None:
+        """Switch to config: bind its new listeners first, and only if all of them bind, take
+        its settings and close the listeners it no longer names (OSError leaves all as it was)."""
+        wanted = {lst.address: lst for lst in config.listeners}
+        fresh: dict[str, ListenerServer] = {}
+        try:
+            for address, listener in wanted.items():
+                if address not in self.listeners:
+                    fresh[address] = ListenerServer(self, listener)
+        except OSError:
+            for server in fresh.values():
+                server.server_close()
+            raise
+        self.apply(config)
         for address in list(self.listeners):
             if address not in wanted:
                 self.listeners.pop(address).stop()
                 self.log("listener_closed", address=address)
-        for address, listener in wanted.items():
-            if address not in self.listeners:
-                server = ListenerServer(self, listener)
-                thread = threading.Thread(
-                    target=server.serve_forever, kwargs={"poll_interval": 0.5},
-                    name=f"listener-{address}", daemon=True,
-                )
-                thread.start()
-                self.listeners[address] = server
-                self.log("listening", address=address, role=listener.role, port=server.port)
+        for address, server in fresh.items():
+            thread = threading.Thread(
+                target=server.serve_forever, kwargs={"poll_interval": 0.5},
+                name=f"listener-{address}", daemon=True,
+            )
+            thread.start()
+            self.listeners[address] = server
+            self.log("listening", address=address, role=server.listener.role, port=server.port)
 
     def stop(self, grace: float) -> None:
         """Stop accepting, give sessions `grace` seconds, then tell the rest 421 and close."""

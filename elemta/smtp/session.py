@@ -8,6 +8,7 @@ touches a socket or the disk, so every rule is unit-testable with plain bytes.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -128,7 +129,9 @@ class Session:
     def enqueue_failed(self, error: Exception) -> list:
         reply = replies.NO_STORAGE if isinstance(error, QueueFullError) else replies.QUEUE_FAILED
         qid = self.envelope.queue_id if self.envelope else None
-        self.services.log("queue_error", qid=qid, error=str(error) or type(error).__name__)
+        self.services.log(
+            "queue_error", qid=qid, level=logging.WARNING, error=str(error) or type(error).__name__
+        )
         return self._after_queue(reply)
 
     @property
@@ -328,6 +331,8 @@ class Session:
         try:
             path, rest = addr.split_command_arg(arg, "TO")
             params = addr.parse_params(rest, env.RCPT_PARAMS)
+            if params and not self.esmtp:
+                raise addr.AddressError("param", "parameters need EHLO")
             rcpt = addr.parse_path(
                 path, smtputf8=self.envelope.smtputf8, allow_null=False, allow_postmaster=True
             )

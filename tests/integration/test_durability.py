@@ -58,6 +58,13 @@ def sender(port: int, client: int, acked: dict, lock: threading.Lock, stop: thre
 
 def test_acknowledged_mail_survives_kill_9(tmp_path):
     daemon = Daemon(tmp_path, CONFIG)
+    try:
+        kill_and_check(daemon)
+    finally:
+        daemon.kill()
+
+
+def kill_and_check(daemon: Daemon) -> None:
     acked: dict[str, bytes] = {}
     lock = threading.Lock()
     rng = random.Random()

@@ -196,3 +196,38 @@ def test_check_config_of_the_example_file():
         cwd=ELEMTA.parent.parent, capture_output=True, text=True, timeout=30, check=False,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_unusable_spool_is_one_line_and_exit_73(tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the spool should be")
+    daemon = Daemon(tmp_path, config().replace('"@SPOOL@"', f'"{blocker}/spool"'))
+    result = subprocess.run(
+        [str(ELEMTA), "--config", str(daemon.config_path)],
+        capture_output=True, text=True, timeout=30, check=False,
+    )
+    assert result.returncode == 73
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("elemta: server.spool_dir: cannot open the queue ")
+
+
+def test_reload_that_cannot_bind_changes_nothing(tmp_path):
+    import socket
+
+    daemon = Daemon(tmp_path, config(size=1_000_000)).start()
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    try:
+        daemon.config_path.write_text(
+            config(size=50_000)
+            + f'\n[[listeners]]\naddress = "127.0.0.1:{busy.getsockname()[1]}"\nrole = "submission"\n'
+        )
+        daemon.signal(signal.SIGHUP)
+        wait_for(lambda: "reload_failed" in daemon.log_text(), 10, what="reload_failed")
+        with smtplib.SMTP("127.0.0.1", daemon.port, timeout=10) as client:
+            client.ehlo("c.example")
+            assert client.esmtp_features["size"] == "1000000"  # the old limits still apply
+    finally:
+        busy.close()
+        assert daemon.stop() == 0

@@ -218,7 +218,7 @@ def test_envelope_reaches_the_queue_message():
     assert len(message.recipients) == 1  # the duplicate RCPT is kept once
     assert message.recipients[0].notify == ("DELAY",)
     assert message.recipients[0].orcpt == "rfc822;x@anywhere.example"
-    assert b"with UTF8ESMTP id" in message.body
+    assert b"with UTF8SMTP id" in message.body
     assert message.body.endswith("Subject: é\r\n\r\n8bit ü\r\n".encode())
 
 

@@ -1,0 +1,249 @@
+"""Configuration: defaults, the shipped conf/elemta.toml, bad configs as data, `--check-config`.
+
+Bad configs live in tests/config_cases/<case>/ as `elemta.toml` plus `expected-error`, a regex
+the one-line error must match (re.search).  Each case is checked twice: through config.load()
+and through the real command line (`python3 -m elemta --check-config`) run as a subprocess,
+which must exit 78 with the same message as one line on stderr.  Add a case by adding a
+directory; no code changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from elemta import config
+from elemta.errors import ConfigError
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent  # the checkout: `python3 -m elemta` must find the package from here
+CASES = TESTS / "config_cases"
+SHIPPED = ROOT / "conf" / "elemta.toml"
+MANPAGE = ROOT / "man" / "elemta.toml.5"
+EX_CONFIG = 78
+EX_USAGE_ARGPARSE = 2  # argparse's own exit status for usage errors
+
+CASE_DIRS = sorted(p for p in CASES.iterdir() if p.is_dir())
+
+
+def run_elemta(*args: str) -> subprocess.CompletedProcess:
+    """The real console entry, as `python3 -m elemta ...` from the checkout root."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return subprocess.run(
+        [sys.executable, "-m", "elemta", *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False,
+    )
+
+
+def one_line_error(stderr: str) -> str:
+    """The message of `elemta: <message>\\n`; fails unless stderr is exactly that one line."""
+    assert stderr.endswith("\n") and stderr.count("\n") == 1, f"not one line: {stderr!r}"
+    assert stderr.startswith("elemta: "), stderr
+    return stderr[len("elemta: ") : -1]
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "elemta.toml"
+    path.write_text(text)
+    return str(path)
+
+
+# ---- defaults and the shipped file -----------------------------------------------------------
+
+
+def test_empty_file_gives_the_defaults(tmp_path):
+    path = write(tmp_path, "")
+    assert config.load(path) == config.Config(source=path)
+
+
+def test_defaults_listen_on_25_and_587():
+    listeners = config.Config().listeners
+    assert [(lst.host, lst.port, lst.role) for lst in listeners] == [
+        ("0.0.0.0", 25, "mx"),
+        ("0.0.0.0", 587, "submission"),
+    ]
+
+
+def test_shipped_conf_parses_to_exactly_the_defaults():
+    assert config.load(str(SHIPPED)) == config.Config(source=str(SHIPPED))
+
+
+def test_shipped_conf_names_every_key():
+    """Every dataclass field appears in conf/elemta.toml, and nothing else does."""
+    with open(SHIPPED, "rb") as handle:
+        data = tomllib.load(handle)
+    assert set(data) == {"listeners", *config._SECTIONS}
+    for name, cls in config._SECTIONS.items():
+        assert set(data[name]) == {f.name for f in dataclasses.fields(cls)}, name
+    listener_keys = {f.name for f in dataclasses.fields(config.Listener)}
+    assert data["listeners"], "the default [[listeners]] are written out"
+    for item in data["listeners"]:
+        assert set(item) == listener_keys
+
+
+def test_shipped_conf_has_a_comment_above_every_key():
+    lines = SHIPPED.read_text().splitlines()
+    key_line = re.compile(r"^\s*[A-Za-z_][A-Za-z0-9_]*\s*=")
+    for number, line in enumerate(lines):
+        if key_line.match(line):
+            above = lines[number - 1].strip() if number else ""
+            assert above.startswith("#"), f"conf/elemta.toml:{number + 1}: no comment above {line!r}"
+
+
+def _man_section(text: str, section: str) -> str:
+    start = text.index(f".SH [{section}]\n")
+    end = text.find("\n.SH ", start + 1)
+    return text[start : end if end >= 0 else len(text)]
+
+
+def test_manpage_documents_every_key_and_range():
+    """man/elemta.toml.5 has a .TP entry per key, with config._RANGES's range in it."""
+    text = MANPAGE.read_text()
+    for name, cls in config._SECTIONS.items():
+        section = _man_section(text, name)
+        for f in dataclasses.fields(cls):
+            entry = re.search(rf"^\.TP\n\.B {f.name}\n(.*?)(?=^\.TP$|^\.SH |\Z)", section, re.MULTILINE | re.DOTALL)
+            assert entry, f"elemta.toml.5: no entry for {name}.{f.name}"
+            if f"{name}.{f.name}" in config._RANGES:
+                low, high = config._RANGES[f"{name}.{f.name}"]
+                assert f"{int(low)} to {int(high)}" in entry.group(1), f"{name}.{f.name}: range"
+    listeners = text[text.index(".SH LISTENERS\n") :]
+    for f in dataclasses.fields(config.Listener):
+        assert f"\n.TP\n.B {f.name}\n" in listeners
+
+
+# ---- valid configs ---------------------------------------------------------------------------
+
+
+def test_integer_accepted_where_a_number_is_expected(tmp_path):
+    loaded = config.load(write(tmp_path, "[server]\ngrace_period = 5\n"))
+    assert loaded.server.grace_period == 5.0 and isinstance(loaded.server.grace_period, float)
+
+
+def test_domains_are_lower_cased_without_trailing_dot(tmp_path):
+    loaded = config.load(
+        write(tmp_path, '[smtp]\nlocal_domains = ["Example.ORG."]\nrelay_domains = [".Sub.Example.NET"]\n')
+    )
+    assert loaded.smtp.local_domains == ("example.org",)
+    assert loaded.smtp.relay_domains == (".sub.example.net",)
+
+
+def test_listeners_replace_the_defaults(tmp_path):
+    loaded = config.load(write(tmp_path, '[[listeners]]\naddress = "[::1]:2525"\nrole = "submission"\n'))
+    assert loaded.listeners == (config.Listener("[::1]:2525", "submission"),)
+    assert (loaded.listeners[0].host, loaded.listeners[0].port) == ("::1", 2525)
+
+
+def test_missing_file_names_the_file(tmp_path):
+    path = str(tmp_path / "absent.toml")
+    with pytest.raises(ConfigError, match=re.escape(path) + ": no such file"):
+        config.load(path)
+
+
+# ---- bad configs, as data --------------------------------------------------------------------
+
+
+def test_every_case_directory_is_complete():
+    assert len(CASE_DIRS) >= 10
+    for case in CASE_DIRS:
+        assert sorted(p.name for p in case.iterdir()) == ["elemta.toml", "expected-error"], case.name
+
+
+def _expected(case: Path) -> str:
+    return (case / "expected-error").read_text().strip()
+
+
+@pytest.mark.parametrize("case", CASE_DIRS, ids=lambda p: p.name)
+def test_bad_config_case(case):
+    path = str(case / "elemta.toml")
+    expected = _expected(case)
+
+    with pytest.raises(ConfigError) as caught:
+        config.load(path)
+    message = str(caught.value)
+    assert "\n" not in message, f"{case.name}: not one line: {message!r}"
+    assert re.search(expected, message), f"{case.name}: {message!r} does not match {expected!r}"
+
+    result = run_elemta("--check-config", "--config", path)
+    assert result.returncode == EX_CONFIG, (case.name, result.returncode, result.stderr)
+    assert result.stdout == ""
+    assert one_line_error(result.stderr) == message
+
+
+# ---- the command line ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["shipped", "empty"])
+def test_check_config_on_a_valid_file_exits_0(tmp_path, which):
+    path = str(SHIPPED) if which == "shipped" else write(tmp_path, "")
+    result = run_elemta("--check-config", "--config", path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"elemta: configuration {path} is valid\n"
+    assert result.stderr == ""
+
+
+def test_check_config_on_a_missing_file_exits_78_naming_it(tmp_path):
+    path = str(tmp_path / "absent.toml")
+    result = run_elemta("--check-config", "--config", path)
+    assert result.returncode == EX_CONFIG
+    assert one_line_error(result.stderr).startswith(f"{path}: no such file")
+
+
+@pytest.mark.parametrize("port", ["70000", "-1", "twenty-five"])
+def test_bad_port_is_a_usage_error(port):
+    result = run_elemta("--check-config", "--config", str(SHIPPED), "--port", port)
+    assert result.returncode == EX_USAGE_ARGPARSE, result.stderr
+    assert "--port" in result.stderr.splitlines()[-1]
+    assert result.stdout == ""
+
+
+# ---- split_host_port -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "address, expected",
+    [
+        ("[::1]:25", ("::1", 25)),
+        ("[::]:587", ("::", 587)),
+        ("[2001:db8::1]:65535", ("2001:db8::1", 65535)),
+        ("0.0.0.0:25", ("0.0.0.0", 25)),
+        ("127.0.0.1:0", ("127.0.0.1", 0)),
+        ("mail.example.org:2525", ("mail.example.org", 2525)),
+        ("localhost:25", ("localhost", 25)),
+    ],
+)
+def test_split_host_port(address, expected):
+    assert config.split_host_port(address) == expected
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "",
+        "0.0.0.0",
+        "0.0.0.0:",
+        ":25",
+        "0.0.0.0:65536",
+        "0.0.0.0:-1",
+        "0.0.0.0:+25",
+        "0.0.0.0: 25",
+        "0.0.0.0:2x",
+        "::1:25",
+        "::1",
+        "[::1]",
+        "[::1]25",
+        "[::1]:",
+        "[]:25",
+    ],
+)
+def test_split_host_port_refuses(address):
+    with pytest.raises(ValueError):
+        config.split_host_port(address)
