@@ -1,0 +1,69 @@
+"""Imports point down the layers of docs/architecture.md; smtp and delivery never meet.
+
+cli -> daemon -> {smtp, delivery, monitor} -> {queue, plugins} -> {config, log, errors}
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "elemta"
+
+# What each part of elemta may import from elemta (besides itself).
+ALLOWED = {
+    "errors": set(),
+    "config": {"errors"},
+    "log": set(),
+    "queue": {"errors", "config"},
+    "plugins": {"errors", "config"},
+    "smtp": {"errors", "config", "log", "queue", "plugins"},
+    "delivery": {"errors", "config", "log", "queue", "plugins"},
+    "monitor": {"errors", "config", "log", "queue"},
+    "daemon": {"errors", "config", "log", "queue", "plugins", "smtp", "delivery", "monitor"},
+    "cli": {"errors", "config", "log", "queue", "daemon", "__init__"},
+    "__init__": set(),
+    "__main__": {"cli"},
+}
+
+
+def part_of(path: Path) -> str:
+    rel = path.relative_to(PACKAGE)
+    return rel.parts[0] if len(rel.parts) > 1 else rel.stem
+
+
+def imported_parts(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    parts = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module]
+            if node.module == "elemta":  # from elemta import config, __version__
+                names = [
+                    f"elemta.{a.name}" if _is_module(a.name) else "elemta" for a in node.names
+                ]
+        elif isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        else:
+            continue
+        for name in names:
+            if name == "elemta" or name.startswith("elemta."):
+                parts.add(name.split(".")[1] if "." in name else "__init__")
+    return parts
+
+
+def _is_module(name: str) -> bool:
+    return (PACKAGE / name).is_dir() or (PACKAGE / f"{name}.py").exists()
+
+
+MODULES = sorted(PACKAGE.rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_imports_point_down(path):
+    part = part_of(path)
+    assert part in ALLOWED, f"{part}: a new part of elemta needs its place in ALLOWED"
+    upward = imported_parts(path) - ALLOWED[part] - {part}
+    assert not upward, f"{path.relative_to(PACKAGE)} imports {sorted(upward)} against the layers"
