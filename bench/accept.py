@@ -356,8 +356,9 @@ class Postfix:
 class Elemta:
     name = "elemta"
 
-    def __init__(self, log_level: str = "warning", max_connections: int = 10000):
+    def __init__(self, log_level: str = "warning", max_connections: int = 10000, workers: int = 1):
         self.log_level = log_level
+        self.workers = workers
         self.max_connections = max_connections
         self.proc: subprocess.Popen | None = None
         self.workdir = ""
@@ -375,6 +376,7 @@ hostname = "{HOSTNAME}"
 spool_dir = "{spool}"
 max_connections = {self.max_connections}
 max_connections_per_ip = {self.max_connections}
+workers = {self.workers}
 
 [smtp]
 relay_domains = ["example.net"]
@@ -589,7 +591,7 @@ def throughput(args) -> int:
 
     deadline = time.monotonic() + args.budget * 60
     postfix = Postfix(args.postfix_port or free_port())
-    elemta = Elemta(log_level="info" if args.log_info else "warning")
+    elemta = Elemta(log_level="info" if args.log_info else "warning", workers=args.workers)
     results, failures, notes = [], [], []
     cpus = os.cpu_count() or 1
     started = time.time()
@@ -858,6 +860,8 @@ def main(argv=None) -> int:
     p.add_argument("--sessions", type=int_list, default=SESSIONS, metavar="S,S", help="parallel sessions (-s)")
     p.add_argument("--reuse", choices=("both", "no", "yes"), default="both",
                    help="one message per connection (no), -d connection reuse (yes), or both")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="elemta's server.workers (processes sharing the port; default 1)")
     p.add_argument("--log-info", action="store_true", help="run elemta with log level info (default warning)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--postfix-port", type=int, metavar="PORT", help="Postfix's bench port (default: a free one)")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import sys
 import threading
 from collections.abc import Callable
 
@@ -24,7 +23,7 @@ from elemta.smtp.server import SmtpServer
 THREAD_STACK = 512 * 1024
 
 
-def build_store(config: Config) -> Store:
+def build_store(config: Config, worker: int = 0) -> Store:
     q = config.queue
     return Store(
         config.queue_path,
@@ -32,6 +31,7 @@ def build_store(config: Config) -> Store:
         min_free_bytes=q.min_free_space,
         max_messages=q.max_messages,
         max_bytes=q.max_bytes,
+        worker=worker,
     )
 
 
@@ -45,27 +45,36 @@ class Daemon:
         self._reload = False
 
     def run(self) -> int:
-        config = self.load_config()
+        return self.serve(self.load_config())
+
+    def serve(self, config: Config, worker: int = 0, ready: Callable[[], None] | None = None) -> int:
+        """Run one elemta process: listeners, sessions and a queue writer, until SIGTERM.
+
+        A worker of a Supervisor passes its number (its queue IDs carry it) and `ready`,
+        called once it listens; a lone process announces its listeners on stdout instead.
+        """
         logger = logmod.setup(config.log.level, json_format=config.log.format == "json")
         events = logmod.EventLog(logger, json_format=config.log.format == "json")
         threading.stack_size(THREAD_STACK)
-        store = build_store(config)
+        store = build_store(config, worker)
         try:
-            store.open()
+            # Only the first process may take back leases: the others run beside it.
+            store.open(recover_all=worker == 0)
         except (QueueError, OSError) as exc:
             raise SpoolError(f"server.spool_dir: cannot open the queue {config.queue_path}: {exc}") from None
-        server = SmtpServer(config, store, events)
+        server = SmtpServer(config, store, events, workers=config.server.workers)
         try:
             server.start()
         except OSError as exc:
             store.close()
             raise ConfigError(f"listeners: cannot listen: {exc}") from None
         self._install_signals()
-        for listener in server.listeners.values():
-            host = listener.server_address[0]
-            shown = f"[{host}]" if ":" in host else host
-            self.announce(f"elemta: listening on {shown}:{listener.port} ({listener.listener.role})")
-        events("started", spool=config.server.spool_dir, listeners=len(server.listeners))
+        if ready is not None:
+            ready()
+        else:
+            for listener in server.listeners.values():
+                self.announce(listening_line(listener.server_address[0], listener.port, listener.listener.role))
+        events("started", spool=config.server.spool_dir, listeners=len(server.listeners), worker=worker)
         while True:
             self._wake.wait()
             self._wake.clear()
@@ -120,16 +129,19 @@ class Daemon:
         signal.signal(signal.SIGHUP, reload)
 
 
+def listening_line(host: str, port: int, role: str) -> str:
+    shown = f"[{host}]" if ":" in host else host
+    return f"elemta: listening on {shown}:{port} ({role})"
+
+
 class SpoolError(ElemtaError):
     """The spool or its queue database cannot be opened."""
 
 
-def main_loop(load_config: Callable[[], Config]) -> int:
-    try:
-        return Daemon(load_config, announce=lambda line: print(line, flush=True)).run()
-    except ConfigError as exc:
-        print(f"elemta: {exc}", file=sys.stderr)
+def exit_code(exc: BaseException) -> int | None:
+    """The sysexits.h status for an error that is the operator's to fix, else None."""
+    if isinstance(exc, ConfigError):
         return 78  # EX_CONFIG
-    except SpoolError as exc:
-        print(f"elemta: {exc}", file=sys.stderr)
+    if isinstance(exc, SpoolError):
         return 73  # EX_CANTCREAT
+    return None

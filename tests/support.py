@@ -61,7 +61,15 @@ class Daemon:
         ]
         for reader in self._readers:
             reader.start()
-        wait_for(lambda: "started" in self.log_text() or self.proc.poll() is not None, timeout, what="daemon start")
+        # Up when every listener is announced on stdout (a supervisor announces once all
+        # its workers listen) and the log says started.
+        expected = max(1, self.config_path.read_text().count("[[listeners]]"))
+
+        def up() -> bool:
+            announced = sum(1 for line in self.stdout if self.LISTENING.match(line))
+            return announced >= expected and "started" in self.log_text()
+
+        wait_for(lambda: up() or self.proc.poll() is not None, timeout, what="daemon start")
         if self.proc.poll() is not None:
             raise AssertionError(f"elemta exited {self.proc.returncode}: {self.log_text()}")
         for line in list(self.stdout):

@@ -1,6 +1,6 @@
 """Imports point down the layers of docs/architecture.md; smtp and delivery never meet.
 
-cli -> daemon -> {smtp, delivery, monitor} -> {queue, plugins} -> {config, log, errors}
+cli -> supervisor -> daemon -> {smtp, delivery, monitor} -> {queue, plugins} -> {config, log, errors}
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ ALLOWED = {
     "delivery": {"errors", "config", "log", "queue", "plugins"},
     "monitor": {"errors", "config", "log", "queue"},
     "daemon": {"errors", "config", "log", "queue", "plugins", "smtp", "delivery", "monitor"},
-    "cli": {"errors", "config", "log", "queue", "daemon", "__init__"},
+    "supervisor": {"errors", "config", "log", "daemon"},
+    "cli": {"errors", "config", "log", "queue", "daemon", "supervisor", "__init__"},
     "__init__": set(),
     "__main__": {"cli"},
 }

@@ -98,9 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         hold = "held in the queue" if config.delivery.hold else f"relayed via {config.delivery.relayhost}"
         print(f"elemta: dev mode: spool {config.server.spool_dir}, outbound mail {hold}", flush=True)
 
-    from elemta.daemon import (
-        main_loop,  # imported late: --check-config needs none of it
-    )
+    # Imported late: --check-config needs none of it.
+    from elemta.supervisor import main_loop
 
     return main_loop(lambda: build_config(args, dev_port))
 

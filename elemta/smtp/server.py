@@ -57,13 +57,13 @@ def session_settings(config: Config, listener: Listener) -> Settings:
     )
 
 
-def limits_from(config: Config) -> Limits:
+def limits_from(config: Config, workers: int = 1) -> Limits:
     return Limits(
         command_timeout=config.smtp.command_timeout,
         data_timeout=config.smtp.data_timeout,
         greet_pause=config.smtp.greet_pause,
-        max_connections=config.server.max_connections,
-        max_connections_per_ip=config.server.max_connections_per_ip,
+        max_connections=-(-config.server.max_connections // workers),
+        max_connections_per_ip=-(-config.server.max_connections_per_ip // workers),
         trusted=tuple(ipaddress.ip_network(n, strict=False) for n in config.smtp.trusted_networks),
     )
 
@@ -123,9 +123,12 @@ class Connections:
 class SmtpServer:
     """Everything the listeners share: config-derived state, the queue, the connection table."""
 
-    def __init__(self, config: Config, store: Store, log: EventLog):
+    def __init__(self, config: Config, store: Store, log: EventLog, workers: int = 1):
         self.store = store
         self.log = log
+        # With several worker processes each listens on the same ports (SO_REUSEPORT, the
+        # kernel spreads connections) and keeps an even share of the connection caps.
+        self.workers = workers
         self.connections = Connections()
         self.stopping = threading.Event()
         self.services = Services(new_id=store.new_id, intake_check=self._intake_check, log=log)
@@ -135,7 +138,7 @@ class SmtpServer:
     def apply(self, config: Config) -> None:
         """Take a (re)loaded config: new connections use it; open ones keep what they had."""
         self.config = config
-        self.limits = limits_from(config)
+        self.limits = limits_from(config, self.workers)
         self.settings = {lst.address: session_settings(config, lst) for lst in config.listeners}
 
     def _intake_check(self) -> str | None:
@@ -288,6 +291,7 @@ class ListenerServer(socketserver.ThreadingTCPServer):
         self.listener = listener
         host, port = split_host_port(listener.address)
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.allow_reuse_port = owner.workers > 1
         # process_request below runs each connection itself, so no handler class is used.
         super().__init__((host, port), socketserver.BaseRequestHandler)
 

@@ -231,3 +231,23 @@ def test_reload_that_cannot_bind_changes_nothing(tmp_path):
     finally:
         busy.close()
         assert daemon.stop() == 0
+
+
+def test_two_workers_share_the_port_and_the_queue(tmp_path):
+    from elemta.queue import ids
+
+    daemon = Daemon(tmp_path, config().replace("[server]", "[server]\nworkers = 2")).start()
+    try:
+        assert len(daemon.addresses) == 1  # one port, announced once by the supervisor
+        wait_for(lambda: daemon.log_text().count("NOQUEUE started") == 2, 10, what="two workers")
+        for n in range(24):  # new connections: the kernel spreads them over both workers
+            with smtplib.SMTP("127.0.0.1", daemon.port, timeout=10) as client:
+                client.sendmail("a@example.org", ["u@example.com"], b"Subject: %d\r\n\r\nx\r\n" % n)
+        stored = [row["queue_id"] for row in daemon.messages()]
+        assert len(stored) == 24 and len(set(stored)) == 24
+        assert {ids.id_worker(queue_id) for queue_id in stored} == {0, 1}
+        daemon.signal(signal.SIGHUP)
+        wait_for(lambda: daemon.log_text().count("NOQUEUE reloaded") == 2, 10, what="both reloaded")
+    finally:
+        assert daemon.stop() == 0
+    assert "NOQUEUE stopped" in daemon.log_text()

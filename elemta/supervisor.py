@@ -1,0 +1,224 @@
+"""server.workers > 1: several elemta processes share the listeners to use every core.
+
+Python runs one thread at a time per process, so one process tops out near one core.  The
+supervisor forks `workers` children before any thread exists; each child is a whole elemta
+(Daemon.serve: listeners, sessions, its own group-commit writer) and binds the listeners with
+SO_REUSEPORT, so the kernel spreads connections over them.  SQLite serialises the writers of
+the processes on the one WAL database; queue IDs carry the worker number, so they never clash.
+
+The supervisor itself holds no queue and no sessions: it forwards SIGTERM/SIGINT and SIGHUP to
+the workers, starts a worker again if one dies, and exits when they have all stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+from elemta import log as logmod
+from elemta.config import Config
+from elemta.daemon import Daemon, SpoolError, exit_code, listening_line
+from elemta.errors import ConfigError
+
+READY_TIMEOUT = 60.0
+EX_SOFTWARE = 70
+
+
+def main_loop(load_config: Callable[[], Config]) -> int:
+    """Run elemta: one process, or a supervisor and server.workers worker processes."""
+    announce = lambda line: print(line, flush=True)
+    try:
+        config = load_config()
+        if config.server.workers > 1:
+            logmod.setup(config.log.level, json_format=config.log.format == "json")
+            return Supervisor(load_config, announce).run(config)
+        return Daemon(load_config, announce).run()
+    except (ConfigError, SpoolError) as exc:
+        print(f"elemta: {exc}", file=sys.stderr)
+        return exit_code(exc)
+
+
+class Supervisor:
+    def __init__(self, load_config: Callable[[], Config], announce: Callable[[str], None]):
+        self._load_config = load_config
+        self.announce = announce
+        self.events = logmod.EventLog()
+        self._reserved: dict[str, socket.socket] = {}  # "host" -> a socket holding its port 0
+        self._pinned: dict[str, str] = {}  # listener address with port 0 -> with its real port
+        self._children: dict[int, int] = {}  # pid -> worker number
+        self._wake = threading.Event()
+        self._pending: list[int] = []  # signals to act on, in order
+
+    # ---- configuration -----------------------------------------------------------------------
+
+    def load_config(self) -> Config:
+        return self._pin_ports(self._load_config())
+
+    def _pin_ports(self, config: Config) -> Config:
+        """Replace every port 0 by the port reserved for it, so that all workers (and their
+        reloads) listen on the same port."""
+        listeners = []
+        for listener in config.listeners:
+            if listener.port == 0:
+                if listener.address not in self._pinned:
+                    self._pinned[listener.address] = self._reserve(listener.host)
+                listener = dataclasses.replace(listener, address=self._pinned[listener.address])
+            listeners.append(listener)
+        return dataclasses.replace(config, listeners=tuple(listeners))
+
+    def _reserve(self, host: str) -> str:
+        """Pick a free port for host and keep it: a bound, never-listening SO_REUSEPORT socket."""
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, 0))
+        port = sock.getsockname()[1]
+        self._reserved[f"{host}:{port}"] = sock
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    # ---- running -----------------------------------------------------------------------------
+
+    def run(self, config: Config) -> int:
+        config = self._pin_ports(config)
+        workers = config.server.workers
+        # Handlers first, so a SIGTERM that comes while workers start is not lost; they note
+        # the signal only, and a child resets them before anything else.
+        self._install_signals()
+        ready_read, ready_write = os.pipe()
+        for worker in range(workers):
+            self._spawn(worker, ready_write)
+        os.close(ready_write)
+        failed = self._wait_ready(ready_read, workers)
+        os.close(ready_read)
+        if failed is not None:
+            self._signal_all(signal.SIGTERM)
+            self._reap_all(config.server.grace_period + 10)
+            return failed
+        for listener in config.listeners:
+            self.announce(listening_line(listener.host, listener.port, listener.role))
+        self.events("supervising", workers=workers, pids=",".join(map(str, self._children)))
+        return self._supervise(config)
+
+    def _spawn(self, worker: int, ready_write: int | None) -> None:
+        pid = os.fork()
+        if pid:
+            self._children[pid] = worker
+            return
+        # The child: a whole elemta process.  Never return into the supervisor's code.
+        code = EX_SOFTWARE
+        try:
+            for sock in self._reserved.values():
+                sock.close()
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+                signal.signal(sig, signal.SIG_DFL)
+            def ready() -> None:
+                if ready_write is not None:
+                    os.write(ready_write, b"1")
+                    os.close(ready_write)
+
+            daemon = Daemon(self.load_config, self.announce)
+            try:
+                code = daemon.serve(self.load_config(), worker=worker, ready=ready)
+            except (ConfigError, SpoolError) as exc:
+                print(f"elemta: {exc}", file=sys.stderr, flush=True)
+                code = exit_code(exc)
+            except Exception as exc:  # noqa: BLE001 -- a child must always end in os._exit
+                print(f"elemta: worker {worker}: {exc}", file=sys.stderr, flush=True)
+                code = exit_code(exc) or EX_SOFTWARE
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+
+    def _wait_ready(self, ready_read: int, workers: int) -> int | None:
+        """None once every worker listens; else the exit status of the one that failed."""
+        deadline = time.monotonic() + READY_TIMEOUT
+        ready = 0
+        os.set_blocking(ready_read, False)
+        while ready < workers:
+            try:
+                ready += len(os.read(ready_read, workers))
+            except BlockingIOError:
+                pass
+            for pid in list(self._children):
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    del self._children[pid]
+                    return os.waitstatus_to_exitcode(status) or EX_SOFTWARE
+            if time.monotonic() > deadline:
+                return EX_SOFTWARE
+            time.sleep(0.01)
+        return None
+
+    def _install_signals(self) -> None:
+        def note(signum, frame):
+            self._pending.append(signum)
+            self._wake.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(sig, note)
+
+    def _supervise(self, config: Config) -> int:
+        stopping = False
+        status = 0
+        while self._children:
+            self._wake.wait(1.0)
+            self._wake.clear()
+            while self._pending:
+                signum = self._pending.pop(0)
+                if signum in (signal.SIGTERM, signal.SIGINT) and not stopping:
+                    stopping = True
+                    self.events("stopping", workers=len(self._children))
+                    self._signal_all(signal.SIGTERM)
+                elif signum == signal.SIGHUP and not stopping:
+                    config = self._reload(config)
+            for pid, worker, code in self._reaped():
+                if code != 0:
+                    status = code
+                if not stopping:
+                    self.events("worker_died", level=logging.WARNING, worker=worker, pid=pid, status=code)
+                    self._spawn(worker, None)
+        self.events("stopped")
+        return max(0, status)
+
+    def _reload(self, config: Config) -> Config:
+        try:
+            new = self.load_config()
+        except ConfigError as exc:
+            self.events("reload_failed", level=logging.WARNING, error=str(exc))
+            return config
+        if new.server.workers != config.server.workers:
+            self.events("reload_warning", level=logging.WARNING, error="server.workers changes need a restart")
+        self._signal_all(signal.SIGHUP)  # each worker reloads (all or nothing) on its own
+        return config
+
+    def _reaped(self) -> list[tuple[int, int, int]]:
+        gone = []
+        for pid in list(self._children):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                gone.append((pid, self._children.pop(pid), os.waitstatus_to_exitcode(status)))
+        return gone
+
+    def _signal_all(self, signum: int) -> None:
+        for pid in self._children:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def _reap_all(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self._children and time.monotonic() < deadline:
+            self._reaped()
+            time.sleep(0.05)
+        for pid in list(self._children):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            del self._children[pid]
