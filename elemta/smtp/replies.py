@@ -85,3 +85,4 @@ TEXT_LINE_TOO_LONG = Reply(500, "5.6.0", "Message refused: line longer than 1000
 # Storage
 NO_STORAGE = Reply(452, "4.3.1", "Insufficient system storage, try again later")
 QUEUE_FAILED = Reply(451, "4.3.0", "Local error in processing, try again later")
+INTERNAL_ERROR = Reply(451, "4.3.0", "Local error in processing, try again later", close=True)

@@ -7,6 +7,7 @@ timeouts, and lets sessions finish (or tells them 421) when the daemon stops.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import select
@@ -210,6 +211,13 @@ class SmtpServer:
             self._converse(conn, session, limits)
         except OSError as exc:
             self.log("io_error", ip=ip, conn=number, error=str(exc)[:80])
+        except Exception:
+            # A bug costs one session, never the server.  For the client it is a transient
+            # failure (451), never a permanent one, and no exception text reaches it; the
+            # traceback goes to the log.
+            self.log.logger.exception("NOQUEUE internal_error ip=%s conn=%d", ip, number)
+            with contextlib.suppress(OSError):
+                conn.send([replies.INTERNAL_ERROR])
         finally:
             self.log(
                 "disconnect", ip=ip, conn=number, commands=session.commands_seen,
