@@ -32,6 +32,10 @@ def connect(path: str, *, readonly: bool = False, check_same_thread: bool = True
     )
     try:
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        # Only takes effect when the file is created.  Bodies are BLOBs: 16 KiB pages write
+        # a 100 KB message in a quarter of the WAL frames (system calls) of 4 KiB pages,
+        # 13% faster in bench/accept.py at 100 KB and no slower at 5 KB.
+        conn.execute("PRAGMA page_size = 16384")
         # Changing journal_mode needs a write lock even when nothing changes, so
         # look first: readers and second processes then never block on it.
         mode = conn.execute("PRAGMA journal_mode").fetchone()[0]

@@ -50,7 +50,7 @@ class DataReader:
             return None
         rest = bytes(self._buf[index + 5 :])
         self.received += len(data) - len(rest)
-        text = b"" if self.too_big else bytes(self._buf[2 : index + 2])
+        text = b"" if self.too_big else bytes(memoryview(self._buf)[2 : index + 2])
         self._buf = bytearray()
         return text, rest
 
@@ -66,8 +66,10 @@ def unstuff(text: bytes) -> bytes:
 
 def check_text(text: bytes) -> replies.Reply | None:
     """The content rules shared by DATA and BDAT; None when the message text is fine."""
-    crlf = text.count(b"\r\n")
-    if text.count(b"\n") != crlf or text.count(b"\r") != crlf:
+    # Without its CRLFs a clean text has no CR or LF left.  (Cheaper than counting: the
+    # single-byte `in` tests run at memchr speed, bytes.count does not.)
+    stripped = text.replace(b"\r\n", b"")
+    if b"\r" in stripped or b"\n" in stripped:
         return replies.BARE_LINE_ENDING
     if len(text) > MAX_TEXT_LINE and max(map(len, text.split(b"\r\n"))) > MAX_TEXT_LINE:
         return replies.TEXT_LINE_TOO_LONG

@@ -149,7 +149,7 @@ class Session:
         out: list = []
         while self.state not in (WAIT_QUEUE, CLOSED):
             if self.state == DATA:
-                done = self._data.feed(bytes(self._buf))
+                done = self._data.feed(self._buf)
                 self._buf.clear()
                 if done is None:
                     break
