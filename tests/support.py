@@ -34,6 +34,7 @@ class Daemon:
 
     def __init__(self, workdir: Path, config: str, args: tuple[str, ...] = ()):
         self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self.spool = self.workdir / "spool"
         self.config_path = self.workdir / "elemta.toml"
         self.config_path.write_text(

@@ -12,9 +12,26 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+import time
 from collections.abc import Iterator
 
 BUSY_TIMEOUT_MS = 5000
+
+
+def _switch_to_wal(conn: sqlite3.Connection) -> str:
+    """PRAGMA journal_mode = WAL, retried while another process holds the lock.
+
+    SQLite does not call the busy handler for this switch, so processes opening a new
+    database at the same moment would get "database is locked" at once.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            return conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def connect(path: str, *, readonly: bool = False, check_same_thread: bool = True) -> sqlite3.Connection:
@@ -40,7 +57,7 @@ def connect(path: str, *, readonly: bool = False, check_same_thread: bool = True
         # look first: readers and second processes then never block on it.
         mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
         if mode.lower() != "wal":
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            mode = _switch_to_wal(conn)
             if mode.lower() != "wal":
                 raise sqlite3.OperationalError(f"could not switch {path} to WAL (journal_mode is {mode})")
         # FULL: in WAL mode this fsyncs the WAL at every commit, which is what

@@ -40,10 +40,10 @@ class Limits:
     trusted: tuple  # ipaddress networks
 
 
-def session_settings(config: Config, listener: Listener) -> Settings:
+def session_settings(config: Config, listener: Listener, hostname: str | None = None) -> Settings:
     smtp = config.smtp
     return Settings(
-        hostname=config.hostname,
+        hostname=hostname or config.hostname,
         role=listener.role,
         listener=listener.address,
         max_message_size=smtp.max_message_size,
@@ -139,8 +139,11 @@ class SmtpServer:
     def apply(self, config: Config) -> None:
         """Take a (re)loaded config: new connections use it; open ones keep what they had."""
         self.config = config
+        self.hostname = config.hostname  # resolved once: getfqdn() may ask DNS
         self.limits = limits_from(config, self.workers)
-        self.settings = {lst.address: session_settings(config, lst) for lst in config.listeners}
+        self.settings = {
+            lst.address: session_settings(config, lst, self.hostname) for lst in config.listeners
+        }
 
     def _intake_check(self) -> str | None:
         try:
@@ -196,7 +199,10 @@ class SmtpServer:
 
     def handle(self, sock: socket.socket, peer: tuple, listener: Listener, number: int) -> None:
         limits = self.limits
-        settings = self.settings[listener.address]
+        # A listener closed by a reload may still hand over a last connection.
+        settings = self.settings.get(listener.address) or session_settings(
+            self.config, listener, self.hostname
+        )
         ip = peer[0]
         trusted = any(ipaddress.ip_address(ip) in net for net in limits.trusted)
         session = Session(settings, Client(ip, peer[1], trusted), self.services)
@@ -321,7 +327,7 @@ class ListenerServer(socketserver.ThreadingTCPServer):
             self.owner.log("reject", ip=client_address[0], reason="connection_limit", reply="421 4.7.0")
             try:
                 request.settimeout(1.0)
-                request.sendall(refusal.format(host=self.owner.config.hostname).to_bytes())
+                request.sendall(refusal.format(host=self.owner.hostname).to_bytes())
             except OSError:
                 pass
             self.shutdown_request(request)

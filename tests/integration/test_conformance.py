@@ -318,9 +318,27 @@ def test_22_mail_loop(server):
         assert code_esc(c.reply()) == "554 5.4.6"
 
 
-@pytest.mark.skip(reason="PROXY protocol support arrives with the scaling work")
-def test_23_proxy_header():
-    pass
+@pytest.mark.parametrize("header", [
+    b"PROXY TCP4 203.0.113.9 192.0.2.25 4242 25\r\n",  # PROXY protocol v1
+    b"\r\n\r\n\x00\r\nQUIT\n",  # the v2 signature
+])
+def test_23_proxy_header_from_untrusted_address_is_refused(server, header):
+    """No listener trusts a proxy, so the header is refused and the claimed address is not
+    taken: the Received field names the real client."""
+    with connect(server) as c:
+        c.send(header)
+        code, _ = c.reply()
+        assert 500 <= code < 600
+        if header.startswith(b"\r\n"):
+            while code != 221:  # the v2 signature is several refused lines, then a QUIT
+                code, _ = c.reply()
+            return
+        open_transaction(c)
+        assert c.cmd("DATA")[0] == 354
+        c.send(b"Subject: proxied?\r\n\r\nx\r\n.\r\n")
+        qid = queued_id(c.reply())
+    body = server.body(qid)
+    assert b"([127.0.0.1])" in body and b"203.0.113.9" not in body
 
 
 # ---- further rules of the issue, through the socket ------------------------------------------

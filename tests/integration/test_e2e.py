@@ -251,3 +251,15 @@ def test_two_workers_share_the_port_and_the_queue(tmp_path):
     finally:
         assert daemon.stop() == 0
     assert "NOQUEUE stopped" in daemon.log_text()
+
+
+def test_workers_start_together_on_a_fresh_spool(tmp_path):
+    """Several workers opening a spool that does not exist yet must not race to create it
+    (bench/accept.py once saw 'database is locked' there)."""
+    for attempt in range(3):
+        daemon = Daemon(tmp_path / str(attempt), config().replace("[server]", "[server]\nworkers = 4"))
+        try:
+            daemon.start()
+            wait_for(lambda d=daemon: d.log_text().count("NOQUEUE started") == 4, 10, what="4 workers")
+        finally:
+            assert daemon.stop() == 0

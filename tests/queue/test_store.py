@@ -398,3 +398,32 @@ def test_misuse_is_reported(tmp_path):
     s.close()
     with pytest.raises(QueueError):
         s.get_message(s.new_id())
+
+
+def _open_and_close(path, barrier, results):
+    barrier.wait()
+    store = Store(path)
+    try:
+        store.open(recover_all=False)
+        store.close()
+        results.put("ok")
+    except Exception as exc:  # noqa: BLE001 -- reported to the test
+        results.put(repr(exc))
+
+
+def test_processes_opening_a_new_database_together(tmp_path):
+    """server.workers: several processes create the same new database at once; SQLite does
+    not wait on its busy timeout for the switch to WAL, so db.connect must."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    for attempt in range(4):
+        path = str(tmp_path / f"q{attempt}.db")
+        barrier, results = ctx.Barrier(5), ctx.Queue()
+        procs = [ctx.Process(target=_open_and_close, args=(path, barrier, results)) for _ in range(5)]
+        for proc in procs:
+            proc.start()
+        outcomes = [results.get(timeout=60) for _ in procs]
+        for proc in procs:
+            proc.join(30)
+        assert outcomes == ["ok"] * 5
