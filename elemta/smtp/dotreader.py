@@ -1,4 +1,4 @@
-"""Message text: the DATA terminator scan, dot-unstuffing and the content checks.
+"""Message text: the DATA terminator scan, BDAT chunks, dot-unstuffing and the content checks.
 
 Pure byte functions, no I/O.  Only CRLF.CRLF ends DATA (RFC 5321 §4.1.1.4); a bare CR or LF
 never does, so `\\n.\\r\\n` cannot end a message early and smuggle a second one (the SMTP
@@ -53,6 +53,33 @@ class DataReader:
         text = b"" if self.too_big else bytes(memoryview(self._buf)[2 : index + 2])
         self._buf = bytearray()
         return text, rest
+
+
+class Chunk:
+    """One BDAT chunk (RFC 3030 §2): exactly `size` octets follow the command line.
+
+    They are data whatever the state of the transaction, so a refused chunk is still read
+    in full (and dropped): none of its octets may run as a command.
+    """
+
+    def __init__(self, size: int, last: bool, refusal: replies.Reply | None):
+        self.left = size
+        self.last = last
+        self.refusal = refusal
+        self._parts: list[bytes] = []
+
+    def take(self, buf: bytearray) -> bool:
+        """Move this chunk's octets out of buf; True once all of them have come."""
+        count = min(self.left, len(buf))
+        if count:
+            if self.refusal is None:
+                self._parts.append(bytes(buf[:count]))
+            del buf[:count]
+            self.left -= count
+        return self.left == 0
+
+    def data(self) -> bytes:
+        return b"".join(self._parts)
 
 
 def unstuff(text: bytes) -> bytes:

@@ -91,10 +91,7 @@ class Session:
         self._draining = False  # discarding an overlong command line up to its end
         self._data: dotreader.DataReader | None = None
         self._chunks: list[bytes] = []  # BDAT chunks of the current message
-        self._chunk_left = 0
-        self._chunk_last = False
-        self._chunk_parts: list[bytes] = []
-        self._chunk_refusal: Reply | None = None
+        self._chunk: dotreader.Chunk | None = None  # the one being read
 
     # ---- entry points ----------------------------------------------------------------------
 
@@ -157,7 +154,7 @@ class Session:
                 self._buf += rest
                 out += self._end_of_data(text)
             elif self.state == BDAT_CHUNK:
-                if not self._take_chunk():
+                if not self._chunk.take(self._buf):
                     break
                 out += self._end_of_chunk()
             else:
@@ -235,7 +232,6 @@ class Session:
         self.envelope = None
         self._data = None
         self._chunks = []
-        self._chunk_refusal = None
 
     def _after_queue(self, reply: Reply) -> list:
         self._reset()
@@ -249,12 +245,6 @@ class Session:
         return self._error(replies.SYNTAX.format(usage=usage))
 
     # ---- commands --------------------------------------------------------------------------
-
-    def _ehlo(self, arg: str) -> list:
-        return self._hello(arg, esmtp=True)
-
-    def _helo(self, arg: str) -> list:
-        return self._hello(arg, esmtp=False)
 
     def _hello(self, arg: str, esmtp: bool) -> list:
         if not arg or " " in arg:
@@ -402,40 +392,25 @@ class Session:
         parts = arg.split(" ")
         if not parts[0].isdigit() or len(parts) > 2 or (len(parts) == 2 and parts[1].upper() != "LAST"):
             return self._syntax("BDAT size [LAST]")
-        self._chunk_left = int(parts[0])
-        self._chunk_last = len(parts) == 2
-        self._chunk_parts = []
-        problem = self._transaction_problem()
-        self._chunk_refusal = replies.BAD_SEQUENCE.format(why=problem) if problem else None
-        received = sum(map(len, self._chunks))
-        if self._chunk_refusal is None and received + self._chunk_left > self.settings.max_message_size:
-            self._chunk_refusal = replies.SIZE_EXCEEDED.format(limit=self.settings.max_message_size)
+        size, problem = int(parts[0]), self._transaction_problem()
+        refusal = replies.BAD_SEQUENCE.format(why=problem) if problem else None
+        if refusal is None and sum(map(len, self._chunks)) + size > self.settings.max_message_size:
+            refusal = replies.SIZE_EXCEEDED.format(limit=self.settings.max_message_size)
+        self._chunk = dotreader.Chunk(size, last=len(parts) == 2, refusal=refusal)
         self.state = BDAT_CHUNK
         return []
 
-    def _take_chunk(self) -> bool:
-        """Move this chunk's octets out of the input buffer; True once all have come."""
-        take = min(self._chunk_left, len(self._buf))
-        if take:
-            if self._chunk_refusal is None:
-                self._chunk_parts.append(bytes(self._buf[:take]))
-            del self._buf[:take]
-            self._chunk_left -= take
-        return self._chunk_left == 0
-
     def _end_of_chunk(self) -> list:
         self.state = COMMAND
-        refusal = self._chunk_refusal
-        if refusal is not None:
-            if refusal.code == 552:
+        chunk, self._chunk = self._chunk, None
+        if chunk.refusal is not None:
+            if chunk.refusal.code == 552:
                 self._log_refusal("552 5.3.4")
                 self._reset()
-            return self._error(refusal)
-        chunk = b"".join(self._chunk_parts)
-        self._chunk_parts = []
-        self._chunks.append(chunk)
-        if not self._chunk_last:
-            return [replies.CHUNK_OK.format(size=len(chunk))]
+            return self._error(chunk.refusal)
+        self._chunks.append(chunk.data())
+        if not chunk.last:
+            return [replies.CHUNK_OK.format(size=len(self._chunks[-1]))]
         text = b"".join(self._chunks)
         self._chunks = []
         return self._finish(text)
@@ -505,8 +480,8 @@ class Session:
 
 
 _HANDLERS: dict[str, Callable[[Session, str], list]] = {
-    "EHLO": Session._ehlo,
-    "HELO": Session._helo,
+    "EHLO": lambda session, arg: session._hello(arg, esmtp=True),
+    "HELO": lambda session, arg: session._hello(arg, esmtp=False),
     "MAIL": Session._mail,
     "RCPT": Session._rcpt,
     "DATA": Session._data_cmd,
