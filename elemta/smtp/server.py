@@ -205,7 +205,7 @@ class SmtpServer:
         )
         ip = peer[0]
         trusted = any(ipaddress.ip_address(ip) in net for net in limits.trusted)
-        session = Session(settings, Client(ip, peer[1], trusted), self.services)
+        session = Session(settings, Client(ip, peer[1], trusted, number), self.services)
         started = time.monotonic()
         self.log("connect", ip=ip, port=peer[1], listener=listener.address, conn=number)
         conn = _Conn(sock)

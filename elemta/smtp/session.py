@@ -60,6 +60,7 @@ class Client:
     ip: str
     port: int = 0
     trusted: bool = False  # from a trusted network (smtp.trusted_networks)
+    conn: int = 0  # the connection's number in the log (connect ... disconnect)
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ class Session:
 
     def input_before_reply(self) -> list:
         """The client sent input before the greeting or before the 354 (RFC 2920 §3.1)."""
-        self.services.log("sync_error", ip=self.client.ip)
+        self.services.log("sync_error", ip=self.client.ip, conn=self.client.conn)
         return self._close_with(replies.SYNC_ERROR)
 
     def timed_out(self) -> list:
@@ -202,11 +203,11 @@ class Session:
         verb = verb.upper()
         self.commands_seen += 1
         if self.commands_seen == 1 and verb in HTTP_VERBS:
-            self.services.log("reject", ip=self.client.ip, reason="http", verb=verb)
+            self.services.log("reject", ip=self.client.ip, conn=self.client.conn, reason="http", verb=verb)
             return self._close_with(replies.NOT_HTTP)
         handler = _HANDLERS.get(verb)
         if handler is None:
-            self.services.log("unknown_command", ip=self.client.ip, verb=verb[:16])
+            self.services.log("unknown_command", ip=self.client.ip, conn=self.client.conn, verb=verb[:16])
             return self._error(replies.UNKNOWN_COMMAND)
         return handler(self, arg.strip(" "))
 
@@ -217,7 +218,7 @@ class Session:
         if reply.code >= 500:
             self.errors += 1
             if self.errors >= self.settings.max_errors:
-                self.services.log("too_many_errors", ip=self.client.ip, errors=self.errors)
+                self.services.log("too_many_errors", ip=self.client.ip, conn=self.client.conn, errors=self.errors)
                 return [reply] + self._close_with(
                     replies.TOO_MANY_ERRORS.format(host=self.settings.hostname)
                 )
@@ -253,7 +254,7 @@ class Session:
         self._reset()
         self.helo = arg
         self.esmtp = esmtp
-        self.services.log("helo", ip=self.client.ip, helo=arg[:64], esmtp=esmtp)
+        self.services.log("helo", ip=self.client.ip, conn=self.client.conn, helo=arg[:64], esmtp=esmtp)
         if not esmtp:
             return [replies.HELO.format(host=self.settings.hostname)]
         lines = [
@@ -294,12 +295,12 @@ class Session:
             return self._error(replies.AUTH_REQUIRED)
         why = self.services.intake_check()
         if why is not None:
-            self.services.log("reject", ip=self.client.ip, reason=why, reply="452 4.3.1")
+            self.services.log("reject", ip=self.client.ip, conn=self.client.conn, reason=why, reply="452 4.3.1")
             return [replies.NO_STORAGE]
         envelope.queue_id = self.services.new_id()  # as Postfix, the ID exists from MAIL on
         self.envelope = envelope
         self.services.log(
-            "mail", qid=envelope.queue_id, ip=self.client.ip, sender=f"<{sender}>",
+            "mail", qid=envelope.queue_id, ip=self.client.ip, conn=self.client.conn, sender=f"<{sender}>",
             size=params.get("SIZE") or "-", body=envelope.body_type,
         )
         return [replies.SENDER_OK]
@@ -331,7 +332,7 @@ class Session:
             return self._address_error(exc, replies.BAD_RECIPIENT)
         if not self._may_receive(rcpt):
             self.services.log(
-                "reject", qid=self.envelope.queue_id, ip=self.client.ip, rcpt=f"<{rcpt}>",
+                "reject", qid=self.envelope.queue_id, ip=self.client.ip, conn=self.client.conn, rcpt=f"<{rcpt}>",
                 reply="550 5.7.1",
             )
             return self._error(replies.RELAY_DENIED)
@@ -451,7 +452,7 @@ class Session:
 
     def _log_refusal(self, reply: str, **fields) -> None:
         qid = self.envelope.queue_id if self.envelope else None
-        self.services.log("reject", qid=qid, ip=self.client.ip, reply=reply, **fields)
+        self.services.log("reject", qid=qid, ip=self.client.ip, conn=self.client.conn, reply=reply, **fields)
 
     def _rset(self, arg: str) -> list:
         if arg:
