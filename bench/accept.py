@@ -591,7 +591,7 @@ def throughput(args) -> int:
 
     deadline = time.monotonic() + args.budget * 60
     postfix = Postfix(args.postfix_port or free_port())
-    elemta = Elemta(log_level="info" if args.log_info else "warning", workers=args.workers)
+    elemta = Elemta(log_level=args.log_level, workers=args.workers)
     results, failures, notes = [], [], []
     cpus = os.cpu_count() or 1
     started = time.time()
@@ -763,7 +763,7 @@ def idle(args) -> int:
         except (ValueError, OSError) as exc:
             log(f"cannot raise RLIMIT_NOFILE to {want} (now {soft}/{hard}): {exc}")
             return 1
-    elemta = Elemta(log_level="info" if args.log_info else "warning", max_connections=n + 100)
+    elemta = Elemta(log_level=args.log_level, max_connections=n + 100)
     socks: list[socket.socket] = []
     problems: list[str] = []
     result: dict = {"connections": n}
@@ -862,7 +862,8 @@ def main(argv=None) -> int:
                    help="one message per connection (no), -d connection reuse (yes), or both")
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="elemta's server.workers (processes sharing the port; default 1)")
-    p.add_argument("--log-info", action="store_true", help="run elemta with log level info (default warning)")
+    p.add_argument("--log-level", choices=("info", "warning"), default="info",
+                   help="elemta's log.level: info (its default, like Postfix, logs every message) or warning")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--postfix-port", type=int, metavar="PORT", help="Postfix's bench port (default: a free one)")
     p.add_argument("--budget", type=float, default=45, metavar="MIN",

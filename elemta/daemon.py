@@ -7,8 +7,8 @@ opened and closed to match it and new connections get the new limits.
 
 from __future__ import annotations
 
-import logging
 import signal
+import sys
 import threading
 from collections.abc import Callable
 
@@ -53,8 +53,14 @@ class Daemon:
         A worker of a Supervisor passes its number (its queue IDs carry it) and `ready`,
         called once it listens; a lone process announces its listeners on stdout instead.
         """
-        logger = logmod.setup(config.log.level, json_format=config.log.format == "json")
-        events = logmod.EventLog(logger, json_format=config.log.format == "json")
+        writer = logmod.BatchWriter(sys.stderr)
+        events = logmod.EventLog(config.log.level, config.log.format == "json", sink=writer)
+        try:
+            return self._serve(config, worker, ready, events)
+        finally:
+            writer.close()
+
+    def _serve(self, config: Config, worker: int, ready, events: logmod.EventLog) -> int:
         threading.stack_size(THREAD_STACK)
         store = build_store(config, worker)
         try:
@@ -94,16 +100,16 @@ class Daemon:
         try:
             config = self.load_config()
         except ConfigError as exc:
-            events("reload_failed", level=logging.WARNING, error=str(exc))
+            events("reload_failed", level=logmod.WARNING, error=str(exc))
             return
         old_spool = server.config.server.spool_dir
         if config.server.spool_dir != old_spool:
-            events("reload_warning", level=logging.WARNING, error="server.spool_dir changes need a restart")
+            events("reload_warning", level=logmod.WARNING, error="server.spool_dir changes need a restart")
             config = cfgmod.replace(config, server={"spool_dir": old_spool})
         try:
             server.reload(config)
         except OSError as exc:
-            events("reload_failed", level=logging.WARNING, error=f"cannot listen: {exc}")
+            events("reload_failed", level=logmod.WARNING, error=f"cannot listen: {exc}")
             return
         store.set_limits(
             min_free_bytes=config.queue.min_free_space,
@@ -111,8 +117,7 @@ class Daemon:
             max_bytes=config.queue.max_bytes,
             batch_max=config.queue.batch_max,
         )
-        logmod.setup(config.log.level, json_format=config.log.format == "json")
-        events.json_format = config.log.format == "json"
+        events.configure(config.log.level, config.log.format == "json")
         events("reloaded", listeners=len(server.listeners))
 
     def _install_signals(self) -> None:

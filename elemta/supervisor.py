@@ -13,7 +13,6 @@ the workers, starts a worker again if one dies, and exits when they have all sto
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import signal
 import socket
@@ -37,7 +36,6 @@ def main_loop(load_config: Callable[[], Config]) -> int:
     try:
         config = load_config()
         if config.server.workers > 1:
-            logmod.setup(config.log.level, json_format=config.log.format == "json")
             return Supervisor(load_config, announce).run(config)
         return Daemon(load_config, announce).run()
     except (ConfigError, SpoolError) as exc:
@@ -49,7 +47,7 @@ class Supervisor:
     def __init__(self, load_config: Callable[[], Config], announce: Callable[[str], None]):
         self._load_config = load_config
         self.announce = announce
-        self.events = logmod.EventLog()
+        self.events = logmod.EventLog()  # writes at once: no thread may exist before a fork
         self._reserved: dict[str, socket.socket] = {}  # "host" -> a socket holding its port 0
         self._pinned: dict[str, str] = {}  # listener address with port 0 -> with its real port
         self._children: dict[int, int] = {}  # pid -> worker number
@@ -86,6 +84,7 @@ class Supervisor:
     # ---- running -----------------------------------------------------------------------------
 
     def run(self, config: Config) -> int:
+        self.events.configure(config.log.level, config.log.format == "json")
         config = self._pin_ports(config)
         workers = config.server.workers
         # Handlers first, so a SIGTERM that comes while workers start is not lost; they note
@@ -182,7 +181,7 @@ class Supervisor:
                 if code != 0:
                     status = code
                 if not stopping:
-                    self.events("worker_died", level=logging.WARNING, worker=worker, pid=pid, status=code)
+                    self.events("worker_died", level=logmod.WARNING, worker=worker, pid=pid, status=code)
                     self._spawn(worker, None)
         self.events("stopped")
         return max(0, status)
@@ -191,10 +190,10 @@ class Supervisor:
         try:
             new = self.load_config()
         except ConfigError as exc:
-            self.events("reload_failed", level=logging.WARNING, error=str(exc))
+            self.events("reload_failed", level=logmod.WARNING, error=str(exc))
             return config
         if new.server.workers != config.server.workers:
-            self.events("reload_warning", level=logging.WARNING, error="server.workers changes need a restart")
+            self.events("reload_warning", level=logmod.WARNING, error="server.workers changes need a restart")
         self._signal_all(signal.SIGHUP)  # each worker reloads (all or nothing) on its own
         return config
 

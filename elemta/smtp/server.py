@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import logging
 import select
 import socket
 import socketserver
@@ -18,6 +17,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from elemta import log as logmod
 from elemta.config import Config, Listener, split_host_port
 from elemta.errors import QueueError
 from elemta.log import EventLog
@@ -149,7 +149,7 @@ class SmtpServer:
         try:
             return self.store.intake_check()
         except QueueError as exc:  # e.g. statvfs failed: refuse (452) rather than guess
-            self.log("intake_error", level=logging.WARNING, error=str(exc)[:120])
+            self.log("intake_error", level=logmod.WARNING, error=str(exc)[:120])
             return "error"
 
     # ---- listeners -------------------------------------------------------------------------
@@ -221,7 +221,7 @@ class SmtpServer:
             # A bug costs one session, never the server.  For the client it is a transient
             # failure (451), never a permanent one, and no exception text reaches it; the
             # traceback goes to the log.
-            self.log.logger.exception("NOQUEUE internal_error ip=%s conn=%d", ip, number)
+            self.log.exception("internal_error", ip=ip, conn=number)
             with contextlib.suppress(OSError):
                 conn.send([replies.INTERNAL_ERROR])
         finally:

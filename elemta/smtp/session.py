@@ -8,11 +8,11 @@ touches a socket or the disk, so every rule is unit-testable with plain bytes.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from elemta import log as logmod
 from elemta.errors import QueueFullError
 from elemta.queue.model import NewMessage
 from elemta.smtp import address as addr
@@ -128,7 +128,7 @@ class Session:
         reply = replies.NO_STORAGE if isinstance(error, QueueFullError) else replies.QUEUE_FAILED
         qid = self.envelope.queue_id if self.envelope else None
         self.services.log(
-            "queue_error", qid=qid, level=logging.WARNING, error=str(error) or type(error).__name__
+            "queue_error", qid=qid, level=logmod.WARNING, error=str(error) or type(error).__name__
         )
         return self._after_queue(reply)
 
