@@ -12,6 +12,7 @@ the workers, starts a worker again if one dies, and exits when they have all sto
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import os
 import signal
@@ -26,6 +27,7 @@ from elemta.config import Config
 from elemta.daemon import Daemon, SpoolError, exit_code, listening_line
 from elemta.errors import ConfigError
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 READY_TIMEOUT = 60.0
 EX_SOFTWARE = 70
 
@@ -41,6 +43,18 @@ def main_loop(load_config: Callable[[], Config]) -> int:
     except (ConfigError, SpoolError) as exc:
         print(f"elemta: {exc}", file=sys.stderr)
         return exit_code(exc)
+
+
+def _stop_with_parent(supervisor: int) -> None:
+    """Ask Linux to SIGTERM this worker when its supervisor dies (prctl PR_SET_PDEATHSIG),
+    so a supervisor killed with SIGKILL leaves no worker serving on its own."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        return  # not Linux: the supervisor's own SIGTERM handling still stops the workers
+    if os.getppid() != supervisor:  # it died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class Supervisor:
@@ -106,6 +120,7 @@ class Supervisor:
         return self._supervise(config)
 
     def _spawn(self, worker: int, ready_write: int | None) -> None:
+        supervisor = os.getpid()
         pid = os.fork()
         if pid:
             self._children[pid] = worker
@@ -117,6 +132,7 @@ class Supervisor:
                 sock.close()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
                 signal.signal(sig, signal.SIG_DFL)
+            _stop_with_parent(supervisor)
             def ready() -> None:
                 if ready_write is not None:
                     os.write(ready_write, b"1")

@@ -263,3 +263,27 @@ def test_workers_start_together_on_a_fresh_spool(tmp_path):
             wait_for(lambda d=daemon: d.log_text().count("NOQUEUE started") == 4, 10, what="4 workers")
         finally:
             assert daemon.stop() == 0
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie serves nothing
+    except FileNotFoundError:
+        return True
+
+
+def test_workers_stop_when_their_supervisor_is_killed(tmp_path):
+    import re
+
+    daemon = Daemon(tmp_path, config().replace("[server]", "[server]\nworkers = 2")).start()
+    try:
+        line = wait_for(
+            lambda: re.search(r"supervising workers=2 pids=(\d+),(\d+)", daemon.log_text()), 10,
+            what="the supervising line",
+        )
+        workers = [int(pid) for pid in line.groups()]
+        assert not any(_gone(pid) for pid in workers)
+    finally:
+        daemon.kill()  # SIGKILL: the supervisor cannot pass anything on
+    wait_for(lambda: all(_gone(pid) for pid in workers), 30, what="the workers to stop")
