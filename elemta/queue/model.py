@@ -26,13 +26,6 @@ def priority_value(name: str) -> int:
         raise ValueError(f"unknown priority {name!r}; expected one of {', '.join(PRIORITIES)}") from None
 
 
-def priority_name(value: int) -> str:
-    """The priority name for a stored integer."""
-    if not 0 <= value < len(PRIORITIES):
-        raise ValueError(f"stored priority {value!r} is out of range 0..{len(PRIORITIES) - 1}")
-    return PRIORITIES[value]
-
-
 def recipient_domain(address: str) -> str:
     """Lower-cased part after the last '@', or '' when there is none (e.g. 'postmaster')."""
     at = address.rfind("@")

@@ -27,10 +27,6 @@ class Reply:
         out.append(f"{self.code} {prefix}{lines[-1]}\r\n")
         return "".join(out).encode("utf-8", "replace")
 
-    @property
-    def is_error(self) -> bool:
-        return self.code >= 400
-
 
 # Connection level
 GREETING = Reply(220, "", "{host} ESMTP elemta")

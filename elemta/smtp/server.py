@@ -262,10 +262,10 @@ class SmtpServer:
 
     def _enqueue(self, session: Session, item: Enqueue) -> list:
         try:
-            queue_id = self.store.enqueue(item.message)
+            self.store.enqueue(item.message)
         except QueueError as exc:
             return session.enqueue_failed(exc)
-        return session.enqueued(queue_id, item.message)
+        return session.enqueued(item.message)
 
 
 class _Conn:

@@ -117,7 +117,9 @@ class Session:
     def shutting_down(self) -> list:
         return self._close_with(replies.SHUTTING_DOWN.format(host=self.settings.hostname))
 
-    def enqueued(self, queue_id: str, message: NewMessage) -> list:
+    def enqueued(self, message: NewMessage) -> list:
+        """The queue committed message: the 250 that promises it."""
+        queue_id = message.queue_id
         self.services.log(
             "queued", qid=queue_id, size=len(message.body), nrcpt=len(message.recipients),
             priority=message.priority, state="held" if message.hold else "queued",

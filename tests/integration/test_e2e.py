@@ -146,8 +146,8 @@ def test_sighup_reloads_limits_and_listeners(tmp_path):
             daemon.config_path.read_text().replace("1000000", "50000")
             + '\n[[listeners]]\naddress = "127.0.0.1:0"\nrole = "submission"\n'
         )
-        # The new file has two listeners on 127.0.0.1:0 -- no: duplicates are refused, so
-        # the reload must fail and keep the old config running.
+        # The new file lists 127.0.0.1:0 twice, which the config check refuses: the reload
+        # fails and the old config keeps running.
         daemon.signal(signal.SIGHUP)
         wait_for(lambda: "reload_failed" in daemon.log_text(), 10, what="reload_failed")
         daemon.config_path.write_text(config(size=50_000))

@@ -56,7 +56,7 @@ def play(session: Session, steps) -> list:
         while outputs and isinstance(outputs[-1], Enqueue):
             item = outputs.pop()
             enqueued.append(item.message)
-            outputs += [item] + session.enqueued(item.message.queue_id, item.message)
+            outputs += [item] + session.enqueued(item.message)
         assert codes(outputs) == expected, f"after {data[:60]!r}"
     return enqueued
 
