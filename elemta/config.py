@@ -15,6 +15,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
+from elemta import transport
 from elemta.errors import ConfigError
 
 DEFAULT_PATH = "/etc/elemta/elemta.toml"
@@ -39,7 +40,24 @@ _RANGES: dict[str, tuple[float, float]] = {
     "queue.max_messages": (0, 2**40),
     "queue.max_bytes": (0, 2**60),
     "queue.batch_max": (1, 100_000),
+    "delivery.mx_port": (1, 65535),
+    "delivery.concurrency": (1, 1000),
+    "delivery.destination_concurrency": (1, 1000),
+    "delivery.destination_rate": (0, 100_000),
+    "delivery.connect_timeout": (1, 3600),
+    "delivery.command_timeout": (1, 3600),
+    "delivery.dns_timeout": (0.1, 300),
+    "delivery.reuse_idle_timeout": (0, 3600),
+    "delivery.reuse_max_messages": (1, 100_000),
+    "delivery.retry_first": (1, 86400 * 30),
+    "delivery.retry_max": (1, 86400 * 30),
+    "delivery.retry_jitter": (0, 1),
+    "delivery.max_lifetime": (0, 86400 * 365),
+    "delivery.delay_warning": (0, 86400 * 365),
+    "delivery.retention": (0, 86400 * 365),
 }
+
+TLS_POLICIES = ("none", "may", "encrypt", "verify")
 
 
 @dataclass(frozen=True)
@@ -96,7 +114,42 @@ class QueueConfig:
 @dataclass(frozen=True)
 class DeliveryConfig:
     hold: bool = False  # keep new mail held in the queue instead of delivering it
-    relayhost: str = ""  # host:port to send all outbound mail through; "" = MX lookup
+    relayhost: str = ""  # host:port ([host]:port = no MX lookup) for all outbound mail; "" = MX
+    relayhost_auth_file: str = ""  # file with one line "user:password" for AUTH at the relayhost
+    relayhost_tls_policy: str = "may"
+    tls_policy: str = "may"  # none | may | encrypt | verify, for MX delivery
+    tls_policies: dict = field(default_factory=dict)  # recipient domain -> policy
+    ca_file: str = ""  # CA bundle for "verify"; "" = the system's store
+    transport: dict = field(default_factory=dict)  # recipient domain -> transport (see docs)
+    resolvers: tuple[str, ...] = ()  # "ip" or "ip:port"; () = /etc/resolv.conf
+    mx_port: int = 25  # port of MX hosts (tests and unusual setups only)
+    dns_timeout: float = 10.0
+    helo_name: str = ""  # "" = server.hostname
+    concurrency: int = 20  # deliveries in parallel, all destinations together
+    destination_concurrency: int = 10  # ... to one destination (one set of MX hosts)
+    destination_rate: float = 0.0  # deliveries per second started to one destination; 0 = no cap
+    domain_concurrency: dict = field(default_factory=dict)  # recipient domain -> concurrency
+    domain_rate: dict = field(default_factory=dict)  # recipient domain -> deliveries per second
+    connect_timeout: float = 30.0
+    command_timeout: float = 300.0  # RFC 5321 §4.5.3.2: 5 minutes (10 for the end of DATA)
+    reuse_idle_timeout: float = 10.0  # keep a connection this long for the next message
+    reuse_max_messages: int = 100  # ... and for at most this many messages
+    retry_first: float = 300.0  # seconds; see the retry formula in docs/delivery.md
+    retry_max: float = 3600.0
+    retry_jitter: float = 0.1
+    max_lifetime: float = 432_000.0  # 5 days, then the message bounces (0 = first failure)
+    delay_warning: float = 14_400.0  # 4 hours: tell the sender mail is delayed; 0 = never
+    retention: float = 86_400.0  # keep delivered/failed messages' records this long for trace
+    double_bounce_to: str = ""  # where undeliverable bounces go; "" = log them only
+
+
+@dataclass(frozen=True)
+class LocalConfig:
+    transport: str = "lmtp:unix:/run/dovecot/lmtp"  # how mail for smtp.local_domains is delivered
+    recipients: tuple[str, ...] = ()  # valid local addresses; "@domain" = all of it; () = all
+    recipients_file: str = ""  # more of them, one per line
+    aliases: dict = field(default_factory=dict)  # "abuse@d" or "abuse" -> "a@d, b@d"; "@d" = catch-all
+    postmaster: str = ""  # where postmaster@ of every local domain goes; "" = postmaster@<domain>
 
 
 @dataclass(frozen=True)
@@ -112,6 +165,7 @@ class Config:
     smtp: SmtpConfig = field(default_factory=SmtpConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    local: LocalConfig = field(default_factory=LocalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     # Not a TOML key: set by `elemta --dev`, which accepts every recipient (open relay on
     # loopback) so a developer can send anything and read it back from the queue.
@@ -132,6 +186,7 @@ _SECTIONS = {
     "smtp": SmtpConfig,
     "queue": QueueConfig,
     "delivery": DeliveryConfig,
+    "local": LocalConfig,
     "log": LogConfig,
 }
 
@@ -159,6 +214,7 @@ def _type_name(tp: Any) -> str:
         bool: "true or false",
         str: "a string",
         tuple: "a list of strings",
+        dict: "a table",
     }[tp]
 
 
@@ -175,6 +231,10 @@ def _coerce(path: str, value: Any, default: Any) -> Any:
     elif kind is tuple:
         ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
         value = tuple(value) if ok else value
+    elif kind is dict:
+        ok = isinstance(value, dict)
+        if ok:
+            return _table(path, value)
     else:
         ok = isinstance(value, str)
     if not ok:
@@ -185,6 +245,26 @@ def _coerce(path: str, value: Any, default: Any) -> Any:
         if not low <= value <= high:
             raise ConfigError(f"{path}: {value} is out of range (allowed {_number(low)} to {_number(high)})")
     return value
+
+
+def _table(path: str, value: dict) -> dict:
+    """A table of domain or address keys; values are strings, or numbers for the rate tables."""
+    number = path in _NUMBER_TABLES
+    result = {}
+    for key, item in value.items():
+        good = (
+            isinstance(item, (int, float)) and not isinstance(item, bool) and item >= 0
+            if number else isinstance(item, str)
+        )
+        if not good:
+            want = "a number of 0 or more" if number else "a string"
+            raise ConfigError(f"{path}.{key}: expected {want}, got {type(item).__name__} {item!r}")
+        # Domains and addresses compare case-insensitively; keys are normalised once, here.
+        result[key.lower().rstrip(".")] = item
+    return result
+
+
+_NUMBER_TABLES = {"delivery.domain_concurrency", "delivery.domain_rate"}
 
 
 def _number(value: float) -> str:
@@ -253,9 +333,31 @@ def _check(config: Config) -> None:
                 raise ConfigError(f"smtp.{key}[{index}]: {domain!r} is not a domain name")
     if config.delivery.relayhost:
         try:
-            split_host_port(config.delivery.relayhost)
+            transport.split_next_hop(config.delivery.relayhost)
         except ValueError as exc:
-            raise ConfigError(f"delivery.relayhost: {config.delivery.relayhost!r}: {exc}") from None
+            raise ConfigError(f"delivery.relayhost: {exc}") from None
+    for path, text in [("local.transport", config.local.transport),
+                       *((f"delivery.transport.{k}", v) for k, v in config.delivery.transport.items())]:
+        try:
+            transport.parse(text)
+        except ValueError as exc:
+            raise ConfigError(f"{path}: {text!r}: {exc}") from None
+    for key, targets in config.local.aliases.items():
+        if not targets.strip() or any(not t.strip() or " " in t.strip() for t in targets.split(",")):
+            raise ConfigError(f"local.aliases.{key}: expected addresses separated by commas, got {targets!r}")
+    d = config.delivery
+    for path, policy in [("delivery.tls_policy", d.tls_policy),
+                         ("delivery.relayhost_tls_policy", d.relayhost_tls_policy),
+                         *((f"delivery.tls_policies.{k}", v) for k, v in d.tls_policies.items())]:
+        if policy not in TLS_POLICIES:
+            raise ConfigError(f"{path}: {policy!r} is not a TLS policy (allowed: {', '.join(TLS_POLICIES)})")
+    for key, count in d.domain_concurrency.items():
+        if count != int(count) or count < 1:
+            raise ConfigError(f"delivery.domain_concurrency.{key}: expected a whole number of 1 or more")
+    if d.retry_max < d.retry_first:
+        raise ConfigError("delivery.retry_max: must not be less than delivery.retry_first")
+    if d.relayhost_auth_file and not d.relayhost:
+        raise ConfigError("delivery.relayhost_auth_file: set delivery.relayhost too")
     if not config.server.spool_dir:
         raise ConfigError("server.spool_dir: must name a directory")
 

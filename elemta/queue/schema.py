@@ -104,7 +104,18 @@ _V1 = (
     "CREATE INDEX attempts_recipient_id ON attempts (recipient_id)",
 )
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1,)
+# Delivery: where each attempt went and how long it took, the delay-warning flag, and when a
+# message became final (every recipient delivered or failed), which retention counts from.
+_V2 = (
+    "ALTER TABLE attempts ADD COLUMN ip TEXT",
+    "ALTER TABLE attempts ADD COLUMN port INTEGER",
+    "ALTER TABLE attempts ADD COLUMN duration REAL",
+    "ALTER TABLE recipients ADD COLUMN warned INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE messages ADD COLUMN done_at REAL",
+    "CREATE INDEX messages_done_at ON messages (done_at) WHERE done_at IS NOT NULL",
+)
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2)
 VERSION = len(MIGRATIONS)
 
 

@@ -125,6 +125,9 @@ class Store:
         self._committed = (0, 0)
         self._intake_lock = threading.Lock()
         self._intake: _Intake | None = None
+        # Called by the writer after each commit of new mail: the delivery scheduler's wake-up,
+        # so the first attempt starts at once instead of at the next poll.
+        self.on_commit: Callable[[], None] | None = None
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -376,6 +379,8 @@ class Store:
             else:
                 for req in batch:
                     req.finish(None)
+            if self.on_commit is not None:
+                self.on_commit()
         finally:
             for req in batch:  # only reached unfinished if the writer itself is dying
                 if not req.done.is_set():

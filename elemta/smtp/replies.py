@@ -71,6 +71,7 @@ UNKNOWN_PARAMETER = Reply(555, "5.5.4", "Unsupported parameter {name}")
 SIZE_EXCEEDED = Reply(552, "5.3.4", "Message size exceeds fixed limit of {limit} octets")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
 RELAY_DENIED = Reply(550, "5.7.1", "Relay access denied")
+NO_SUCH_USER = Reply(550, "5.1.1", "Recipient address rejected: no such user here")
 AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
 LOOP = Reply(554, "5.4.6", "Too many Received headers ({count}): mail loop")
 

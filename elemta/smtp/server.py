@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from elemta import log as logmod
 from elemta.config import Config, Listener, split_host_port
 from elemta.errors import QueueError
+from elemta.local import LocalRecipients
 from elemta.log import EventLog
 from elemta.queue.store import Store
 from elemta.smtp import replies
@@ -40,7 +41,9 @@ class Limits:
     trusted: tuple  # ipaddress networks
 
 
-def session_settings(config: Config, listener: Listener, hostname: str | None = None) -> Settings:
+def session_settings(
+    config: Config, listener: Listener, hostname: str | None = None, recipients: LocalRecipients | None = None
+) -> Settings:
     smtp = config.smtp
     return Settings(
         hostname=hostname or config.hostname,
@@ -55,6 +58,7 @@ def session_settings(config: Config, listener: Listener, hostname: str | None = 
         auth_required=smtp.auth_required,
         accept_all=config.dev,
         hold=config.delivery.hold,
+        recipients=recipients,
     )
 
 
@@ -124,7 +128,9 @@ class Connections:
 class SmtpServer:
     """Everything the listeners share: config-derived state, the queue, the connection table."""
 
-    def __init__(self, config: Config, store: Store, log: EventLog, workers: int = 1):
+    def __init__(
+        self, config: Config, store: Store, log: EventLog, workers: int = 1, recipients: LocalRecipients | None = None
+    ):
         self.store = store
         self.log = log
         # With several worker processes each listens on the same ports (SO_REUSEPORT, the
@@ -134,15 +140,22 @@ class SmtpServer:
         self.stopping = threading.Event()
         self.services = Services(new_id=store.new_id, intake_check=self._intake_check, log=log)
         self.listeners: dict[str, ListenerServer] = {}
-        self.apply(config)
+        self.apply(config, recipients)
 
-    def apply(self, config: Config) -> None:
-        """Take a (re)loaded config: new connections use it; open ones keep what they had."""
+    def apply(self, config: Config, recipients: LocalRecipients | None = None) -> None:
+        """Take a (re)loaded config: new connections use it; open ones keep what they had.
+
+        recipients is the local recipient table built from the same config (the daemon reads
+        local.recipients_file); None builds it here from the config alone.
+        """
+        if recipients is None:
+            recipients = LocalRecipients.from_config(config)
         self.config = config
+        self.recipients = recipients
         self.hostname = config.hostname  # resolved once: getfqdn() may ask DNS
         self.limits = limits_from(config, self.workers)
         self.settings = {
-            lst.address: session_settings(config, lst, self.hostname) for lst in config.listeners
+            lst.address: session_settings(config, lst, self.hostname, recipients) for lst in config.listeners
         }
 
     def _intake_check(self) -> str | None:
@@ -156,9 +169,9 @@ class SmtpServer:
 
     def start(self) -> None:
         """Bind and serve the configured listeners (OSError if one cannot be bound)."""
-        self.reload(self.config)
+        self.reload(self.config, self.recipients)
 
-    def reload(self, config: Config) -> None:
+    def reload(self, config: Config, recipients: LocalRecipients | None = None) -> None:
         """Switch to config: bind its new listeners first, and only if all of them bind, take
         its settings and close the listeners it no longer names (OSError leaves all as it was)."""
         wanted = {lst.address: lst for lst in config.listeners}
@@ -171,7 +184,7 @@ class SmtpServer:
             for server in fresh.values():
                 server.server_close()
             raise
-        self.apply(config)
+        self.apply(config, recipients)
         for address in list(self.listeners):
             if address not in wanted:
                 self.listeners.pop(address).stop()

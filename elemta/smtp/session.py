@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from elemta import log as logmod
 from elemta.errors import QueueFullError
+from elemta.local import LocalRecipients
 from elemta.queue.model import NewMessage
 from elemta.smtp import address as addr
 from elemta.smtp import dotreader, replies
@@ -52,6 +53,7 @@ class Settings:
     relay_domains: frozenset[str] = frozenset()
     auth_required: bool = True
     accept_all: bool = False  # dev mode: every recipient is accepted
+    recipients: LocalRecipients | None = None  # who exists in local_domains; None = everyone
     hold: bool = False  # new mail starts held in the queue
 
 
@@ -338,6 +340,13 @@ class Session:
                 reply="550 5.7.1",
             )
             return self._error(replies.RELAY_DENIED)
+        table = self.settings.recipients
+        if table is not None and not self.settings.accept_all and not table.accepts(str(rcpt)):
+            self.services.log(
+                "reject", qid=self.envelope.queue_id, ip=self.client.ip, conn=self.client.conn, rcpt=f"<{rcpt}>",
+                reply="550 5.1.1",
+            )
+            return self._error(replies.NO_SUCH_USER)
         self.envelope.add_recipient(new_rcpt)
         self.services.log("rcpt", qid=self.envelope.queue_id, rcpt=f"<{rcpt}>")
         return [replies.RCPT_OK]

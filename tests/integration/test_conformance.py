@@ -33,6 +33,10 @@ trusted_networks = []
 
 [queue]
 min_free_space = 0
+
+# These tests are about intake: keep the mail in the queue.
+[delivery]
+hold = true
 """
 
 STRICT_CONFIG = """
@@ -53,6 +57,10 @@ local_domains = ["example.com"]
 
 [queue]
 min_free_space = 0
+
+# These tests are about intake: keep the mail in the queue.
+[delivery]
+hold = true
 """
 
 

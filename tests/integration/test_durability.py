@@ -27,6 +27,10 @@ local_domains = ["example.com"]
 
 [queue]
 min_free_space = 0
+
+# These tests are about intake: keep the mail in the queue.
+[delivery]
+hold = true
 """
 
 CLIENTS = 8
@@ -92,6 +96,6 @@ def kill_and_check(daemon: Daemon) -> None:
         assert not missing, f"round {round_number}: acknowledged but lost: {sorted(missing)}"
         for queue_id, body in acked.items():
             assert daemon.body(queue_id).endswith(body), f"{queue_id} differs"
-            assert [r["state"] for r in daemon.recipients(queue_id)] == ["queued"]
+            assert [r["state"] for r in daemon.recipients(queue_id)] == ["held"]
         assert daemon.stop() == 0
     assert len(acked) >= ROUNDS * 5

@@ -30,6 +30,10 @@ max_message_size = {size}
 [queue]
 min_free_space = {free}
 max_messages = {max_messages}
+
+# These tests are about intake: keep the mail in the queue.
+[delivery]
+hold = true
 """
 
 
@@ -66,7 +70,7 @@ def test_smtplib_message_stored_byte_for_byte(daemon):
     assert stored_text(daemon, qid) == text
     rcpts = daemon.recipients(qid)
     assert [(r["address"], r["state"]) for r in rcpts] == [
-        ("bob@example.com", "queued"), ("carol@example.com", "queued"),
+        ("bob@example.com", "held"), ("carol@example.com", "held"),
     ]
     wait_for(lambda: f"{qid} queued size=" in daemon.log_text(), 5, what="the queued log line")
     assert f"{qid} mail " in daemon.log_text() and f"{qid} rcpt " in daemon.log_text()

@@ -121,7 +121,7 @@ def test_enqueue_then_read_back_every_field(store, db_path):
     assert row == {
         "queue_id": msg.queue_id, "created": 1_700_000_000.25, "sender": "", "size": len(body),
         "priority": 1, "envid": "ENV123", "ret": "HDRS", "body_type": "8BITMIME", "smtputf8": 1,
-        "client_ip": "192.0.2.7", "client_helo": "client.example", "listener": "submission", "recipients": 2,
+        "client_ip": "192.0.2.7", "client_helo": "client.example", "listener": "submission", "recipients": 2, "done_at": None,
     }
     assert store.get_body(msg.queue_id) == body
     rcpts = store.recipients(msg.queue_id)
@@ -334,7 +334,7 @@ def test_reopen_keeps_data_orders_ids_and_recovers_active(db_path):
     with Store(db_path) as s:
         old = [s.enqueue(make(s, "a@example.net", "b@example.net")) for _ in range(3)]
     conn = raw(db_path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.VERSION == 1
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.VERSION == 2
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     conn.execute(
         "UPDATE recipients SET state = 'active', lease_owner = 'x', lease_until = ? WHERE queue_id = ?",

@@ -1,0 +1,195 @@
+"""One delivery attempt: some recipients of one message, along one route.
+
+For SMTP and LMTP the route's hosts are tried in order (RFC 5321 §5.1), each of their
+addresses in turn: a connection failure, a 4xx for the whole transaction or a 4xx for a
+recipient moves on to the next address, a 2xx or 5xx is final for that recipient. Every
+try is recorded as an attempt (host, IP, TLS, the remote's reply, duration).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from elemta.delivery import maildir
+from elemta.delivery.dns import DnsError, Resolver
+from elemta.delivery.router import Route
+from elemta.delivery.smtp_client import (
+    Connection,
+    OutMessage,
+    OutRecipient,
+    Pool,
+    SmtpClientError,
+)
+from elemta.queue.work import Attempt, Job, Recipient
+
+# Postfix's smtp_mx_address_limit: past five addresses more tries rarely help and only delay.
+MAX_ADDRESSES = 5
+
+
+@dataclass
+class Verdict:
+    """The end of one recipient's attempt."""
+
+    recipient: Recipient
+    status: str  # ok | transient | permanent
+    reply: str  # the remote's reply ("550 5.1.1 ...") or elemta's own reason
+    enhanced: str  # RFC 3463 status for a DSN
+    host: str = ""  # the remote MTA that said it, for the DSN's Remote-MTA
+    relayed: bool = False  # NOTIFY=SUCCESS met a remote without DSN (RFC 3461 §5.2.2)
+
+
+@dataclass
+class Outcome:
+    verdicts: list[Verdict] = field(default_factory=list)
+    attempts: list[Attempt] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Settings:
+    helo_name: str
+    connect_timeout: float = 30.0
+    command_timeout: float = 300.0
+    ca_file: str | None = None
+
+
+class Attempter:
+    def __init__(self, settings: Settings, resolver: Resolver, pool: Pool,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.resolver = resolver
+        self.pool = pool
+        self.clock = clock
+
+    def run(self, job: Job, body: bytes, recipients: Sequence[Recipient], route: Route) -> Outcome:
+        if route.kind == "maildir":
+            return self._maildir(job, body, recipients, route)
+        return self._smtp(job, body, recipients, route)
+
+    # -- SMTP / LMTP -----------------------------------------------------------
+
+    def _smtp(self, job: Job, body: bytes, recipients: Sequence[Recipient], route: Route) -> Outcome:
+        out = Outcome()
+        remaining = list(recipients)
+        last: dict[int, Verdict] = {}
+        tried = 0
+        for host, ip in self._addresses(route, remaining, out, last):
+            tried += 1
+            started = time.monotonic()
+            message = OutMessage(
+                sender=job.sender,
+                recipients=tuple(OutRecipient(r.address, r.notify, r.orcpt) for r in remaining),
+                body=body, envid=job.envid, ret=job.ret, body_type=job.body_type, smtputf8=job.smtputf8,
+            )
+            key = (route.kind, route.path, host, ip, route.port, route.tls_policy, route.auth)
+            tls = ""
+            try:
+                conn = self.pool.get(key) or self._open(route, host, ip)
+                tls = str(conn.tls) if conn.tls else ""
+                results = conn.send(message)
+            except SmtpClientError as exc:
+                status = "permanent" if exc.permanent and not exc.try_next_host else "transient"
+                reply = str(exc.reply) if exc.reply else str(exc)
+                for r in remaining:
+                    last[r.id] = Verdict(r, status, reply, exc.enhanced or _default_status(status), host)
+                    out.attempts.append(self._attempt(r, status, reply, host, ip, route, tls, started))
+                if not exc.try_next_host:
+                    break
+                continue
+            self.pool.put(key, conn)
+            still = []
+            for r, res in zip(remaining, results, strict=True):
+                code = res.reply.code
+                status = "ok" if code < 400 else "permanent" if code >= 500 else "transient"
+                verdict = Verdict(r, status, str(res.reply), res.reply.enhanced or _default_status(status),
+                                  host, relayed=res.relayed)
+                out.attempts.append(self._attempt(r, status, str(res.reply), host, ip, route, tls, started))
+                if status == "transient":
+                    last[r.id] = verdict
+                    still.append(r)
+                else:
+                    out.verdicts.append(verdict)
+            remaining[:] = still  # the address generator watches this list
+            if not remaining or tried >= MAX_ADDRESSES:
+                break
+        for r in remaining:
+            out.verdicts.append(last.get(r.id) or Verdict(
+                r, "transient", "no next hop could be reached", "4.4.1"))
+        return out
+
+    def _addresses(self, route: Route, remaining: list[Recipient], out: Outcome, last: dict[int, Verdict]):
+        """(host, ip) pairs to try, resolving each host only when it is reached."""
+        if route.path:  # LMTP over a unix socket
+            yield "localhost", ""
+            return
+        count = 0
+        for host in route.hosts:
+            if _is_ip(host):
+                addresses = [host]
+            else:
+                try:
+                    addresses = self.resolver.addresses(host)
+                except DnsError as exc:
+                    # An MX host that does not resolve: try the next one (RFC 5321 §5.1).
+                    for r in remaining:
+                        last[r.id] = Verdict(r, "transient", exc.text, "4.4.4", host)
+                        out.attempts.append(Attempt(r.id, self.clock(), "deferred", exc.text, host))
+                    continue
+            for ip in addresses:
+                count += 1
+                if count > MAX_ADDRESSES:
+                    return
+                yield host, ip
+                if not remaining:
+                    return
+
+    def _open(self, route: Route, host: str, ip: str) -> Connection:
+        s = self.settings
+        return Connection.open(
+            host, ip, route.port, helo_name=s.helo_name, lmtp=route.kind == "lmtp",
+            tls_policy=route.tls_policy, tls_name=host, ca_file=s.ca_file or None, auth=route.auth,
+            connect_timeout=s.connect_timeout, command_timeout=s.command_timeout,
+            unix_path=route.path or None,
+        )
+
+    def _attempt(self, r: Recipient, status: str, reply: str, host: str, ip: str, route: Route,
+                 tls: str, started: float) -> Attempt:
+        return Attempt(r.id, self.clock(), _OUTCOME[status], reply, host if not route.path else f"unix:{route.path}",
+                       ip, route.port if not route.path else 0, tls, time.monotonic() - started)
+
+    # -- Maildir -----------------------------------------------------------------
+
+    def _maildir(self, job: Job, body: bytes, recipients: Sequence[Recipient], route: Route) -> Outcome:
+        out = Outcome()
+        for r in recipients:
+            started = time.monotonic()
+            try:
+                name = maildir.deliver(route.path, r.address, body, job.sender)
+            except maildir.MaildirError as exc:
+                status = "permanent" if exc.permanent else "transient"
+                verdict = Verdict(r, status, str(exc), "5.1.1" if exc.permanent else "4.3.0")
+                reply = str(exc)
+            else:
+                verdict = Verdict(r, "ok", f"delivered to maildir as {name}", "2.0.0")
+                reply = verdict.reply
+            out.verdicts.append(verdict)
+            out.attempts.append(Attempt(r.id, self.clock(), _OUTCOME[verdict.status], reply, "maildir",
+                                        duration=time.monotonic() - started))
+        return out
+
+
+_OUTCOME = {"ok": "delivered", "transient": "deferred", "permanent": "failed"}
+
+
+def _default_status(status: str) -> str:
+    return {"ok": "2.0.0", "transient": "4.0.0", "permanent": "5.0.0"}[status]
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,114 @@
+"""From verdicts to queue changes: delivered, deferred with a retry time, or failed with a DSN.
+
+Delivery status notifications follow RFC 3461: a report goes to the envelope sender when the
+recipient's NOTIFY asks for it (no NOTIFY = failures and delays). Mail with the null sender
+(a bounce) never gets one: that is logged and, if delivery.double_bounce_to is set, the report
+goes there instead. A recipient still failing when its message's lifetime is over fails with
+status 4.4.7 and the last error.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from elemta.delivery.attempt import Verdict
+from elemta.queue import bounce
+from elemta.queue.model import NewMessage, NewRecipient
+from elemta.queue.schedule import RetrySchedule
+from elemta.queue.work import Attempt, Job, Outcome, Result
+
+
+@dataclass(frozen=True)
+class Reporting:
+    """What report generation needs from the daemon."""
+
+    hostname: str  # Reporting-MTA and the MAILER-DAEMON address
+    new_id: Callable[[], str]
+    double_bounce_to: str = ""
+    log: Callable[..., None] = lambda event, **fields: None
+
+
+def decide(
+    job: Job,
+    verdicts: Sequence[Verdict],
+    attempts: Sequence[Attempt],
+    *,
+    schedule: RetrySchedule,
+    reporting: Reporting,
+    now: float,
+    final_hop: bool = False,
+    body: bytes = b"",
+    rng: random.Random | None = None,
+) -> Result:
+    """The Result to write for these verdicts; `final_hop` = delivered into a mailbox (LMTP, Maildir)."""
+    result = Result(attempts=list(attempts))
+    report: list[tuple[Verdict, bounce.RecipientStatus]] = []
+    for v in verdicts:
+        r = v.recipient
+        if v.status == "ok":
+            result.outcomes.append(Outcome(r.id, "delivered", v.reply))
+            action = "delivered" if final_hop else "relayed" if v.relayed else ""
+            if action and bounce.wants_report(r.notify, action):
+                report.append((v, _status(v, action, "2.0.0", now)))
+        elif v.status == "permanent" or schedule.expired(job.created, now):
+            expired = v.status != "permanent"
+            why = f"delivery time expired (last error: {v.reply})" if expired else v.reply
+            result.outcomes.append(Outcome(r.id, "failed", why))
+            if bounce.wants_report(r.notify, "failed"):
+                report.append((v, _status(v, "failed", "4.4.7" if expired else v.enhanced, now)))
+        else:
+            due = schedule.next_attempt(job.created, r.attempts + 1, now, rng)
+            warn = schedule.warn_due(job.created, now, r.warned) and bounce.wants_report(r.notify, "delayed")
+            result.outcomes.append(Outcome(r.id, "deferred", v.reply, next_attempt=due, warned=warn))
+            if warn:
+                status = _status(v, "delayed", v.enhanced, now)
+                report.append((v, _with_retry_until(status, schedule.expires_at(job.created))))
+    if report:
+        message = _report_message(job, [s for _, s in report], reporting, now, body)
+        if message is not None:
+            result.reports.append(message)
+    return result
+
+
+def _status(v: Verdict, action: str, status: str, now: float) -> bounce.RecipientStatus:
+    r = v.recipient
+    return bounce.RecipientStatus(
+        address=r.address, action=action, status=status, orcpt=r.orcpt, remote_mta=v.host,
+        diagnostic=v.reply if v.host else "", last_attempt=now,
+    )
+
+
+def _with_retry_until(status: bounce.RecipientStatus, until: float) -> bounce.RecipientStatus:
+    return bounce.RecipientStatus(
+        status.address, status.action, status.status, status.orcpt, status.remote_mta, status.diagnostic,
+        status.last_attempt, will_retry_until=until,
+    )
+
+
+def _report_message(job: Job, statuses: list[bounce.RecipientStatus], reporting: Reporting, now: float,
+                    body: bytes) -> NewMessage | None:
+    to = job.sender
+    if not to:
+        # RFC 3461 §6.2 / RFC 5321 §6.1: never a report about a report; that would loop.
+        reporting.log("double_bounce", qid=job.queue_id, recipients=len(statuses),
+                      to=reporting.double_bounce_to or "-")
+        if not reporting.double_bounce_to:
+            return None
+        to = reporting.double_bounce_to
+    queue_id = reporting.new_id()
+    original = bounce.OriginalMessage(
+        queue_id=job.queue_id, sender=job.sender, arrival=job.created, envid=job.envid, ret=job.ret,
+        smtputf8=job.smtputf8, body=body,
+    )
+    data = bounce.build_report(
+        original, statuses, reporting_mta=reporting.hostname, now=now,
+        message_id=f"{queue_id}@{reporting.hostname}", postmaster=to if to != job.sender else None,
+    )
+    reporting.log("report", qid=job.queue_id, report=queue_id, to=f"<{to}>",
+                  actions=",".join(sorted({s.action for s in statuses})))
+    return NewMessage(
+        queue_id=queue_id, sender="", recipients=(NewRecipient(to, notify=("NEVER",)),), body=data,
+        priority="high", smtputf8=job.smtputf8, listener="bounce",
+    )

@@ -1,0 +1,329 @@
+"""The delivery scheduler: claims due recipients and runs their deliveries on a thread pool.
+
+One scheduler thread claims work (a lease, see queue/work.py), the most urgent and oldest
+first, and never more than the pool can start soon, so mail stays in the queue where
+elemtactl can see it. New mail is claimed at once: the queue's writer wakes the scheduler
+after each commit, other processes' commits (elemtactl flush, other workers) are noticed
+through PRAGMA data_version within POLL seconds, and deferred mail when its time comes.
+
+Each claimed message is routed (DNS lookups run on the pool, never in the scheduler thread),
+its recipients are grouped by route, and each group is one delivery to one destination. A
+destination (a set of MX hosts, a relayhost, an LMTP server) has a concurrency limit and an
+optional start rate; a delivery over the limit waits in memory for a slot, holding its lease.
+No network I/O happens inside a database transaction.
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from elemta import log as logmod
+from elemta.config import Config
+from elemta.delivery.attempt import Attempter, Outcome, Verdict
+from elemta.delivery.dns import DnsError
+from elemta.delivery.outcomes import Reporting, decide
+from elemta.delivery.router import Route, Router
+from elemta.queue.schedule import RetrySchedule
+from elemta.queue.work import Attempt, Job, Recipient, Result, WorkQueue
+from elemta.queue.work import Outcome as QueueOutcome
+
+POLL = 0.25  # seconds between looks at PRAGMA data_version
+LEASE = 3600.0  # longer than any attempt; only a dead process's leases ever run out
+HOUSEKEEPING = 60.0  # seconds between purges of finished messages
+
+
+@dataclass
+class Delivery:
+    job: Job
+    body: bytes
+    route: Route
+    recipients: list[Recipient]
+    domain: str
+
+
+@dataclass
+class Destination:
+    limit: int
+    interval: float  # seconds between starts; 0 = no rate limit
+    active: int = 0
+    next_start: float = 0.0
+    waiting: collections.deque = field(default_factory=collections.deque)
+
+
+class Scheduler:
+    def __init__(self, config: Config, work: WorkQueue, router: Router, attempter: Attempter,
+                 reporting: Reporting, log: logmod.EventLog, *, clock: Callable[[], float] = time.time,
+                 rng: random.Random | None = None) -> None:
+        d = config.delivery
+        self.config = config
+        self.work = work
+        self.router = router
+        self.attempter = attempter
+        self.reporting = reporting
+        self.log = log
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.schedule = RetrySchedule.from_config(d)
+        self.concurrency = d.concurrency
+        self._pool = ThreadPoolExecutor(max_workers=d.concurrency, thread_name_prefix="delivery")
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._wake = threading.Event()
+        self._stopping = False
+        self._jobs = 0  # claimed messages not yet finished
+        self._parts: dict[int, int] = {}  # id(job) -> its deliveries not yet finished
+        self._dest: dict[tuple, Destination] = {}
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        """Something may be due now (new mail, an alias expanded)."""
+        self._wake.set()
+
+    def stop(self, grace: float) -> bool:
+        """Stop claiming; let running deliveries finish for `grace` seconds; give the rest back.
+
+        Returns False if deliveries were still running at the deadline (their leases are
+        recovered at the next start).
+        """
+        with self._lock:
+            self._stopping = True
+            waiting = [dl for dest in self._dest.values() for dl in dest.waiting]
+            for dest in self._dest.values():
+                dest.waiting.clear()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+        for dl in waiting:
+            self._give_back(dl)
+        deadline = time.monotonic() + grace
+        with self._lock:
+            while self._jobs > 0 and time.monotonic() < deadline:
+                self._idle.wait(deadline - time.monotonic())
+            done = self._jobs == 0
+        self._pool.shutdown(wait=done)
+        self.attempter.pool.close_all()
+        return done
+
+    # -- the scheduler thread ---------------------------------------------------------
+
+    def _run(self) -> None:
+        last_housekeeping = 0.0
+        while True:
+            with self._lock:
+                if self._stopping:
+                    return
+                room = self.concurrency * 2 - self._jobs
+            try:
+                if room > 0:
+                    self._claim(room)
+                self._start_waiting()
+                if time.monotonic() - last_housekeeping >= HOUSEKEEPING:
+                    last_housekeeping = time.monotonic()
+                    self._housekeeping()
+                self.attempter.pool.close_idle()
+                timeout = self._sleep_time()
+            except Exception as exc:  # noqa: BLE001 -- a database hiccup must not end delivery
+                self.log("scheduler_error", level=logmod.ERROR, error=str(exc)[:200])
+                timeout = 1.0
+            if self._wake.wait(timeout):
+                self._wake.clear()
+            elif self.work.changed():
+                continue
+
+    def _claim(self, room: int) -> None:
+        jobs = self.work.claim(limit=room, lease=LEASE)
+        if not jobs:
+            return
+        with self._lock:
+            self._jobs += len(jobs)
+        for job in jobs:
+            self._pool.submit(self._guard, self._route_job, job)
+        if len(jobs) >= room:
+            self._wake.set()  # there may be more: look again after this batch starts
+
+    def _sleep_time(self) -> float:
+        """Until the next poll, the next due recipient, or the next rate-limited start."""
+        now = self.clock()
+        wake = now + POLL
+        due = self.work.next_due()
+        if due is not None:
+            wake = min(wake, due)
+        with self._lock:
+            for dest in self._dest.values():
+                if dest.waiting and dest.next_start > now:
+                    wake = min(wake, dest.next_start)
+        return max(0.0, wake - now)
+
+    def _housekeeping(self) -> None:
+        recovered = self.work.recover_expired()
+        if recovered:
+            self.log("recovered", recipients=recovered, level=logmod.WARNING)
+        purged = self.work.purge(self.config.delivery.retention)
+        if purged:
+            self.log("purged", messages=purged)
+        with self._lock:  # forget idle destinations so the table stays small
+            for key in [k for k, d in self._dest.items() if not d.active and not d.waiting]:
+                del self._dest[key]
+
+    # -- on the pool -------------------------------------------------------------------
+
+    def _guard(self, fn, *args) -> None:
+        try:
+            fn(*args)
+        except Exception:  # logged; the lease returns the mail to the queue at the next start
+            self.log.exception("delivery_error", task=getattr(fn, "__name__", "?"))
+
+    def _route_job(self, job: Job) -> None:
+        """Route each recipient; settle those that need no connection; dispatch the rest."""
+        try:
+            groups = self._route(job)
+        except Exception:
+            self._job_done(job)  # the leases return the recipients at the next housekeeping
+            raise
+        if not groups:
+            self._job_done(job)
+            return
+        with self._lock:
+            self._parts[id(job)] = len(groups)
+        for dl in groups:
+            self._dispatch(dl)
+
+    def _route(self, job: Job) -> list[Delivery]:
+        if self._stopping:
+            self.work.release(r.id for r in job.recipients)
+            return []
+        body = self.work.body(job.queue_id)
+        if body is None:  # deleted (elemtactl) after the claim
+            return []
+        groups: dict[Route, list[Recipient]] = {}
+        verdicts: list[Verdict] = []
+        result = Result()
+        now = self.clock()
+        for r in job.recipients:
+            try:
+                route = self.router.route(r.address)
+            except DnsError as exc:
+                verdicts.append(Verdict(r, "permanent" if exc.permanent else "transient", exc.text,
+                                        exc.enhanced))
+                result.attempts.append(Attempt(r.id, now, "failed" if exc.permanent else "deferred", exc.text))
+                continue
+            if route.kind == "expand":
+                self.work.expand(job.queue_id, r, route.targets, job.priority)
+                self.log("expanded", qid=job.queue_id, rcpt=f"<{r.address}>", to=",".join(route.targets))
+                self.wake()
+            elif route.kind == "hold":
+                result.outcomes.append(QueueOutcome(r.id, "held", "held by transport map"))
+            elif route.kind == "discard":
+                result.outcomes.append(QueueOutcome(r.id, "delivered", "discarded by transport map"))
+                result.attempts.append(Attempt(r.id, now, "discarded", "discarded by transport map"))
+                self.log("discarded", qid=job.queue_id, rcpt=f"<{r.address}>")
+            elif route.kind == "error":
+                permanent = route.status.startswith("5")
+                verdicts.append(Verdict(r, "permanent" if permanent else "transient", f"{route.status} {route.text}",
+                                        route.status))
+                result.attempts.append(Attempt(r.id, now, "failed" if permanent else "deferred", route.text))
+            else:
+                groups.setdefault(route, []).append(r)
+        if verdicts or result.outcomes:
+            self._record(job, body, Outcome(verdicts, result.attempts), extra=result.outcomes)
+        return [Delivery(job, body, route, rcpts, rcpts[0].domain) for route, rcpts in groups.items()]
+
+    def _dispatch(self, dl: Delivery) -> None:
+        d = self.config.delivery
+        key = dl.route.destination
+        with self._lock:
+            if self._stopping:
+                start = False
+            else:
+                dest = self._dest.get(key)
+                if dest is None:
+                    limit = int(d.domain_concurrency.get(dl.domain, d.destination_concurrency))
+                    rate = d.domain_rate.get(dl.domain, d.destination_rate)
+                    dest = self._dest[key] = Destination(limit, 1.0 / rate if rate else 0.0)
+                start = self._may_start(dest)
+                if not start:
+                    dest.waiting.append(dl)
+                    return
+        if not start:
+            self._give_back(dl)
+            return
+        self._pool.submit(self._guard, self._deliver, dl)
+
+    def _may_start(self, dest: Destination) -> bool:
+        """Under the lock: take a slot if the limit and the rate allow it."""
+        now = self.clock()
+        if dest.active >= dest.limit or (dest.interval and now < dest.next_start):
+            return False
+        dest.active += 1
+        if dest.interval:
+            dest.next_start = max(now, dest.next_start) + dest.interval
+        return True
+
+    def _start_waiting(self) -> None:
+        ready = []
+        with self._lock:
+            for dest in self._dest.values():
+                while dest.waiting and self._may_start(dest):
+                    ready.append(dest.waiting.popleft())
+        for dl in ready:
+            self._pool.submit(self._guard, self._deliver, dl)
+
+    def _deliver(self, dl: Delivery) -> None:
+        key = dl.route.destination
+        try:
+            if self._stopping:
+                self._give_back(dl)
+                return
+            outcome = self.attempter.run(dl.job, dl.body, dl.recipients, dl.route)
+            self._record(dl.job, dl.body, outcome, final_hop=dl.route.kind == "lmtp" or dl.route.kind == "maildir")
+        finally:
+            with self._lock:
+                dest = self._dest.get(key)
+                if dest is not None:
+                    dest.active -= 1
+            self._start_waiting()
+            self._part_done(dl.job)
+
+    def _record(self, job: Job, body: bytes, outcome: Outcome, *, final_hop: bool = False,
+                extra: list[QueueOutcome] | None = None) -> None:
+        now = self.clock()
+        result = decide(job, outcome.verdicts, outcome.attempts, schedule=self.schedule,
+                        reporting=self.reporting, now=now, final_hop=final_hop, body=body, rng=self.rng)
+        result.outcomes.extend(extra or ())
+        self.work.finish(job.queue_id, result)
+        for v, o in zip(outcome.verdicts, result.outcomes, strict=False):
+            self.log(o.state, qid=job.queue_id, rcpt=f"<{v.recipient.address}>", relay=v.host or "-",
+                     reply=v.reply[:200], level=logmod.INFO if o.state != "failed" else logmod.WARNING)
+        if result.reports:
+            self.wake()
+
+    def _give_back(self, dl: Delivery) -> None:
+        self.work.release(r.id for r in dl.recipients)
+        self._part_done(dl.job)
+
+    def _part_done(self, job: Job) -> None:
+        with self._lock:
+            left = self._parts.get(id(job), 1) - 1
+            if left > 0:
+                self._parts[id(job)] = left
+                return
+            self._parts.pop(id(job), None)
+        self._job_done(job)
+
+    def _job_done(self, job: Job) -> None:
+        with self._lock:
+            self._jobs -= 1
+            self._idle.notify_all()
+        self._wake.set()

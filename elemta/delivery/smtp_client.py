@@ -1,0 +1,515 @@
+"""Outbound SMTP (RFC 5321) and LMTP (RFC 2033) client on raw sockets and ssl.
+
+One send() is one transaction: one message to several recipients at one next hop.  The
+stored body is bytes with CRLF line endings, never dot-stuffed; stuffing happens here.
+Blocking I/O: the scheduler gives each connection to one worker thread at a time.
+
+Failures of one recipient come back as RecipientResult; failures of the whole transaction
+or connection raise SmtpClientError, whose try_next_host tells the caller to go on with
+the next MX or address now.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import functools
+import select
+import socket
+import ssl
+import time
+from dataclasses import dataclass
+
+from elemta.delivery.smtp_pool import Pool
+from elemta.delivery.smtp_reply import (
+    MAX_REPLY_LINE,
+    MAX_REPLY_LINES,
+    ProtocolError,
+    RecipientResult,
+    Reply,
+    SmtpClientError,
+    TlsInfo,
+    build_reply,
+    parse_ehlo,
+    parse_line,
+    xtext,
+)
+
+__all__ = [
+    "TLS_POLICIES",
+    "Connection",
+    "OutMessage",
+    "OutRecipient",
+    "Pool",
+    "RecipientResult",
+    "Reply",
+    "SmtpClientError",
+    "TlsInfo",
+    "dot_stuff",
+]
+
+TLS_POLICIES = ("none", "may", "encrypt", "verify")
+NOTIFY_KEYWORDS = ("NEVER", "SUCCESS", "FAILURE", "DELAY")  # RFC 3461 §4.1
+QUIT_TIMEOUT = 5.0
+# RFC 5321 §4.5.3.2.5 times each block of data, not the whole message: a large message
+# on a slow link is sent in blocks, each with the command timeout.
+SEND_BLOCK = 65536
+
+
+@dataclass(frozen=True)
+class OutRecipient:
+    address: str
+    notify: tuple[str, ...] = ()  # RFC 3461 NOTIFY keywords as given; () = not given
+    orcpt: str | None = None  # "rfc822;bob@example.org", already xtext-decoded
+
+
+@dataclass(frozen=True)
+class OutMessage:
+    sender: str  # "" = null reverse-path
+    recipients: tuple[OutRecipient, ...]
+    body: bytes
+    envid: str | None = None
+    ret: str | None = None  # "FULL" | "HDRS" | None
+    body_type: str = "7BIT"  # "7BIT" | "8BITMIME" | "BINARYMIME"
+    smtputf8: bool = False
+
+
+def dot_stuff(body: bytes) -> bytes:
+    """The DATA text for a CRLF body: RFC 5321 §4.5.2 transparency, then CRLF.CRLF."""
+    stuffed = body.replace(b"\r\n.", b"\r\n..")
+    if stuffed.startswith(b"."):
+        stuffed = b"." + stuffed
+    if stuffed and not stuffed.endswith(b"\r\n"):
+        stuffed += b"\r\n"  # §4.1.1.4: the terminator starts on a line of its own
+    return stuffed + b".\r\n"
+
+
+@functools.lru_cache(maxsize=16)
+def _tls_context(policy: str, ca_file: str | None) -> ssl.SSLContext:
+    # Cached: loading the system CA store for each connection is slow; contexts are
+    # thread-safe.  A changed ca_file is read again after a restart.
+    if policy == "verify":
+        context = ssl.create_default_context(cafile=ca_file)
+    else:
+        # 'may' and 'encrypt' only defeat passive listeners (RFC 7435): most MX hosts
+        # have no certificate matching their name, so nothing is verified.
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if policy != "may" and context.minimum_version < ssl.TLSVersion.TLSv1_2:
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+def _why(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode("utf-8")).decode("ascii")
+
+
+def _unsafe(address: str) -> bool:
+    # An address goes between <> on a command line: no controls, no brackets, no CRLF.
+    return any(c in "<>" or ord(c) < 32 or ord(c) == 127 for c in address)
+
+
+class Connection:
+    """One SMTP or LMTP session, open after Connection.open(); reusable for many send()."""
+
+    def __init__(self, host: str, ip: str, port: int, *, lmtp: bool, command_timeout: float):
+        self.host = host
+        self.ip = ip
+        self.port = port
+        self.lmtp = lmtp
+        self.command_timeout = command_timeout
+        self.extensions: dict[str, str] = {}  # EHLO keyword (upper case) -> parameters
+        self.tls: TlsInfo | None = None
+        self.messages_sent = 0
+        self.opened_at = time.monotonic()
+        self._sock: socket.socket | None = None
+        self._buf = bytearray()
+        self._broken = False
+
+    @classmethod
+    def open(
+        cls, host: str, ip: str, port: int, *, helo_name: str, lmtp: bool = False,
+        tls_policy: str = "may", tls_name: str | None = None, ca_file: str | None = None,
+        auth: tuple[str, str] | None = None, connect_timeout: float = 30.0,
+        command_timeout: float = 300.0, unix_path: str | None = None,
+    ) -> Connection:
+        """Connect, read the greeting, EHLO/LHLO, STARTTLS per tls_policy, AUTH."""
+        if tls_policy not in TLS_POLICIES:
+            raise ValueError(f"tls_policy must be one of {TLS_POLICIES}")
+        conn = cls(host, ip, port, lmtp=lmtp, command_timeout=command_timeout)
+        family = socket.AF_UNIX if unix_path else socket.AF_INET
+        try:
+            if unix_path:
+                conn._sock = socket.socket(family, socket.SOCK_STREAM)
+                conn._sock.settimeout(connect_timeout)
+                conn._sock.connect(unix_path)
+            else:
+                conn._sock = socket.create_connection((ip, port), timeout=connect_timeout)
+        except OSError as exc:
+            conn._abort()
+            raise SmtpClientError(
+                f"cannot connect: {_why(exc)}", stage="connect", try_next_host=True,
+                enhanced="4.4.1", host=host, ip=ip or (unix_path or ""),
+            ) from exc
+        reply = conn._read("greeting")[0]
+        if reply.code != 220:
+            # RFC 5321 §3.1: a 554 greeting means "not here"; another MX may take it.
+            raise conn._fail("greeting", "greeting refused", reply, try_next_host=True)
+        conn._hello(helo_name)
+        conn._starttls(tls_policy, tls_name, ca_file, helo_name)
+        if auth is not None:
+            conn._auth(*auth)
+        return conn
+
+    # -- session setup ------------------------------------------------------------------
+
+    def _hello(self, helo_name: str) -> None:
+        verb = "LHLO" if self.lmtp else "EHLO"
+        self._write(f"{verb} {helo_name}\r\n".encode(), "ehlo")
+        reply, lines = self._read("ehlo")
+        if reply.code == 250:
+            self.extensions = parse_ehlo(lines)
+            return
+        if reply.permanent and not self.lmtp:
+            # RFC 5321 §3.2: a server that does not know EHLO gets HELO (no extensions).
+            # LMTP has no such fallback (RFC 2033 §4.1).
+            reply = self._command(f"HELO {helo_name}", "ehlo")
+            if reply.code == 250:
+                self.extensions = {}
+                return
+        raise self._fail("ehlo", f"{verb} refused", reply, try_next_host=True)
+
+    def _starttls(self, policy: str, tls_name: str | None, ca_file: str | None,
+                  helo_name: str) -> None:
+        if policy == "none":
+            return
+        required = policy in ("encrypt", "verify")
+        # TLS policy failures are transient (4.7.x): the remote or our configuration may
+        # change while the message waits, and a bounce for that would be premature.
+        if "STARTTLS" not in self.extensions:
+            if not required:
+                return
+            raise self._fail("tls-policy", f"TLS is required ({policy}) but STARTTLS "
+                             "is not offered", permanent=False, try_next_host=True,
+                             enhanced="4.7.4")
+        reply = self._command("STARTTLS", "starttls")
+        if reply.code != 220:
+            if not required:
+                return  # RFC 3207 §4: the client decides; 'may' goes on in clear
+            raise self._fail("starttls", "STARTTLS refused", reply, permanent=False,
+                             try_next_host=True, enhanced="4.7.4")
+        if self._buf:
+            # Bytes read before the handshake would survive RFC 3207 §4.2's "forget what
+            # came before TLS" and be trusted (the STARTTLS response injection attack).
+            raise self._fail("starttls", "data sent before the TLS handshake",
+                             try_next_host=True, enhanced="4.5.0")
+        try:
+            self._sock.settimeout(self.command_timeout)
+            self._sock = _tls_context(policy, ca_file).wrap_socket(
+                self._sock, server_hostname=tls_name or self.host or None)
+        except ssl.SSLCertVerificationError as exc:
+            raise self._fail("starttls", f"certificate not verified: {exc.verify_message}",
+                             permanent=False, try_next_host=True, enhanced="4.7.5") from exc
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            # Under 'may' too: the caller retries (Postfix then falls back to plain text).
+            raise self._fail("starttls", f"TLS handshake failed: {_why(exc)}",
+                             permanent=False, try_next_host=True, enhanced="4.7.5") from exc
+        cipher = self._sock.cipher()
+        self.tls = TlsInfo(self._sock.version() or "", cipher[0] if cipher else "",
+                           verified=policy == "verify")
+        # RFC 3207 §4.2: forget what the server said before TLS and ask again.
+        self.extensions = {}
+        self._hello(helo_name)
+
+    def _auth(self, user: str, password: str) -> None:
+        if self.tls is None:
+            # Never a password in clear text, whatever the policy (the security
+            # considerations of RFC 4954 and RFC 4616).
+            raise self._fail("auth", "refusing to authenticate without TLS",
+                             permanent=False, try_next_host=True, enhanced="4.7.10")
+        mechanisms = self.extensions.get("AUTH", "").upper().split()
+        if "PLAIN" in mechanisms:
+            # RFC 4616 §2 message as the initial response (RFC 4954 §4).
+            reply = self._command(f"AUTH PLAIN {_b64(chr(0) + user + chr(0) + password)}",
+                                  "auth")
+        elif "LOGIN" in mechanisms:
+            reply = self._command("AUTH LOGIN", "auth")
+            for answer in (user, password):
+                if reply.code != 334:
+                    break
+                reply = self._command(_b64(answer), "auth")
+        else:
+            raise self._fail("auth", "no AUTH PLAIN or LOGIN offered", permanent=False,
+                             try_next_host=True, enhanced="4.7.4")
+        if reply.code != 235:
+            # A refused login is a configuration problem: mail waits in the queue (like
+            # Postfix's smtp_sasl_auth_soft_bounce) instead of bouncing.
+            enhanced = "4" + reply.enhanced[1:] if reply.enhanced else "4.7.0"
+            raise self._fail("auth", "authentication failed", reply, permanent=False,
+                             try_next_host=True, enhanced=enhanced)
+
+    # -- transactions -------------------------------------------------------------------
+
+    def send(self, message: OutMessage) -> list[RecipientResult]:
+        """One transaction; results in the order of message.recipients.
+
+        Refusals known before MAIL (SIZE, SMTPUTF8, BINARYMIME, unsafe address) are
+        returned as permanent results for every recipient; nothing is sent.
+        """
+        if not self.usable():
+            raise SmtpClientError("connection is not usable", stage="mail",
+                                  try_next_host=True, enhanced="4.4.2", host=self.host,
+                                  ip=self.ip)
+        addresses = [message.sender, *(r.address for r in message.recipients)]
+        utf8 = message.smtputf8 or not all(a.isascii() for a in addresses)
+        refusal = self._refusal(message, addresses, utf8)
+        if refusal is not None:
+            return [RecipientResult(r.address, refusal) for r in message.recipients]
+        self.messages_sent += 1
+        dsn = "DSN" in self.extensions
+        commands = [self._mail_command(message, utf8, dsn)]
+        commands += [self._rcpt_command(r, dsn) for r in message.recipients]
+        if "PIPELINING" in self.extensions:
+            mail, rcpts, data = self._pipelined(commands)
+        else:
+            mail, rcpts, data = self._lockstep(commands)
+        if not mail.ok:
+            self._abandon(data)
+            if not mail.permanent:
+                raise self._fail("mail", "sender refused", mail, try_next_host=True)
+            return [RecipientResult(r.address, mail) for r in message.recipients]
+        accepted = [i for i, reply in enumerate(rcpts) if reply.ok]
+        if not accepted:
+            self._abandon(data)
+            finals: list[Reply] = []
+        elif data is None or data.code != 354:
+            if data is None or data.ok:
+                raise self._fail("data", "unexpected reply to DATA", data,
+                                 try_next_host=True, enhanced="4.5.0")
+            self._abandon(data)
+            finals = [data] * len(accepted)  # DATA refused: for every accepted recipient
+        else:
+            finals = self._send_body(message.body, len(accepted))
+        decided = dict(zip(accepted, finals, strict=True))
+        return [
+            RecipientResult(r.address, decided.get(i, rcpts[i]),
+                            self._relayed(r, decided.get(i), dsn))
+            for i, r in enumerate(message.recipients)
+        ]
+
+    def _refusal(self, message: OutMessage, addresses: list[str], utf8: bool) -> Reply | None:
+        if any(_unsafe(a) for a in addresses):
+            return Reply(553, "5.1.3", "address with control characters or brackets")
+        if message.body_type.upper() == "BINARYMIME":
+            # RFC 3030 §3: BINARYMIME goes only with BDAT, which this client does not send.
+            return Reply(554, "5.6.3", "BINARYMIME content cannot be relayed")
+        size = self.extensions.get("SIZE", "")
+        limit = int(size) if size.isdigit() else 0  # RFC 1870: 0 or none = no limit
+        if limit and len(message.body) > limit:
+            # RFC 1870: the server would refuse it with 552; a bounce, as in Postfix.
+            return Reply(552, "5.3.4", f"message size {len(message.body)} exceeds size "
+                         f"limit {limit} of server {self.host}")
+        if utf8 and "SMTPUTF8" not in self.extensions:
+            # RFC 6531 §3.5: no downgrade here, so a non-delivery report.  Codes from the
+            # RFC 5248 registry (added by RFC 6531): X.6.7 for non-ASCII addresses, X.6.9
+            # "UTF-8 header message cannot be transferred" when only the message needs it.
+            ascii_only = all(a.isascii() for a in addresses)
+            return Reply(553, "5.6.9" if ascii_only else "5.6.7",
+                         f"SMTPUTF8 is required, but was not offered by {self.host}")
+        return None
+
+    def _mail_command(self, message: OutMessage, utf8: bool, dsn: bool) -> str:
+        params = []
+        if "SIZE" in self.extensions:
+            # RFC 1870: the octets of the message, not counting dot-stuffing.
+            params.append(f"SIZE={len(message.body)}")
+        if message.body_type.upper() == "8BITMIME" and "8BITMIME" in self.extensions:
+            # RFC 6152.  8-bit data to a server without 8BITMIME goes as is, without
+            # BODY= (no MIME downgrade here; what Postfix and Exim do in practice).
+            params.append("BODY=8BITMIME")
+        if utf8:
+            params.append("SMTPUTF8")  # RFC 6531
+        if dsn and (message.ret or "").upper() in ("FULL", "HDRS"):
+            params.append(f"RET={message.ret.upper()}")  # RFC 3461 §4.3
+        if dsn and message.envid:
+            params.append(f"ENVID={xtext(message.envid)}")  # RFC 3461 §4.4
+        return " ".join([f"MAIL FROM:<{message.sender}>", *params])
+
+    def _rcpt_command(self, rcpt: OutRecipient, dsn: bool) -> str:
+        params = []
+        if dsn:  # RFC 3461 §4: only to a server that offers DSN
+            notify = [k.upper() for k in rcpt.notify if k.upper() in NOTIFY_KEYWORDS]
+            if notify:
+                params.append("NOTIFY=" + ",".join(notify))  # §4.1
+            kind, sep, original = (rcpt.orcpt or "").partition(";")
+            if sep and kind and original:
+                params.append(f"ORCPT={xtext(kind.strip())};{xtext(original)}")  # §4.2
+        return " ".join([f"RCPT TO:<{rcpt.address}>", *params])
+
+    def _relayed(self, rcpt: OutRecipient, reply: Reply | None, dsn: bool) -> bool:
+        # RFC 3461 §5.2.2: delivered to a server without DSN, NOTIFY=SUCCESS gets a
+        # "relayed" DSN from us.  (For LMTP the caller may report "delivered", §5.2.3.)
+        wanted = any(k.upper() == "SUCCESS" for k in rcpt.notify)
+        return bool(reply and reply.ok and wanted and not dsn)
+
+    def _pipelined(self, commands: list[str]) -> tuple[Reply, list[Reply], Reply]:
+        # RFC 2920 §3.1: MAIL, every RCPT and DATA in one write; DATA ends the group.
+        # Replies come in order, each checked.
+        self._write("".join(f"{c}\r\n" for c in [*commands, "DATA"]).encode(), "mail")
+        mail = self._read_reply("mail")
+        rcpts = [self._read_reply("rcpt") for _ in commands[1:]]
+        return mail, rcpts, self._read_reply("data")
+
+    def _lockstep(self, commands: list[str]) -> tuple[Reply, list[Reply], Reply | None]:
+        mail = self._command(commands[0], "mail")
+        if not mail.ok:
+            return mail, [], None
+        rcpts = [self._command(command, "rcpt") for command in commands[1:]]
+        data = self._command("DATA", "data") if any(r.ok for r in rcpts) else None
+        return mail, rcpts, data
+
+    def _send_body(self, body: bytes, accepted: int) -> list[Reply]:
+        text = memoryview(dot_stuff(body))
+        for start in range(0, len(text), SEND_BLOCK):
+            self._write(text[start:start + SEND_BLOCK], "data")
+        if not self.lmtp:
+            return [self._read_reply("data")] * accepted  # one reply for all
+        # RFC 2033 §4.2: LMTP answers once per accepted recipient, in RCPT order.
+        replies: list[Reply] = []
+        try:
+            while len(replies) < accepted:
+                replies.append(self._read_reply("data"))
+        except SmtpClientError as exc:
+            if not replies:
+                raise
+            # Those answered are delivered or refused for good; raising would deliver
+            # them again on retry.  The others wait for the retry.
+            lost = exc.reply or Reply(451, "4.4.2", exc.reason)
+            replies += [lost] * (accepted - len(replies))
+        return replies
+
+    def _abandon(self, data: Reply | None) -> None:
+        """End a transaction that delivers nothing; errors only make the connection unusable."""
+        with contextlib.suppress(SmtpClientError):
+            if data is not None and data.code == 354:
+                if self.lmtp:  # RFC 2033 §4.2: DATA MUST fail then; no reply would come
+                    raise self._fail("data", "DATA accepted without recipients")
+                # RFC 2920 §3.1: DATA accepted although no RCPT was; end the empty message.
+                self._write(b".\r\n", "data")
+                self._read_reply("data")
+            self.reset()
+
+    def reset(self) -> None:
+        """RSET (RFC 5321 §4.1.1.5): abort the current transaction."""
+        reply = self._command("RSET", "rset")
+        if not reply.ok:
+            raise self._fail("rset", "RSET refused", reply, permanent=False,
+                             try_next_host=True)
+
+    def usable(self) -> bool:
+        """Open and in step.  Anything readable while idle (the server's idle-timeout 421,
+        or its close) means the server is gone (RFC 5321 §4.5.3.2.7)."""
+        if self._sock is None or self._broken or self._buf:
+            return False
+        try:
+            poller = select.poll()
+            poller.register(self._sock, select.POLLIN)
+            return not poller.poll(0)
+        except (OSError, ValueError):
+            return False
+
+    def close(self) -> None:
+        """QUIT politely with a short timeout, then close; never raises."""
+        if self._sock is not None and not self._broken:
+            self._broken = True
+            self.command_timeout = min(self.command_timeout, QUIT_TIMEOUT)
+            with contextlib.suppress(SmtpClientError):
+                self._command("QUIT", "quit")
+        self._abort()
+
+    # -- I/O ------------------------------------------------------------------------------
+
+    def _command(self, line: str, stage: str) -> Reply:
+        self._write(f"{line}\r\n".encode(), stage)
+        return self._read_reply(stage)
+
+    def _write(self, data: bytes | memoryview, stage: str) -> None:
+        if self._sock is None:
+            raise self._fail(stage, "connection closed", try_next_host=True, enhanced="4.4.2")
+        try:
+            self._sock.settimeout(self.command_timeout)
+            self._sock.sendall(data)
+        except OSError as exc:
+            raise self._lost(stage, exc) from exc
+
+    def _read_reply(self, stage: str) -> Reply:
+        return self._read(stage)[0]
+
+    def _read(self, stage: str) -> tuple[Reply, list[tuple[int, bool, str]]]:
+        """One reply (RFC 5321 §4.2.1); a 421 closes the connection and raises."""
+        # One deadline for the whole reply, not per recv(): a server dripping one byte
+        # at a time cannot hold us forever.
+        deadline = time.monotonic() + self.command_timeout
+        lines: list[tuple[int, bool, str]] = []
+        try:
+            while not lines or not lines[-1][1]:
+                if len(lines) >= MAX_REPLY_LINES:
+                    raise ProtocolError("reply with too many lines")
+                lines.append(parse_line(self._readline(deadline)))
+            reply = build_reply(lines)
+        except ProtocolError as exc:
+            raise self._fail(stage, f"protocol error: {exc}", try_next_host=True,
+                             enhanced="4.5.0") from None
+        except OSError as exc:
+            raise self._lost(stage, exc) from exc
+        if reply.code == 421:
+            # RFC 5321 §3.8: the server is closing the channel.
+            raise self._fail(stage, "service not available", reply, try_next_host=True)
+        return reply, lines
+
+    def _readline(self, deadline: float) -> bytes:
+        while True:
+            end = self._buf.find(b"\n")
+            if end >= 0:
+                line = bytes(self._buf[:end]).removesuffix(b"\r")
+                del self._buf[:end + 1]
+                return line
+            if len(self._buf) > MAX_REPLY_LINE:
+                raise ProtocolError("reply line too long")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._sock is None:
+                raise TimeoutError("timed out")
+            self._sock.settimeout(remaining)
+            chunk = self._sock.recv(4096)
+            if not chunk:
+                raise ConnectionResetError("connection closed by the server")
+            self._buf += chunk
+
+    def _lost(self, stage: str, exc: OSError) -> SmtpClientError:
+        reason = "timed out" if isinstance(exc, TimeoutError) else f"lost connection: {_why(exc)}"
+        return self._fail(stage, reason, try_next_host=True, enhanced="4.4.2")
+
+    def _fail(self, stage: str, reason: str, reply: Reply | None = None, *,
+              permanent: bool | None = None, try_next_host: bool = False,
+              enhanced: str = "") -> SmtpClientError:
+        """Close (QUIT when still in step) and build the error for the caller to raise."""
+        if reply is not None and reply.code != 421:
+            self.close()
+        else:
+            self._abort()
+        return SmtpClientError(reason, stage=stage, reply=reply, permanent=permanent,
+                               try_next_host=try_next_host, enhanced=enhanced,
+                               host=self.host, ip=self.ip)
+
+    def _abort(self) -> None:
+        self._broken = True
+        self._buf.clear()
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.close()

@@ -1,0 +1,90 @@
+"""Connection caching for the outbound client: idle sessions kept per next hop.
+
+Re-exported by smtp_client; callers import Pool from there.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Hashable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from elemta.delivery.smtp_client import Connection
+
+
+class Pool:
+    """Idle connections kept for reuse per next hop: several transactions in one session
+    (RFC 5321 §3.3) save the connect, EHLO and TLS handshake."""
+
+    def __init__(self, *, idle_timeout: float = 10.0, max_messages: int = 100,
+                 max_idle: int = 100, clock: Callable[[], float] = time.monotonic):
+        self.idle_timeout = idle_timeout
+        self.max_messages = max_messages
+        self.max_idle = max_idle
+        self._clock = clock
+        self._idle: dict[Hashable, list[tuple[float, Connection]]] = {}
+        self._lock = threading.Lock()  # workers share the pool
+        self._counts = {"reused": 0, "kept": 0, "closed": 0}
+
+    def get(self, key: Hashable) -> Connection | None:
+        """An idle usable connection for key, newest first; expired ones are closed."""
+        found, stale = None, []
+        with self._lock:
+            entries = self._idle.get(key, [])
+            while entries and found is None:
+                since, conn = entries.pop()
+                if self._clock() - since <= self.idle_timeout and conn.usable():
+                    found = conn
+                    self._counts["reused"] += 1
+                else:
+                    stale.append(conn)
+            if not entries:
+                self._idle.pop(key, None)
+        self._close(stale)
+        return found
+
+    def put(self, key: Hashable, conn: Connection) -> None:
+        """Give a connection back after send(); closed instead when it has sent
+        max_messages, is not usable or the pool holds max_idle already."""
+        with self._lock:
+            keep = (conn.usable() and conn.messages_sent < self.max_messages
+                    and sum(map(len, self._idle.values())) < self.max_idle)
+            if keep:
+                self._idle.setdefault(key, []).append((self._clock(), conn))
+                self._counts["kept"] += 1
+        if not keep:
+            self._close([conn])
+
+    def close_idle(self) -> int:
+        """Close connections idle longer than idle_timeout (or gone); returns how many."""
+        now, expired = self._clock(), []
+        with self._lock:
+            for key, entries in list(self._idle.items()):
+                fresh = [(s, c) for s, c in entries
+                         if now - s <= self.idle_timeout and c.usable()]
+                expired += [c for s, c in entries if (s, c) not in fresh]
+                if fresh:
+                    self._idle[key] = fresh
+                else:
+                    del self._idle[key]
+        self._close(expired)
+        return len(expired)
+
+    def close_all(self) -> None:
+        with self._lock:
+            conns = [c for entries in self._idle.values() for _, c in entries]
+            self._idle.clear()
+        self._close(conns)
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {**self._counts, "idle": sum(map(len, self._idle.values()))}
+
+    def _close(self, conns: list[Connection]) -> None:
+        # Outside the lock: QUIT waits for the network.
+        for conn in conns:
+            conn.close()
+        with self._lock:
+            self._counts["closed"] += len(conns)

@@ -1,0 +1,114 @@
+"""Local recipients and aliases: who exists in smtp.local_domains, and where their mail goes.
+
+Both sides use one table: the SMTP session asks `accepts()` at RCPT time, so mail for an
+unknown local user is refused with 550 5.1.1 during the dialogue (no bounce to a forged
+sender later: no backscatter), and delivery asks `expand()` to turn an alias into its targets.
+
+Rules, in order, for an address in a local domain:
+  1. postmaster@<any local domain> always exists (RFC 5321 §4.5.1); it goes to
+     local.postmaster when set.
+  2. local.aliases: "user@domain" or a bare "user" (any local domain) -> targets; targets that
+     are aliases themselves are expanded too (up to MAX_DEPTH levels, loops stop there).
+  3. local.recipients (+ recipients_file): the address, or "@domain" for all of a domain.
+  4. local.aliases "@domain": the catch-all of that domain.
+With no recipients listed at all, every address of the local domains exists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from elemta.config import Config
+from elemta.errors import ConfigError
+
+MAX_DEPTH = 10
+
+
+class LocalRecipients:
+    def __init__(
+        self,
+        domains: Iterable[str],
+        recipients: Iterable[str] = (),
+        aliases: dict[str, str] | None = None,
+        postmaster: str = "",
+    ) -> None:
+        self.domains = frozenset(d.lower().rstrip(".") for d in domains)
+        self._recipients = frozenset(_norm(r) for r in recipients if r.strip())
+        self._aliases = {
+            _norm(key): tuple(t.strip() for t in targets.split(",") if t.strip())
+            for key, targets in (aliases or {}).items()
+        }
+        self.postmaster = postmaster.strip()
+        self._open = not self._recipients  # nothing listed: every local address exists
+
+    @classmethod
+    def from_config(cls, config: Config) -> LocalRecipients:
+        local = config.local
+        listed = list(local.recipients)
+        if local.recipients_file:
+            listed += read_recipients_file(local.recipients_file)
+        return cls(config.smtp.local_domains, listed, local.aliases, local.postmaster)
+
+    def is_local(self, address: str) -> bool:
+        return _domain(address) in self.domains
+
+    def accepts(self, address: str) -> bool:
+        """True if `address` is a valid recipient; addresses outside local domains are not ours to judge."""
+        if not self.is_local(address):
+            return True
+        return bool(self._targets(address))
+
+    def expand(self, address: str) -> tuple[str, ...]:
+        """Final addresses for `address` (itself when it is no alias); () if it does not exist."""
+        if not self.is_local(address):
+            return (address,)
+        return self._expand(address, 0, set())
+
+    def _expand(self, address: str, depth: int, seen: set[str]) -> tuple[str, ...]:
+        key = _norm(address)
+        if key in seen or depth >= MAX_DEPTH or not self.is_local(address):
+            return (address,)
+        seen.add(key)
+        targets = self._targets(address)
+        if targets == (address,):
+            return targets
+        result: list[str] = []
+        for target in targets:
+            for final in self._expand(target, depth + 1, seen):
+                if _norm(final) not in {_norm(r) for r in result}:
+                    result.append(final)
+        return tuple(result)
+
+    def _targets(self, address: str) -> tuple[str, ...]:
+        key = _norm(address)
+        local_part, domain = key.rsplit("@", 1)
+        if local_part == "postmaster":
+            return (self.postmaster,) if self.postmaster and _norm(self.postmaster) != key else (address,)
+        for alias in (key, local_part):
+            if alias in self._aliases:
+                return self._aliases[alias]
+        if self._open or key in self._recipients or f"@{domain}" in self._recipients:
+            return (address,)
+        return self._aliases.get(f"@{domain}", ())
+
+
+def read_recipients_file(path: str) -> list[str]:
+    """One address per line; blank lines and '#' comments are skipped."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+    except OSError as exc:
+        raise ConfigError(f"local.recipients_file: {path}: {exc.strerror or exc}") from None
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _norm(address: str) -> str:
+    # Local parts are case-sensitive in theory (RFC 5321 §2.4) and case-insensitive in every
+    # mailbox server in practice; a table that treated "Alice" and "alice" as two users
+    # would refuse mail that the mailbox server would take.
+    return address.strip().lower().rstrip(".")
+
+
+def _domain(address: str) -> str:
+    at = address.rfind("@")
+    return address[at + 1:].lower().rstrip(".") if at >= 0 else ""

@@ -1,0 +1,295 @@
+"""The delivery side of the queue: claim due recipients, record what happened to them.
+
+Claims are leases: `UPDATE ... RETURNING` moves due recipients from queued/deferred to active,
+guarded by their state, so a recipient is never handed to two deliveries. A lease that runs
+out (a crashed process) returns the recipient to the queue: delivery is at least once, as in
+every MTA.
+
+This connection runs with synchronous=NORMAL: in WAL mode its commits are not fsynced one by
+one. That is safe here and only here, because every write it makes can be lost without losing
+mail: a lost claim leaves the recipient queued; a lost "delivered" or "failed" (and the bounce
+written in the same transaction) leaves it active, to be recovered and tried again. The cost
+of a power failure is a duplicate, never a loss. Intake (Store) keeps synchronous=FULL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from elemta.errors import QueueError
+from elemta.queue import db, schema
+from elemta.queue.model import NewMessage
+
+FINAL_STATES = ("delivered", "failed")
+
+
+@dataclass(frozen=True)
+class Recipient:
+    id: int
+    address: str
+    domain: str
+    orcpt: str | None
+    notify: tuple[str, ...]
+    attempts: int
+    warned: bool
+
+
+@dataclass(frozen=True)
+class Job:
+    """One message and those of its recipients that were claimed together."""
+
+    queue_id: str
+    created: float
+    sender: str
+    size: int
+    priority: int
+    envid: str | None
+    ret: str | None
+    body_type: str
+    smtputf8: bool
+    recipients: tuple[Recipient, ...]
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One try of one recipient at one host, for the history (`elemtactl queue trace`)."""
+
+    recipient_id: int
+    at: float
+    outcome: str  # delivered | deferred | failed | expanded | discarded | ...
+    reply: str = ""
+    host: str = ""
+    ip: str = ""
+    port: int = 0
+    tls: str = ""
+    duration: float = 0.0
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """Where one claimed recipient goes next."""
+
+    recipient_id: int
+    state: str  # delivered | deferred | failed | held
+    error: str = ""  # becomes last_error
+    next_attempt: float | None = None  # deferred: when it is due again
+    warned: bool = False  # a delay warning was sent (never send two)
+
+
+@dataclass
+class Result:
+    """Everything one delivery decided, written in one transaction."""
+
+    outcomes: list[Outcome] = field(default_factory=list)
+    attempts: list[Attempt] = field(default_factory=list)
+    reports: list[NewMessage] = field(default_factory=list)  # bounces / DSNs to enqueue
+
+
+class WorkQueue:
+    def __init__(self, path: str, owner: str, *, clock: Callable[[], float] = time.time) -> None:
+        self.path = path
+        self.owner = owner  # lease_owner: host:pid of the scheduler
+        self._clock = clock
+        self._conn: sqlite3.Connection | None = None
+        self._data_version = -1
+        # One connection shared by the scheduler and its delivery threads: a transaction
+        # belongs to the connection, not the thread, so each use holds the lock throughout.
+        self._lock = threading.RLock()
+
+    def open(self) -> None:
+        try:
+            conn = db.connect(self.path, check_same_thread=False)
+            conn.execute("PRAGMA synchronous = NORMAL")  # see the module docstring
+            schema.migrate(conn)
+        except sqlite3.Error as exc:
+            raise QueueError(f"cannot open queue database {self.path}: {exc}") from exc
+        conn.row_factory = sqlite3.Row
+        self._conn = conn
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    @contextlib.contextmanager
+    def _use(self, write: bool):
+        with self._lock:
+            if self._conn is None:
+                raise QueueError("work queue is not open")
+            try:
+                if write:
+                    with db.write(self._conn) as conn:
+                        yield conn
+                else:
+                    yield self._conn
+            except sqlite3.Error as exc:
+                raise QueueError(f"queue database: {exc}") from exc
+
+    # -- finding work ----------------------------------------------------------
+
+    def changed(self) -> bool:
+        """True when another connection committed since the last call (PRAGMA data_version).
+
+        This is how a scheduler notices mail queued by other processes and changes made by
+        elemtactl without polling the recipients table.
+        """
+        with self._use(False) as conn:
+            version = conn.execute("PRAGMA data_version").fetchone()[0]
+        changed, self._data_version = version != self._data_version, version
+        return changed
+
+    def next_due(self) -> float | None:
+        """The earliest next_attempt of a recipient waiting to be tried, or None."""
+        with self._use(False) as conn:
+            # One query per state: each is a single probe of the (state, next_attempt) index.
+            times = [
+                conn.execute(
+                    "SELECT min(next_attempt) FROM recipients WHERE state = ?", (state,)
+                ).fetchone()[0]
+                for state in ("queued", "deferred")
+            ]
+        times = [t for t in times if t is not None]
+        return min(times) if times else None
+
+    def claim(self, limit: int, lease: float) -> list[Job]:
+        """Lease up to `limit` due recipients, most urgent and oldest first, grouped by message."""
+        now = self._clock()
+        with self._use(True) as conn:
+            rows = conn.execute(
+                "UPDATE recipients SET state = 'active', lease_until = ?, lease_owner = ?, updated = ?"
+                " WHERE id IN (SELECT id FROM recipients WHERE state IN ('queued', 'deferred')"
+                "   AND next_attempt <= ? ORDER BY priority, next_attempt, id LIMIT ?)"
+                " AND state IN ('queued', 'deferred')"
+                " RETURNING id, queue_id, address, domain, orcpt, notify, attempts, warned",
+                (now + lease, self.owner, now, now, limit),
+            ).fetchall()
+            by_message: dict[str, list[Recipient]] = {}
+            for row in rows:
+                by_message.setdefault(row["queue_id"], []).append(Recipient(
+                    row["id"], row["address"], row["domain"], row["orcpt"],
+                    tuple(row["notify"].split(",")) if row["notify"] else (), row["attempts"],
+                    bool(row["warned"]),
+                ))
+            if not by_message:
+                return []
+            marks = ",".join("?" * len(by_message))
+            messages = conn.execute(
+                "SELECT queue_id, created, sender, size, priority, envid, ret, body_type, smtputf8"
+                f" FROM messages WHERE queue_id IN ({marks})", tuple(by_message),
+            ).fetchall()
+        jobs = [
+            Job(m["queue_id"], m["created"], m["sender"], m["size"], m["priority"], m["envid"], m["ret"],
+                m["body_type"], bool(m["smtputf8"]), tuple(sorted(by_message[m["queue_id"]], key=lambda r: r.id)))
+            for m in messages
+        ]
+        jobs.sort(key=lambda j: (j.priority, j.created))
+        return jobs
+
+    def body(self, queue_id: str) -> bytes | None:
+        with self._use(False) as conn:
+            row = conn.execute("SELECT data FROM bodies WHERE queue_id = ?", (queue_id,)).fetchone()
+        return bytes(row[0]) if row else None
+
+    # -- recording results -----------------------------------------------------
+
+    def finish(self, queue_id: str, result: Result) -> None:
+        """Write one delivery's outcomes, attempts and reports in one transaction.
+
+        Only recipients this owner still holds as active are changed; the reports are
+        queued in the same transaction, so a bounce exists exactly when its failure does.
+        """
+        now = self._clock()
+        with self._use(True) as conn:
+            for o in result.outcomes:
+                conn.execute(
+                    "UPDATE recipients SET state = ?, last_error = ?, next_attempt = coalesce(?, next_attempt),"
+                    " attempts = attempts + 1, warned = warned OR ?, lease_until = NULL, lease_owner = NULL,"
+                    " updated = ? WHERE id = ? AND state = 'active' AND lease_owner = ?",
+                    (o.state, o.error or None, o.next_attempt, 1 if o.warned else 0, now, o.recipient_id, self.owner),
+                )
+            _insert_attempts(conn, queue_id, result.attempts)
+            if result.reports:
+                schema.insert_messages(conn, result.reports, now)
+            _mark_done(conn, queue_id, now)
+
+    def expand(self, queue_id: str, recipient: Recipient, targets: Sequence[str], priority: int) -> None:
+        """Replace an alias by its targets (RFC 3464 'expanded'): new rows, due now.
+
+        A target keeps the alias as its original recipient (ORCPT), so a later bounce
+        names the address the sender used.
+        """
+        now = self._clock()
+        orcpt = recipient.orcpt or f"rfc822;{recipient.address}"
+        notify = ",".join(recipient.notify) or None
+        with self._use(True) as conn:
+            cur = conn.execute(
+                "UPDATE recipients SET state = 'delivered', last_error = ?, lease_until = NULL,"
+                " lease_owner = NULL, updated = ? WHERE id = ? AND state = 'active' AND lease_owner = ?",
+                (f"expanded to {', '.join(targets)}", now, recipient.id, self.owner),
+            )
+            if cur.rowcount != 1:
+                return  # the lease was lost (e.g. elemtactl deleted the message): nothing to do
+            conn.executemany(
+                "INSERT INTO recipients (queue_id, address, domain, orcpt, notify, state, priority,"
+                " next_attempt, updated) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?)",
+                [(queue_id, t, t.rpartition("@")[2].lower(), orcpt, notify, priority, now, now) for t in targets],
+            )
+            conn.execute(
+                "UPDATE messages SET recipients = recipients + ? WHERE queue_id = ?", (len(targets), queue_id)
+            )
+            _insert_attempts(conn, queue_id, [Attempt(
+                recipient.id, now, "expanded", reply=f"expanded to {', '.join(targets)}")])
+
+    def release(self, recipient_ids: Iterable[int]) -> int:
+        """Give claimed recipients back without an attempt (shutdown, or no free slot)."""
+        ids = list(recipient_ids)
+        now = self._clock()
+        with self._use(True) as conn:
+            cur = conn.executemany(
+                "UPDATE recipients SET state = 'queued', lease_until = NULL, lease_owner = NULL, updated = ?"
+                " WHERE id = ? AND state = 'active' AND lease_owner = ?",
+                [(now, rid, self.owner) for rid in ids],
+            )
+            return cur.rowcount
+
+    def recover_expired(self) -> int:
+        """Leases that ran out (their process died) go back to the queue."""
+        with self._use(True) as conn:
+            return schema.release_active(conn, self._clock(), expired_only=True)
+
+    def purge(self, retention: float, limit: int = 500) -> int:
+        """Delete up to `limit` finished messages older than `retention` seconds; return how many."""
+        before = self._clock() - retention
+        with self._use(True) as conn:
+            cur = conn.execute(
+                "DELETE FROM messages WHERE queue_id IN (SELECT queue_id FROM messages"
+                " WHERE done_at IS NOT NULL AND done_at <= ? ORDER BY done_at LIMIT ?)",
+                (before, limit),
+            )
+            return cur.rowcount
+
+
+def _insert_attempts(conn: sqlite3.Connection, queue_id: str, attempts: Sequence[Attempt]) -> None:
+    conn.executemany(
+        "INSERT INTO attempts (recipient_id, queue_id, at, host, reply, tls, outcome, ip, port, duration)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [(a.recipient_id, queue_id, a.at, a.host or None, a.reply or None, a.tls or None, a.outcome,
+          a.ip or None, a.port or None, a.duration) for a in attempts],
+    )
+
+
+def _mark_done(conn: sqlite3.Connection, queue_id: str, now: float) -> None:
+    """When no recipient is left to deliver: drop the body now, keep the records for retention."""
+    pending = conn.execute(
+        "SELECT 1 FROM recipients WHERE queue_id = ? AND state NOT IN ('delivered', 'failed') LIMIT 1",
+        (queue_id,),
+    ).fetchone()
+    if pending is None:
+        conn.execute("UPDATE messages SET done_at = ? WHERE queue_id = ? AND done_at IS NULL", (now, queue_id))
+        conn.execute("DELETE FROM bodies WHERE queue_id = ?", (queue_id,))

@@ -1,0 +1,261 @@
+"""End to end: mail sent to the real daemon leaves it for a loopback MX found through loopback DNS.
+
+The remote MX is aiosmtpd (tests/mx.py), DNS is a dnslib server (tests/dnsserver.py), the
+daemon is bin/elemta started as a subprocess; retries run on a test schedule of about a
+second, waited for by condition.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import signal
+import smtplib
+import sqlite3
+
+import pytest
+
+from tests.dnsserver import DnsServer
+from tests.mx import Mx
+from tests.support import Daemon, wait_for
+
+CONFIG = """
+[[listeners]]
+address = "127.0.0.1:0"
+role = "mx"
+
+[server]
+spool_dir = "@SPOOL@"
+hostname = "relay.test"
+grace_period = 5
+
+[smtp]
+local_domains = ["local.test"]
+
+[queue]
+min_free_space = 0
+
+[delivery]
+resolvers = ["{dns}"]
+mx_port = {mx_port}
+dns_timeout = 2
+retry_first = 1
+retry_max = 1
+retry_jitter = 0
+max_lifetime = {lifetime}
+delay_warning = 0
+destination_concurrency = {dest_conc}
+{delivery_extra}
+
+[local]
+transport = "lmtp:127.0.0.1:{lmtp_port}"
+recipients = ["alice@local.test"]
+aliases = {{ "team@local.test" = "alice@local.test, carol@remote.test" }}
+"""
+
+ZONE = {
+    "remote.test": [("MX", (10, "mx.remote.test"), 300)],
+    "mx.remote.test": [("A", "127.0.0.1", 300)],
+    "sender.test": [("MX", (10, "mx.remote.test"), 300)],
+    # The first MX has nothing listening (127.0.0.2 is loopback too): the second must be used.
+    "backup.test": [("MX", (10, "down.backup.test"), 300), ("MX", (20, "mx.remote.test"), 300)],
+    "down.backup.test": [("A", "127.0.0.2", 300)],
+    "nullmx.test": [("MX", (0, "."), 300)],
+}
+
+
+@pytest.fixture
+def dns():
+    with DnsServer(ZONE) as server:
+        yield server
+
+
+@pytest.fixture
+def mx():
+    with Mx() as server:
+        yield server
+
+
+@pytest.fixture
+def lmtp():
+    with Mx(lmtp=True) as server:
+        yield server
+
+
+@pytest.fixture
+def start(tmp_path, dns, mx, lmtp):
+    daemons = []
+
+    def run(lifetime=3600, dest_conc=10, delivery_extra="", workdir=None) -> Daemon:
+        text = CONFIG.format(dns=dns.nameserver, mx_port=mx.port, lmtp_port=lmtp.port, lifetime=lifetime,
+                             dest_conc=dest_conc, delivery_extra=delivery_extra)
+        daemon = Daemon(workdir or tmp_path, text).start()
+        daemons.append(daemon)
+        return daemon
+
+    yield run
+    for daemon in daemons:
+        daemon.stop()
+
+
+def send(daemon: Daemon, rcpts, body: bytes = b"Subject: test\r\n\r\nHello.\r\n", sender="alice@sender.test",
+         **kwargs) -> str:
+    with smtplib.SMTP("127.0.0.1", daemon.port, timeout=10) as client:
+        client.ehlo("client.test")
+        code, text = client.docmd("MAIL", f"FROM:<{sender}>" + kwargs.get("mail_params", ""))
+        assert code == 250, text
+        for rcpt in [rcpts] if isinstance(rcpts, str) else rcpts:
+            code, text = client.docmd("RCPT", f"TO:<{rcpt}>" + kwargs.get("rcpt_params", ""))
+            assert code == 250, text
+        code, text = client.data(body)
+    assert code == 250, text
+    return text.decode().rsplit(" ", 1)[1]
+
+
+def states(daemon: Daemon, qid: str) -> dict[str, str]:
+    return {r["address"]: r["state"] for r in daemon.recipients(qid)}
+
+
+def attempts(daemon: Daemon, qid: str) -> list[sqlite3.Row]:
+    with daemon.db() as conn:
+        return conn.execute("SELECT * FROM attempts WHERE queue_id = ? ORDER BY id", (qid,)).fetchall()
+
+
+def bounce_for(mx: Mx, sender: str = "alice@sender.test", timeout: float = 15) -> email.message.EmailMessage:
+    wait_for(lambda: mx.handler.to(sender), timeout, what=f"a report to {sender}")
+    got = mx.handler.to(sender)[0]
+    assert got.mail_from == "<>"
+    return email.message_from_bytes(got.data, policy=email.policy.default)
+
+
+def report_fields(report: email.message.EmailMessage) -> list:
+    assert report.get_content_type() == "multipart/report"
+    assert report.get_param("report-type") == "delivery-status"
+    status = report.get_payload()[1]
+    assert status.get_content_type() == "message/delivery-status"
+    return status.get_payload()  # [per-message fields, per-recipient fields...]
+
+
+def test_delivered_to_the_mx_with_the_exact_bytes(start, mx):
+    daemon = start()
+    body = b"Subject: exact\r\nX-Test: 1\r\n\r\n.leading dot\r\nline two\r\n"
+    qid = send(daemon, "bob@remote.test", body)
+    wait_for(lambda: mx.handler.to("bob@remote.test"), 10, what="delivery")
+    got = mx.handler.to("bob@remote.test")[0]
+    assert got.mail_from == "alice@sender.test"
+    stored_prefix = b"Received: "
+    assert got.data.startswith(stored_prefix) and got.data.endswith(body)
+    wait_for(lambda: states(daemon, qid) == {"bob@remote.test": "delivered"}, 5, what="delivered state")
+    (attempt,) = attempts(daemon, qid)
+    assert attempt["outcome"] == "delivered" and attempt["host"] == "mx.remote.test"
+    assert attempt["ip"] == "127.0.0.1" and attempt["port"] == mx.port
+    assert attempt["reply"].startswith("250") and attempt["duration"] >= 0
+    with daemon.db() as conn:
+        assert conn.execute("SELECT count(*) FROM bodies WHERE queue_id = ?", (qid,)).fetchone()[0] == 0
+
+
+def test_temporary_failure_is_retried_on_schedule(start, mx):
+    mx.handler.script("slow@remote.test", "451 4.3.0 try again later")
+    daemon = start()
+    qid = send(daemon, "slow@remote.test")
+    wait_for(lambda: mx.handler.to("slow@remote.test"), 15, what="delivery on retry")
+    wait_for(lambda: len(attempts(daemon, qid)) == 2, 5, what="two attempts recorded")
+    first, second = attempts(daemon, qid)
+    assert first["outcome"] == "deferred" and "451 4.3.0 try again later" in first["reply"]
+    assert second["outcome"] == "delivered"
+    # retry_first = 1 s with no jitter: the retry did not come early.
+    assert second["at"] - first["at"] >= 1.0
+    wait_for(lambda: states(daemon, qid) == {"slow@remote.test": "delivered"}, 5, what="delivered")
+
+
+def test_permanent_failure_bounces_once_with_the_remote_text(start, mx):
+    mx.handler.script("nobody@remote.test", "550 5.1.1 <nobody@remote.test>: user unknown here")
+    daemon = start()
+    qid = send(daemon, ["nobody@remote.test", "bob@remote.test"])
+    report = bounce_for(mx)
+    fields = report_fields(report)
+    (rcpt,) = fields[1:]
+    assert rcpt["Final-Recipient"] == "rfc822; nobody@remote.test"
+    assert rcpt["Action"] == "failed" and rcpt["Status"] == "5.1.1"
+    assert "user unknown here" in rcpt["Diagnostic-Code"]
+    assert rcpt["Remote-MTA"] == "dns; mx.remote.test"
+    assert report["To"] == "alice@sender.test" and "MAILER-DAEMON@relay.test" in report["From"]
+    assert qid in report.get_payload()[0].get_content()
+    wait_for(lambda: states(daemon, qid) == {"nobody@remote.test": "failed", "bob@remote.test": "delivered"},
+             5, what="final states")
+    assert len(mx.handler.to("alice@sender.test")) == 1
+
+
+def test_first_mx_refuses_so_the_second_is_used(start, mx):
+    daemon = start()
+    qid = send(daemon, "bob@backup.test")
+    wait_for(lambda: mx.handler.to("bob@backup.test"), 15, what="delivery via the second MX")
+    hosts = [(a["host"], a["outcome"]) for a in attempts(daemon, qid)]
+    assert hosts == [("down.backup.test", "deferred"), ("mx.remote.test", "delivered")]
+
+
+@pytest.mark.parametrize(("rcpt", "status"), [("x@nxdomain.test", "5.1.2"), ("x@nullmx.test", "5.1.10")])
+def test_dns_says_no_such_destination(start, mx, rcpt, status):
+    daemon = start()
+    qid = send(daemon, rcpt)
+    (fields,) = report_fields(bounce_for(mx))[1:]
+    assert fields["Status"] == status and fields["Action"] == "failed"
+    wait_for(lambda: states(daemon, qid) == {rcpt: "failed"}, 5, what="failed state")
+
+
+def test_mail_expires_after_its_lifetime_and_bounces(start, mx):
+    mx.handler.script("late@remote.test", *["451 4.4.1 not now"] * 50)
+    daemon = start(lifetime=2)
+    qid = send(daemon, "late@remote.test")
+    (fields,) = report_fields(bounce_for(mx))[1:]
+    assert fields["Status"] == "4.4.7" and fields["Action"] == "failed"
+    assert "not now" in fields["Diagnostic-Code"]
+    assert states(daemon, qid) == {"late@remote.test": "failed"}
+    assert len(attempts(daemon, qid)) >= 2
+
+
+def test_unknown_local_user_refused_at_rcpt_and_alias_delivered_over_lmtp(start, mx, lmtp):
+    daemon = start()
+    with smtplib.SMTP("127.0.0.1", daemon.port, timeout=10) as client:
+        client.ehlo("client.test")
+        client.mail("someone@sender.test")
+        code, text = client.rcpt("mallory@local.test")
+        assert (code, text[:5]) == (550, b"5.1.1")
+    qid = send(daemon, "team@local.test")
+    wait_for(lambda: lmtp.handler.to("alice@local.test"), 10, what="LMTP delivery to alice")
+    wait_for(lambda: mx.handler.to("carol@remote.test"), 10, what="SMTP delivery to carol")
+    wait_for(lambda: set(states(daemon, qid).values()) == {"delivered"}, 5, what="all delivered")
+    rows = {r["address"]: r for r in daemon.recipients(qid)}
+    assert rows["alice@local.test"]["orcpt"] == "rfc822;team@local.test"
+    assert "expanded to" in rows["team@local.test"]["last_error"]
+
+
+def test_one_connection_carries_twenty_messages(start, mx):
+    daemon = start(dest_conc=1)
+    qids = [send(daemon, f"user{i}@remote.test") for i in range(20)]
+    wait_for(lambda: len(mx.handler.received()) == 20, 20, what="20 deliveries")
+    assert mx.handler.connections() == 1
+    wait_for(lambda: all(states(daemon, q) == {f"user{i}@remote.test": "delivered"} for i, q in enumerate(qids)),
+             5, what="all delivered")
+
+
+def test_kill_9_during_deliveries_loses_nothing(start, tmp_path, mx):
+    daemon = start()
+    qids = [send(daemon, f"k{i}@remote.test") for i in range(40)]
+    wait_for(lambda: mx.handler.received(), 10, what="deliveries to begin")
+    daemon.kill()
+    daemon = start(workdir=tmp_path)
+    wait_for(lambda: all(set(states(daemon, q).values()) == {"delivered"} for q in qids), 30,
+             what="every message delivered after the restart")
+    got = {rcpt for m in mx.handler.received() for rcpt in m.rcpt_tos}
+    assert got == {f"k{i}@remote.test" for i in range(40)}
+
+
+def test_sigterm_gives_back_what_is_not_delivered(start, mx):
+    mx.handler.script("wait@remote.test", *["451 4.4.1 not now"] * 50)
+    daemon = start()
+    qid = send(daemon, "wait@remote.test")
+    wait_for(lambda: attempts(daemon, qid), 10, what="a first attempt")
+    daemon.signal(signal.SIGTERM)
+    assert daemon.stop() == 0
+    assert states(daemon, qid) == {"wait@remote.test": "deferred"}
