@@ -153,12 +153,13 @@ def pid_alive(pid: int) -> bool:
 # ---- load generator ------------------------------------------------------------------------
 
 
-def smtp_source(port: int, count: int, size: int, sessions: int, reuse: bool, timeout: float) -> dict:
+def smtp_source(port: int, count: int, size: int, sessions: int, reuse: bool, timeout: float,
+                helo: str = HELO) -> dict:
     """Run smtp-source once; wall time, its own CPU, exit status and stderr lines."""
     cmd = ["smtp-source", "-4"]
     if reuse:
         cmd.append("-d")
-    cmd += ["-s", str(sessions), "-m", str(count), "-l", str(size), "-M", HELO,
+    cmd += ["-s", str(sessions), "-m", str(count), "-l", str(size), "-M", helo,
             "-f", SENDER, "-t", RCPT, f"127.0.0.1:{port}"]
     with tempfile.TemporaryFile() as err:
         start = time.monotonic()
@@ -238,6 +239,22 @@ class Postfix:
         if not (shutil.which("postfix") and shutil.which("smtp-source")):
             raise BenchError("postfix installed but postfix/smtp-source not on PATH")
 
+    def main_cf(self) -> list[str]:
+        """main.cf settings for an acceptance-only run: mail from HELO hold.example is held."""
+        return [
+             f"myhostname = {HOSTNAME}", "mydestination =",
+             "inet_interfaces = 127.0.0.1", "inet_protocols = ipv4",
+             # Nothing should leave the held queue; if something did, it would go to a closed
+             # loopback port and stay deferred (defer_transports), never to the network.
+             "relayhost = [127.0.0.1]:9", "defer_transports = smtp, relay",
+             "mynetworks = 127.0.0.0/8",
+             "disable_dns_lookups = yes", "smtp_host_lookup = native",
+             "smtpd_relay_restrictions = permit_mynetworks, reject",
+             "local_recipient_maps =", "alias_maps =", "alias_database =",
+             f"maillog_file = {POSTFIX_LOG}",
+             f"smtpd_data_restrictions = check_helo_access inline:{{ {HELO}=HOLD }}",
+        ]
+
     def setup(self) -> None:
         self.ensure_installed()
         if os.path.isdir(POSTFIX_BACKUP):
@@ -252,18 +269,7 @@ class Postfix:
         for name in ("main.cf", "master.cf"):
             shutil.copy2(os.path.join(POSTFIX_CONF, name), os.path.join(POSTFIX_BACKUP, name))
         self.configured = True
-        run(["postconf", "-e",
-             f"myhostname = {HOSTNAME}", "mydestination =",
-             "inet_interfaces = 127.0.0.1", "inet_protocols = ipv4",
-             # Nothing should leave the held queue; if something did, it would go to a closed
-             # loopback port and stay deferred (defer_transports), never to the network.
-             "relayhost = [127.0.0.1]:9", "defer_transports = smtp, relay",
-             "mynetworks = 127.0.0.0/8",
-             "disable_dns_lookups = yes", "smtp_host_lookup = native",
-             "smtpd_relay_restrictions = permit_mynetworks, reject",
-             "local_recipient_maps =", "alias_maps =", "alias_database =",
-             f"maillog_file = {POSTFIX_LOG}",
-             f"smtpd_data_restrictions = check_helo_access inline:{{ {HELO}=HOLD }}"])
+        run(["postconf", "-e", *self.main_cf()])
         run(["postconf", "-M#", "smtp/inet"])
         run(["postconf", "-M", f"{self.port}/inet = 127.0.0.1:{self.port} inet n - n - - smtpd"])
         run(["postconf", "-F", "*/*/chroot = n"])

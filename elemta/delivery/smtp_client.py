@@ -142,10 +142,9 @@ class Connection:
         if tls_policy not in TLS_POLICIES:
             raise ValueError(f"tls_policy must be one of {TLS_POLICIES}")
         conn = cls(host, ip, port, lmtp=lmtp, command_timeout=command_timeout)
-        family = socket.AF_UNIX if unix_path else socket.AF_INET
         try:
-            if unix_path:
-                conn._sock = socket.socket(family, socket.SOCK_STREAM)
+            if unix_path:  # LMTP to a local store (Dovecot, Cyrus)
+                conn._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 conn._sock.settimeout(connect_timeout)
                 conn._sock.connect(unix_path)
             else:

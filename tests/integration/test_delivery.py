@@ -12,8 +12,10 @@ import email.policy
 import signal
 import smtplib
 import sqlite3
+import ssl
 
 import pytest
+from aiosmtpd.smtp import AuthResult
 
 from tests.dnsserver import DnsServer
 from tests.mx import Mx
@@ -43,7 +45,7 @@ retry_first = 1
 retry_max = 1
 retry_jitter = 0
 max_lifetime = {lifetime}
-delay_warning = 0
+delay_warning = {delay_warning}
 destination_concurrency = {dest_conc}
 {delivery_extra}
 
@@ -86,8 +88,9 @@ def lmtp():
 def start(tmp_path, dns, mx, lmtp):
     daemons = []
 
-    def run(lifetime=3600, dest_conc=10, delivery_extra="", workdir=None) -> Daemon:
-        text = CONFIG.format(dns=dns.nameserver, mx_port=mx.port, lmtp_port=lmtp.port, lifetime=lifetime,
+    def run(lifetime=3600, dest_conc=10, delivery_extra="", workdir=None, mx_port=None, delay_warning=0) -> Daemon:
+        text = CONFIG.format(dns=dns.nameserver, mx_port=mx_port or mx.port, lmtp_port=lmtp.port, lifetime=lifetime,
+                             delay_warning=delay_warning,
                              dest_conc=dest_conc, delivery_extra=delivery_extra)
         daemon = Daemon(workdir or tmp_path, text).start()
         daemons.append(daemon)
@@ -259,3 +262,123 @@ def test_sigterm_gives_back_what_is_not_delivered(start, mx):
     daemon.signal(signal.SIGTERM)
     assert daemon.stop() == 0
     assert states(daemon, qid) == {"wait@remote.test": "deferred"}
+
+
+# ---- delivery status notifications --------------------------------------------------------
+
+
+def no_report_queued(daemon: Daemon) -> bool:
+    with daemon.db() as conn:
+        return conn.execute("SELECT count(*) FROM messages WHERE sender = ''").fetchone()[0] == 0
+
+
+def test_notify_never_means_no_bounce(start, mx):
+    mx.handler.script("gone@remote.test", "550 5.1.1 no such user")
+    daemon = start()
+    qid = send(daemon, "gone@remote.test", rcpt_params=" NOTIFY=NEVER")
+    wait_for(lambda: states(daemon, qid) == {"gone@remote.test": "failed"}, 10, what="failed state")
+    # The report would have been queued in the same transaction as the failure.
+    assert no_report_queued(daemon)
+
+
+def test_ret_full_envid_and_orcpt_come_back_in_the_bounce(start, mx):
+    mx.handler.script("gone@remote.test", "550 5.1.1 no such user")
+    daemon = start()
+    body = b"Subject: keep me\r\n\r\nThe whole message.\r\n"
+    send(daemon, "gone@remote.test", body, mail_params=" RET=FULL ENVID=env+2Dtest",
+         rcpt_params=" ORCPT=rfc822;orig@remote.test")
+    report = bounce_for(mx)
+    per_message, rcpt = report_fields(report)
+    assert per_message["Original-Envelope-Id"] == "env-test"
+    assert per_message["Reporting-MTA"] == "dns; relay.test"
+    assert rcpt["Original-Recipient"].replace(" ", "") == "rfc822;orig@remote.test"
+    returned = report.get_payload()[2]
+    assert returned.get_content_type() == "message/rfc822"
+    assert returned.as_bytes().endswith(b"The whole message.\r\n") or b"The whole message." in returned.as_bytes()
+
+
+def test_notify_success_to_a_remote_without_dsn_gives_a_relayed_report(start, mx):
+    daemon = start()
+    send(daemon, "bob@remote.test", rcpt_params=" NOTIFY=SUCCESS")
+    (rcpt,) = report_fields(bounce_for(mx))[1:]
+    assert rcpt["Action"] == "relayed" and rcpt["Status"].startswith("2.")
+
+
+def test_delay_warning_is_sent_once(start, mx):
+    mx.handler.script("late@remote.test", "451 4.4.1 not now", "451 4.4.1 not now", "451 4.4.1 not now")
+    daemon = start(delay_warning=0.5)
+    qid = send(daemon, "late@remote.test")
+    (rcpt,) = report_fields(bounce_for(mx))[1:]
+    assert rcpt["Action"] == "delayed" and "Will-Retry-Until" in rcpt
+    wait_for(lambda: mx.handler.to("late@remote.test"), 15, what="the delivery after the retries")
+    assert len(mx.handler.to("alice@sender.test")) == 1
+    assert states(daemon, qid) == {"late@remote.test": "delivered"}
+
+
+def test_a_bounce_is_never_bounced_but_can_go_to_postmaster(start, mx):
+    mx.handler.script("gone@remote.test", "550 5.1.1 no such user", "550 5.1.1 no such user")
+    daemon = start()
+    qid = send(daemon, "gone@remote.test", sender="")
+    wait_for(lambda: states(daemon, qid) == {"gone@remote.test": "failed"}, 10, what="failed state")
+    assert len(daemon.messages()) == 1  # only the bounce itself: no report about it
+    wait_for(lambda: "double_bounce" in daemon.log_text(), 5, what="the double_bounce log line")
+    daemon.stop()
+    daemon = start(delivery_extra='double_bounce_to = "postmaster@remote.test"')
+    send(daemon, "gone@remote.test", sender="")
+    report = bounce_for(mx, "postmaster@remote.test")
+    assert report_fields(report)[1]["Action"] == "failed"
+
+
+# ---- TLS and the relayhost ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ca():
+    trustme = pytest.importorskip("trustme")
+    return trustme.CA()
+
+
+def tls_mx(ca, name: str, **kwargs) -> Mx:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(name).configure_cert(context)
+    return Mx(tls_context=context, **kwargs)
+
+
+def test_starttls_with_verify_against_the_mx_name(start, ca, tmp_path):
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    extra = f'tls_policies = {{ "remote.test" = "verify" }}\nca_file = "{tmp_path / "ca.pem"}"'
+    with tls_mx(ca, "mx.remote.test") as good:
+        daemon = start(delivery_extra=extra, mx_port=good.port)
+        qid = send(daemon, "bob@remote.test")
+        wait_for(lambda: good.handler.to("bob@remote.test"), 10, what="delivery over TLS")
+        wait_for(lambda: attempts(daemon, qid), 5, what="the attempt record")
+        assert attempts(daemon, qid)[0]["tls"].startswith("TLSv1.")
+
+
+def test_verify_fails_on_a_certificate_for_another_name(start, ca, tmp_path):
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    extra = f'tls_policies = {{ "remote.test" = "verify" }}\nca_file = "{tmp_path / "ca.pem"}"'
+    with tls_mx(ca, "other.example") as wrong:
+        daemon = start(delivery_extra=extra, mx_port=wrong.port)
+        qid = send(daemon, "bob@remote.test")
+        wait_for(lambda: attempts(daemon, qid), 10, what="a failed attempt")
+        first = attempts(daemon, qid)[0]
+        assert first["outcome"] == "deferred" and "certificate" in first["reply"].lower()
+        assert not wrong.handler.received()
+
+
+def test_relayhost_with_auth_over_starttls(start, ca, tmp_path):
+    logins = []
+
+    def authenticator(server, session, envelope, mechanism, auth_data):
+        logins.append((mechanism, auth_data.login, auth_data.password))
+        return AuthResult(success=auth_data.password == b"s3cret")
+
+    (tmp_path / "relay-auth").write_text("relayuser:s3cret\n")
+    with tls_mx(ca, "smarthost.test", authenticator=authenticator, auth_require_tls=True) as relay:
+        extra = (f'relayhost = "127.0.0.1:{relay.port}"\nrelayhost_tls_policy = "encrypt"\n'
+                 f'relayhost_auth_file = "{tmp_path / "relay-auth"}"')
+        daemon = start(delivery_extra=extra)
+        send(daemon, "anyone@elsewhere.test")
+        wait_for(lambda: relay.handler.to("anyone@elsewhere.test"), 10, what="delivery via the relayhost")
+    assert logins and logins[0][1:] == (b"relayuser", b"s3cret")
