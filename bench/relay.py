@@ -36,8 +36,8 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import accept  # noqa: E402 -- the sibling bench module: Postfix setup, smtp-source, CPU counting
-from accept import BenchError, log, tree_cpu
+import accept  # the sibling bench module: Postfix setup, smtp-source, CPU counting
+from accept import BenchError, log
 
 HELO = "relay.example"
 

@@ -58,26 +58,47 @@ class LocalRecipients:
             return True
         return bool(self._targets(address))
 
+    def exists(self, address: str) -> bool:
+        """True if `address` has a mailbox of its own here (a listed recipient, not only an alias)."""
+        if not self.is_local(address):
+            return False
+        key = _norm(address)
+        domain = key.rsplit("@", 1)[1]
+        return (self._open or key in self._recipients or f"@{domain}" in self._recipients
+                or key.startswith("postmaster@"))
+
     def expand(self, address: str) -> tuple[str, ...]:
-        """Final addresses for `address` (itself when it is no alias); () if it does not exist."""
+        """Final addresses for `address` (itself when it is no alias); () if it does not exist.
+
+        An alias that names itself among its targets keeps a copy ("bob" -> "bob, archive");
+        an alias met again further down its own chain is a loop and adds nothing; one reached
+        by two different paths is expanded on both (the results are de-duplicated).
+        """
         if not self.is_local(address):
             return (address,)
-        return self._expand(address, 0, set())
-
-    def _expand(self, address: str, depth: int, seen: set[str]) -> tuple[str, ...]:
-        key = _norm(address)
-        if key in seen or depth >= MAX_DEPTH or not self.is_local(address):
-            return (address,)
-        seen.add(key)
-        targets = self._targets(address)
-        if targets == (address,):
-            return targets
         result: list[str] = []
-        for target in targets:
-            for final in self._expand(target, depth + 1, seen):
-                if _norm(final) not in {_norm(r) for r in result}:
-                    result.append(final)
+        self._expand(address, (), result)
         return tuple(result)
+
+    def _expand(self, address: str, path: tuple[str, ...], result: list[str]) -> None:
+        key = _norm(address)
+        if key in path:
+            return  # a loop: this branch adds nothing (a loop without an exit leaves nobody)
+        if len(path) >= MAX_DEPTH:  # an absurdly long chain: deliver where it got to
+            if key not in {_norm(r) for r in result}:
+                result.append(address)
+            return
+        targets = self._targets(address) if self.is_local(address) else (address,)
+        for target in targets:
+            if _norm(target) == key:
+                final = True  # itself: its own mailbox, not its alias again
+            else:
+                final = not self.is_local(target) or self._targets(target) == (target,)
+            if final:
+                if _norm(target) not in {_norm(r) for r in result}:
+                    result.append(target)
+            else:
+                self._expand(target, (*path, key), result)
 
     def _targets(self, address: str) -> tuple[str, ...]:
         key = _norm(address)

@@ -17,8 +17,8 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
-_STATUS = re.compile(r"[45]\.\d{1,3}\.\d{1,3}$")
-_HOST = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?$")
+_STATUS = re.compile(r"[45]\.\d{1,3}\.\d{1,3}")
+_HOST = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?")
 
 
 @dataclass(frozen=True)
@@ -56,14 +56,14 @@ def parse(text: str, *, default_port: int = 25) -> Transport:
                          "hold, discard or error:CODE TEXT")
     if kind == "error":
         status, _, why = rest.partition(" ")
-        if not _STATUS.match(status):
+        if not _STATUS.fullmatch(status):
             raise ValueError(f"error: {status!r} is not a status like 5.1.1 or 4.7.1")
         return Transport("error", status=status, text=why.strip())
     if kind == "maildir":
         if not rest.startswith("/"):
             raise ValueError("maildir: needs an absolute path, e.g. maildir:/var/mail/%d/%u")
         return Transport("maildir", path=rest)
-    if kind == "lmtp" and rest.startswith("unix:"):
+    if kind == "lmtp" and rest[:5].lower() == "unix:":
         path = rest[len("unix:"):]
         if not path.startswith("/"):
             raise ValueError("lmtp:unix: needs an absolute socket path")
@@ -83,19 +83,20 @@ def split_next_hop(text: str, default_port: int = 25) -> tuple[str, int]:
         if tail and not tail.startswith(":"):
             raise ValueError(f"{text!r}: expected [HOST]:PORT")
         port_text = tail[1:]
+        has_port = bool(tail)
     else:
-        host, _, port_text = text.partition(":")
+        host, has_port, port_text = text.partition(":")
         if ":" in port_text:
             raise ValueError(f"{text!r}: write IPv6 addresses in brackets, [2001:db8::1]:25")
     if not host:
         raise ValueError(f"{text!r}: no host")
-    if port_text:
+    if has_port:
         if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
             raise ValueError(f"{text!r}: port must be 1 to 65535")
         port = int(port_text)
     else:
         port = default_port
-    if not (_is_ip(host) or _HOST.match(host)):
+    if not (_is_ip(host) or _HOST.fullmatch(host)):
         raise ValueError(f"{text!r}: {host!r} is not a host name or IP address")
     return host, port
 

@@ -201,21 +201,15 @@ def test_config_load_reports_a_bad_transport_with_its_key(data, message):
         config.parse(data)
 
 
-# -- bugs ---------------------------------------------------------------------------
+# -- edge cases ---------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "transport.py:92: 'host:' (a colon with no port after it) is taken as 'no port' and gets "
-    "the default, instead of 'port must be 1 to 65535' (dns.parse_nameserver rejects '127.0.0.1:')"))
 @pytest.mark.parametrize("text", ["smtp:mail.example.org:", "smtp:[2001:db8::1]:", "lmtp:store:"])
 def test_colon_without_a_port_is_a_bad_port(text):
     with pytest.raises(ValueError, match="port must be 1 to 65535"):
         parse(text)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "transport.py:20-21: _STATUS and _HOST end in '$', which also matches before a trailing "
-    "newline, so a host or status with a line feed in it is accepted (use fullmatch or \\Z)"))
 @pytest.mark.parametrize("call", [
     lambda: split_next_hop("relay.example.org\n"),
     lambda: parse("smtp:mail.example.org\n:25"),
@@ -226,8 +220,5 @@ def test_line_feed_in_host_or_status_is_rejected(call):
         call()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "transport.py:66: the kind is case-insensitive ('LMTP:') but the 'unix:' prefix is not: "
-    "'lmtp:UNIX:/run/lmtp' is read as host 'UNIX' with port '/run/lmtp'"))
 def test_lmtp_unix_prefix_is_case_insensitive_like_the_kind():
     assert parse("lmtp:UNIX:/run/dovecot/lmtp") == Transport("lmtp", path="/run/dovecot/lmtp")

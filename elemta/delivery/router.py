@@ -62,15 +62,22 @@ class Router:
         self._relay = tmod.split_next_hop(d.relayhost) if d.relayhost else None
         self._relay_auth = read_auth_file(d.relayhost_auth_file) if d.relayhost_auth_file else None
 
-    def route(self, address: str) -> Route:
-        """The route for one recipient address; raises dns.DnsError when DNS cannot say."""
+    def route(self, address: str, *, expand: bool = True) -> Route:
+        """The route for one recipient address; raises dns.DnsError when DNS cannot say.
+
+        expand=False for the targets of an expansion: they are final addresses, so an alias
+        that keeps a copy for itself ("bob" -> "bob, archive") is not expanded again.
+        """
         domain = address.rpartition("@")[2].lower().rstrip(".")
         if self.recipients.is_local(address):
-            targets = self.recipients.expand(address)
-            if not targets:
+            if expand:
+                targets = self.recipients.expand(address)
+                if not targets:
+                    return Route("error", status="5.1.1", text=f"<{address}>: no such user here (or an alias loop)")
+                if tuple(t.lower() for t in targets) != (address.lower(),):
+                    return Route("expand", targets=targets)
+            elif not self.recipients.exists(address):
                 return Route("error", status="5.1.1", text=f"<{address}>: no such user here")
-            if tuple(t.lower() for t in targets) != (address.lower(),):
-                return Route("expand", targets=targets)
             return self._from_transport(self._local, domain)
         found = self._transport_for(domain)
         if found is not None:

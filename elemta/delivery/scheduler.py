@@ -213,7 +213,7 @@ class Scheduler:
         now = self.clock()
         for r in job.recipients:
             try:
-                route = self.router.route(r.address)
+                route = self.router.route(r.address, expand=r.parent is None)
             except DnsError as exc:
                 verdicts.append(Verdict(r, "permanent" if exc.permanent else "transient", exc.text,
                                         exc.enhanced))
@@ -302,12 +302,10 @@ class Scheduler:
         result = decide(job, outcome.verdicts, outcome.attempts, schedule=self.schedule,
                         reporting=self.reporting, now=now, final_hop=final_hop, body=body, rng=self.rng)
         result.outcomes.extend(extra or ())
-        self.work.finish(job.queue_id, result)
+        self.work.submit(job.queue_id, result, self.wake if result.reports else None)
         for v, o in zip(outcome.verdicts, result.outcomes, strict=False):
             self.log(o.state, qid=job.queue_id, rcpt=f"<{v.recipient.address}>", relay=v.host or "-",
                      reply=v.reply[:200], level=logmod.INFO if o.state != "failed" else logmod.WARNING)
-        if result.reports:
-            self.wake()
 
     def _give_back(self, dl: Delivery) -> None:
         self.work.release(r.id for r in dl.recipients)

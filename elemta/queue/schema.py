@@ -111,6 +111,8 @@ _V2 = (
     "ALTER TABLE attempts ADD COLUMN port INTEGER",
     "ALTER TABLE attempts ADD COLUMN duration REAL",
     "ALTER TABLE recipients ADD COLUMN warned INTEGER NOT NULL DEFAULT 0",
+    # The alias row a recipient was expanded from: its address is final, never expanded again.
+    "ALTER TABLE recipients ADD COLUMN parent INTEGER",
     "ALTER TABLE messages ADD COLUMN done_at REAL",
     "CREATE INDEX messages_done_at ON messages (done_at) WHERE done_at IS NOT NULL",
 )

@@ -15,6 +15,7 @@ of a power failure is a duplicate, never a loss. Intake (Store) keeps synchronou
 from __future__ import annotations
 
 import contextlib
+import queue
 import sqlite3
 import threading
 import time
@@ -37,6 +38,7 @@ class Recipient:
     notify: tuple[str, ...]
     attempts: int
     warned: bool
+    parent: int | None = None  # the alias row this one was expanded from
 
 
 @dataclass(frozen=True)
@@ -90,16 +92,33 @@ class Result:
     reports: list[NewMessage] = field(default_factory=list)  # bounces / DSNs to enqueue
 
 
+_STOP = object()
+_BATCH_MAX = 512
+
+
 class WorkQueue:
-    def __init__(self, path: str, owner: str, *, clock: Callable[[], float] = time.time) -> None:
+    """Claims and results on the queue database; see the module docstring.
+
+    Writes go through one connection under a lock (a transaction belongs to the connection,
+    not the thread). Reads use a connection per thread so they never wait behind a write.
+    submit() hands results to a writer thread that commits whatever is waiting in one
+    transaction: under load one BEGIN IMMEDIATE ... COMMIT covers hundreds of deliveries
+    instead of each delivery thread queueing for the database's write lock.
+    """
+
+    def __init__(self, path: str, owner: str, *, clock: Callable[[], float] = time.time,
+                 on_error: Callable[[str], None] = lambda text: None) -> None:
         self.path = path
         self.owner = owner  # lease_owner: host:pid of the scheduler
         self._clock = clock
+        self._on_error = on_error
         self._conn: sqlite3.Connection | None = None
         self._data_version = -1
-        # One connection shared by the scheduler and its delivery threads: a transaction
-        # belongs to the connection, not the thread, so each use holds the lock throughout.
         self._lock = threading.RLock()
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._pending: queue.Queue = queue.Queue()
+        self._writer: threading.Thread | None = None
 
     def open(self) -> None:
         try:
@@ -110,26 +129,56 @@ class WorkQueue:
             raise QueueError(f"cannot open queue database {self.path}: {exc}") from exc
         conn.row_factory = sqlite3.Row
         self._conn = conn
+        self._writer = threading.Thread(target=self._write_results, name="results-writer", daemon=True)
+        self._writer.start()
 
     def close(self) -> None:
+        """Commit what was submitted, then close every connection."""
+        if self._writer is not None:
+            self._pending.put(_STOP)
+            self._writer.join()
+            self._writer = None
         with self._lock:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+            readers, self._readers = self._readers, []
+        for conn in readers:
+            conn.close()
 
     @contextlib.contextmanager
     def _use(self, write: bool):
+        if not write:
+            with self._reading() as conn:
+                yield conn
+            return
         with self._lock:
             if self._conn is None:
                 raise QueueError("work queue is not open")
             try:
-                if write:
-                    with db.write(self._conn) as conn:
-                        yield conn
-                else:
-                    yield self._conn
+                with db.write(self._conn) as conn:
+                    yield conn
             except sqlite3.Error as exc:
                 raise QueueError(f"queue database: {exc}") from exc
+
+    @contextlib.contextmanager
+    def _reading(self):
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            with self._lock:
+                if self._conn is None:
+                    raise QueueError("work queue is not open")
+                try:
+                    conn = db.connect(self.path, readonly=True, check_same_thread=False)
+                except sqlite3.Error as exc:
+                    raise QueueError(f"cannot open queue database {self.path}: {exc}") from exc
+                conn.row_factory = sqlite3.Row
+                self._readers.append(conn)
+            self._local.conn = conn
+        try:
+            yield conn
+        except sqlite3.Error as exc:
+            raise QueueError(f"queue database: {exc}") from exc
 
     # -- finding work ----------------------------------------------------------
 
@@ -166,7 +215,7 @@ class WorkQueue:
                 " WHERE id IN (SELECT id FROM recipients WHERE state IN ('queued', 'deferred')"
                 "   AND next_attempt <= ? ORDER BY priority, next_attempt, id LIMIT ?)"
                 " AND state IN ('queued', 'deferred')"
-                " RETURNING id, queue_id, address, domain, orcpt, notify, attempts, warned",
+                " RETURNING id, queue_id, address, domain, orcpt, notify, attempts, warned, parent",
                 (now + lease, self.owner, now, now, limit),
             ).fetchall()
             by_message: dict[str, list[Recipient]] = {}
@@ -174,7 +223,7 @@ class WorkQueue:
                 by_message.setdefault(row["queue_id"], []).append(Recipient(
                     row["id"], row["address"], row["domain"], row["orcpt"],
                     tuple(row["notify"].split(",")) if row["notify"] else (), row["attempts"],
-                    bool(row["warned"]),
+                    bool(row["warned"]), row["parent"],
                 ))
             if not by_message:
                 return []
@@ -204,19 +253,72 @@ class WorkQueue:
         Only recipients this owner still holds as active are changed; the reports are
         queued in the same transaction, so a bounce exists exactly when its failure does.
         """
-        now = self._clock()
         with self._use(True) as conn:
-            for o in result.outcomes:
-                conn.execute(
-                    "UPDATE recipients SET state = ?, last_error = ?, next_attempt = coalesce(?, next_attempt),"
-                    " attempts = attempts + 1, warned = warned OR ?, lease_until = NULL, lease_owner = NULL,"
-                    " updated = ? WHERE id = ? AND state = 'active' AND lease_owner = ?",
-                    (o.state, o.error or None, o.next_attempt, 1 if o.warned else 0, now, o.recipient_id, self.owner),
-                )
-            _insert_attempts(conn, queue_id, result.attempts)
-            if result.reports:
-                schema.insert_messages(conn, result.reports, now)
-            _mark_done(conn, queue_id, now)
+            self._apply(conn, queue_id, result, self._clock())
+
+    def submit(self, queue_id: str, result: Result, on_commit: Callable[[], None] | None = None) -> None:
+        """finish() on the writer thread, without waiting; on_commit runs after the commit.
+
+        Until then the recipients stay active (leased), so nothing claims them again.
+        """
+        self._pending.put((queue_id, result, on_commit))
+
+    def flush(self) -> None:
+        """Wait until everything submitted so far is committed (or has failed)."""
+        self._pending.join()
+
+    def _write_results(self) -> None:
+        while True:
+            batch = [self._pending.get()]
+            while batch[-1] is not _STOP and len(batch) < _BATCH_MAX:
+                try:
+                    batch.append(self._pending.get_nowait())
+                except queue.Empty:
+                    break
+            items = [item for item in batch if item is not _STOP]
+            try:
+                self._commit(items)
+            finally:
+                for _ in batch:
+                    self._pending.task_done()
+            if batch[-1] is _STOP:
+                return
+
+    def _commit(self, items: list) -> None:
+        try:
+            with self._use(True) as conn:
+                now = self._clock()
+                for queue_id, result, _ in items:
+                    self._apply(conn, queue_id, result, now)
+        except QueueError as exc:
+            if len(items) > 1:  # find the culprit: the others are written one by one
+                for item in items:
+                    self._commit([item])
+                return
+            # The recipients stay leased; the lease's expiry returns them to the queue.
+            self._on_error(f"could not record results of {items[0][0]}: {exc}")
+            return
+        for _, _, on_commit in items:
+            if on_commit is not None:
+                on_commit()
+
+    def _apply(self, conn: sqlite3.Connection, queue_id: str, result: Result, now: float) -> None:
+        lost = set()
+        for o in result.outcomes:
+            cur = conn.execute(
+                "UPDATE recipients SET state = ?, last_error = ?, next_attempt = coalesce(?, next_attempt),"
+                " attempts = attempts + 1, warned = warned OR ?, lease_until = NULL, lease_owner = NULL,"
+                " updated = ? WHERE id = ? AND state = 'active' AND lease_owner = ?",
+                (o.state, o.error or None, o.next_attempt, 1 if o.warned else 0, now, o.recipient_id, self.owner),
+            )
+            if cur.rowcount != 1:
+                lost.add(o.recipient_id)
+        # A recipient whose lease was lost (elemtactl held or deleted it, or it expired and was
+        # claimed again) belongs to someone else now: none of this result is about it any more.
+        _insert_attempts(conn, queue_id, [a for a in result.attempts if a.recipient_id not in lost])
+        if result.reports and not lost:
+            schema.insert_messages(conn, result.reports, now)
+        _mark_done(conn, queue_id, now)
 
     def expand(self, queue_id: str, recipient: Recipient, targets: Sequence[str], priority: int) -> None:
         """Replace an alias by its targets (RFC 3464 'expanded'): new rows, due now.
@@ -237,8 +339,9 @@ class WorkQueue:
                 return  # the lease was lost (e.g. elemtactl deleted the message): nothing to do
             conn.executemany(
                 "INSERT INTO recipients (queue_id, address, domain, orcpt, notify, state, priority,"
-                " next_attempt, updated) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?)",
-                [(queue_id, t, t.rpartition("@")[2].lower(), orcpt, notify, priority, now, now) for t in targets],
+                " next_attempt, updated, parent) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
+                [(queue_id, t, t.rpartition("@")[2].lower(), orcpt, notify, priority, now, now, recipient.id)
+                 for t in targets],
             )
             conn.execute(
                 "UPDATE messages SET recipients = recipients + ? WHERE queue_id = ?", (len(targets), queue_id)
