@@ -114,7 +114,7 @@ class QueueConfig:
 @dataclass(frozen=True)
 class DeliveryConfig:
     hold: bool = False  # keep new mail held in the queue instead of delivering it
-    relayhost: str = ""  # host:port ([host]:port = no MX lookup) for all outbound mail; "" = MX
+    relayhost: str = ""  # host[:port] (IPv6 as [addr]:port) for all outbound mail, no MX lookup; "" = MX
     relayhost_auth_file: str = ""  # file with one line "user:password" for AUTH at the relayhost
     relayhost_tls_policy: str = "may"
     tls_policy: str = "may"  # none | may | encrypt | verify, for MX delivery
@@ -131,7 +131,7 @@ class DeliveryConfig:
     domain_concurrency: dict = field(default_factory=dict)  # recipient domain -> concurrency
     domain_rate: dict = field(default_factory=dict)  # recipient domain -> deliveries per second
     connect_timeout: float = 30.0
-    command_timeout: float = 300.0  # RFC 5321 §4.5.3.2: 5 minutes (10 for the end of DATA)
+    command_timeout: float = 300.0  # for each reply, also the one after the data (RFC 5321 §4.5.3.2)
     reuse_idle_timeout: float = 10.0  # keep a connection this long for the next message
     reuse_max_messages: int = 100  # ... and for at most this many messages
     retry_first: float = 300.0  # seconds; see the retry formula in docs/delivery.md

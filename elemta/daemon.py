@@ -192,6 +192,9 @@ class Daemon:
                 scheduler = fresh
                 store.on_commit = scheduler.wake
                 scheduler.start()
+        elif scheduler is not None:
+            # Same settings, but local.recipients_file may have new contents.
+            scheduler.router.recipients = recipients
         store.set_limits(
             min_free_bytes=config.queue.min_free_space,
             max_messages=config.queue.max_messages,

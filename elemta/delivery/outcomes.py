@@ -91,7 +91,7 @@ def _report_message(job: Job, statuses: list[bounce.RecipientStatus], reporting:
                     body: bytes) -> NewMessage | None:
     to = job.sender
     if not to:
-        # RFC 3461 §6.2 / RFC 5321 §6.1: never a report about a report; that would loop.
+        # RFC 5321 §3.6.3: never a report about a report (null sender); that could loop.
         reporting.log("double_bounce", qid=job.queue_id, recipients=len(statuses),
                       to=reporting.double_bounce_to or "-")
         if not reporting.double_bounce_to:

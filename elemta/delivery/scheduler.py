@@ -36,6 +36,8 @@ from elemta.queue.work import Outcome as QueueOutcome
 POLL = 0.25  # seconds between looks at PRAGMA data_version
 LEASE = 3600.0  # longer than any attempt; only a dead process's leases ever run out
 HOUSEKEEPING = 60.0  # seconds between purges of finished messages
+PURGE_BATCH = 500  # messages deleted per transaction, keeping each write short
+PURGE_BATCHES = 100  # at most 50,000 messages a minute
 
 
 @dataclass
@@ -170,7 +172,12 @@ class Scheduler:
         recovered = self.work.recover_expired()
         if recovered:
             self.log("recovered", recipients=recovered, level=logmod.WARNING)
-        purged = self.work.purge(self.config.delivery.retention)
+        purged = 0
+        for _ in range(PURGE_BATCHES):  # bounded, so a huge backlog cannot stall the scheduler
+            count = self.work.purge(self.config.delivery.retention, limit=PURGE_BATCH)
+            purged += count
+            if count < PURGE_BATCH:
+                break
         if purged:
             self.log("purged", messages=purged)
         with self._lock:  # forget idle destinations so the table stays small
@@ -197,8 +204,13 @@ class Scheduler:
             return
         with self._lock:
             self._parts[id(job)] = len(groups)
+        inline = None
         for dl in groups:
-            self._dispatch(dl)
+            if self._dispatch(dl, inline_ok=inline is None):
+                inline = dl
+        if inline is not None:
+            # This thread is free now: deliver here rather than hand the work to another thread.
+            self._deliver(inline)
 
     def _route(self, job: Job) -> list[Delivery]:
         if self._stopping:
@@ -240,7 +252,8 @@ class Scheduler:
             self._record(job, body, Outcome(verdicts, result.attempts), extra=result.outcomes)
         return [Delivery(job, body, route, rcpts, rcpts[0].domain) for route, rcpts in groups.items()]
 
-    def _dispatch(self, dl: Delivery) -> None:
+    def _dispatch(self, dl: Delivery, inline_ok: bool = False) -> bool:
+        """Start dl (or queue it for its destination); True = the caller must run it itself."""
         d = self.config.delivery
         key = dl.route.destination
         with self._lock:
@@ -255,11 +268,14 @@ class Scheduler:
                 start = self._may_start(dest)
                 if not start:
                     dest.waiting.append(dl)
-                    return
+                    return False
         if not start:
             self._give_back(dl)
-            return
+            return False
+        if inline_ok:
+            return True
         self._pool.submit(self._guard, self._deliver, dl)
+        return False
 
     def _may_start(self, dest: Destination) -> bool:
         """Under the lock: take a slot if the limit and the rate allow it."""
@@ -306,6 +322,10 @@ class Scheduler:
         for v, o in zip(outcome.verdicts, result.outcomes, strict=False):
             self.log(o.state, qid=job.queue_id, rcpt=f"<{v.recipient.address}>", relay=v.host or "-",
                      reply=v.reply[:200], level=logmod.INFO if o.state != "failed" else logmod.WARNING)
+        addresses = {r.id: r.address for r in job.recipients}
+        for o in extra or ():
+            if o.state == "held":
+                self.log("held", qid=job.queue_id, rcpt=f"<{addresses.get(o.recipient_id, '?')}>", reply=o.error)
 
     def _give_back(self, dl: Delivery) -> None:
         self.work.release(r.id for r in dl.recipients)
