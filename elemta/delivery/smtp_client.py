@@ -35,18 +35,8 @@ from elemta.delivery.smtp_reply import (
     xtext,
 )
 
-__all__ = [
-    "TLS_POLICIES",
-    "Connection",
-    "OutMessage",
-    "OutRecipient",
-    "Pool",
-    "RecipientResult",
-    "Reply",
-    "SmtpClientError",
-    "TlsInfo",
-    "dot_stuff",
-]
+__all__ = ["TLS_POLICIES", "Connection", "OutMessage", "OutRecipient", "Pool", "RecipientResult", "Reply",
+           "SmtpClientError", "TlsInfo", "dot_stuff"]
 
 TLS_POLICIES = ("none", "may", "encrypt", "verify")
 NOTIFY_KEYWORDS = ("NEVER", "SUCCESS", "FAILURE", "DELAY")  # RFC 3461 §4.1

@@ -334,19 +334,16 @@ class Session:
             new_rcpt = env.recipient(rcpt, params)
         except addr.AddressError as exc:
             return self._address_error(exc, replies.BAD_RECIPIENT)
-        if not self._may_receive(rcpt):
-            self.services.log(
-                "reject", qid=self.envelope.queue_id, ip=self.client.ip, conn=self.client.conn, rcpt=f"<{rcpt}>",
-                reply="550 5.7.1",
-            )
-            return self._error(replies.RELAY_DENIED)
         table = self.settings.recipients
-        if table is not None and not self.settings.accept_all and not table.accepts(str(rcpt)):
-            self.services.log(
-                "reject", qid=self.envelope.queue_id, ip=self.client.ip, conn=self.client.conn, rcpt=f"<{rcpt}>",
-                reply="550 5.1.1",
-            )
-            return self._error(replies.NO_SUCH_USER)
+        refusal = (
+            replies.RELAY_DENIED if not self._may_receive(rcpt)
+            else replies.NO_SUCH_USER if table and not self.settings.accept_all and not table.accepts(str(rcpt))
+            else None
+        )
+        if refusal is not None:
+            self.services.log("reject", qid=self.envelope.queue_id, ip=self.client.ip, conn=self.client.conn,
+                              rcpt=f"<{rcpt}>", reply=f"{refusal.code} {refusal.esc}")
+            return self._error(refusal)
         self.envelope.add_recipient(new_rcpt)
         self.services.log("rcpt", qid=self.envelope.queue_id, rcpt=f"<{rcpt}>")
         return [replies.RCPT_OK]
