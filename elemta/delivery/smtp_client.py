@@ -30,6 +30,7 @@ from elemta.delivery.smtp_reply import (
     SmtpClientError,
     TlsInfo,
     build_reply,
+    dot_stuff,
     parse_ehlo,
     parse_line,
     xtext,
@@ -62,16 +63,6 @@ class OutMessage:
     ret: str | None = None  # "FULL" | "HDRS" | None
     body_type: str = "7BIT"  # "7BIT" | "8BITMIME" | "BINARYMIME"
     smtputf8: bool = False
-
-
-def dot_stuff(body: bytes) -> bytes:
-    """The DATA text for a CRLF body: RFC 5321 §4.5.2 transparency, then CRLF.CRLF."""
-    stuffed = body.replace(b"\r\n.", b"\r\n..")
-    if stuffed.startswith(b"."):
-        stuffed = b"." + stuffed
-    if stuffed and not stuffed.endswith(b"\r\n"):
-        stuffed += b"\r\n"  # §4.1.1.4: the terminator starts on a line of its own
-    return stuffed + b".\r\n"
 
 
 @functools.lru_cache(maxsize=16)

@@ -1,4 +1,4 @@
-"""What the outbound SMTP/LMTP client reads and reports: replies, EHLO keywords, errors.
+"""The wire format of the outbound SMTP/LMTP client: replies, EHLO keywords, errors, DATA text.
 
 Kept apart from smtp_client.py so the parsing rules can be tested with plain bytes; the
 client re-exports Reply and SmtpClientError, so callers import everything from there.
@@ -171,3 +171,13 @@ class SmtpClientError(ElemtaError):
         where = f"{host}[{ip}]" if ip else host
         said = f": {reply}" if reply else ""
         super().__init__(f"{where} {stage}: {reason}{said}".strip())
+
+
+def dot_stuff(body: bytes) -> bytes:
+    """The DATA text for a CRLF body: RFC 5321 §4.5.2 transparency, then CRLF.CRLF."""
+    stuffed = body.replace(b"\r\n.", b"\r\n..")
+    if stuffed.startswith(b"."):
+        stuffed = b"." + stuffed
+    if stuffed and not stuffed.endswith(b"\r\n"):
+        stuffed += b"\r\n"  # §4.1.1.4: the terminator starts on a line of its own
+    return stuffed + b".\r\n"

@@ -20,10 +20,11 @@ characters become "?".
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import hashlib
 import re
 import textwrap
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -49,8 +50,6 @@ _WORD = re.compile(r"[ \t]*[^ \t]+")  # a word with the white space before it
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 # RFC 3461 §9.2: an SMTP reply is a 3-digit code then " " or "-" (or nothing).
 _SMTP_REPLY = re.compile(r"[2-5][0-9][0-9](?:[ -]|$)")
-_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
-_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
 @dataclass(frozen=True)
@@ -459,13 +458,8 @@ def _show(address: str, utf8: bool) -> str:
 
 
 def _date(when: float) -> str:
-    """RFC 5322 §3.3 date-time in UTC, spelled out by hand so that neither the
-    locale nor the local time zone changes the output."""
-    t = time.gmtime(when)
-    return (
-        f"{_DAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon - 1]} {t.tm_year:04d} "
-        f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} +0000"
-    )
+    """RFC 5322 §3.3 date-time in UTC; email.utils spells the names, unaffected by the locale."""
+    return email.utils.format_datetime(datetime.datetime.fromtimestamp(int(when), datetime.UTC))
 
 
 def _encoding(content: bytes) -> str:

@@ -335,11 +335,8 @@ class Session:
         except addr.AddressError as exc:
             return self._address_error(exc, replies.BAD_RECIPIENT)
         table = self.settings.recipients
-        refusal = (
-            replies.RELAY_DENIED if not self._may_receive(rcpt)
-            else replies.NO_SUCH_USER if table and not self.settings.accept_all and not table.accepts(str(rcpt))
-            else None
-        )
+        unknown = table is not None and not self.settings.accept_all and not table.accepts(str(rcpt))
+        refusal = replies.RELAY_DENIED if not self._may_receive(rcpt) else replies.NO_SUCH_USER if unknown else None
         if refusal is not None:
             self.services.log("reject", qid=self.envelope.queue_id, ip=self.client.ip, conn=self.client.conn,
                               rcpt=f"<{rcpt}>", reply=f"{refusal.code} {refusal.esc}")
@@ -358,9 +355,7 @@ class Session:
         if domain in self.settings.local_domains or domain in self.settings.relay_domains:
             return True
         # ".example.org" in relay_domains covers every subdomain of example.org.
-        return any(
-            domain.endswith(d) for d in self.settings.relay_domains if d.startswith(".")
-        )
+        return any(domain.endswith(d) for d in self.settings.relay_domains if d.startswith("."))
 
     def _data_cmd(self, arg: str) -> list:
         if arg:
