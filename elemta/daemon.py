@@ -44,14 +44,24 @@ def build_store(config: Config, worker: int = 0) -> Store:
     )
 
 
+def build_resolver(config: Config) -> Resolver:
+    try:
+        return Resolver(config.delivery.resolvers, timeout=config.delivery.dns_timeout)
+    except ValueError as exc:
+        raise ConfigError(f"delivery.resolvers: {exc}") from None
+
+
+def check_startup(config: Config) -> None:
+    """What start-up reads beyond the config file itself (the recipient table, the relayhost's
+    password file, the resolvers): ConfigError naming the key, so --check-config sees it too."""
+    Router(config, build_resolver(config), LocalRecipients.from_config(config))
+
+
 def build_scheduler(config: Config, store: Store, events: logmod.EventLog,
                     recipients: LocalRecipients) -> Scheduler:
     """The delivery side, on the same queue database (ConfigError/QueueError if it cannot start)."""
     d = config.delivery
-    try:
-        resolver = Resolver(d.resolvers, timeout=d.dns_timeout)
-    except ValueError as exc:
-        raise ConfigError(f"delivery.resolvers: {exc}") from None
+    resolver = build_resolver(config)
     router = Router(config, resolver, recipients)
     pool = smtp_client.Pool(idle_timeout=d.reuse_idle_timeout, max_messages=d.reuse_max_messages)
     attempter = attempt.Attempter(

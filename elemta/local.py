@@ -60,12 +60,8 @@ class LocalRecipients:
 
     def exists(self, address: str) -> bool:
         """True if `address` has a mailbox of its own here (a listed recipient, not only an alias)."""
-        if not self.is_local(address):
-            return False
         key = _norm(address)
-        domain = key.rsplit("@", 1)[1]
-        return (self._open or key in self._recipients or f"@{domain}" in self._recipients
-                or key.startswith("postmaster@"))
+        return self.is_local(address) and (key.startswith("postmaster@") or self._listed(key))
 
     def expand(self, address: str) -> tuple[str, ...]:
         """Final addresses for `address` (itself when it is no alias); () if it does not exist.
@@ -85,18 +81,12 @@ class LocalRecipients:
         if key in path:
             return  # a loop: this branch adds nothing (a loop without an exit leaves nobody)
         if len(path) >= MAX_DEPTH:  # an absurdly long chain: deliver where it got to
-            if key not in {_norm(r) for r in result}:
-                result.append(address)
+            _add(result, address)
             return
-        targets = self._targets(address) if self.is_local(address) else (address,)
-        for target in targets:
-            if _norm(target) == key:
-                final = True  # itself: its own mailbox, not its alias again
-            else:
-                final = not self.is_local(target) or self._targets(target) == (target,)
-            if final:
-                if _norm(target) not in {_norm(r) for r in result}:
-                    result.append(target)
+        for target in self._targets(address):
+            # Itself among its targets: its own mailbox, not its alias again.
+            if _norm(target) == key or not self.is_local(target) or self._targets(target) == (target,):
+                _add(result, target)
             else:
                 self._expand(target, (*path, key), result)
 
@@ -108,9 +98,13 @@ class LocalRecipients:
         for alias in (key, local_part):
             if alias in self._aliases:
                 return self._aliases[alias]
-        if self._open or key in self._recipients or f"@{domain}" in self._recipients:
+        if self._listed(key):
             return (address,)
         return self._aliases.get(f"@{domain}", ())
+
+    def _listed(self, key: str) -> bool:
+        """A mailbox of its own: listed, its whole domain listed, or nothing listed at all."""
+        return self._open or key in self._recipients or "@" + key.rsplit("@", 1)[1] in self._recipients
 
 
 def read_recipients_file(path: str) -> list[str]:
@@ -121,6 +115,11 @@ def read_recipients_file(path: str) -> list[str]:
     except OSError as exc:
         raise ConfigError(f"local.recipients_file: {path}: {exc.strerror or exc}") from None
     return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _add(result: list[str], address: str) -> None:
+    if _norm(address) not in {_norm(r) for r in result}:
+        result.append(address)
 
 
 def _norm(address: str) -> str:

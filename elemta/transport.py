@@ -96,12 +96,12 @@ def split_next_hop(text: str, default_port: int = 25) -> tuple[str, int]:
         port = int(port_text)
     else:
         port = default_port
-    if not (_is_ip(host) or _HOST.fullmatch(host)):
+    if not (is_ip(host) or _HOST.fullmatch(host)):
         raise ValueError(f"{text!r}: {host!r} is not a host name or IP address")
     return host, port
 
 
-def _is_ip(text: str) -> bool:
+def is_ip(text: str) -> bool:
     try:
         ipaddress.ip_address(text)
     except ValueError:

@@ -7,6 +7,7 @@ received, counts the connections that carried mail, and answers RCPT with script
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ class Handler:
         self.messages: list[Received] = []
         self.rcpt_replies: dict[str, list[str]] = {}  # address -> replies to give, in turn
         self.data_reply = "250 2.0.0 Ok: queued"
+        self.data_delay = 0.0  # seconds the server takes over each message: a slow remote
+        self.data_started = 0
         self._sessions: dict[int, int] = {}
 
     def script(self, address: str, *replies: str) -> None:
@@ -49,6 +52,10 @@ class Handler:
         return "250 2.1.5 Ok"
 
     async def handle_DATA(self, server, session, envelope):
+        with self.lock:
+            self.data_started += 1
+        if self.data_delay:
+            await asyncio.sleep(self.data_delay)
         with self.lock:
             number = self._sessions.setdefault(id(session), len(self._sessions) + 1)
             self.messages.append(Received(
@@ -73,14 +80,14 @@ class Handler:
 
 
 class Mx(Controller):
-    """An SMTP server on 127.0.0.1:<ephemeral> with a recording Handler (`.handler`)."""
+    """An SMTP (or LMTP) server on 127.0.0.1:<ephemeral>; by default with a recording Handler."""
 
-    def __init__(self, lmtp: bool = False, **kwargs) -> None:
+    def __init__(self, handler=None, lmtp: bool = False, **kwargs) -> None:
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.bind(("127.0.0.1", 0))
         self._sock.listen(128)
         self._lmtp = lmtp
-        super().__init__(Handler(), hostname="127.0.0.1", port=self._sock.getsockname()[1], **kwargs)
+        super().__init__(handler or Handler(), hostname="127.0.0.1", port=self._sock.getsockname()[1], **kwargs)
 
     def factory(self):
         if self._lmtp:

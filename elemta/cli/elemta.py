@@ -92,13 +92,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"elemta: {exc}", file=sys.stderr)
         return EX_CONFIG
     if args.check_config:
+        from elemta.daemon import (
+            check_startup,  # imported late: the plain start needs it later
+        )
+
+        try:
+            check_startup(config)
+        except ConfigError as exc:
+            print(f"elemta: {exc}", file=sys.stderr)
+            return EX_CONFIG
         print(f"elemta: configuration {config.source or cfg.DEFAULT_PATH} is valid")
         return 0
     if args.dev:
         hold = "held in the queue" if config.delivery.hold else f"relayed via {config.delivery.relayhost}"
         print(f"elemta: dev mode: spool {config.server.spool_dir}, outbound mail {hold}", flush=True)
 
-    # Imported late: --check-config needs none of it.
+    # Imported late: a bad command line or config file is reported without loading it all.
     from elemta.supervisor import main_loop
 
     return main_loop(lambda: build_config(args, dev_port))

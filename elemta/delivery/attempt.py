@@ -8,7 +8,6 @@ try is recorded as an attempt (host, IP, TLS, the remote's reply, duration).
 
 from __future__ import annotations
 
-import ipaddress
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from elemta.delivery.smtp_client import (
     SmtpClientError,
 )
 from elemta.queue.work import Attempt, Job, Recipient
+from elemta.transport import is_ip
 
 # Postfix's smtp_mx_address_limit: past five addresses more tries rarely help and only delay.
 MAX_ADDRESSES = 5
@@ -74,9 +74,7 @@ class Attempter:
         out = Outcome()
         remaining = list(recipients)
         last: dict[int, Verdict] = {}
-        tried = 0
         for host, ip in self._addresses(route, remaining, out, last):
-            tried += 1
             started = time.monotonic()
             message = OutMessage(
                 sender=job.sender,
@@ -112,7 +110,7 @@ class Attempter:
                 else:
                     out.verdicts.append(verdict)
             remaining[:] = still  # the address generator watches this list
-            if not remaining or tried >= MAX_ADDRESSES:
+            if not remaining:
                 break
         for r in remaining:
             out.verdicts.append(last.get(r.id) or Verdict(
@@ -126,7 +124,7 @@ class Attempter:
             return
         count = 0
         for host in route.hosts:
-            if _is_ip(host):
+            if is_ip(host):
                 addresses = [host]
             else:
                 try:
@@ -185,11 +183,3 @@ _OUTCOME = {"ok": "delivered", "transient": "deferred", "permanent": "failed"}
 
 def _default_status(status: str) -> str:
     return {"ok": "2.0.0", "transient": "4.0.0", "permanent": "5.0.0"}[status]
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True

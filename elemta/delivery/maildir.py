@@ -13,6 +13,8 @@ import socket
 import time
 
 _counter = itertools.count()
+# The host part of Maildir file names; '/' and ':' would break the name (':' starts its info).
+_HOST = socket.gethostname().replace("/", "_").replace(":", "_")
 
 
 class MaildirError(Exception):
@@ -36,7 +38,7 @@ def deliver(template: str, address: str, body: bytes, return_path: str) -> str:
     try:
         for sub in ("tmp", "new", "cur"):
             os.makedirs(os.path.join(root, sub), mode=0o700, exist_ok=True)
-        name = f"{time.time():.6f}.P{os.getpid()}Q{next(_counter)}.{socket.gethostname().replace('/', '_')}"
+        name = f"{time.time():.6f}.P{os.getpid()}Q{next(_counter)}.{_HOST}"
         tmp = os.path.join(root, "tmp", name)
         # Return-Path is added at final delivery (RFC 5321 §4.4); the stored body has CRLF,
         # and Maildir files use the local line ending.

@@ -9,6 +9,7 @@ status 4.4.7 and the last error.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -44,29 +45,29 @@ def decide(
 ) -> Result:
     """The Result to write for these verdicts; `final_hop` = delivered into a mailbox (LMTP, Maildir)."""
     result = Result(attempts=list(attempts))
-    report: list[tuple[Verdict, bounce.RecipientStatus]] = []
+    report: list[bounce.RecipientStatus] = []
     for v in verdicts:
         r = v.recipient
         if v.status == "ok":
             result.outcomes.append(Outcome(r.id, "delivered", v.reply))
             action = "delivered" if final_hop else "relayed" if v.relayed else ""
             if action and bounce.wants_report(r.notify, action):
-                report.append((v, _status(v, action, "2.0.0", now)))
+                report.append(_status(v, action, "2.0.0", now))
         elif v.status == "permanent" or schedule.expired(job.created, now):
             expired = v.status != "permanent"
             why = f"delivery time expired (last error: {v.reply})" if expired else v.reply
             result.outcomes.append(Outcome(r.id, "failed", why))
             if bounce.wants_report(r.notify, "failed"):
-                report.append((v, _status(v, "failed", "4.4.7" if expired else v.enhanced, now)))
+                report.append(_status(v, "failed", "4.4.7" if expired else v.enhanced, now))
         else:
             due = schedule.next_attempt(job.created, r.attempts + 1, now, rng)
             warn = schedule.warn_due(job.created, now, r.warned) and bounce.wants_report(r.notify, "delayed")
             result.outcomes.append(Outcome(r.id, "deferred", v.reply, next_attempt=due, warned=warn))
             if warn:
                 status = _status(v, "delayed", v.enhanced, now)
-                report.append((v, _with_retry_until(status, schedule.expires_at(job.created))))
+                report.append(dataclasses.replace(status, will_retry_until=schedule.expires_at(job.created)))
     if report:
-        message = _report_message(job, [s for _, s in report], reporting, now, body)
+        message = _report_message(job, report, reporting, now, body)
         if message is not None:
             result.reports.append(message)
     return result
@@ -76,14 +77,7 @@ def _status(v: Verdict, action: str, status: str, now: float) -> bounce.Recipien
     r = v.recipient
     return bounce.RecipientStatus(
         address=r.address, action=action, status=status, orcpt=r.orcpt, remote_mta=v.host,
-        diagnostic=v.reply if v.host else "", last_attempt=now,
-    )
-
-
-def _with_retry_until(status: bounce.RecipientStatus, until: float) -> bounce.RecipientStatus:
-    return bounce.RecipientStatus(
-        status.address, status.action, status.status, status.orcpt, status.remote_mta, status.diagnostic,
-        status.last_attempt, will_retry_until=until,
+        diagnostic=v.reply, last_attempt=now,
     )
 
 

@@ -147,11 +147,7 @@ class WorkQueue:
             conn.close()
 
     @contextlib.contextmanager
-    def _use(self, write: bool):
-        if not write:
-            with self._reading() as conn:
-                yield conn
-            return
+    def _writing(self):
         with self._lock:
             if self._conn is None:
                 raise QueueError("work queue is not open")
@@ -188,14 +184,14 @@ class WorkQueue:
         This is how a scheduler notices mail queued by other processes and changes made by
         elemtactl without polling the recipients table.
         """
-        with self._use(False) as conn:
+        with self._reading() as conn:
             version = conn.execute("PRAGMA data_version").fetchone()[0]
         changed, self._data_version = version != self._data_version, version
         return changed
 
     def next_due(self) -> float | None:
         """The earliest next_attempt of a recipient waiting to be tried, or None."""
-        with self._use(False) as conn:
+        with self._reading() as conn:
             # One query per state: each is a single probe of the (state, next_attempt) index.
             times = [
                 conn.execute(
@@ -209,7 +205,7 @@ class WorkQueue:
     def claim(self, limit: int, lease: float) -> list[Job]:
         """Lease up to `limit` due recipients, most urgent and oldest first, grouped by message."""
         now = self._clock()
-        with self._use(True) as conn:
+        with self._writing() as conn:
             rows = conn.execute(
                 "UPDATE recipients SET state = 'active', lease_until = ?, lease_owner = ?, updated = ?"
                 " WHERE id IN (SELECT id FROM recipients WHERE state IN ('queued', 'deferred')"
@@ -241,7 +237,7 @@ class WorkQueue:
         return jobs
 
     def body(self, queue_id: str) -> bytes | None:
-        with self._use(False) as conn:
+        with self._reading() as conn:
             row = conn.execute("SELECT data FROM bodies WHERE queue_id = ?", (queue_id,)).fetchone()
         return bytes(row[0]) if row else None
 
@@ -253,7 +249,7 @@ class WorkQueue:
         Only recipients this owner still holds as active are changed; the reports are
         queued in the same transaction, so a bounce exists exactly when its failure does.
         """
-        with self._use(True) as conn:
+        with self._writing() as conn:
             self._apply(conn, queue_id, result, self._clock())
 
     def submit(self, queue_id: str, result: Result, on_commit: Callable[[], None] | None = None) -> None:
@@ -286,7 +282,7 @@ class WorkQueue:
 
     def _commit(self, items: list) -> None:
         try:
-            with self._use(True) as conn:
+            with self._writing() as conn:
                 now = self._clock()
                 for queue_id, result, _ in items:
                     self._apply(conn, queue_id, result, now)
@@ -329,7 +325,7 @@ class WorkQueue:
         now = self._clock()
         orcpt = recipient.orcpt or f"rfc822;{recipient.address}"
         notify = ",".join(recipient.notify) or None
-        with self._use(True) as conn:
+        with self._writing() as conn:
             cur = conn.execute(
                 "UPDATE recipients SET state = 'delivered', last_error = ?, lease_until = NULL,"
                 " lease_owner = NULL, updated = ? WHERE id = ? AND state = 'active' AND lease_owner = ?",
@@ -353,7 +349,7 @@ class WorkQueue:
         """Give claimed recipients back without an attempt (shutdown, or no free slot)."""
         ids = list(recipient_ids)
         now = self._clock()
-        with self._use(True) as conn:
+        with self._writing() as conn:
             cur = conn.executemany(
                 "UPDATE recipients SET state = 'queued', lease_until = NULL, lease_owner = NULL, updated = ?"
                 " WHERE id = ? AND state = 'active' AND lease_owner = ?",
@@ -363,13 +359,13 @@ class WorkQueue:
 
     def recover_expired(self) -> int:
         """Leases that ran out (their process died) go back to the queue."""
-        with self._use(True) as conn:
+        with self._writing() as conn:
             return schema.release_active(conn, self._clock(), expired_only=True)
 
     def purge(self, retention: float, limit: int = 500) -> int:
         """Delete up to `limit` finished messages older than `retention` seconds; return how many."""
         before = self._clock() - retention
-        with self._use(True) as conn:
+        with self._writing() as conn:
             cur = conn.execute(
                 "DELETE FROM messages WHERE queue_id IN (SELECT queue_id FROM messages"
                 " WHERE done_at IS NOT NULL AND done_at <= ? ORDER BY done_at LIMIT ?)",

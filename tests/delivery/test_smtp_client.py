@@ -11,9 +11,9 @@ import warnings
 
 import pytest
 import trustme
-from aiosmtpd.controller import Controller, UnixSocketController
+from aiosmtpd.controller import UnixSocketController
 from aiosmtpd.lmtp import LMTP
-from aiosmtpd.smtp import SMTP, AuthResult
+from aiosmtpd.smtp import AuthResult
 
 from elemta.delivery.smtp_client import (
     Connection,
@@ -25,6 +25,7 @@ from elemta.delivery.smtp_client import (
     dot_stuff,
 )
 from elemta.delivery.smtp_reply import ProtocolError, build_reply, parse_line, xtext
+from tests.mx import Mx
 from tests.support import wait_for
 
 BODY = b"Subject: test\r\n\r\nHello\r\n"
@@ -65,21 +66,6 @@ class Recorder:
         return "250 2.0.0 queued"
 
 
-class LoopbackController(Controller):
-    """aiosmtpd 1.4's Controller cannot listen on port 0 by itself: learn the port first."""
-
-    def __init__(self, handler, lmtp=False, **kwargs):
-        super().__init__(handler, hostname="127.0.0.1", port=0, **kwargs)
-        self.lmtp = lmtp
-
-    def factory(self):
-        return (LMTP if self.lmtp else SMTP)(self.handler, **self.SMTP_kwargs)
-
-    def _trigger_server(self):
-        self.port = self.server.sockets[0].getsockname()[1]
-        super()._trigger_server()
-
-
 class UnixLmtpController(UnixSocketController):
     def factory(self):
         return LMTP(self.handler, **self.SMTP_kwargs)
@@ -112,7 +98,7 @@ def aiosmtpd():
     def start(handler, **kwargs):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # aiosmtpd warns about AUTH without TLS
-            controller = LoopbackController(handler, **kwargs)
+            controller = Mx(handler, **kwargs)
             controller.start()
         controllers.append(controller)
         return controller

@@ -3,6 +3,7 @@ back from SQLite and compared byte for byte."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import signal
 import smtplib
@@ -200,6 +201,22 @@ def test_check_config_of_the_example_file():
         cwd=ELEMTA.parent.parent, capture_output=True, text=True, timeout=30, check=False,
     )
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(("table", "line", "expected"), [
+    ("local", 'recipients_file = "@DIR@/missing"', r"^elemta: local\.recipients_file: .*missing: No such file"),
+    ("delivery", 'relayhost = "127.0.0.1:2525"\nrelayhost_auth_file = "@DIR@/missing"',
+     r"^elemta: delivery\.relayhost_auth_file: .*missing: No such file"),
+    ("delivery", 'resolvers = ["127.0.0.1:5353", "127.0.0.1:5354"]',
+     r"^elemta: delivery\.resolvers: nameserver 127\.0\.0\.1 given with two ports"),
+])
+def test_check_config_reads_the_files_start_up_reads(tmp_path, table, line, expected):
+    conf = tmp_path / "elemta.toml"
+    conf.write_text(f"[{table}]\n{line.replace('@DIR@', str(tmp_path))}\n")
+    result = subprocess.run([str(ELEMTA), "--check-config", "--config", str(conf)],
+                            capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode == 78
+    assert re.match(expected, result.stderr) and result.stderr.count("\n") == 1, result.stderr
 
 
 def test_unusable_spool_is_one_line_and_exit_73(tmp_path):

@@ -601,3 +601,25 @@ def test_version_1_database_opened_by_the_store_first_is_migrated(tmp_path, cloc
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.VERSION
     conn.close()
+
+
+def test_submitted_results_are_committed_together_and_a_bad_one_alone_fails(store, db_path, clock, raw):
+    errors, committed = [], []
+    wq = WorkQueue(db_path, OWNER, clock=clock, on_error=errors.append)
+    wq.open()
+    try:
+        good, bad = enqueue(store), enqueue(store)
+        jobs = {j.queue_id: j for j in wq.claim(10, 60)}
+        (good_rcpt,), (bad_rcpt,) = jobs[good].recipients, jobs[bad].recipients
+        clash = NewMessage(bad, "", (NewRecipient("alice@example.com"),), b"x\r\n")  # same queue_id: rejected
+        wq.submit(good, Result([Outcome(good_rcpt.id, "delivered", "250 ok")]), lambda: committed.append(good))
+        wq.submit(bad, Result([Outcome(bad_rcpt.id, "failed", "550 no")], reports=[clash]),
+                  lambda: committed.append(bad))
+        wq.flush()
+    finally:
+        wq.close()
+    assert committed == [good]
+    assert row(raw, good_rcpt.id)["state"] == "delivered"
+    # The failed result changed nothing: still leased, so the lease's expiry retries it.
+    assert (row(raw, bad_rcpt.id)["state"], row(raw, bad_rcpt.id)["lease_owner"]) == ("active", OWNER)
+    assert len(errors) == 1 and bad in errors[0]
