@@ -28,7 +28,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "server.max_connections": (1, 1_000_000),
     "server.max_connections_per_ip": (1, 1_000_000),
     "server.grace_period": (0, 3600),
-    "server.workers": (1, 16),
+    "server.workers": (1, 15),  # queue IDs carry 4 bits of process number; 15 is delivery's
     "smtp.max_message_size": (1024, 2**40),
     "smtp.max_recipients": (1, 100_000),
     "smtp.max_errors": (1, 10_000),
@@ -85,7 +85,8 @@ class ServerConfig:
     max_connections: int = 1000
     max_connections_per_ip: int = 20
     grace_period: float = 30.0
-    workers: int = 1  # processes sharing the listeners (SO_REUSEPORT); 1 = one process
+    workers: int = 1  # processes sharing the listeners (SO_REUSEPORT)
+    delivery_process: bool = True  # delivery in a process of its own (its own core, crash isolation)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sqlite3
 import sys
 import threading
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from elemta.delivery.router import Router
 from elemta.delivery.scheduler import Scheduler
 from elemta.errors import ConfigError, ElemtaError, QueueError
 from elemta.local import LocalRecipients
+from elemta.queue import db, ids, schema
 from elemta.queue.store import Store
 from elemta.queue.work import WorkQueue
 from elemta.smtp.server import SmtpServer
@@ -42,6 +44,20 @@ def build_store(config: Config, worker: int = 0) -> Store:
         max_bytes=q.max_bytes,
         worker=worker,
     )
+
+
+def prepare_spool(config: Config) -> None:
+    """Create or upgrade the queue database before a supervisor forks: one error for the operator
+    (SpoolError) instead of one per child. Leaves no connection or thread behind."""
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(config.queue_path)), exist_ok=True)
+        conn = db.connect(config.queue_path)
+        try:
+            schema.migrate(conn)
+        finally:
+            conn.close()
+    except (QueueError, OSError, sqlite3.Error) as exc:
+        raise SpoolError(f"server.spool_dir: cannot open the queue {config.queue_path}: {exc}") from None
 
 
 def build_resolver(config: Config) -> Resolver:
@@ -76,23 +92,40 @@ def build_scheduler(config: Config, store: Store, events: logmod.EventLog,
     return Scheduler(config, work, router, attempter, reporting, events)
 
 
+# What one process runs: listeners and sessions ("smtp"), the delivery scheduler ("delivery"),
+# or both ("all": a lone process, or worker 0 when server.delivery_process is off).
+ROLES = ("all", "smtp", "delivery")
+# The delivery process's number in queue IDs (its bounces); SMTP workers use 0..14.
+DELIVERY_WORKER = ids.MAX_WORKER
+
+
 class Daemon:
-    def __init__(self, load_config: Callable[[], Config], announce=print):
-        """load_config reads the config (with command-line overrides) afresh on each call."""
+    def __init__(self, load_config: Callable[[], Config], announce=print, *, role: str = "all",
+                 wake_pipe: tuple[int, int] | None = None):
+        """load_config reads the config (with command-line overrides) afresh on each call.
+
+        wake_pipe (read end, write end) links SMTP processes to a delivery process: a byte
+        written after each commit of new mail wakes the scheduler at once.
+        """
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}")
         self.load_config = load_config
         self.announce = announce
+        self.role = role
+        self.wake_pipe = wake_pipe
         self._wake = threading.Event()
         self._stop = False
         self._reload = False
+        self.scheduler: Scheduler | None = None
         self.exit_now = False  # the caller should os._exit() after flushing: threads are stuck
 
     def run(self) -> int:
         return self.serve(self.load_config())
 
     def serve(self, config: Config, worker: int = 0, ready: Callable[[], None] | None = None) -> int:
-        """Run one elemta process: listeners, sessions and a queue writer, until SIGTERM.
+        """Run one elemta process (its role's part) until SIGTERM.
 
-        A worker of a Supervisor passes its number (its queue IDs carry it) and `ready`,
+        A child of a Supervisor passes its number (its queue IDs carry it) and `ready`,
         called once it listens; a lone process announces its listeners on stdout instead.
         """
         writer = logmod.BatchWriter(sys.stderr)
@@ -108,37 +141,41 @@ class Daemon:
 
     def _serve(self, config: Config, worker: int, ready, events: logmod.EventLog) -> int:
         threading.stack_size(THREAD_STACK)
+        delivers = self.role != "smtp"
         store = build_store(config, worker)
         try:
-            # Only the first process may take back leases: the others run beside it.
-            store.open(recover_all=worker == 0)
+            # Leases belong to the process that delivers: only it takes them all back at start.
+            store.open(recover_all=delivers)
         except (QueueError, OSError) as exc:
             raise SpoolError(f"server.spool_dir: cannot open the queue {config.queue_path}: {exc}") from None
-        scheduler = None
+        server = None
         try:
             recipients = LocalRecipients.from_config(config)
-            # One scheduler per spool: in the first process (workers > 1 share the database).
-            if worker == 0:
-                scheduler = build_scheduler(config, store, events, recipients)
+            if delivers:
+                self.scheduler = build_scheduler(config, store, events, recipients)
+            if self.role != "delivery":
+                server = SmtpServer(config, store, events, workers=config.server.workers,
+                                    recipients=recipients, reuse_port=ready is not None)
+                try:
+                    server.start()
+                except OSError as exc:
+                    raise ConfigError(f"listeners: cannot listen: {exc}") from None
         except BaseException:
             store.close()
             raise
-        server = SmtpServer(config, store, events, workers=config.server.workers, recipients=recipients)
-        try:
-            server.start()
-        except OSError as exc:
-            store.close()
-            raise ConfigError(f"listeners: cannot listen: {exc}") from None
-        if scheduler is not None:
-            store.on_commit = scheduler.wake
-            scheduler.start()
+        self._link(store)
+        if self.scheduler is not None:
+            self.scheduler.start()
         self._install_signals()
         if ready is not None:
             ready()
-        else:
+        elif server is not None:
             for listener in server.listeners.values():
                 self.announce(listening_line(listener.server_address[0], listener.port, listener.listener.role))
-        events("started", spool=config.server.spool_dir, listeners=len(server.listeners), worker=worker)
+        if server is not None:
+            events("started", spool=config.server.spool_dir, listeners=len(server.listeners), worker=worker)
+        else:
+            events("delivery_started", spool=config.server.spool_dir, concurrency=config.delivery.concurrency)
         while True:
             self._wake.wait()
             self._wake.clear()
@@ -146,11 +183,14 @@ class Daemon:
                 break
             if self._reload:
                 self._reload = False
-                scheduler = self._do_reload(server, store, events, scheduler)
-        grace = server.config.server.grace_period
-        events("stopping", grace=grace, open=server.connections.count())
-        server.stop(grace)
-        finished = scheduler is None or self._stop_scheduler(scheduler, grace, events)
+                config = self._do_reload(config, server, store, events)
+        grace = config.server.grace_period
+        if server is not None:
+            events("stopping", grace=grace, open=server.connections.count())
+            server.stop(grace)
+        else:
+            events("stopping", grace=grace)
+        finished = self.scheduler is None or self._stop_scheduler(self.scheduler, grace, events)
         store.close()
         events("stopped")
         if not finished:
@@ -158,6 +198,25 @@ class Daemon:
             # recovered at the next start. Exit now rather than wait for their timeouts.
             self.exit_now = True
         return 0
+
+    def _link(self, store: Store) -> None:
+        """Wake the scheduler when new mail is committed: directly in one process, through the
+        wake pipe between processes (a lost byte only delays mail until the next poll)."""
+        if self.role == "all":
+            store.on_commit = lambda: self.scheduler.wake()
+        elif self.wake_pipe is None:
+            return
+        elif self.role == "smtp":
+            store.on_commit = lambda fd=self.wake_pipe[1]: _poke(fd)
+        else:
+            threading.Thread(target=self._woken_by, args=(self.wake_pipe[0],),
+                             name="wake-pipe", daemon=True).start()
+
+    def _woken_by(self, fd: int) -> None:
+        while os.read(fd, 4096):
+            scheduler = self.scheduler
+            if scheduler is not None:
+                scheduler.wake()
 
     @staticmethod
     def _stop_scheduler(scheduler: Scheduler, grace: float, events: logmod.EventLog) -> bool:
@@ -168,43 +227,30 @@ class Daemon:
                    note="still running at the end of the grace period; retried after restart")
         return finished
 
-    def _do_reload(self, server: SmtpServer, store: Store, events: logmod.EventLog,
-                   scheduler: Scheduler | None) -> Scheduler | None:
+    def _do_reload(self, old: Config, server: SmtpServer | None, store: Store,
+                   events: logmod.EventLog) -> Config:
         """All or nothing: a config that is invalid or whose listeners cannot bind changes nothing.
 
-        Returns the scheduler to use from now on: a new one when delivery settings changed.
+        Returns the config in force from now on.
         """
         try:
             config = self.load_config()
             recipients = LocalRecipients.from_config(config)
         except ConfigError as exc:
             events("reload_failed", level=logmod.WARNING, error=str(exc))
-            return scheduler
-        old_spool = server.config.server.spool_dir
+            return old
+        old_spool = old.server.spool_dir
         if config.server.spool_dir != old_spool:
             events("reload_warning", level=logmod.WARNING, error="server.spool_dir changes need a restart")
             config = cfgmod.replace(config, server={"spool_dir": old_spool})
-        old = server.config
-        try:
-            server.reload(config, recipients)
-        except OSError as exc:
-            events("reload_failed", level=logmod.WARNING, error=f"cannot listen: {exc}")
-            return scheduler
-        if scheduler is not None and (old.delivery, old.local, old.smtp.local_domains) != (
-            config.delivery, config.local, config.smtp.local_domains
-        ):
+        if server is not None:
             try:
-                fresh = build_scheduler(config, store, events, recipients)
-            except (ConfigError, QueueError) as exc:
-                events("reload_warning", level=logmod.WARNING, error=f"delivery keeps its old settings: {exc}")
-            else:
-                self._stop_scheduler(scheduler, old.server.grace_period, events)
-                scheduler = fresh
-                store.on_commit = scheduler.wake
-                scheduler.start()
-        elif scheduler is not None:
-            # Same settings, but local.recipients_file may have new contents.
-            scheduler.router.recipients = recipients
+                server.reload(config, recipients)
+            except OSError as exc:
+                events("reload_failed", level=logmod.WARNING, error=f"cannot listen: {exc}")
+                return old
+        if self.scheduler is not None:
+            self._reload_delivery(old, config, store, events, recipients)
         store.set_limits(
             min_free_bytes=config.queue.min_free_space,
             max_messages=config.queue.max_messages,
@@ -212,8 +258,26 @@ class Daemon:
             batch_max=config.queue.batch_max,
         )
         events.configure(config.log.level, config.log.format == "json")
-        events("reloaded", listeners=len(server.listeners))
-        return scheduler
+        events("reloaded", listeners=len(server.listeners) if server is not None else 0)
+        return config
+
+    def _reload_delivery(self, old: Config, config: Config, store: Store, events: logmod.EventLog,
+                         recipients: LocalRecipients) -> None:
+        """A new scheduler when delivery settings changed; else only the new recipient table
+        (local.recipients_file may have new contents)."""
+        if (old.delivery, old.local, old.smtp.local_domains) == (
+            config.delivery, config.local, config.smtp.local_domains
+        ):
+            self.scheduler.router.recipients = recipients
+            return
+        try:
+            fresh = build_scheduler(config, store, events, recipients)
+        except (ConfigError, QueueError) as exc:
+            events("reload_warning", level=logmod.WARNING, error=f"delivery keeps its old settings: {exc}")
+            return
+        self._stop_scheduler(self.scheduler, old.server.grace_period, events)
+        self.scheduler = fresh
+        fresh.start()
 
     def _install_signals(self) -> None:
         def stop(signum, frame):
@@ -227,6 +291,13 @@ class Daemon:
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
         signal.signal(signal.SIGHUP, reload)
+
+
+def _poke(fd: int) -> None:
+    try:
+        os.write(fd, b"!")
+    except (BlockingIOError, BrokenPipeError):
+        pass  # full: a wake-up is pending anyway; gone: the delivery process restarts and polls
 
 
 def listening_line(host: str, port: int, role: str) -> str:

@@ -1,13 +1,21 @@
-"""server.workers > 1: several elemta processes share the listeners to use every core.
+"""Several elemta processes: server.workers SMTP workers and, with server.delivery_process
+(the default), one delivery process.
 
 Python runs one thread at a time per process, so one process tops out near one core.  The
-supervisor forks `workers` children before any thread exists; each child is a whole elemta
-(Daemon.serve: listeners, sessions, its own group-commit writer) and binds the listeners with
-SO_REUSEPORT, so the kernel spreads connections over them.  SQLite serialises the writers of
-the processes on the one WAL database; queue IDs carry the worker number, so they never clash.
+supervisor forks its children before any thread exists.  Each SMTP worker is an elemta
+without a scheduler (Daemon.serve in the "smtp" role: listeners, sessions, its own
+group-commit writer) and binds the listeners with SO_REUSEPORT, so the kernel spreads
+connections over them.  The delivery process runs the scheduler alone, so receiving and
+delivering each have a core, and a crash on one side leaves the other running (as Postfix
+keeps smtpd apart from qmgr and smtp).  SQLite serialises the writers of the processes on the
+one WAL database; queue IDs carry the process number, so they never clash.  After each commit
+of new mail a worker writes a byte into a pipe the delivery process reads: its wake-up.
+
+With delivery_process off, worker 0 runs the scheduler itself (the "all" role), and a lone
+worker runs without a supervisor.
 
 The supervisor itself holds no queue and no sessions: it forwards SIGTERM/SIGINT and SIGHUP to
-the workers, starts a worker again if one dies, and exits when they have all stopped.
+the children, starts a child again if one dies, and exits when they have all stopped.
 """
 
 from __future__ import annotations
@@ -24,7 +32,14 @@ from collections.abc import Callable
 
 from elemta import log as logmod
 from elemta.config import Config
-from elemta.daemon import Daemon, SpoolError, exit_code, listening_line
+from elemta.daemon import (
+    DELIVERY_WORKER,
+    Daemon,
+    SpoolError,
+    exit_code,
+    listening_line,
+    prepare_spool,
+)
 from elemta.errors import ConfigError
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -37,7 +52,7 @@ def main_loop(load_config: Callable[[], Config]) -> int:
     announce = lambda line: print(line, flush=True)
     try:
         config = load_config()
-        if config.server.workers > 1:
+        if config.server.workers > 1 or config.server.delivery_process:
             return Supervisor(load_config, announce).run(config)
         return Daemon(load_config, announce).run()
     except (ConfigError, SpoolError) as exc:
@@ -64,7 +79,9 @@ class Supervisor:
         self.events = logmod.EventLog()  # writes at once: no thread may exist before a fork
         self._reserved: dict[str, socket.socket] = {}  # "host" -> a socket holding its port 0
         self._pinned: dict[str, str] = {}  # listener address with port 0 -> with its real port
-        self._children: dict[int, int] = {}  # pid -> worker number
+        self._children: dict[int, int] = {}  # pid -> worker number (DELIVERY_WORKER: delivery)
+        self._roles: dict[int, str] = {}  # worker number -> Daemon role
+        self._wake_pipe: tuple[int, int] | None = None  # SMTP workers -> delivery process
         self._wake = threading.Event()
         self._pending: list[int] = []  # signals to act on, in order
 
@@ -100,15 +117,23 @@ class Supervisor:
     def run(self, config: Config) -> int:
         self.events.configure(config.log.level, config.log.format == "json")
         config = self._pin_ports(config)
+        prepare_spool(config)
         workers = config.server.workers
+        if config.server.delivery_process:
+            self._roles = dict.fromkeys(range(workers), "smtp")
+            self._roles[DELIVERY_WORKER] = "delivery"
+            self._wake_pipe = os.pipe()
+            os.set_blocking(self._wake_pipe[1], False)  # a full pipe already means "wake up"
+        else:
+            self._roles = {0: "all", **dict.fromkeys(range(1, workers), "smtp")}
         # Handlers first, so a SIGTERM that comes while workers start is not lost; they note
         # the signal only, and a child resets them before anything else.
         self._install_signals()
         ready_read, ready_write = os.pipe()
-        for worker in range(workers):
+        for worker in self._roles:
             self._spawn(worker, ready_write)
         os.close(ready_write)
-        failed = self._wait_ready(ready_read, workers)
+        failed = self._wait_ready(ready_read, len(self._roles))
         os.close(ready_read)
         if failed is not None:
             self._signal_all(signal.SIGTERM)
@@ -116,7 +141,9 @@ class Supervisor:
             return failed
         for listener in config.listeners:
             self.announce(listening_line(listener.host, listener.port, listener.role))
-        self.events("supervising", workers=workers, pids=",".join(map(str, self._children)))
+        smtp = [str(pid) for pid, worker in self._children.items() if self._roles[worker] != "delivery"]
+        delivery = [str(pid) for pid, worker in self._children.items() if self._roles[worker] == "delivery"]
+        self.events("supervising", workers=workers, pids=",".join(smtp), delivery=",".join(delivery) or "-")
         return self._supervise(config)
 
     def _spawn(self, worker: int, ready_write: int | None) -> None:
@@ -138,7 +165,8 @@ class Supervisor:
                     os.write(ready_write, b"1")
                     os.close(ready_write)
 
-            daemon = Daemon(self.load_config, self.announce)
+            daemon = Daemon(self.load_config, self.announce, role=self._roles[worker],
+                            wake_pipe=self._wake_pipe)
             try:
                 code = daemon.serve(self.load_config(), worker=worker, ready=ready)
             except (ConfigError, SpoolError) as exc:

@@ -129,13 +129,16 @@ class SmtpServer:
     """Everything the listeners share: config-derived state, the queue, the connection table."""
 
     def __init__(
-        self, config: Config, store: Store, log: EventLog, workers: int = 1, recipients: LocalRecipients | None = None
+        self, config: Config, store: Store, log: EventLog, workers: int = 1,
+        recipients: LocalRecipients | None = None, *, reuse_port: bool = False,
     ):
         self.store = store
         self.log = log
         # With several worker processes each listens on the same ports (SO_REUSEPORT, the
         # kernel spreads connections) and keeps an even share of the connection caps.
+        # A supervisor's child always uses SO_REUSEPORT: the supervisor holds port 0's pick.
         self.workers = workers
+        self.reuse_port = reuse_port or workers > 1
         self.connections = Connections()
         self.stopping = threading.Event()
         self.services = Services(new_id=store.new_id, intake_check=self._intake_check, log=log)
@@ -318,7 +321,7 @@ class ListenerServer(socketserver.ThreadingTCPServer):
         self.listener = listener
         host, port = split_host_port(listener.address)
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.allow_reuse_port = owner.workers > 1
+        self.allow_reuse_port = owner.reuse_port
         # process_request below runs each connection itself, so no handler class is used.
         super().__init__((host, port), socketserver.BaseRequestHandler)
 

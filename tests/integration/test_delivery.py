@@ -10,6 +10,8 @@ from __future__ import annotations
 import email
 import email.policy
 import os
+import re
+import signal
 import smtplib
 import sqlite3
 import ssl
@@ -30,6 +32,7 @@ role = "mx"
 spool_dir = "@SPOOL@"
 hostname = "relay.test"
 grace_period = 5
+{server_extra}
 
 [smtp]
 local_domains = ["local.test"]
@@ -88,9 +91,10 @@ def lmtp():
 def start(tmp_path, dns, mx, lmtp):
     daemons = []
 
-    def run(lifetime=3600, dest_conc=10, delivery_extra="", workdir=None, mx_port=None, delay_warning=0) -> Daemon:
+    def run(lifetime=3600, dest_conc=10, delivery_extra="", workdir=None, mx_port=None, delay_warning=0,
+            server_extra="") -> Daemon:
         text = CONFIG.format(dns=dns.nameserver, mx_port=mx_port or mx.port, lmtp_port=lmtp.port, lifetime=lifetime,
-                             delay_warning=delay_warning,
+                             delay_warning=delay_warning, server_extra=server_extra,
                              dest_conc=dest_conc, delivery_extra=delivery_extra)
         daemon = Daemon(workdir or tmp_path, text).start()
         daemons.append(daemon)
@@ -193,6 +197,7 @@ def test_first_mx_refuses_so_the_second_is_used(start, mx):
     daemon = start()
     qid = send(daemon, "bob@backup.test")
     wait_for(lambda: mx.handler.to("bob@backup.test"), 15, what="delivery via the second MX")
+    wait_for(lambda: states(daemon, qid) == {"bob@backup.test": "delivered"}, 5, what="delivered state")
     hosts = [(a["host"], a["outcome"]) for a in attempts(daemon, qid)]
     assert hosts == [("down.backup.test", "deferred"), ("mx.remote.test", "delivered")]
 
@@ -266,6 +271,27 @@ def test_sigterm_finishes_the_running_delivery_and_gives_back_the_waiting_ones(s
     assert "active" not in final  # nothing left leased: the waiting ones went back to the queue
     assert final.count("delivered") == len(mx.handler.received()) >= 1
     assert "queued" in final
+
+
+def test_a_killed_delivery_process_is_restarted_and_retries_what_it_held(start, mx):
+    mx.handler.data_delay = 1.0
+    daemon = start()
+    line = wait_for(lambda: re.search(r"supervising .* delivery=(\d+)", daemon.log_text()), 10,
+                    what="the supervising line")
+    qid = send(daemon, "crash@remote.test")
+    wait_for(lambda: mx.handler.data_started, 10, what="the first delivery to reach DATA")
+    os.kill(int(line.group(1)), signal.SIGKILL)  # mid-DATA: the recipient stays leased
+    wait_for(lambda: "worker_died" in daemon.log_text(), 10, what="the supervisor to notice")
+    wait_for(lambda: states(daemon, qid) == {"crash@remote.test": "delivered"}, 15,
+             what="delivery by the restarted process")
+    assert daemon.log_text().count("delivery_started") == 2
+
+
+def test_one_process_receives_and_delivers_without_a_supervisor(start, mx):
+    daemon = start(server_extra="delivery_process = false")
+    qid = send(daemon, "single@remote.test")
+    wait_for(lambda: states(daemon, qid) == {"single@remote.test": "delivered"}, 10, what="delivered state")
+    assert "supervising" not in daemon.log_text() and "delivery_started" not in daemon.log_text()
 
 
 # ---- delivery status notifications --------------------------------------------------------

@@ -21,6 +21,9 @@ role = "mx"
 [server]
 spool_dir = "@SPOOL@"
 max_connections_per_ip = 100
+# One process, so SIGKILL hits the process that holds the sessions (a supervisor's children
+# would get SIGTERM and stop cleanly).
+delivery_process = false
 
 [smtp]
 local_domains = ["example.com"]

@@ -268,7 +268,8 @@ def test_two_workers_share_the_port_and_the_queue(tmp_path):
         assert len(stored) == 24 and len(set(stored)) == 24
         assert {ids.id_worker(queue_id) for queue_id in stored} == {0, 1}
         daemon.signal(signal.SIGHUP)
-        wait_for(lambda: daemon.log_text().count("NOQUEUE reloaded") == 2, 10, what="both reloaded")
+        # Both workers and the delivery process.
+        wait_for(lambda: daemon.log_text().count("NOQUEUE reloaded") == 3, 10, what="all reloaded")
     finally:
         assert daemon.stop() == 0
     assert "NOQUEUE stopped" in daemon.log_text()
@@ -300,10 +301,10 @@ def test_workers_stop_when_their_supervisor_is_killed(tmp_path):
     daemon = Daemon(tmp_path, config().replace("[server]", "[server]\nworkers = 2")).start()
     try:
         line = wait_for(
-            lambda: re.search(r"supervising workers=2 pids=(\d+),(\d+)", daemon.log_text()), 10,
+            lambda: re.search(r"supervising workers=2 pids=(\d+),(\d+) delivery=(\d+)", daemon.log_text()), 10,
             what="the supervising line",
         )
-        workers = [int(pid) for pid in line.groups()]
+        workers = [int(pid) for pid in line.groups()]  # the delivery process too
         assert not any(_gone(pid) for pid in workers)
     finally:
         daemon.kill()  # SIGKILL: the supervisor cannot pass anything on
