@@ -177,7 +177,9 @@ class Daemon:
         else:
             events("delivery_started", spool=config.server.spool_dir, concurrency=config.delivery.concurrency)
         while True:
-            self._wake.wait()
+            # A timeout, so this thread runs the Python signal handlers even when the kernel
+            # delivered the signal to another thread (which does not interrupt this wait).
+            self._wake.wait(1.0)
             self._wake.clear()
             if self._stop:
                 break

@@ -11,8 +11,10 @@ write(), which takes the lock up front with BEGIN IMMEDIATE.
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 import time
+import urllib.parse
 from collections.abc import Iterator
 
 BUSY_TIMEOUT_MS = 5000
@@ -34,18 +36,31 @@ def _switch_to_wal(conn: sqlite3.Connection) -> str:
             time.sleep(0.01)
 
 
-def connect(path: str, *, readonly: bool = False, check_same_thread: bool = True) -> sqlite3.Connection:
+def connect(
+    path: str, *, readonly: bool = False, check_same_thread: bool = True, create: bool = True
+) -> sqlite3.Connection:
     """Open `path` with WAL, synchronous=FULL, foreign keys and a busy timeout.
 
     check_same_thread=False is for connections that are created on one thread
     and then used (never concurrently) by another, such as the store's writer
     connection and its pooled reader connections.
+
+    create=False never creates the file: a missing database is an error
+    (sqlite3.OperationalError), and a readonly connection is opened with the
+    file's mode=ro, so it also works without write permission on the file.
+    elemtactl opens the daemon's queue this way, so a mistyped spool_dir
+    reports itself instead of leaving an empty queue.db behind.
     """
+    target, uri = path, False
+    if not create:
+        quoted = urllib.parse.quote(os.path.abspath(path))
+        target, uri = f"file:{quoted}?mode={'ro' if readonly else 'rw'}", True
     conn = sqlite3.connect(
-        path,
+        target,
         isolation_level=None,
         check_same_thread=check_same_thread,
         timeout=BUSY_TIMEOUT_MS / 1000,  # also covers the pragmas below
+        uri=uri,
     )
     try:
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")

@@ -117,7 +117,22 @@ _V2 = (
     "CREATE INDEX messages_done_at ON messages (done_at) WHERE done_at IS NOT NULL",
 )
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2)
+# elemtactl: `queue list` pages through messages oldest first (by queue_id) with keyset
+# pagination, so every filter it offers needs an index that yields queue_ids in order.
+# Measured with 1,000,000 queued messages (bench/queue_fill.py): without these, the first page
+# of `--state held` or `--domain D` took 50-75 ms (a temporary B-tree over every match) and
+# `queue stats` by domain 1.9 s; with them, well under a millisecond and 0.33 s.
+_V3 = (
+    # `queue list --state S`: one range of this index, whatever the size of the queue.
+    "CREATE INDEX recipients_state_queue ON recipients (state, queue_id)",
+    # recipients_domain was never searched on its own. (domain, state, queue_id) serves
+    # `queue list --domain D [--state S]` in queue_id order, `queue flush D`, and `queue stats`,
+    # which counts pending recipients per domain and age from this index alone.
+    "DROP INDEX recipients_domain",
+    "CREATE INDEX recipients_domain_state ON recipients (domain, state, queue_id)",
+)
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3)
 VERSION = len(MIGRATIONS)
 
 
