@@ -25,6 +25,7 @@ from elemta.log import EventLog
 from elemta.queue.store import Store
 from elemta.smtp import replies
 from elemta.smtp.session import CLOSED, Client, Enqueue, Services, Session, Settings
+from elemta.smtp.threads import SessionThreads
 
 RECV_SIZE = 65536
 
@@ -140,6 +141,7 @@ class SmtpServer:
         self.workers = workers
         self.reuse_port = reuse_port or workers > 1
         self.connections = Connections()
+        self.threads = SessionThreads()
         self.stopping = threading.Event()
         self.services = Services(new_id=store.new_id, intake_check=self._intake_check, log=log)
         self.listeners: dict[str, ListenerServer] = {}
@@ -210,6 +212,7 @@ class SmtpServer:
             self.stopping.set()
             self.connections.interrupt_all()
             self.connections.wait_idle(5.0)
+        self.threads.close()
 
     # ---- one connection --------------------------------------------------------------------
 
@@ -336,7 +339,7 @@ class ListenerServer(socketserver.ThreadingTCPServer):
         super().server_bind()
 
     def process_request(self, request, client_address) -> None:
-        """ThreadingMixIn's thread per connection, after the connection caps are checked."""
+        """A thread per connection (a reused one), after the connection caps are checked."""
         number, refusal = self.owner.connections.admit(client_address[0], request, self.owner.limits)
         if refusal is not None:
             # Refused in the accept thread: no session thread for a client we won't serve.
@@ -348,10 +351,7 @@ class ListenerServer(socketserver.ThreadingTCPServer):
                 pass
             self.shutdown_request(request)
             return
-        thread = threading.Thread(
-            target=self._serve, args=(request, client_address, number), daemon=True
-        )
-        thread.start()
+        self.owner.threads.submit(self._serve, request, client_address, number)
 
     def _serve(self, request, client_address, number) -> None:
         try:
