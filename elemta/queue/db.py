@@ -71,7 +71,8 @@ def connect(
         # Changing journal_mode needs a write lock even when nothing changes, so
         # look first: readers and second processes then never block on it.
         mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
-        if mode.lower() != "wal":
+        # A reader cannot switch (and should not: it is the writers' database).
+        if mode.lower() != "wal" and not readonly:
             mode = _switch_to_wal(conn)
             if mode.lower() != "wal":
                 raise sqlite3.OperationalError(f"could not switch {path} to WAL (journal_mode is {mode})")
