@@ -147,6 +147,7 @@ class Store:
             try:
                 os.makedirs(parent, exist_ok=True)
                 conn = db.connect(self.path, check_same_thread=False)  # handed to the writer thread
+                conn.execute("PRAGMA cache_size = -32768")
                 if self._max_page_count is not None:
                     conn.execute(f"PRAGMA max_page_count = {int(self._max_page_count)}")
                 schema.migrate(conn)

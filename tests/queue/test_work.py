@@ -1,6 +1,7 @@
 """elemta.queue.work: claiming due recipients and recording outcomes, on a real SQLite file."""
 
 import sqlite3
+import time
 
 import pytest
 
@@ -8,7 +9,7 @@ from elemta.errors import QueueError
 from elemta.queue import schema
 from elemta.queue.model import NewMessage, NewRecipient
 from elemta.queue.store import Store
-from elemta.queue.work import Attempt, Job, Outcome, Recipient, Result, WorkQueue
+from elemta.queue.work import CLAIM, Attempt, Job, Outcome, Recipient, Result, WorkQueue
 
 T0 = 1_700_000_000.0
 OWNER = "mta1.example:100"
@@ -623,3 +624,15 @@ def test_submitted_results_are_committed_together_and_a_bad_one_alone_fails(stor
     # The failed result changed nothing: still leased, so the lease's expiry retries it.
     assert (row(raw, bad_rcpt.id)["state"], row(raw, bad_rcpt.id)["lease_owner"]) == ("active", OWNER)
     assert len(errors) == 1 and bad in errors[0]
+
+
+def test_claim_finds_its_rows_by_id_not_by_scanning_every_waiting_recipient(raw):
+    """The claim runs after every commit of new mail: it must cost the same with a million
+    deferred recipients as with none (the state guard once made it scan them all)."""
+    now = time.time()
+    plan = [r[3] for r in raw.execute("EXPLAIN QUERY PLAN " + CLAIM, (now, "o", now, now, 10))]
+    outer = plan[0]
+    assert "INTEGER PRIMARY KEY" in outer, plan
+    unguarded = CLAIM.replace("+state IN", "state IN")
+    unguarded_plan = raw.execute("EXPLAIN QUERY PLAN " + unguarded, (now, "o", now, now, 10)).fetchone()[3]
+    assert "INTEGER PRIMARY KEY" not in unguarded_plan  # the test would see the old plan
