@@ -14,5 +14,5 @@ setup(
     entry_points={
         "console_scripts": ["elemta = elemta.cli.elemta:main", "elemtactl = elemta.cli.elemtactl:main"],
     },
-    data_files=[("share/man/man8", ["man/elemta.8"]), ("share/man/man5", ["man/elemta.toml.5"])],
+    data_files=[("share/man/man8", ["man/elemta.8", "man/elemtactl.8"]), ("share/man/man5", ["man/elemta.toml.5"])],
 )
