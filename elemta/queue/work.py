@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from elemta.errors import QueueError
 from elemta.queue import db, schema
-from elemta.queue.model import NewMessage
+from elemta.queue.model import PRIORITIES, NewMessage
 
 FINAL_STATES = ("delivered", "failed")
 
@@ -96,18 +96,25 @@ _STOP = object()
 _BATCH_MAX = 512
 
 
-# The lease: due recipients, most urgent and oldest first, guarded by state against a
+# Claiming, most urgent and oldest first. CANDIDATES is one range of the (state, priority,
+# next_attempt) index, run for each waiting state and priority, so a claim never sorts the
+# whole backlog of due mail. CLAIM then leases the chosen ones, guarded by state against a
 # concurrent change (elemtactl, another scheduler). The guard is written `+state` so that SQLite
-# finds the rows by their ids from the subquery: with a plain `state IN` it scanned the state
-# index over every deferred recipient, a cost per claim that grew with the queue (65 ms with a
-# million deferred, on every commit of new mail).
+# always finds the rows by id: when the ids came from a subquery, a plain `state IN` made it
+# walk the state index over every waiting recipient (65 ms with a million deferred, on every
+# commit of new mail).
+WAITING = ("queued", "deferred")
+PRIORITY_VALUES = range(len(PRIORITIES))  # 0 = critical
+CANDIDATES = (
+    "SELECT id, priority, next_attempt FROM recipients WHERE state = ? AND priority = ?"
+    " AND next_attempt <= ? ORDER BY next_attempt, id LIMIT ?"
+)
 CLAIM = (
     "UPDATE recipients SET state = 'active', lease_until = ?, lease_owner = ?, updated = ?"
-    " WHERE id IN (SELECT id FROM recipients WHERE state IN ('queued', 'deferred')"
-    "   AND next_attempt <= ? ORDER BY priority, next_attempt, id LIMIT ?)"
-    " AND +state IN ('queued', 'deferred')"
+    " WHERE id IN ({ids}) AND +state IN ('queued', 'deferred')"
     " RETURNING id, queue_id, address, domain, orcpt, notify, attempts, warned, parent"
 )
+EARLIEST = "SELECT min(next_attempt) FROM recipients WHERE state = ? AND priority = ?"
 
 
 class WorkQueue:
@@ -206,12 +213,10 @@ class WorkQueue:
     def next_due(self) -> float | None:
         """The earliest next_attempt of a recipient waiting to be tried, or None."""
         with self._reading() as conn:
-            # One query per state: each is a single probe of the (state, next_attempt) index.
+            # Each is a single probe of the (state, priority, next_attempt) index.
             times = [
-                conn.execute(
-                    "SELECT min(next_attempt) FROM recipients WHERE state = ?", (state,)
-                ).fetchone()[0]
-                for state in ("queued", "deferred")
+                conn.execute(EARLIEST, (state, priority)).fetchone()[0]
+                for state in WAITING for priority in PRIORITY_VALUES
             ]
         times = [t for t in times if t is not None]
         return min(times) if times else None
@@ -220,7 +225,16 @@ class WorkQueue:
         """Lease up to `limit` due recipients, most urgent and oldest first, grouped by message."""
         now = self._clock()
         with self._writing() as conn:
-            rows = conn.execute(CLAIM, (now + lease, self.owner, now, now, limit)).fetchall()
+            candidates = sorted(
+                (priority, due, rid)
+                for state in WAITING for priority in PRIORITY_VALUES
+                for rid, priority, due in conn.execute(CANDIDATES, (state, priority, now, limit))
+            )[:limit]
+            if not candidates:
+                return []
+            chosen = [rid for _, _, rid in candidates]
+            rows = conn.execute(CLAIM.format(ids=",".join("?" * len(chosen))),
+                                (now + lease, self.owner, now, *chosen)).fetchall()
             by_message: dict[str, list[Recipient]] = {}
             for row in rows:
                 by_message.setdefault(row["queue_id"], []).append(Recipient(

@@ -334,7 +334,7 @@ def test_reopen_keeps_data_orders_ids_and_recovers_active(db_path):
     with Store(db_path) as s:
         old = [s.enqueue(make(s, "a@example.net", "b@example.net")) for _ in range(3)]
     conn = raw(db_path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.VERSION == 3
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.VERSION == 4
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     conn.execute(
         "UPDATE recipients SET state = 'active', lease_owner = 'x', lease_until = ? WHERE queue_id = ?",

@@ -9,7 +9,17 @@ from elemta.errors import QueueError
 from elemta.queue import schema
 from elemta.queue.model import NewMessage, NewRecipient
 from elemta.queue.store import Store
-from elemta.queue.work import CLAIM, Attempt, Job, Outcome, Recipient, Result, WorkQueue
+from elemta.queue.work import (
+    CANDIDATES,
+    CLAIM,
+    EARLIEST,
+    Attempt,
+    Job,
+    Outcome,
+    Recipient,
+    Result,
+    WorkQueue,
+)
 
 T0 = 1_700_000_000.0
 OWNER = "mta1.example:100"
@@ -626,13 +636,30 @@ def test_submitted_results_are_committed_together_and_a_bad_one_alone_fails(stor
     assert len(errors) == 1 and bad in errors[0]
 
 
-def test_claim_finds_its_rows_by_id_not_by_scanning_every_waiting_recipient(raw):
-    """The claim runs after every commit of new mail: it must cost the same with a million
-    deferred recipients as with none (the state guard once made it scan them all)."""
+def test_claim_costs_a_few_index_probes_however_big_the_queue(raw):
+    """The claim runs after every commit of new mail and must cost the same with a million
+    waiting recipients as with none: no scan of the state index (the state guard once made
+    it walk every deferred recipient) and no sort of every due recipient by priority."""
     now = time.time()
-    plan = [r[3] for r in raw.execute("EXPLAIN QUERY PLAN " + CLAIM, (now, "o", now, now, 10))]
-    outer = plan[0]
-    assert "INTEGER PRIMARY KEY" in outer, plan
-    unguarded = CLAIM.replace("+state IN", "state IN")
-    unguarded_plan = raw.execute("EXPLAIN QUERY PLAN " + unguarded, (now, "o", now, now, 10)).fetchone()[3]
-    assert "INTEGER PRIMARY KEY" not in unguarded_plan  # the test would see the old plan
+
+    def plan(sql, args):
+        return [r[3] for r in raw.execute("EXPLAIN QUERY PLAN " + sql, args)]
+
+    candidates = plan(CANDIDATES, ("deferred", 2, now, 10))
+    expected = "INDEX recipients_state_priority_next (state=? AND priority=? AND next_attempt<?)"
+    assert len(candidates) == 1 and candidates[0].endswith(expected), candidates  # no temp B-tree
+    claim = CLAIM.format(ids="?,?")
+    assert "INTEGER PRIMARY KEY" in plan(claim, (now, "o", now, 1, 2))[0]
+    earliest = plan(EARLIEST, ("queued", 0))
+    assert "COVERING INDEX recipients_state_priority_next" in earliest[0], earliest
+
+
+def test_claim_takes_the_most_urgent_first_across_states(store, work, raw, clock):
+    low = enqueue(store, "low@x.example", priority="low")
+    normal = enqueue(store, "normal@x.example")
+    critical = enqueue(store, "critical@x.example", priority="critical")
+    raw.execute("UPDATE recipients SET state = 'deferred' WHERE queue_id = ?", (normal,))
+    clock.advance(1)
+    jobs = work.claim(limit=2, lease=60)
+    assert [j.queue_id for j in jobs] == [critical, normal]
+    assert [j.queue_id for j in work.claim(limit=5, lease=60)] == [low]
