@@ -68,13 +68,17 @@ class Change:
     not_found: tuple[str, ...] = ()  # IDs with no message
 
 
+# Queued recipients not yet due, as a range of the (state, priority, next_attempt) index for
+# each priority: with the state alone SQLite would walk every queued recipient.
+_QUEUED_NOT_DUE = "state = 'queued' AND priority IN (0, 1, 2, 3) AND next_attempt > :now"
+
 # (states a recipient may be in, the state it moves to, whether it becomes due now)
 _MOVES = {
     "hold": ("state IN ('queued', 'deferred')", "held", False),
     "release": ("state = 'held'", "queued", True),
     # A queued recipient is due from its arrival on; one with a later next_attempt (nothing
     # writes that today) is made due too, so "due now" holds for every recipient it could mean.
-    "requeue": ("(state = 'deferred' OR (state = 'queued' AND next_attempt > :now))", "queued", True),
+    "requeue": (f"(state = 'deferred' OR ({_QUEUED_NOT_DUE}))", "queued", True),
 }
 
 
@@ -333,12 +337,13 @@ class QueueAdmin:
 def flush_guard(by_domain: bool) -> str:
     """The recipients `flush` makes due. Each round of _move_all searches again from the start,
     so the search must meet only rows still to change: a domain's deferred ones through
-    (domain, state, queue_id), and the few queued ones not yet due through (state, next_attempt)
-    -- `+domain` keeps SQLite from walking every queued recipient of a big domain each round."""
+    (domain, state, queue_id), and the few queued ones not yet due through (state, priority,
+    next_attempt) -- `+domain` keeps SQLite from walking every queued recipient of a big domain
+    each round."""
     if not by_domain:
         return _MOVES["requeue"][0]
     return ("((domain = :domain AND state = 'deferred')"
-            " OR (+domain = :domain AND state = 'queued' AND next_attempt > :now))")
+            f" OR (+domain = :domain AND {_QUEUED_NOT_DUE}))")
 
 
 def _is_all(which: Sequence[str] | str) -> bool:

@@ -7,7 +7,7 @@ because databases in the field have already run them.
 Representation choices:
   * recipients.state is TEXT, one of model.STATES, guarded by a CHECK. Text
     keeps the spool readable with the sqlite3 shell during an incident, and
-    the (state, next_attempt) index works the same as with integers.
+    the (state, priority, next_attempt) index works the same as with integers.
   * priority is INTEGER 0..3 (0 = critical) so ORDER BY priority is urgency.
   * times are REAL Unix seconds.
   * notify is the NOTIFY keywords joined with ',' (NULL when not given).
