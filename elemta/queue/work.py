@@ -224,15 +224,19 @@ class WorkQueue:
     def claim(self, limit: int, lease: float) -> list[Job]:
         """Lease up to `limit` due recipients, most urgent and oldest first, grouped by message."""
         now = self._clock()
-        with self._writing() as conn:
+        # Chosen on a read connection: this runs after every commit of new mail, and mostly
+        # finds nothing to take, which then costs intake no wait for the write lock. The
+        # state guard of CLAIM covers a change between the two.
+        with self._reading() as conn:
             candidates = sorted(
                 (priority, due, rid)
                 for state in WAITING for priority in PRIORITY_VALUES
                 for rid, priority, due in conn.execute(CANDIDATES, (state, priority, now, limit))
             )[:limit]
-            if not candidates:
-                return []
-            chosen = [rid for _, _, rid in candidates]
+        if not candidates:
+            return []
+        chosen = [rid for _, _, rid in candidates]
+        with self._writing() as conn:
             rows = conn.execute(CLAIM.format(ids=",".join("?" * len(chosen))),
                                 (now + lease, self.owner, now, *chosen)).fetchall()
             by_message: dict[str, list[Recipient]] = {}
