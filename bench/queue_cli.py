@@ -105,12 +105,6 @@ class SpoolElemta(accept.Elemta):
     def config_text(self, spool: str) -> str:
         return super().config_text(self.fixed_spool or spool)
 
-    def added(self) -> int:
-        if not self.fixed_spool:
-            return 0
-        with sqlite3.connect(os.path.join(self.fixed_spool, "queue.db"), timeout=30) as conn:
-            return conn.execute("SELECT count(*) FROM messages WHERE listener LIKE ?", (BENCH_LISTENER,)).fetchone()[0]
-
     def remove_added(self) -> None:
         if self.fixed_spool:
             with sqlite3.connect(os.path.join(self.fixed_spool, "queue.db"), timeout=30) as conn:
