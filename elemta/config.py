@@ -19,7 +19,9 @@ from elemta import transport
 from elemta.errors import ConfigError
 
 DEFAULT_PATH = "/etc/elemta/elemta.toml"
-ROLES = ("mx", "submission")
+ROLES = ("mx", "submission", "submissions")
+TLS_ROLES = ("submissions",)  # implicit TLS from the first byte (RFC 8314 §3.3), port 465
+TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 
@@ -36,6 +38,17 @@ _RANGES: dict[str, tuple[float, float]] = {
     "smtp.data_timeout": (1, 3600),
     "smtp.greet_pause": (0, 60),
     "smtp.max_received_headers": (1, 1000),
+    "smtp.auth_max_failures": (1, 100),
+    "smtp.auth_lockout": (0, 86400),
+    "tls.reload_interval": (0, 86400),
+    "limits.ip_connections_per_minute": (0, 1_000_000),
+    "limits.ip_messages_per_hour": (0, 10_000_000),
+    "limits.ip_recipients_per_hour": (0, 100_000_000),
+    "limits.ip_bytes_per_hour": (0, 2**50),
+    "limits.sender_messages_per_hour": (0, 10_000_000),
+    "limits.user_messages_per_hour": (0, 10_000_000),
+    "limits.user_recipients_per_hour": (0, 100_000_000),
+    "limits.max_tracked": (100, 10_000_000),
     "queue.min_free_space": (0, 2**50),
     "queue.max_messages": (0, 2**40),
     "queue.max_bytes": (0, 2**60),
@@ -58,12 +71,14 @@ _RANGES: dict[str, tuple[float, float]] = {
 }
 
 TLS_POLICIES = ("none", "may", "encrypt", "verify")
+AUTH_MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5")
 
 
 @dataclass(frozen=True)
 class Listener:
     address: str = "0.0.0.0:25"  # host:port; IPv6 as [::]:25
-    role: str = "mx"  # "mx" (port 25) or "submission" (587)
+    role: str = "mx"  # "mx" (port 25), "submission" (587) or "submissions" (465, implicit TLS)
+    proxy_protocol: bool = False  # expect a PROXY v1/v2 header from server.proxy_networks
 
     @property
     def host(self) -> str:
@@ -87,6 +102,7 @@ class ServerConfig:
     grace_period: float = 30.0
     workers: int = 1  # processes sharing the listeners (SO_REUSEPORT)
     delivery_process: bool = True  # delivery in a process of its own (its own core, crash isolation)
+    proxy_networks: tuple[str, ...] = ()  # who may send PROXY headers (HAProxy's addresses)
 
 
 @dataclass(frozen=True)
@@ -101,7 +117,40 @@ class SmtpConfig:
     local_domains: tuple[str, ...] = ()
     relay_domains: tuple[str, ...] = ()
     trusted_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
-    auth_required: bool = True  # submission: only trusted networks may send until AUTH exists
+    auth_required: bool = True  # submission listeners: AUTH (or a trusted network) before MAIL
+    auth_file: str = "/etc/elemta/passwd"  # users and password hashes; see elemtactl user
+    auth_mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")  # CRAM-MD5 needs stored secrets
+    auth_max_failures: int = 3  # failed AUTH in one session, then 421 4.7.0 and close
+    auth_lockout: float = 300.0  # seconds AUTH is refused to an address after that
+    sender_logins: dict = field(default_factory=dict)  # user -> senders it may use ("a@d, @d, *")
+
+
+@dataclass(frozen=True)
+class Certificate:
+    cert_file: str = ""  # PEM chain, leaf first
+    key_file: str = ""  # PEM private key; "" = in cert_file
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    certificates: tuple = ()  # [[tls.certificates]]: the first is the default, others by SNI
+    min_version: str = "TLSv1.2"
+    ciphers: str = ""  # OpenSSL cipher list for TLS 1.2; "" = the system's default
+    reload_interval: float = 60.0  # check the files for changes this often; 0 = SIGHUP only
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Flood protection; 0 = no limit.  Clients in smtp.trusted_networks are exempt."""
+
+    ip_connections_per_minute: int = 60
+    ip_messages_per_hour: int = 500
+    ip_recipients_per_hour: int = 2000
+    ip_bytes_per_hour: int = 1_073_741_824
+    sender_messages_per_hour: int = 500
+    user_messages_per_hour: int = 1000
+    user_recipients_per_hour: int = 5000
+    max_tracked: int = 100_000  # keys (addresses, senders, users) each limit remembers
 
 
 @dataclass(frozen=True)
@@ -164,6 +213,8 @@ class Config:
     listeners: tuple[Listener, ...] = field(default_factory=_default_listeners)
     server: ServerConfig = field(default_factory=ServerConfig)
     smtp: SmtpConfig = field(default_factory=SmtpConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     local: LocalConfig = field(default_factory=LocalConfig)
@@ -185,6 +236,8 @@ class Config:
 _SECTIONS = {
     "server": ServerConfig,
     "smtp": SmtpConfig,
+    "tls": TlsConfig,
+    "limits": LimitsConfig,
     "queue": QueueConfig,
     "delivery": DeliveryConfig,
     "local": LocalConfig,
@@ -221,6 +274,8 @@ def _type_name(tp: Any) -> str:
 
 def _coerce(path: str, value: Any, default: Any) -> Any:
     """Check value against the type of its default; return it in the dataclass's type."""
+    if path == "tls.certificates":
+        return _certificates(value)
     kind = type(default)
     if kind is bool:
         ok = isinstance(value, bool)
@@ -263,6 +318,18 @@ def _table(path: str, value: dict) -> dict:
         # Domains and addresses compare case-insensitively; keys are normalised once, here.
         result[key.lower().rstrip(".")] = item
     return result
+
+
+def _certificates(raw: Any) -> tuple[Certificate, ...]:
+    if not isinstance(raw, list) or not all(isinstance(item, dict) for item in raw):
+        raise ConfigError("tls.certificates: expected an array of tables [[tls.certificates]]")
+    result = []
+    for index, item in enumerate(raw):
+        path = f"tls.certificates[{index}]"
+        if not item.get("cert_file"):
+            raise ConfigError(f"{path}.cert_file: missing (the PEM certificate chain)")
+        result.append(_section(path, Certificate, item))
+    return tuple(result)
 
 
 _NUMBER_TABLES = {"delivery.domain_concurrency", "delivery.domain_rate"}
@@ -359,6 +426,37 @@ def _check(config: Config) -> None:
         raise ConfigError("delivery.retry_max: must not be less than delivery.retry_first")
     if d.relayhost_auth_file and not d.relayhost:
         raise ConfigError("delivery.relayhost_auth_file: set delivery.relayhost too")
+    for index, network in enumerate(config.server.proxy_networks):
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"server.proxy_networks[{index}]: {network!r} is not a network (e.g. 192.0.2.10/32)"
+            ) from None
+    for index, listener in enumerate(config.listeners):
+        if listener.proxy_protocol and not config.server.proxy_networks:
+            raise ConfigError(
+                f"listeners[{index}].proxy_protocol: set server.proxy_networks to the proxies' addresses"
+            )
+        if listener.role in TLS_ROLES and not config.tls.certificates:
+            raise ConfigError(
+                f"listeners[{index}].role: {listener.role!r} needs a certificate in [[tls.certificates]]"
+            )
+    if config.tls.min_version not in TLS_VERSIONS:
+        raise ConfigError(
+            f"tls.min_version: {config.tls.min_version!r} (allowed: {', '.join(TLS_VERSIONS)})"
+        )
+    for index, mechanism in enumerate(config.smtp.auth_mechanisms):
+        if mechanism not in AUTH_MECHANISMS:
+            raise ConfigError(
+                f"smtp.auth_mechanisms[{index}]: {mechanism!r} (allowed: {', '.join(AUTH_MECHANISMS)})"
+            )
+    for user, senders in config.smtp.sender_logins.items():
+        if not senders.strip() or any(not s.strip() or " " in s.strip() for s in senders.split(",")):
+            raise ConfigError(
+                f"smtp.sender_logins.{user}: expected addresses, @domains or * separated by commas, "
+                f"got {senders!r}"
+            )
     if not config.server.spool_dir:
         raise ConfigError("server.spool_dir: must name a directory")
 
