@@ -1,0 +1,217 @@
+"""The mail transaction of a session: MAIL, RCPT, DATA and BDAT up to the queue's answer.
+
+A mixin of smtp/session.py's Session, which owns the input loop, the session-level commands
+and the state these methods read and change; split out so each file stays readable.
+"""
+
+from __future__ import annotations
+
+from elemta import log as logmod
+from elemta.errors import QueueFullError
+from elemta.queue.model import NewMessage
+from elemta.smtp import address as addr
+from elemta.smtp import dotreader, replies
+from elemta.smtp import envelope as env
+from elemta.smtp.context import BDAT_CHUNK, COMMAND, DATA, WAIT_QUEUE, Enqueue
+from elemta.smtp.replies import Reply
+
+
+class MailTransaction:
+    def enqueued(self, message: NewMessage) -> list:
+        """The queue committed message: the 250 that promises it."""
+        queue_id = message.queue_id
+        self.services.log(
+            "queued", qid=queue_id, size=len(message.body), nrcpt=len(message.recipients),
+            priority=message.priority, state="held" if message.hold else "queued",
+        )
+        return self._after_queue(replies.QUEUED.format(queue_id=queue_id))
+
+    def enqueue_failed(self, error: Exception) -> list:
+        reply = replies.NO_STORAGE if isinstance(error, QueueFullError) else replies.QUEUE_FAILED
+        qid = self.envelope.queue_id if self.envelope else None
+        self.services.log(
+            "queue_error", qid=qid, level=logmod.WARNING, error=str(error) or type(error).__name__
+        )
+        return self._after_queue(reply)
+
+    def _mail(self, arg: str) -> list:
+        if self.helo is None:
+            return self._sequence("send HELO/EHLO first")
+        if self.envelope is not None:
+            return self._sequence("nested MAIL command")
+        try:
+            path, rest = addr.split_command_arg(arg, "FROM")
+            params = addr.parse_params(rest, env.MAIL_PARAMS)
+            if params and not self.esmtp:
+                raise addr.AddressError("param", "parameters need EHLO")
+            smtputf8 = "SMTPUTF8" in params
+            sender = addr.parse_path(path, smtputf8=smtputf8, allow_null=True, allow_postmaster=False)
+            envelope = env.from_mail(
+                sender, params, max_size=self.settings.max_message_size, trusted=self.client.trusted
+            )
+        except addr.AddressError as exc:
+            return self._address_error(exc, replies.BAD_SENDER)
+        except env.TooBig:
+            return self._error(replies.SIZE_EXCEEDED.format(limit=self.settings.max_message_size))
+        submission_locked = self.settings.role == "submission" and self.settings.auth_required
+        if submission_locked and not (self.client.trusted or self.settings.accept_all):
+            return self._error(replies.AUTH_REQUIRED)
+        why = self.services.intake_check()
+        if why is not None:
+            self.services.log("reject", ip=self.client.ip, conn=self.client.conn, reason=why, reply="452 4.3.1")
+            return [replies.NO_STORAGE]
+        envelope.queue_id = self.services.new_id()  # as Postfix, the ID exists from MAIL on
+        self.envelope = envelope
+        self.services.log(
+            "mail", qid=envelope.queue_id, ip=self.client.ip, conn=self.client.conn, sender=f"<{sender}>",
+            size=params.get("SIZE") or "-", body=envelope.body_type,
+        )
+        return [replies.SENDER_OK]
+
+    def _address_error(self, exc: addr.AddressError, syntax_reply: Reply) -> list:
+        if exc.kind == "utf8":
+            return self._error(replies.UTF8_REQUIRED)
+        if exc.kind == "unknown_param":
+            return self._error(replies.UNKNOWN_PARAMETER.format(name=str(exc)[:32]))
+        if exc.kind == "param":
+            return self._error(replies.BAD_PARAMETER.format(why=str(exc)))
+        return self._error(syntax_reply.format(why=str(exc)))
+
+    def _rcpt(self, arg: str) -> list:
+        if self.envelope is None:
+            return self._sequence("send MAIL first")
+        if len(self.envelope.recipients) >= self.settings.max_recipients:
+            return [replies.TOO_MANY_RECIPIENTS]
+        try:
+            path, rest = addr.split_command_arg(arg, "TO")
+            params = addr.parse_params(rest, env.RCPT_PARAMS)
+            if params and not self.esmtp:
+                raise addr.AddressError("param", "parameters need EHLO")
+            rcpt = addr.parse_path(
+                path, smtputf8=self.envelope.smtputf8, allow_null=False, allow_postmaster=True
+            )
+            new_rcpt = env.recipient(rcpt, params)
+        except addr.AddressError as exc:
+            return self._address_error(exc, replies.BAD_RECIPIENT)
+        table = self.settings.recipients
+        unknown = table is not None and not self.settings.accept_all and not table.accepts(str(rcpt))
+        refusal = replies.RELAY_DENIED if not self._may_receive(rcpt) else replies.NO_SUCH_USER if unknown else None
+        if refusal is not None:
+            self.services.log("reject", qid=self.envelope.queue_id, ip=self.client.ip, conn=self.client.conn,
+                              rcpt=f"<{rcpt}>", reply=f"{refusal.code} {refusal.esc}")
+            return self._error(refusal)
+        self.envelope.add_recipient(new_rcpt)
+        self.services.log("rcpt", qid=self.envelope.queue_id, rcpt=f"<{rcpt}>")
+        return [replies.RCPT_OK]
+
+    def _may_receive(self, rcpt: addr.Address) -> bool:
+        """Relay control: who may send to this recipient through this listener."""
+        if self.settings.accept_all or self.client.trusted or not rcpt.domain:
+            return True  # not rcpt.domain: the bare <postmaster> of RFC 5321 §4.1.1.3
+        if self.settings.role == "submission":
+            return not self.settings.auth_required
+        domain = rcpt.domain
+        if domain in self.settings.local_domains or domain in self.settings.relay_domains:
+            return True
+        # ".example.org" in relay_domains covers every subdomain of example.org.
+        return any(domain.endswith(d) for d in self.settings.relay_domains if d.startswith("."))
+
+    def _data_cmd(self, arg: str) -> list:
+        if arg:
+            return self._syntax("DATA")
+        problem = self._transaction_problem()
+        if problem:
+            return self._sequence(problem)
+        if self._chunks:
+            return self._sequence("DATA after BDAT")
+        if self._buf:
+            # RFC 2920 §3.1: DATA ends a pipelined group; text sent before the 354 means the
+            # client is not waiting for replies, so nothing it sends can be trusted as a message.
+            return self.input_before_reply()
+        self.state = DATA
+        self._data = dotreader.DataReader(self.settings.max_message_size)
+        return [replies.START_DATA]
+
+    def _transaction_problem(self) -> str | None:
+        if self.helo is None:
+            return "send HELO/EHLO first"
+        if self.envelope is None:
+            return "send MAIL first"
+        if not self.envelope.recipients:
+            return "send RCPT first"
+        return None
+
+    def _end_of_data(self, text: bytes) -> list:
+        self.state = COMMAND
+        if self._data.too_big:
+            self._log_refusal("552 5.3.4", size=self._data.received)
+            self._reset()
+            return self._error(replies.SIZE_EXCEEDED.format(limit=self.settings.max_message_size))
+        return self._finish(dotreader.unstuff(text))
+
+    # BDAT (RFC 3030): the chunk's octets follow the command line; they are data, never
+    # commands, whatever the state of the transaction, so they are always read in full.
+    def _bdat(self, arg: str) -> list:
+        parts = arg.split(" ")
+        if not parts[0].isdigit() or len(parts) > 2 or (len(parts) == 2 and parts[1].upper() != "LAST"):
+            return self._syntax("BDAT size [LAST]")
+        size, problem = int(parts[0]), self._transaction_problem()
+        refusal = replies.BAD_SEQUENCE.format(why=problem) if problem else None
+        if refusal is None and sum(map(len, self._chunks)) + size > self.settings.max_message_size:
+            refusal = replies.SIZE_EXCEEDED.format(limit=self.settings.max_message_size)
+        self._chunk = dotreader.Chunk(size, last=len(parts) == 2, refusal=refusal)
+        self.state = BDAT_CHUNK
+        return []
+
+    def _end_of_chunk(self) -> list:
+        self.state = COMMAND
+        chunk, self._chunk = self._chunk, None
+        if chunk.refusal is not None:
+            if chunk.refusal.code == 552:
+                self._log_refusal("552 5.3.4")
+                self._reset()
+            return self._error(chunk.refusal)
+        self._chunks.append(chunk.data())
+        if not chunk.last:
+            return [replies.CHUNK_OK.format(size=len(self._chunks[-1]))]
+        text = b"".join(self._chunks)
+        self._chunks = []
+        return self._finish(text)
+
+    def _finish(self, text: bytes) -> list:
+        """The whole message text is here: check it, add Received, hand it to the queue."""
+        refusal = dotreader.check_text(text)
+        if refusal is None:
+            hops = dotreader.count_received(text)
+            if hops >= self.settings.max_received_headers:
+                refusal = replies.LOOP.format(count=hops)
+        if refusal is not None:
+            self._log_refusal(f"{refusal.code} {refusal.esc}")
+            self._reset()
+            return self._error(refusal)
+        envelope = self.envelope
+        message = NewMessage(
+            queue_id=envelope.queue_id,
+            sender=str(envelope.sender),
+            recipients=tuple(envelope.recipients),
+            body=env.received_header(
+                envelope, helo=self.helo or "", client_ip=self.client.ip, esmtp=self.esmtp,
+                hostname=self.settings.hostname, now=self.services.now(),
+            ) + text,
+            priority=envelope.priority,
+            hold=self.settings.hold,
+            envid=envelope.envid,
+            ret=envelope.ret,
+            body_type=envelope.body_type,
+            smtputf8=envelope.smtputf8,
+            client_ip=self.client.ip,
+            client_helo=self.helo or "",
+            listener=self.settings.listener,
+            received_at=self.services.now(),
+        )
+        self.state = WAIT_QUEUE
+        return [Enqueue(message)]
+
+    def _log_refusal(self, reply: str, **fields) -> None:
+        qid = self.envelope.queue_id if self.envelope else None
+        self.services.log("reject", qid=qid, ip=self.client.ip, conn=self.client.conn, reply=reply, **fields)
