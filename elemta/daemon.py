@@ -186,6 +186,8 @@ class Daemon:
             if self._reload:
                 self._reload = False
                 config = self._do_reload(config, server, store, events)
+            if server is not None:
+                server.tls.check()  # certificate files changed on disk? (tls.reload_interval)
         grace = config.server.grace_period
         if server is not None:
             events("stopping", grace=grace, open=server.connections.count())

@@ -9,6 +9,9 @@ from dataclasses import dataclass
 
 from elemta.local import LocalRecipients
 from elemta.queue.model import NewMessage
+from elemta.smtp.replies import Reply
+
+SUBMISSION_ROLES = frozenset({"submission", "submissions"})
 
 
 @dataclass(frozen=True)
@@ -19,11 +22,16 @@ class Enqueue:
 
 
 @dataclass(frozen=True)
+class StartTls:
+    """Output, after the 220 to STARTTLS: start the TLS handshake, then call tls_started()."""
+
+
+@dataclass(frozen=True)
 class Settings:
     """What a session needs from the configuration; built once per listener, not per client."""
 
     hostname: str
-    role: str = "mx"  # "mx" or "submission"
+    role: str = "mx"  # "mx", "submission" or "submissions"
     listener: str = ""
     max_message_size: int = 26_214_400
     max_recipients: int = 100
@@ -35,6 +43,14 @@ class Settings:
     accept_all: bool = False  # dev mode: every recipient is accepted
     recipients: LocalRecipients | None = None  # who exists in local_domains; None = everyone
     hold: bool = False  # new mail starts held in the queue
+    starttls: bool = False  # offer STARTTLS (a certificate is loaded; not on implicit TLS)
+    auth_mechanisms: tuple[str, ...] = ()  # SASL mechanisms offered (with a password file)
+    auth_max_failures: int = 3
+    sender_logins: dict | None = None  # user -> allowed senders, smtp.sender_logins
+
+    @property
+    def submission(self) -> bool:
+        return self.role in SUBMISSION_ROLES
 
 
 @dataclass(frozen=True)
@@ -53,7 +69,32 @@ class Services:
     intake_check: Callable[[], str | None] = lambda: None  # None, or why mail can't be taken now
     log: Callable[..., None] = lambda event, **fields: None  # log(event, qid=..., key=value)
     now: Callable[[], float] = time.time
+    verifier: object | None = None  # checks passwords (passwords.PasswordFile); None = no AUTH
+    guard: Guard | None = None  # flood protection (smtp/limits.py); None = no limits
+
+
+class Guard:
+    """The rate limits a session asks about; this base class limits nothing.
+
+    Each check counts the event when it is allowed and returns None, or returns the
+    refusal to send (the event is then not counted).
+    """
+
+    def auth_locked(self, ip: str) -> bool:
+        return False
+
+    def auth_failed(self, ip: str) -> None:
+        return None
+
+    def mail(self, client: Client, sender: str, user: str | None, size: int) -> Reply | None:
+        return None
+
+    def rcpt(self, client: Client, user: str | None) -> Reply | None:
+        return None
+
+    def message(self, client: Client, size: int) -> None:
+        return None
 
 
 # Session states
-COMMAND, DATA, BDAT_CHUNK, WAIT_QUEUE, CLOSED = range(5)
+COMMAND, DATA, BDAT_CHUNK, WAIT_QUEUE, CLOSED, AUTH, TLS_WAIT = range(7)

@@ -108,3 +108,10 @@ def count_received(text: bytes) -> int:
     end = text.find(b"\r\n\r\n")
     header = b"\r\n" + (text if end < 0 else text[: end + 2])
     return header.lower().count(b"\r\nreceived:")
+
+
+def has_field(text: bytes, name: bytes) -> bool:
+    """Whether the header section has a field called name (lower case, without the colon)."""
+    end = text.find(b"\r\n\r\n")
+    header = b"\r\n" + (text if end < 0 else text[: end + 2]).lower()
+    return b"\r\n" + name + b":" in header or b"\r\n" + name + b" :" in header

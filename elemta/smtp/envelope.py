@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from elemta.queue.model import NewRecipient
 from elemta.smtp import address as addr
 
-MAIL_PARAMS = frozenset({"SIZE", "BODY", "SMTPUTF8", "RET", "ENVID", "MT-PRIORITY"})
+MAIL_PARAMS = frozenset({"SIZE", "BODY", "SMTPUTF8", "RET", "ENVID", "MT-PRIORITY", "AUTH"})
 RCPT_PARAMS = frozenset({"NOTIFY", "ORCPT"})
 
 
@@ -65,6 +65,12 @@ def from_mail(sender: addr.Address, params: dict, *, max_size: int, trusted: boo
             envelope.ret = addr.parse_ret(value)
         elif name == "ENVID":
             envelope.envid = addr.parse_envid(value)
+        elif name == "AUTH":
+            # RFC 4954 §5: the identity a relaying client vouches for.  elemta passes no
+            # identity on, so it is checked as xtext and otherwise ignored.
+            if value is None:
+                raise addr.AddressError("param", "AUTH needs a value")
+            addr.xtext_decode(value)
         else:  # MT-PRIORITY
             level = addr.parse_mt_priority(value)
             # RFC 6710 §5: priorities are honoured only from clients we trust; from others
@@ -86,18 +92,26 @@ def recipient(rcpt: addr.Address, params: dict) -> NewRecipient:
 
 
 def received_header(
-    envelope: Envelope, *, helo: str, client_ip: str, esmtp: bool, hostname: str, now: float
+    envelope: Envelope, *, helo: str, client_ip: str, esmtp: bool, hostname: str, now: float,
+    tls: object | None = None, authenticated: bool = False,
 ) -> bytes:
-    """RFC 5321 §4.4 trace field; protocol names from RFC 3848 and RFC 6531 §3.7.3."""
+    """RFC 5321 §4.4 trace field; protocol names from RFC 3848 and RFC 6531 §3.7.3.
+
+    tls (a TlsInfo) adds the version and cipher as a comment, as Postfix writes it; the
+    authenticated user's name is left out (it is the user's, not the world's, to know).
+    """
     # SMTPUTF8 needs EHLO, so a UTF8 transaction is always ESMTP: its registered name is UTF8SMTP.
     protocol = "UTF8SMTP" if envelope.smtputf8 else ("ESMTP" if esmtp else "SMTP")
+    if esmtp and (tls or authenticated):  # RFC 3848 §1: ESMTPS, ESMTPA, ESMTPSA (and UTF8SMTP...)
+        protocol += ("S" if tls else "") + ("A" if authenticated else "")
     ip = ipaddress.ip_address(client_ip)
     literal = f"[IPv6:{ip}]" if ip.version == 6 else f"[{ip}]"
     # The HELO name is the client's word: keep it printable ASCII and short.
     helo = "".join(c if 32 < ord(c) < 127 else "?" for c in helo)[:255]
     header = (
         f"Received: from {helo} ({literal})\r\n"
-        f"\tby {hostname} (elemta) with {protocol} id {envelope.queue_id}"
+        + (f"\t(using {tls})\r\n" if tls else "")
+        + f"\tby {hostname} (elemta) with {protocol} id {envelope.queue_id}"
     )
     if len(envelope.recipients) == 1:  # naming one recipient leaks nothing about others
         header += f"\r\n\tfor <{envelope.recipients[0].address}>"

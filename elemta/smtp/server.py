@@ -12,20 +12,32 @@ import ipaddress
 import select
 import socket
 import socketserver
+import ssl
 import struct
 import threading
 import time
 from dataclasses import dataclass
 
 from elemta import log as logmod
-from elemta.config import Config, Listener, split_host_port
+from elemta.config import TLS_ROLES, Config, Listener, split_host_port
 from elemta.errors import QueueError
 from elemta.local import LocalRecipients
 from elemta.log import EventLog
+from elemta.passwords import PasswordFile
 from elemta.queue.store import Store
-from elemta.smtp import replies
-from elemta.smtp.session import CLOSED, Client, Enqueue, Services, Session, Settings
+from elemta.smtp import proxy, replies
+from elemta.smtp.limits import Limiter
+from elemta.smtp.session import (
+    CLOSED,
+    Client,
+    Enqueue,
+    Services,
+    Session,
+    Settings,
+    StartTls,
+)
 from elemta.smtp.threads import SessionThreads
+from elemta.smtp.tls import ServerTls, TlsInfo
 
 RECV_SIZE = 65536
 
@@ -40,10 +52,16 @@ class Limits:
     max_connections: int
     max_connections_per_ip: int
     trusted: tuple  # ipaddress networks
+    proxies: tuple = ()  # ipaddress networks allowed to send PROXY headers
+
+    def is_trusted(self, ip: str) -> bool:
+        address = ipaddress.ip_address(ip)
+        return any(address in net for net in self.trusted)
 
 
 def session_settings(
-    config: Config, listener: Listener, hostname: str | None = None, recipients: LocalRecipients | None = None
+    config: Config, listener: Listener, hostname: str | None = None, recipients: LocalRecipients | None = None,
+    tls_available: bool = False,
 ) -> Settings:
     smtp = config.smtp
     return Settings(
@@ -60,6 +78,10 @@ def session_settings(
         accept_all=config.dev,
         hold=config.delivery.hold,
         recipients=recipients,
+        starttls=tls_available and listener.role not in TLS_ROLES,
+        auth_mechanisms=smtp.auth_mechanisms,
+        auth_max_failures=smtp.auth_max_failures,
+        sender_logins=smtp.sender_logins,
     )
 
 
@@ -71,6 +93,7 @@ def limits_from(config: Config, workers: int = 1) -> Limits:
         max_connections=-(-config.server.max_connections // workers),
         max_connections_per_ip=-(-config.server.max_connections_per_ip // workers),
         trusted=tuple(ipaddress.ip_network(n, strict=False) for n in config.smtp.trusted_networks),
+        proxies=tuple(ipaddress.ip_network(n, strict=False) for n in config.server.proxy_networks),
     )
 
 
@@ -80,32 +103,60 @@ class Connections:
     def __init__(self):
         self._lock = threading.Lock()
         self._per_ip: dict[str, int] = {}
-        self._open: dict[int, socket.socket] = {}
+        self._open: dict[int, list] = {}  # number -> [socket, the address it counts under]
         self._serial = 0
         self.idle = threading.Condition(self._lock)
 
-    def admit(self, ip: str, sock: socket.socket, limits: Limits) -> tuple[int, replies.Reply | None]:
-        """Return (connection number, None) if admitted, else (0, the 421 to send)."""
+    def admit(
+        self, ip: str, sock: socket.socket, limits: Limits, per_ip: bool = True
+    ) -> tuple[int, replies.Reply | None]:
+        """Return (connection number, None) if admitted, else (0, the 421 to send).
+
+        per_ip=False skips the per-address cap (a proxy's address: rekey() applies it to the
+        client the PROXY header names)."""
         with self._lock:
             if len(self._open) >= limits.max_connections:
                 return 0, replies.TOO_MANY_CONNECTIONS
-            if self._per_ip.get(ip, 0) >= limits.max_connections_per_ip:
+            if per_ip and self._per_ip.get(ip, 0) >= limits.max_connections_per_ip:
                 return 0, replies.TOO_MANY_FROM_IP
             self._serial += 1
             self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
-            self._open[self._serial] = sock
+            self._open[self._serial] = [sock, ip]
             return self._serial, None
 
-    def release(self, number: int, ip: str) -> None:
+    def rekey(self, number: int, ip: str, limits: Limits) -> replies.Reply | None:
+        """Count connection number under ip (the client a PROXY header names) from now on."""
         with self._lock:
-            self._open.pop(number, None)
-            left = self._per_ip.get(ip, 1) - 1
-            if left:
-                self._per_ip[ip] = left
-            else:
-                self._per_ip.pop(ip, None)
+            entry = self._open.get(number)
+            if entry is None:
+                return None
+            if self._per_ip.get(ip, 0) >= limits.max_connections_per_ip:
+                return replies.TOO_MANY_FROM_IP
+            self._drop(entry[1])
+            self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
+            entry[1] = ip
+            return None
+
+    def replace(self, number: int, sock: socket.socket) -> None:
+        """The connection's socket is now sock (TLS wraps it), for interrupt_all."""
+        with self._lock:
+            if number in self._open:
+                self._open[number][0] = sock
+
+    def release(self, number: int) -> None:
+        with self._lock:
+            entry = self._open.pop(number, None)
+            if entry is not None:
+                self._drop(entry[1])
             if not self._open:
                 self.idle.notify_all()
+
+    def _drop(self, ip: str) -> None:
+        left = self._per_ip.get(ip, 1) - 1
+        if left:
+            self._per_ip[ip] = left
+        else:
+            self._per_ip.pop(ip, None)
 
     def count(self) -> int:
         with self._lock:
@@ -118,11 +169,11 @@ class Connections:
     def interrupt_all(self) -> None:
         """Wake every session blocked in recv: it then says 421 and closes (shutdown)."""
         with self._lock:
-            sockets = list(self._open.values())
+            sockets = [entry[0] for entry in self._open.values()]
         for sock in sockets:
             try:
                 sock.shutdown(socket.SHUT_RD)
-            except OSError:
+            except (OSError, ValueError):
                 pass
 
 
@@ -143,7 +194,7 @@ class SmtpServer:
         self.connections = Connections()
         self.threads = SessionThreads()
         self.stopping = threading.Event()
-        self.services = Services(new_id=store.new_id, intake_check=self._intake_check, log=log)
+        self.tls = ServerTls(config.tls, log)  # ConfigError if a certificate cannot be loaded
         self.listeners: dict[str, ListenerServer] = {}
         self.apply(config, recipients)
 
@@ -159,8 +210,15 @@ class SmtpServer:
         self.recipients = recipients
         self.hostname = config.hostname  # resolved once: getfqdn() may ask DNS
         self.limits = limits_from(config, self.workers)
+        self.limiter = Limiter(config, self.workers)
+        self.services = Services(
+            new_id=self.store.new_id, intake_check=self._intake_check, log=self.log,
+            verifier=PasswordFile(config.smtp.auth_file) if config.smtp.auth_mechanisms else None,
+            guard=self.limiter,
+        )
         self.settings = {
-            lst.address: session_settings(config, lst, self.hostname, recipients) for lst in config.listeners
+            lst.address: session_settings(config, lst, self.hostname, recipients, self.tls.available)
+            for lst in config.listeners
         }
 
     def _intake_check(self) -> str | None:
@@ -189,6 +247,10 @@ class SmtpServer:
             for server in fresh.values():
                 server.server_close()
             raise
+        if self.listeners:
+            # SIGHUP reloads the certificates too, changed names or not; a bad one is logged
+            # and the one in use stays.
+            self.tls.reload(config.tls)
         self.apply(config, recipients)
         for address in list(self.listeners):
             if address not in wanted:
@@ -222,46 +284,108 @@ class SmtpServer:
         settings = self.settings.get(listener.address) or session_settings(
             self.config, listener, self.hostname
         )
-        ip = peer[0]
-        trusted = any(ipaddress.ip_address(ip) in net for net in limits.trusted)
-        session = Session(settings, Client(ip, peer[1], trusted, number), self.services)
-        started = time.monotonic()
-        self.log("connect", ip=ip, port=peer[1], listener=listener.address, conn=number)
         conn = _Conn(sock)
+        conn.set_timeout(socket.SO_RCVTIMEO, limits.command_timeout)
+        conn.set_timeout(socket.SO_SNDTIMEO, limits.command_timeout)
+        ip, early = peer[0], b""
+        if listener.proxy_protocol:
+            peer, early = self._proxied(conn, peer, number, limits)
+            if peer is None:
+                return
+        services, started = self.services, time.monotonic()
+        session = Session(settings, Client(peer[0], peer[1], limits.is_trusted(peer[0]), number), services)
+        self.log("connect", ip=peer[0], port=peer[1], listener=listener.address, conn=number,
+                 **({"proxy": ip} if listener.proxy_protocol else {}))
         try:
-            if limits.greet_pause and conn.readable(limits.greet_pause):
+            if listener.role in TLS_ROLES:  # RFC 8314 §3.3: TLS from the first byte
+                if not self._start_tls(conn, session, number):
+                    return
+            elif limits.greet_pause and not early and conn.readable(limits.greet_pause):
                 conn.send(session.input_before_reply())
                 return
             conn.send([session.greeting()])
-            self._converse(conn, session, limits)
+            self._converse(conn, session, limits, early)
         except OSError as exc:
-            self.log("io_error", ip=ip, conn=number, error=str(exc)[:80])
+            self.log("io_error", ip=session.client.ip, conn=number, error=str(exc)[:80])
         except Exception:
             # A bug costs one session, never the server.  For the client it is a transient
             # failure (451), never a permanent one, and no exception text reaches it; the
             # traceback goes to the log.
-            self.log.exception("internal_error", ip=ip, conn=number)
+            self.log.exception("internal_error", ip=session.client.ip, conn=number)
             with contextlib.suppress(OSError):
                 conn.send([replies.INTERNAL_ERROR])
         finally:
+            if conn.sock is not sock:
+                with contextlib.suppress(OSError):
+                    conn.sock.close()
             self.log(
-                "disconnect", ip=ip, conn=number, commands=session.commands_seen,
+                "disconnect", ip=session.client.ip, conn=number, commands=session.commands_seen,
                 errors=session.errors, seconds=round(time.monotonic() - started, 3),
             )
 
-    def _converse(self, conn: _Conn, session: Session, limits: Limits) -> None:
-        timeout = None
-        conn.set_timeout(socket.SO_SNDTIMEO, limits.command_timeout)
+    def _proxied(self, conn: _Conn, peer: tuple, number: int, limits: Limits) -> tuple:
+        """Read the PROXY header: ((client ip, port), bytes after it), or (None, b"") when the
+        connection must go (not from a proxy we trust, a bad header, or over a limit)."""
+        ip = peer[0]
+        if not any(ipaddress.ip_address(ip) in net for net in limits.proxies):
+            self.log("reject", ip=ip, conn=number, reason="proxy_not_trusted")
+            return None, b""
+        buffer = b""
+        try:
+            while (parsed := proxy.parse(buffer)) is None:
+                if len(buffer) >= proxy.MAX_HEADER:
+                    raise proxy.ProxyError("header too long")
+                data = conn.sock.recv(proxy.MAX_HEADER - len(buffer))
+                if not data:
+                    raise proxy.ProxyError("connection closed before the header")
+                buffer += data
+        except (proxy.ProxyError, BlockingIOError, OSError) as exc:
+            self.log("reject", ip=ip, conn=number, reason="proxy_header", error=str(exc)[:80] or "timeout")
+            return None, b""
+        header, used = parsed
+        client = header.source or peer  # LOCAL (a health check) or UNKNOWN: the proxy itself
+        refusal = self.connections.rekey(number, client[0], limits)
+        if refusal is None and not limits.is_trusted(client[0]):
+            refusal = self.limiter.connect(client[0])
+        if refusal is not None:
+            self.log("reject", ip=client[0], conn=number, reason="connection_limit", proxy=ip,
+                     reply=f"{refusal.code} {refusal.esc}")
+            with contextlib.suppress(OSError):
+                conn.send([refusal.format(host=self.hostname)])
+            return None, b""
+        return client, buffer[used:]
+
+    def _start_tls(self, conn: _Conn, session: Session, number: int) -> bool:
+        """Handshake on conn (after STARTTLS's 220, or at once on implicit TLS)."""
+        self.tls.check()  # cheap: at most one stat per tls.reload_interval
+        try:
+            conn.sock = self.tls.context().wrap_socket(
+                conn.sock, server_side=True, do_handshake_on_connect=False
+            )
+            self.connections.replace(number, conn.sock)
+            conn.sock.do_handshake()
+        except (ssl.SSLError, OSError) as exc:  # SSLWantReadError: SO_RCVTIMEO expired
+            reason = getattr(exc, "reason", None) or str(exc)[:80] or type(exc).__name__
+            self.log("tls_failed", ip=session.client.ip, conn=number, error=reason)
+            return False
+        session.tls_started(TlsInfo.of(conn.sock))
+        return True
+
+    def _converse(self, conn: _Conn, session: Session, limits: Limits, early: bytes = b"") -> None:
+        timeout = limits.command_timeout  # as handle() set it
         while session.state != CLOSED:
             wanted = limits.data_timeout if session.in_data else limits.command_timeout
             if wanted != timeout:
                 conn.set_timeout(socket.SO_RCVTIMEO, wanted)
                 timeout = wanted
-            try:
-                data = conn.sock.recv(RECV_SIZE)
-            except BlockingIOError:  # SO_RCVTIMEO expired
-                conn.send(session.timed_out())
-                return
+            if early:  # what came behind a PROXY header, before our greeting
+                data, early = early, b""
+            else:
+                try:
+                    data = conn.sock.recv(RECV_SIZE)
+                except (BlockingIOError, ssl.SSLWantReadError):  # SO_RCVTIMEO expired
+                    conn.send(session.timed_out())
+                    return
             if not data:
                 if self.stopping.is_set():
                     conn.send(session.shutting_down())
@@ -272,6 +396,11 @@ class SmtpServer:
                 item = outputs.pop(0)
                 if isinstance(item, Enqueue):
                     outputs = self._enqueue(session, item) + outputs
+                elif isinstance(item, StartTls):
+                    conn.send(pending)  # the 220, in the clear
+                    pending = []
+                    if not self._start_tls(conn, session, session.client.conn):
+                        return
                 else:
                     pending.append(item)
             if session.awaiting_data and conn.readable(0):
@@ -310,6 +439,8 @@ class _Conn:
             self.sock.sendall(b"".join(r.to_bytes() for r in items))
 
     def readable(self, timeout: float) -> bool:
+        if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
+            return True  # decrypted bytes already read from the kernel
         ready, _, _ = select.select([self.sock], [], [], timeout)
         return bool(ready)
 
@@ -340,10 +471,19 @@ class ListenerServer(socketserver.ThreadingTCPServer):
 
     def process_request(self, request, client_address) -> None:
         """A thread per connection (a reused one), after the connection caps are checked."""
-        number, refusal = self.owner.connections.admit(client_address[0], request, self.owner.limits)
+        owner, ip, proxied = self.owner, client_address[0], self.listener.proxy_protocol
+        # Behind a proxy the address here is the proxy's: the client's own cap and rate are
+        # checked once its PROXY header is read (SmtpServer._proxied).
+        number, refusal = owner.connections.admit(ip, request, owner.limits, per_ip=not proxied)
+        reason = "connection_limit"
+        if refusal is None and not proxied and not owner.limits.is_trusted(ip):
+            refusal = owner.limiter.connect(ip)
+            if refusal is not None:
+                owner.connections.release(number)
+                reason = "connection_rate"
         if refusal is not None:
             # Refused in the accept thread: no session thread for a client we won't serve.
-            self.owner.log("reject", ip=client_address[0], reason="connection_limit", reply="421 4.7.0")
+            self.owner.log("reject", ip=ip, reason=reason, reply="421 4.7.0")
             try:
                 request.settimeout(1.0)
                 request.sendall(refusal.format(host=self.owner.hostname).to_bytes())
@@ -357,7 +497,7 @@ class ListenerServer(socketserver.ThreadingTCPServer):
         try:
             self.owner.handle(request, client_address, self.listener, number)
         finally:
-            self.owner.connections.release(number, client_address[0])
+            self.owner.connections.release(number)
             self.shutdown_request(request)
 
     def stop(self) -> None:

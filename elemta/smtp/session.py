@@ -10,24 +10,28 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from elemta.smtp import dotreader, replies
+from elemta import log as logmod
+from elemta.smtp import auth, dotreader, replies
 from elemta.smtp import envelope as env
 from elemta.smtp.context import (
+    AUTH,
     BDAT_CHUNK,
     CLOSED,
     COMMAND,
     DATA,
+    TLS_WAIT,
     WAIT_QUEUE,
     Client,
     Enqueue,
     Services,
     Settings,
+    StartTls,
 )
 from elemta.smtp.replies import Reply
 from elemta.smtp.transaction import MailTransaction
 
 # The server and the tests take the session's data types from here, beside Session.
-__all__ = ["CLOSED", "Client", "Enqueue", "Services", "Session", "Settings"]
+__all__ = ["CLOSED", "Client", "Enqueue", "Services", "Session", "Settings", "StartTls"]
 
 # RFC 5321 §4.5.3.1.4: a command line is at most 512 octets including CRLF.  MAIL and RCPT
 # may be longer by what their extensions add (RFC 1870 §3: SIZE +26; RFC 3461 §4: +100 on
@@ -36,14 +40,28 @@ MAX_COMMAND = 512
 MAX_ENVELOPE_COMMAND = 1024
 
 HTTP_VERBS = frozenset({"GET", "POST", "CONNECT", "HEAD", "PUT"})
-COMMANDS = ("EHLO", "HELO", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "NOOP", "QUIT", "VRFY", "HELP")
+COMMANDS = ("EHLO", "HELO", "STARTTLS", "AUTH", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "NOOP", "QUIT",
+            "VRFY", "HELP")
+
+# AUTH failures and their replies (RFC 4954 §4, §6).
+_AUTH_FAILURES = {
+    "bad_base64": replies.AUTH_BAD_BASE64,
+    "malformed": replies.AUTH_BAD_BASE64,
+    "cancelled": replies.AUTH_CANCELLED,
+    "invalid": replies.AUTH_INVALID,
+    "unavailable": replies.AUTH_UNAVAILABLE,
+}
 
 
 class Session(MailTransaction):
-    def __init__(self, settings: Settings, client: Client, services: Services):
+    def __init__(self, settings: Settings, client: Client, services: Services, tls=None):
         self.settings = settings
         self.client = client
         self.services = services
+        self.tls = tls  # a tls.TlsInfo once TLS is up (from the start on implicit TLS)
+        self.user: str | None = None  # the authenticated user
+        self.auth_failures = 0
+        self._auth: auth.Exchange | None = None
         self.state = COMMAND
         self.helo: str | None = None
         self.esmtp = False
@@ -79,6 +97,16 @@ class Session(MailTransaction):
     def shutting_down(self) -> list:
         return self._close_with(replies.SHUTTING_DOWN.format(host=self.settings.hostname))
 
+    def tls_started(self, info) -> list:
+        """The handshake after our 220 succeeded.  RFC 3207 §4.2: forget all the client said
+        before it; EHLO must come again.  Nothing pipelined after STARTTLS was kept."""
+        self.tls = info
+        self.helo, self.esmtp, self.user = None, False, None
+        self._reset()
+        self.state = COMMAND
+        self.services.log("tls", ip=self.client.ip, conn=self.client.conn, tls=str(info))
+        return []
+
     @property
     def in_data(self) -> bool:
         return self.state in (DATA, BDAT_CHUNK)
@@ -105,11 +133,13 @@ class Session(MailTransaction):
                 if not self._chunk.take(self._buf):
                     break
                 out += self._end_of_chunk()
+            elif self.state == TLS_WAIT:
+                break
             else:
                 line = self._next_line(out)
                 if line is None:
                     break
-                out += self._command(line)
+                out += self._auth_line(line) if self.state == AUTH else self._command(line)
         return out
 
     def _next_line(self, out: list) -> bytes | None:
@@ -126,7 +156,12 @@ class Session(MailTransaction):
                 if self.state == CLOSED:
                     return None
                 continue
-            limit = MAX_ENVELOPE_COMMAND if self._buf[:4].upper() in (b"MAIL", b"RCPT") else MAX_COMMAND
+            if self.state == AUTH:
+                limit = auth.MAX_LINE + 2  # RFC 4954 §4: SASL responses up to 12,288 octets
+            elif self._buf[:4].upper() in (b"MAIL", b"RCPT"):
+                limit = MAX_ENVELOPE_COMMAND
+            else:
+                limit = MAX_COMMAND
             if end < 0:
                 if len(self._buf) > limit:
                     self._draining = True
@@ -174,6 +209,7 @@ class Session(MailTransaction):
     def _close_with(self, reply: Reply) -> list:
         self.state = CLOSED
         self._buf.clear()
+        self._auth = None
         return [reply]
 
     def _reset(self) -> None:
@@ -214,9 +250,94 @@ class Session(MailTransaction):
             "CHUNKING",
             "DSN",
         ]
+        if self.settings.starttls and self.tls is None:
+            lines.append("STARTTLS")
+        mechanisms = self._auth_mechanisms()
+        if mechanisms and self.user is None:
+            lines.append("AUTH " + " ".join(mechanisms))
         if self.client.trusted:
             lines.append("MT-PRIORITY MIXER")  # RFC 6710 §7: the policy the levels follow
         return [replies.EHLO.format(lines="\n".join(lines))]
+
+    def _starttls(self, arg: str) -> list:
+        if arg:
+            return self._syntax("STARTTLS")
+        if self.tls is not None:
+            return self._error(replies.TLS_ACTIVE)
+        if not self.settings.starttls:
+            return self._error(replies.TLS_UNAVAILABLE)
+        if self.envelope is not None:
+            return self._sequence("MAIL transaction in progress")
+        if self._buf:
+            # RFC 3207 §6 (the STARTTLS command injection of CVE-2011-0411): what came after
+            # STARTTLS in the clear must never run after the handshake as if encrypted.
+            self.services.log("starttls_pipelined", ip=self.client.ip, conn=self.client.conn,
+                              discarded=len(self._buf))
+            self._buf.clear()
+        self.state = TLS_WAIT
+        return [replies.TLS_READY, StartTls()]
+
+    # ---- AUTH (RFC 4954) -------------------------------------------------------------------
+
+    def _auth_mechanisms(self) -> tuple[str, ...]:
+        """What AUTH offers now: nothing on mx listeners (users log in on submission ports,
+        which keeps password guessing off port 25) or without a password file; PLAIN and LOGIN
+        only under TLS (RFC 4954 §4), except from trusted networks in dev mode."""
+        if self.services.verifier is None or not self.settings.submission:
+            return ()
+        clear_ok = self.tls is not None or (self.settings.accept_all and self.client.trusted)
+        return tuple(m for m in self.settings.auth_mechanisms
+                     if clear_ok or m not in auth.PLAINTEXT_MECHANISMS)
+
+    def _auth_cmd(self, arg: str) -> list:
+        words = arg.split(" ")
+        if not arg or len(words) > 2:
+            return self._syntax("AUTH mechanism [initial-response]")
+        if self.helo is None or not self.esmtp:
+            return self._sequence("send EHLO first")
+        if self.user is not None:
+            return self._error(replies.AUTH_ALREADY)
+        if self.envelope is not None:
+            return self._sequence("MAIL transaction in progress")
+        guard = self.services.guard
+        if guard is not None and guard.auth_locked(self.client.ip):
+            self.services.log("reject", ip=self.client.ip, conn=self.client.conn, reason="auth_lockout",
+                              reply="421 4.7.0")
+            return self._close_with(replies.AUTH_TOO_MANY.format(host=self.settings.hostname))
+        mechanism = words[0].upper()
+        if mechanism not in self._auth_mechanisms():
+            if mechanism in self.settings.auth_mechanisms and mechanism in auth.PLAINTEXT_MECHANISMS:
+                return self._error(replies.AUTH_NEEDS_TLS)
+            return self._error(replies.AUTH_UNKNOWN_MECHANISM)
+        self._auth = auth.Exchange(mechanism, self.services.verifier, hostname=self.settings.hostname)
+        return self._auth_outcome(self._auth.start(words[1] if len(words) == 2 else None))
+
+    def _auth_line(self, line: bytes) -> list:
+        return self._auth_outcome(self._auth.step(line.decode("ascii", "replace")))
+
+    def _auth_outcome(self, outcome) -> list:
+        if isinstance(outcome, auth.Challenge):
+            self.state = AUTH
+            return [replies.AUTH_CHALLENGE.format(text=outcome.text)]
+        self.state = COMMAND
+        exchange, self._auth = self._auth, None
+        fields = {"ip": self.client.ip, "conn": self.client.conn, "mechanism": exchange.mechanism}
+        if isinstance(outcome, auth.Success):
+            self.user = outcome.user
+            self.services.log("auth", user=outcome.user, **fields)
+            return [replies.AUTH_OK]
+        # Never the password; the name tried helps an admin see a guessing attack.
+        tried = (exchange.attempted_user or "-")[:64]
+        self.services.log("auth_failed", level=logmod.WARNING, user=tried, reason=outcome.kind, **fields)
+        reply = _AUTH_FAILURES[outcome.kind]
+        if outcome.kind != "invalid":
+            return self._error(reply)
+        self.auth_failures += 1
+        if self.services.guard is not None:
+            self.services.guard.auth_failed(self.client.ip)
+        if self.auth_failures >= self.settings.auth_max_failures:
+            return [reply] + self._close_with(replies.AUTH_TOO_MANY.format(host=self.settings.hostname))
+        return self._error(reply)
 
     def _rset(self, arg: str) -> list:
         if arg:
@@ -247,6 +368,8 @@ class Session(MailTransaction):
 _HANDLERS: dict[str, Callable[[Session, str], list]] = {
     "EHLO": lambda session, arg: session._hello(arg, esmtp=True),
     "HELO": lambda session, arg: session._hello(arg, esmtp=False),
+    "STARTTLS": Session._starttls,
+    "AUTH": Session._auth_cmd,
     "MAIL": Session._mail,
     "RCPT": Session._rcpt,
     "DATA": Session._data_cmd,

@@ -6,11 +6,14 @@ and the state these methods read and change; split out so each file stays readab
 
 from __future__ import annotations
 
+import email.utils
+import secrets
+
 from elemta import log as logmod
 from elemta.errors import QueueFullError
 from elemta.queue.model import NewMessage
 from elemta.smtp import address as addr
-from elemta.smtp import dotreader, replies
+from elemta.smtp import dotreader, policy, replies
 from elemta.smtp import envelope as env
 from elemta.smtp.context import BDAT_CHUNK, COMMAND, DATA, WAIT_QUEUE, Enqueue
 from elemta.smtp.replies import Reply
@@ -53,9 +56,18 @@ class MailTransaction:
             return self._address_error(exc, replies.BAD_SENDER)
         except env.TooBig:
             return self._error(replies.SIZE_EXCEEDED.format(limit=self.settings.max_message_size))
-        submission_locked = self.settings.role == "submission" and self.settings.auth_required
-        if submission_locked and not (self.client.trusted or self.settings.accept_all):
-            return self._error(replies.AUTH_REQUIRED)
+        if self.settings.submission:
+            refusal = self._submission_refusal(sender)
+            if refusal is not None:
+                self._log_mail_refusal(sender, refusal)
+                return self._error(refusal)
+        guard = self.services.guard
+        if guard is not None and not self.client.trusted:
+            size = addr.parse_size(params["SIZE"]) if params.get("SIZE") else 0
+            refusal = guard.mail(self.client, str(sender), self.user, size)
+            if refusal is not None:
+                self._log_mail_refusal(sender, refusal)
+                return [refusal]
         why = self.services.intake_check()
         if why is not None:
             self.services.log("reject", ip=self.client.ip, conn=self.client.conn, reason=why, reply="452 4.3.1")
@@ -67,6 +79,19 @@ class MailTransaction:
             size=params.get("SIZE") or "-", body=envelope.body_type,
         )
         return [replies.SENDER_OK]
+
+    def _submission_refusal(self, sender: addr.Address) -> Reply | None:
+        """RFC 6409 §4.3 and §6.1: who may submit, and with which envelope senders."""
+        if self.user is None:
+            locked = self.settings.auth_required and not (self.client.trusted or self.settings.accept_all)
+            return replies.AUTH_REQUIRED if locked else None
+        if sender.is_null or sender_allowed(self.user, str(sender), self.settings.sender_logins or {}):
+            return None
+        return replies.SENDER_NOT_OWNED.format(user=self.user)
+
+    def _log_mail_refusal(self, sender: addr.Address, refusal: Reply) -> None:
+        self.services.log("reject", ip=self.client.ip, conn=self.client.conn, sender=f"<{sender}>",
+                          user=self.user or "-", reply=f"{refusal.code} {refusal.esc}")
 
     def _address_error(self, exc: addr.AddressError, syntax_reply: Reply) -> list:
         if exc.kind == "utf8":
@@ -90,12 +115,15 @@ class MailTransaction:
             rcpt = addr.parse_path(
                 path, smtputf8=self.envelope.smtputf8, allow_null=False, allow_postmaster=True
             )
-            new_rcpt = env.recipient(rcpt, params)
+            new_rcpt = env.recipient(self._postmaster_of_this_host(rcpt), params)
         except addr.AddressError as exc:
             return self._address_error(exc, replies.BAD_RECIPIENT)
         table = self.settings.recipients
         unknown = table is not None and not self.settings.accept_all and not table.accepts(str(rcpt))
         refusal = replies.RELAY_DENIED if not self._may_receive(rcpt) else replies.NO_SUCH_USER if unknown else None
+        guard = self.services.guard
+        if refusal is None and guard is not None and not self.client.trusted:
+            refusal = guard.rcpt(self.client, self.user)
         if refusal is not None:
             self.services.log("reject", qid=self.envelope.queue_id, ip=self.client.ip, conn=self.client.conn,
                               rcpt=f"<{rcpt}>", reply=f"{refusal.code} {refusal.esc}")
@@ -105,16 +133,23 @@ class MailTransaction:
         return [replies.RCPT_OK]
 
     def _may_receive(self, rcpt: addr.Address) -> bool:
-        """Relay control: who may send to this recipient through this listener."""
-        if self.settings.accept_all or self.client.trusted or not rcpt.domain:
-            return True  # not rcpt.domain: the bare <postmaster> of RFC 5321 §4.1.1.3
-        if self.settings.role == "submission":
-            return not self.settings.auth_required
-        domain = rcpt.domain
-        if domain in self.settings.local_domains or domain in self.settings.relay_domains:
-            return True
-        # ".example.org" in relay_domains covers every subdomain of example.org.
-        return any(domain.endswith(d) for d in self.settings.relay_domains if d.startswith("."))
+        """Relay control (smtp/policy.py): who may send to this recipient here."""
+        decision = policy.may_relay(
+            rcpt, role=self.settings.role, authenticated=self.user is not None,
+            trusted=self.client.trusted, accept_all=self.settings.accept_all,
+            auth_required=self.settings.auth_required, local_domains=self.settings.local_domains,
+            relay_domains=self.settings.relay_domains,
+        )
+        return decision.allowed
+
+    def _postmaster_of_this_host(self, rcpt: addr.Address) -> addr.Address:
+        """RFC 5321 §4.1.1.3: the bare <Postmaster> is this host's postmaster.  It is queued
+        under the first local domain (whose postmaster@ always resolves, local.py), else the
+        host's name, so delivery never routes it as a domain called "postmaster"."""
+        if rcpt.domain:
+            return rcpt
+        domain = min(self.settings.local_domains, default="") or self.settings.hostname.lower()
+        return addr.Address("postmaster", domain, domain)
 
     def _data_cmd(self, arg: str) -> list:
         if arg:
@@ -190,6 +225,10 @@ class MailTransaction:
             self._reset()
             return self._error(refusal)
         envelope = self.envelope
+        if self.settings.submission:
+            text = self._complete_header(text)
+        if self.services.guard is not None and not self.client.trusted:
+            self.services.guard.message(self.client, len(text))
         message = NewMessage(
             queue_id=envelope.queue_id,
             sender=str(envelope.sender),
@@ -197,6 +236,7 @@ class MailTransaction:
             body=env.received_header(
                 envelope, helo=self.helo or "", client_ip=self.client.ip, esmtp=self.esmtp,
                 hostname=self.settings.hostname, now=self.services.now(),
+                tls=self.tls, authenticated=self.user is not None,
             ) + text,
             priority=envelope.priority,
             hold=self.settings.hold,
@@ -212,6 +252,29 @@ class MailTransaction:
         self.state = WAIT_QUEUE
         return [Enqueue(message)]
 
+    def _complete_header(self, text: bytes) -> bytes:
+        """RFC 6409 §8.1 and §8.3: a submission server adds Date and Message-ID when the
+        client left them out (RFC 5322 §3.6 requires Date; Message-ID SHOULD be there)."""
+        added = b""
+        if not dotreader.has_field(text, b"date"):
+            added += b"Date: " + email.utils.formatdate(self.services.now(), localtime=True).encode() + b"\r\n"
+        if not dotreader.has_field(text, b"message-id"):
+            added += f"Message-ID: <{self.envelope.queue_id}.{secrets.token_hex(6)}@{self.settings.hostname}>\r\n".encode()
+        return added + text
+
     def _log_refusal(self, reply: str, **fields) -> None:
         qid = self.envelope.queue_id if self.envelope else None
         self.services.log("reject", qid=qid, ip=self.client.ip, conn=self.client.conn, reply=reply, **fields)
+
+
+def sender_allowed(user: str, sender: str, logins: dict) -> bool:
+    """May user put sender in MAIL FROM?  smtp.sender_logins lists addresses, "@domain" and
+    "*" per user (keys lower-cased by config); a user not listed may use its own login."""
+    allowed = logins.get(user.lower())
+    sender = sender.lower()
+    if allowed is None:
+        return "@" in user and sender == user.lower()
+    for item in (a.strip().lower() for a in allowed.split(",")):
+        if item == "*" or item == sender or (item.startswith("@") and sender.endswith(item)):
+            return True
+    return False

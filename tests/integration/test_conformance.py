@@ -283,24 +283,8 @@ def test_16_commands_before_greeting_are_a_sync_error(strict):
         assert c.closed_by_server()
 
 
-# Cases 17 (STARTTLS injection) and 18 (AUTH) need TLS and AUTH, which come with their own
-# issue.  Until then elemta must not offer them, and must not act on them when sent anyway.
-
-def test_17_no_starttls_offered_yet(server):
-    with connect(server) as c:
-        code, text = c.cmd("EHLO c.example")
-        assert code == 250 and "STARTTLS" not in text.split("\n")
-        c.send(b"STARTTLS\r\nMAIL FROM:<a@example.org>\r\n")
-        assert code_esc(c.reply()) == "500 5.5.1"
-        assert code_esc(c.reply()) == "250 2.1.0"  # still the plaintext session, as announced
-
-
-def test_18_no_auth_offered_yet(server):
-    with RawClient("::1", server.ports["submission"]) as c:
-        code, text = c.cmd("EHLO c.example")
-        assert code == 250 and not any(line.startswith("AUTH") for line in text.split("\n"))
-        assert code_esc(c.cmd("AUTH PLAIN AGFsaWNlAHNlY3JldA==")) == "500 5.5.1"
-        assert code_esc(c.cmd("MAIL FROM:<a@example.org>")) == "530 5.7.0"  # no way around it
+# Cases 17 (STARTTLS injection) and 18 (AUTH) need certificates and users: they are in
+# tests/integration/test_tls_auth.py.
 
 
 @pytest.mark.parametrize("request_line", ["GET / HTTP/1.1", "CONNECT mx.example:25 HTTP/1.0", "POST / HTTP/1.1"])

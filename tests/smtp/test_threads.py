@@ -49,14 +49,18 @@ def test_idle_threads_end_after_the_timeout_and_work_still_runs():
 
 
 def test_at_most_max_idle_threads_are_kept():
-    threads = SessionThreads(idle_timeout=30, max_idle=2)
+    threads = SessionThreads(name="kept-test", idle_timeout=30, max_idle=2)
     release = threading.Event()
     started = []
     for n in range(4):
         threads.submit(lambda n=n: (started.append(n), release.wait(10)))
     wait_for(lambda: len(started) == 4, 5, what="four sessions")
-    before = threading.active_count()
+
+    def ours() -> int:  # only this pool's threads: other tests' threads come and go
+        return sum(1 for t in threading.enumerate() if t.name.startswith("kept-test"))
+
+    assert ours() == 4
     release.set()
-    wait_for(lambda: threading.active_count() == before - 2, 5, what="two threads to end")
+    wait_for(lambda: ours() == 2, 5, what="two threads to end")
     assert threads.idle() == 2
     threads.close()
