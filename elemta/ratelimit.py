@@ -108,15 +108,31 @@ class RateLimit:
                 return False
             if amount == 0:
                 return True  # nothing to count: a refusal-free no-op, and no key is stored
-            if bucket is None:
-                while len(self._buckets) >= self.max_keys:
-                    self._evict(now)
-                bucket = self._buckets[key] = _Bucket()
-                bucket.level, bucket.stamp = level + amount, now
-                heapq.heappush(self._heap, (self._empty_at(bucket), key))
-            else:
-                bucket.level, bucket.stamp = level + amount, now
+            self._add(key, bucket, level + amount, now)
             return True
+
+    def charge(self, key: str, amount: float) -> None:
+        """Count amount whatever the level: for what has already happened (the octets of a
+        message received), so the key is refused until it drains below the limit again."""
+        _check_amount(amount)
+        if self.unlimited or amount == 0:
+            return
+        with self._lock:
+            now = self._now()
+            self._drop_empty(now, _DROP_PER_HIT)
+            bucket = self._buckets.get(key)
+            self._add(key, bucket, self._level(bucket, now) + amount, now)
+
+    def _add(self, key: str, bucket: _Bucket | None, level: float, now: float) -> None:
+        """Set key's level (under the lock); a new key may push the emptiest one out."""
+        if bucket is None:
+            while len(self._buckets) >= self.max_keys:
+                self._evict(now)
+            bucket = self._buckets[key] = _Bucket()
+            bucket.level, bucket.stamp = level, now
+            heapq.heappush(self._heap, (self._empty_at(bucket), key))
+        else:
+            bucket.level, bucket.stamp = level, now
 
     def check(self, key: str, amount: float = 1.0) -> bool:
         """Would hit(key, amount) be allowed now? Counts nothing."""

@@ -313,3 +313,17 @@ def test_threads_with_many_keys_and_evictions():
     assert errors == []
     assert len(rl) <= 64
     assert len(rl._heap) == len(rl)
+
+
+def test_charge_counts_past_the_limit_and_the_key_then_waits_to_drain():
+    clock = [0.0]
+    limit = RateLimit("octets", 1000, 3600, now=lambda: clock[0])
+    assert limit.hit("ip", 900)
+    limit.charge("ip", 5000)  # a message already received: counted in full
+    assert not limit.check("ip", 1)
+    clock[0] += 3600 * 4.9  # 5,900 units drain at 1000/hour: not yet below the limit
+    assert not limit.check("ip", 1)
+    clock[0] += 3600 * 0.2
+    assert limit.check("ip", 1)
+    limit.charge("new", 10)
+    assert len(limit) == 2

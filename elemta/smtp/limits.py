@@ -93,4 +93,4 @@ class Limiter(Guard):
         return None
 
     def message(self, client: Client, size: int) -> None:
-        self.ip_bytes.hit(client.ip, size)
+        self.ip_bytes.charge(client.ip, size)

@@ -344,6 +344,9 @@ class SmtpServer:
             return None, b""
         header, used = parsed
         client = header.source or peer  # LOCAL (a health check) or UNKNOWN: the proxy itself
+        mapped = getattr(ipaddress.ip_address(client[0]), "ipv4_mapped", None)
+        if mapped is not None:  # ::ffff:192.0.2.1 is 192.0.2.1, for trust, limits and logs
+            client = (str(mapped), client[1])
         refusal = self.connections.rekey(number, client[0], limits)
         if refusal is None and not limits.is_trusted(client[0]):
             refusal = self.limiter.connect(client[0])
