@@ -418,7 +418,8 @@ class PasswordFile:
         try:
             lock = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
-            raise _write_error(self.path + ".lock", exc) from None
+            raise PasswordFileWriteError(f"{self.path}: cannot create its lock file {self.path}.lock: "
+                                         f"{exc.strerror or exc}", isinstance(exc, PermissionError)) from None
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)  # writers one at a time; readers never wait
             try:
@@ -463,8 +464,8 @@ def _replace(path: str, directory: str, text: str, st: os.stat_result | None) ->
                 _chown(fd, st.st_uid, st.st_gid)
                 os.fchmod(fd, st.st_mode & 0o7777)
             else:
-                # A new file gets the directory's group (/etc/elemta is root:elemta on a
-                # package install) and 0640: the daemon's group reads it, others do not.
+                # A new file gets the directory's group and 0640: with /etc/elemta owned by
+                # root:elemta, the daemon's group reads it and other users do not.
                 try:
                     os.fchown(fd, -1, os.stat(directory).st_gid)
                 except PermissionError:

@@ -1,7 +1,9 @@
-"""`elemtactl`: look at and change elemta's queue, check and show its configuration.
+"""`elemtactl`: look at and change elemta's queue, check and show its configuration, and manage
+the users of SMTP AUTH.
 
 It opens the daemon's SQLite queue itself (queue.admin), so it works whether or not the daemon
-runs. Data goes to stdout (a table on a terminal, tab-separated lines in a pipe, or --json);
+runs; users are lines of the password file (passwords.py), which the daemon re-reads when it
+changes. Data goes to stdout (a table on a terminal, tab-separated lines in a pipe, or --json);
 every error is one line on stderr and a sysexits(3) exit status (docs/elemtactl.md).
 """
 
@@ -11,8 +13,11 @@ import argparse
 import re
 import sys
 import time
+from dataclasses import dataclass
 
 import click
+from rich import box
+from rich.table import Table
 
 from elemta import __version__
 from elemta import config as cfg
@@ -20,6 +25,19 @@ from elemta.cli import elemta as daemon_cli
 from elemta.cli import tomlconf
 from elemta.cli.render import Output
 from elemta.errors import ConfigError, ElemtaError, QueueError
+from elemta.passwords import (
+    BadPassword,
+    BadUserName,
+    NoSuchUser,
+    PasswordFile,
+    PasswordFileUnavailable,
+    PasswordFileWriteError,
+    User,
+    UserExists,
+    normalize,
+    password_problem,
+    user_name_problem,
+)
 from elemta.queue import ids
 from elemta.queue.admin import (
     ALL,
@@ -35,8 +53,11 @@ from elemta.queue.model import PRIORITIES, STATES
 
 # sysexits(3)
 EX_USAGE = 64  # a bad command line: unknown option, bad duration or priority, ALL unconfirmed
+EX_DATAERR = 65  # a user name or password that cannot be stored
 EX_NOINPUT = 66  # no message with that ID (or its body is gone)
+EX_NOUSER = 67  # no such user (user passwd, user delete)
 EX_UNAVAILABLE = 69  # no queue database where the config says, or one this version cannot read
+EX_CANTCREAT = 73  # user add of a user that exists; the password file cannot be written
 EX_TEMPFAIL = 75  # the queue stayed locked too long
 EX_NOPERM = 77  # not allowed to read (or change) the queue
 EX_CONFIG = 78  # a bad configuration file
@@ -72,6 +93,12 @@ _EXIT_CODES = (
     (QueueUnavailable, EX_UNAVAILABLE),
     (ConfigError, EX_CONFIG),
     (QueueError, EX_UNAVAILABLE),
+    (BadUserName, EX_DATAERR),
+    (BadPassword, EX_DATAERR),
+    (NoSuchUser, EX_NOUSER),
+    (UserExists, EX_CANTCREAT),
+    (PasswordFileWriteError, EX_CANTCREAT),
+    (PasswordFileUnavailable, EX_UNAVAILABLE),
 )
 
 
@@ -96,6 +123,8 @@ class Root(click.Group):
             for kind, code in _EXIT_CODES:
                 if isinstance(exc, kind):
                     text = f"no such message: {exc}" if kind is NoSuchMessage else str(exc)
+                    if getattr(exc, "permission", False):  # the password file's errors
+                        code = EX_NOPERM
                     raise CtlError(text, code) from None
             raise CtlError(str(exc), EX_UNAVAILABLE) from None
 
@@ -107,8 +136,10 @@ class Ctl:
     def __init__(self, config_path: str | None, dev: bool) -> None:
         self.config_path = config_path
         self.dev = dev
+        self.auth_file: str | None = None  # `user --file`, else the config's smtp.auth_file
         self._config: cfg.Config | None = None
         self._admin: QueueAdmin | None = None
+        self._passwords: PasswordFile | None = None
 
     @property
     def config(self) -> cfg.Config:
@@ -122,6 +153,12 @@ class Ctl:
         if self._admin is None:
             self._admin = QueueAdmin(self.config.queue_path)
         return self._admin
+
+    @property
+    def passwords(self) -> PasswordFile:
+        if self._passwords is None:
+            self._passwords = PasswordFile(self.auth_file or self.config.smtp.auth_file)
+        return self._passwords
 
     def close(self) -> None:
         if self._admin is not None:
@@ -173,10 +210,12 @@ QUEUE_ID = QueueIdType()
 @click.version_option(__version__, "-V", "--version", prog_name="elemtactl", message="%(prog)s %(version)s")
 @click.pass_context
 def main(ctx: click.Context, config_path: str | None, dev: bool) -> None:
-    """Look at and change elemta's mail queue; check and show its configuration.
+    """Look at and change elemta's mail queue; check and show its configuration;
+    manage the users of SMTP AUTH.
 
-    Exit status: 0 done, 64 usage, 66 no such message, 69 queue unavailable,
-    75 queue locked, 77 permission denied, 78 bad configuration.
+    Exit status: 0 done, 64 usage, 65 bad user name or password, 66 no such message,
+    67 no such user, 69 queue (or password file) unavailable, 73 user exists or password
+    file not writable, 75 queue locked, 77 permission denied, 78 bad configuration.
     """
     ctl = Ctl(config_path, dev)
     ctx.obj = ctl
@@ -384,6 +423,127 @@ def config_show(ctl: Ctl, as_json: bool) -> None:
         Output(True).json(tomlconf.as_dict(ctl.config))
     else:
         click.echo(tomlconf.dumps(ctl.config), nl=False)
+
+
+# ---- user: the password file of SMTP AUTH --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UserListing:
+    """What `user list --json` prints."""
+
+    file: str
+    users: list[User]
+    problems: list[str]  # the lines the daemon skips, and why
+
+
+@main.group("user")
+@click.option("--file", "auth_file", metavar="FILE",
+              help="The password file (default: smtp.auth_file of the configuration, /etc/elemta/passwd).")
+@pass_ctl
+def user_group(ctl: Ctl, auth_file: str | None) -> None:
+    """Add, change, delete and list the users of SMTP AUTH."""
+    ctl.auth_file = auth_file
+
+
+def _user_name(name: str) -> str:
+    problem = user_name_problem(name)
+    if problem is not None:
+        raise CtlError(f"{name!r}: {problem}", EX_DATAERR)
+    return normalize(name)
+
+
+def _new_password(from_stdin: bool) -> str:
+    """The password: one line of stdin, or asked twice on the terminal without echo. Never
+    an argument, which every user of the machine could read in ps(1)."""
+    if from_stdin:
+        line = click.get_text_stream("stdin").readline()
+        password = line.removesuffix("\n").removesuffix("\r")
+    elif not _interactive():
+        raise _usage_error("no terminal to ask for the password: use --password-stdin")
+    else:
+        password = click.prompt("Password", hide_input=True, confirmation_prompt="Password again", err=True)
+    problem = password_problem(password)
+    if problem is not None:
+        raise CtlError(problem if password or not from_stdin else "no password on standard input", EX_DATAERR)
+    return password
+
+
+def password_stdin_option(f):
+    return click.option("--password-stdin", is_flag=True,
+                        help="Read the password from the first line of standard input instead of asking.")(f)
+
+
+@user_group.command("add")
+@click.argument("name", metavar="USER")
+@click.option("--cram-md5", is_flag=True,
+              help="Also store the CRAM-MD5 secret. It is as good as the password to whoever reads the file.")
+@password_stdin_option
+@pass_ctl
+def user_add(ctl: Ctl, name: str, cram_md5: bool, password_stdin: bool) -> None:
+    """Add a user (usually an email address) with a password."""
+    name = _user_name(name)
+    if any(u.name == name for u in ctl.passwords.users()):  # before asking for a password
+        raise UserExists(f"user {name} exists (use passwd to change its password)")
+    ctl.passwords.set(name, _new_password(password_stdin), cram_md5, exists=False)
+    click.echo(f"added user {name}" + (" with a CRAM-MD5 secret" if cram_md5 else ""))
+
+
+@user_group.command("passwd")
+@click.argument("name", metavar="USER")
+@click.option("--cram-md5/--no-cram-md5", default=None,
+              help="Store (or remove) the CRAM-MD5 secret too; by default it is kept if there was one.")
+@password_stdin_option
+@pass_ctl
+def user_passwd(ctl: Ctl, name: str, cram_md5: bool | None, password_stdin: bool) -> None:
+    """Change a user's password."""
+    name = _user_name(name)
+    if not any(u.name == name for u in ctl.passwords.users()):
+        raise NoSuchUser(f"no such user: {name}")
+    ctl.passwords.set(name, _new_password(password_stdin), cram_md5, exists=True)
+    cram = ctl.passwords.cram_md5_secret(name) is not None
+    click.echo(f"changed the password of {name}" + (" and its CRAM-MD5 secret" if cram else ""))
+
+
+@user_group.command("delete")
+@click.argument("name", metavar="USER")
+@pass_ctl
+def user_delete(ctl: Ctl, name: str) -> None:
+    """Delete a user."""
+    name = normalize(name)
+    if not ctl.passwords.delete(name):
+        raise NoSuchUser(f"no such user: {name}")
+    click.echo(f"deleted user {name}")
+
+
+@user_group.command("list")
+@json_option
+@pass_ctl
+def user_list(ctl: Ctl, as_json: bool) -> None:
+    """List the users (never their hashes).
+
+    One line per user: its name and whether a CRAM-MD5 secret is stored.
+    """
+    passwords = ctl.passwords
+    listing = UserListing(passwords.path, passwords.users(), passwords.problems())
+    out = Output(as_json)
+    if as_json:
+        return out.json(listing)
+    for problem in listing.problems:  # what the daemon skips: worth a warning, not a failure
+        click.echo(f"elemtactl: warning: {listing.file}: {problem}", err=True)
+    if not listing.users:
+        return out.note(f"No users in {listing.file}.")
+    if not out.terminal:
+        for u in listing.users:
+            out.line(u.name, u.cram_md5)
+        return None
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("User")
+    table.add_column("CRAM-MD5")
+    for u in listing.users:
+        table.add_row(u.name, "yes" if u.cram_md5 else "no")
+    out.console.print(table)
+    return None
 
 
 if __name__ == "__main__":

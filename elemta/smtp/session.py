@@ -323,7 +323,7 @@ class Session(MailTransaction):
         exchange, self._auth = self._auth, None
         fields = {"ip": self.client.ip, "conn": self.client.conn, "mechanism": exchange.mechanism}
         if isinstance(outcome, auth.Success):
-            self.user = outcome.user
+            self.user = outcome.user.lower()  # as the password file compares names
             self.services.log("auth", user=outcome.user, **fields)
             return [replies.AUTH_OK]
         # Never the password; the name tried helps an admin see a guessing attack.
