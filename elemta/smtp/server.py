@@ -40,6 +40,7 @@ from elemta.smtp.threads import SessionThreads
 from elemta.smtp.tls import ServerTls, TlsInfo
 
 RECV_SIZE = 65536
+PROXY_TIMEOUT = 10.0  # seconds for a PROXY header to arrive
 
 
 @dataclass(frozen=True)
@@ -120,8 +121,10 @@ class Connections:
             if per_ip and self._per_ip.get(ip, 0) >= limits.max_connections_per_ip:
                 return 0, replies.TOO_MANY_FROM_IP
             self._serial += 1
-            self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
-            self._open[self._serial] = [sock, ip]
+            if per_ip:
+                self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
+            # Not counted per address until rekey() names the client behind the proxy.
+            self._open[self._serial] = [sock, ip if per_ip else None]
             return self._serial, None
 
     def rekey(self, number: int, ip: str, limits: Limits) -> replies.Reply | None:
@@ -129,6 +132,8 @@ class Connections:
         with self._lock:
             entry = self._open.get(number)
             if entry is None:
+                return None
+            if entry[1] == ip:
                 return None
             if self._per_ip.get(ip, 0) >= limits.max_connections_per_ip:
                 return replies.TOO_MANY_FROM_IP
@@ -151,7 +156,9 @@ class Connections:
             if not self._open:
                 self.idle.notify_all()
 
-    def _drop(self, ip: str) -> None:
+    def _drop(self, ip: str | None) -> None:
+        if ip is None:
+            return
         left = self._per_ip.get(ip, 1) - 1
         if left:
             self._per_ip[ip] = left
@@ -331,6 +338,9 @@ class SmtpServer:
             self.log("reject", ip=ip, conn=number, reason="proxy_not_trusted")
             return None, b""
         buffer = b""
+        # The spec (§2) asks a receiver to wait at least 3 s; a proxy that sends nothing
+        # must not hold a session thread for the whole command timeout.
+        conn.set_timeout(socket.SO_RCVTIMEO, min(PROXY_TIMEOUT, limits.command_timeout))
         try:
             while (parsed := proxy.parse(buffer)) is None:
                 if len(buffer) >= proxy.MAX_HEADER:
@@ -343,15 +353,16 @@ class SmtpServer:
             self.log("reject", ip=ip, conn=number, reason="proxy_header", error=str(exc)[:80] or "timeout")
             return None, b""
         header, used = parsed
+        conn.set_timeout(socket.SO_RCVTIMEO, limits.command_timeout)
         client = header.source or peer  # LOCAL (a health check) or UNKNOWN: the proxy itself
         mapped = getattr(ipaddress.ip_address(client[0]), "ipv4_mapped", None)
         if mapped is not None:  # ::ffff:192.0.2.1 is 192.0.2.1, for trust, limits and logs
             client = (str(mapped), client[1])
-        refusal = self.connections.rekey(number, client[0], limits)
+        refusal, reason = self.connections.rekey(number, client[0], limits), "connection_limit"
         if refusal is None and not limits.is_trusted(client[0]):
-            refusal = self.limiter.connect(client[0])
+            refusal, reason = self.limiter.connect(client[0]), "connection_rate"
         if refusal is not None:
-            self.log("reject", ip=client[0], conn=number, reason="connection_limit", proxy=ip,
+            self.log("reject", ip=client[0], conn=number, reason=reason, proxy=ip,
                      reply=f"{refusal.code} {refusal.esc}")
             with contextlib.suppress(OSError):
                 conn.send([refusal.format(host=self.hostname)])
