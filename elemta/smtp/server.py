@@ -202,6 +202,9 @@ class SmtpServer:
         self.threads = SessionThreads()
         self.stopping = threading.Event()
         self.tls = ServerTls(config.tls, log)  # ConfigError if a certificate cannot be loaded
+        self.services: Services | None = None
+        self.limiter: Limiter | None = None
+        self._limiter_key: tuple | None = None
         self.listeners: dict[str, ListenerServer] = {}
         self.apply(config, recipients)
 
@@ -217,11 +220,19 @@ class SmtpServer:
         self.recipients = recipients
         self.hostname = config.hostname  # resolved once: getfqdn() may ask DNS
         self.limits = limits_from(config, self.workers)
-        self.limiter = Limiter(config, self.workers)
+        # A reload keeps the counters (a SIGHUP must not lift a lockout or reset a flood's
+        # count) unless what they count changed; the password file re-reads itself.
+        limiter_key = (config.limits, config.smtp.auth_max_failures, config.smtp.auth_lockout)
+        if self._limiter_key != limiter_key:
+            self.limiter, self._limiter_key = Limiter(config, self.workers), limiter_key
+        verifier = self.services.verifier if self.services else None
+        if not config.smtp.auth_mechanisms:
+            verifier = None
+        elif verifier is None or verifier.path != config.smtp.auth_file:
+            verifier = PasswordFile(config.smtp.auth_file)
         self.services = Services(
             new_id=self.store.new_id, intake_check=self._intake_check, log=self.log,
-            verifier=PasswordFile(config.smtp.auth_file) if config.smtp.auth_mechanisms else None,
-            guard=self.limiter,
+            verifier=verifier, guard=self.limiter,
         )
         self.settings = {
             lst.address: session_settings(config, lst, self.hostname, recipients, self.tls.available)

@@ -62,3 +62,14 @@ def test_connection_numbers_and_counts_are_released(running):
             assert c.cmd("QUIT")[0] == 221
     assert server.connections.wait_idle(5)
     assert server.connections.count() == 0
+
+
+def test_a_reload_keeps_the_rate_counters_and_the_password_file(running):
+    server, _lines, _port = running
+    limiter, verifier = server.limiter, server.services.verifier
+    server.reload(server.config)  # SIGHUP with the same [limits]: a lockout must stay
+    assert server.limiter is limiter and server.services.verifier is verifier
+    changed = cfg.replace(server.config, limits={"ip_messages_per_hour": 7})
+    server.reload(changed)
+    assert server.limiter is not limiter
+    assert server.limiter.ip_messages.limit == 7
