@@ -105,13 +105,17 @@ def check_text(text: bytes) -> replies.Reply | None:
 
 def count_received(text: bytes) -> int:
     """How many Received: header fields the header section holds (RFC 5321 §6.3 loops)."""
-    end = text.find(b"\r\n\r\n")
-    header = b"\r\n" + (text if end < 0 else text[: end + 2])
-    return header.lower().count(b"\r\nreceived:")
+    return _header_section(text).count(b"\r\nreceived:")
 
 
 def has_field(text: bytes, name: bytes) -> bool:
     """Whether the header section has a field called name (lower case, without the colon)."""
-    end = text.find(b"\r\n\r\n")
-    header = b"\r\n" + (text if end < 0 else text[: end + 2]).lower()
+    header = _header_section(text)
     return b"\r\n" + name + b":" in header or b"\r\n" + name + b" :" in header
+
+
+def _header_section(text: bytes) -> bytes:
+    """The header fields, lower-cased, each line starting with CRLF (so a search for
+    b"\r\nname:" finds a field at the very start too)."""
+    end = text.find(b"\r\n\r\n")
+    return (b"\r\n" + (text if end < 0 else text[: end + 2])).lower()

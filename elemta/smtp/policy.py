@@ -92,3 +92,16 @@ def _covered_by_parent(domain: str, relay_domains: frozenset[str]) -> bool:
     """
     labels = domain.split(".")
     return any("." + ".".join(labels[i:]) in relay_domains for i in range(1, len(labels)))
+
+
+def sender_allowed(user: str, sender: str, logins: dict) -> bool:
+    """May user put sender in MAIL FROM?  smtp.sender_logins lists addresses, "@domain" and
+    "*" per user (keys lower-cased by config); a user not listed may use its own login."""
+    allowed = logins.get(user.lower())
+    sender = sender.lower()
+    if allowed is None:
+        return "@" in user and sender == user.lower()
+    for item in (a.strip().lower() for a in allowed.split(",")):
+        if item == "*" or item == sender or (item.startswith("@") and sender.endswith(item)):
+            return True
+    return False

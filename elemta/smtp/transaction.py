@@ -85,7 +85,7 @@ class MailTransaction:
         if self.user is None:
             locked = self.settings.auth_required and not (self.client.trusted or self.settings.accept_all)
             return replies.AUTH_REQUIRED if locked else None
-        if sender.is_null or sender_allowed(self.user, str(sender), self.settings.sender_logins or {}):
+        if sender.is_null or policy.sender_allowed(self.user, str(sender), self.settings.sender_logins or {}):
             return None
         return replies.SENDER_NOT_OWNED.format(user=self.user)
 
@@ -266,15 +266,3 @@ class MailTransaction:
         qid = self.envelope.queue_id if self.envelope else None
         self.services.log("reject", qid=qid, ip=self.client.ip, conn=self.client.conn, reply=reply, **fields)
 
-
-def sender_allowed(user: str, sender: str, logins: dict) -> bool:
-    """May user put sender in MAIL FROM?  smtp.sender_logins lists addresses, "@domain" and
-    "*" per user (keys lower-cased by config); a user not listed may use its own login."""
-    allowed = logins.get(user.lower())
-    sender = sender.lower()
-    if allowed is None:
-        return "@" in user and sender == user.lower()
-    for item in (a.strip().lower() for a in allowed.split(",")):
-        if item == "*" or item == sender or (item.startswith("@") and sender.endswith(item)):
-            return True
-    return False

@@ -20,7 +20,7 @@ from elemta.delivery.router import Router
 from elemta.local import LocalRecipients
 from elemta.smtp import address as addr
 from elemta.smtp import envelope as env
-from elemta.smtp.policy import SUBMISSION_ROLES, Decision, may_relay
+from elemta.smtp.policy import SUBMISSION_ROLES, Decision, may_relay, sender_allowed
 from elemta.smtp.session import Client, Enqueue, Services, Session, Settings
 from tests.dnsserver import DnsServer
 
@@ -388,3 +388,18 @@ def test_session_relay_control_matches_may_relay(role, trusted, accept_all, auth
         assert decision.allowed == (text == "postmaster")
     else:
         assert got == ("250 2.1.5" if decision.allowed else "550 5.7.1")
+
+
+@pytest.mark.parametrize("user, sender, allowed", [
+    ("alice@example.org", "alice@example.org", True),
+    ("Alice@Example.org", "alice@EXAMPLE.org", True),
+    ("alice@example.org", "bob@example.org", False),
+    ("alice", "alice@example.org", False),  # a login that is no address owns nothing by default
+    ("bob", "bob@example.org", True),
+    ("bob", "x@sub.example.net", False),  # "@example.net" is that domain only
+    ("bob", "x@example.net", True),
+    ("carol", "anyone@anywhere.example", True),
+])
+def test_sender_allowed(user, sender, allowed):
+    logins = {"bob": "bob@example.org, @example.net", "carol": "*"}
+    assert sender_allowed(user, sender, logins) is allowed
