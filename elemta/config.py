@@ -123,6 +123,7 @@ class SmtpConfig:
     auth_max_failures: int = 3  # failed AUTH in one session, then 421 4.7.0 and close
     auth_lockout: float = 300.0  # seconds AUTH is refused to an address after that
     sender_logins: dict = field(default_factory=dict)  # user -> senders it may use ("a@d, @d, *")
+    authserv_id: str = ""  # the name in Authentication-Results (RFC 8601 §2.5); "" = hostname
 
 
 @dataclass(frozen=True)
@@ -203,6 +204,19 @@ class LocalConfig:
 
 
 @dataclass(frozen=True)
+class PluginSpec:
+    """One [[plugins]] table; the plugin's own options are checked when it is loaded."""
+
+    use: str = ""  # a built-in (spf, dkim, ...), "package.module:Class", or an entry point's name
+    name: str = ""  # in logs, statistics and elemtactl plugins; "" = the value of use
+    enabled: bool = True
+    timeout: float = 5.0  # seconds a call may take; 0 = in the session's own thread, unguarded
+    fail_closed: bool = False  # a failed or overrunning call answers 451 4.3.0 (else: skipped)
+    max_concurrency: int = 64  # calls in flight at once; more fail at once (as a timeout)
+    options: dict = field(default_factory=dict)  # [plugins.options], the plugin's own keys
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
     format: str = "text"
@@ -219,6 +233,7 @@ class Config:
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     local: LocalConfig = field(default_factory=LocalConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    plugins: tuple[PluginSpec, ...] = ()  # [[plugins]], called in this order
     # Not a TOML key: set by `elemta --dev`, which accepts every recipient (open relay on
     # loopback) so a developer can send anything and read it back from the queue.
     dev: bool = False
@@ -353,6 +368,30 @@ def _section(name: str, cls: type, raw: Any) -> Any:
     return cls(**values)
 
 
+def _plugins(raw: Any) -> tuple[PluginSpec, ...]:
+    if not isinstance(raw, list) or not all(isinstance(item, dict) for item in raw):
+        raise ConfigError("plugins: expected an array of tables [[plugins]]")
+    result, names = [], set()
+    for index, item in enumerate(raw):
+        path = f"plugins[{index}]"
+        item = dict(item)
+        options = item.pop("options", {})
+        if not isinstance(options, dict):
+            raise ConfigError(f"{path}.options: expected a table [plugins.options]")
+        if not isinstance(item.get("use"), str) or not item["use"]:
+            raise ConfigError(f"{path}.use: missing (a built-in such as \"spf\", or \"module:Class\")")
+        spec = _section(path, PluginSpec, item)
+        spec = dataclasses.replace(spec, name=spec.name or spec.use, options=options)
+        for key, (low, high) in (("timeout", (0, 3600)), ("max_concurrency", (1, 100_000))):
+            if not low <= getattr(spec, key) <= high:
+                raise ConfigError(f"{path}.{key}: {getattr(spec, key)} is out of range (allowed {low} to {high})")
+        if spec.name in names:
+            raise ConfigError(f"{path}.name: {spec.name!r} is used twice (give each a name)")
+        names.add(spec.name)
+        result.append(spec)
+    return tuple(result)
+
+
 def _listeners(raw: Any) -> tuple[Listener, ...]:
     if not isinstance(raw, list) or not all(isinstance(item, dict) for item in raw):
         raise ConfigError("listeners: expected an array of tables [[listeners]]")
@@ -467,10 +506,12 @@ def parse(data: dict, source: str = "") -> Config:
     for key, raw in data.items():
         if key == "listeners":
             values["listeners"] = _listeners(raw)
+        elif key == "plugins":
+            values["plugins"] = _plugins(raw)
         elif key in _SECTIONS:
             values[key] = _section(key, _SECTIONS[key], raw)
         else:
-            allowed = ", ".join(sorted(["listeners", *_SECTIONS]))
+            allowed = ", ".join(sorted(["listeners", "plugins", *_SECTIONS]))
             raise ConfigError(f"{key}: unknown key (allowed: {allowed})")
     config = Config(**values)
     _check(config)

@@ -1,0 +1,1 @@
+"""The built-in plugins; each imports only elemta.plugins.api."""
