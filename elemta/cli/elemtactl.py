@@ -9,197 +9,34 @@ every error is one line on stderr and a sysexits(3) exit status (docs/elemtactl.
 
 from __future__ import annotations
 
-import argparse
-import re
 import sys
 import time
-from dataclasses import dataclass
 
 import click
-from rich import box
-from rich.table import Table
 
 from elemta import __version__
 from elemta import config as cfg
-from elemta.cli import elemta as daemon_cli
-from elemta.cli import tomlconf
-from elemta.cli.render import Output
-from elemta.errors import ConfigError, ElemtaError, QueueError
-from elemta.passwords import (
-    BadPassword,
-    BadUserName,
-    NoSuchUser,
-    PasswordFile,
-    PasswordFileUnavailable,
-    PasswordFileWriteError,
-    User,
-    UserExists,
-    normalize,
-    password_problem,
-    user_name_problem,
+from elemta.cli import ctlbase, tomlconf
+from elemta.cli.ctl_user import user_group
+from elemta.cli.ctlbase import (
+    EX_NOINPUT,
+    QUEUE_ID,
+    Ctl,
+    CtlError,
+    DurationType,
+    Root,
+    _usage_error,
+    json_option,
+    pass_ctl,
 )
+from elemta.cli.render import Output
 from elemta.queue import ids
 from elemta.queue.admin import (
     ALL,
     Change,
     Filters,
-    NoSuchMessage,
-    QueueAdmin,
-    QueueBusy,
-    QueuePermissionError,
-    QueueUnavailable,
 )
 from elemta.queue.model import PRIORITIES, STATES
-
-# sysexits(3)
-EX_USAGE = 64  # a bad command line: unknown option, bad duration or priority, ALL unconfirmed
-EX_DATAERR = 65  # a user name or password that cannot be stored
-EX_NOINPUT = 66  # no message with that ID (or its body is gone)
-EX_NOUSER = 67  # no such user (user passwd, user delete)
-EX_UNAVAILABLE = 69  # no queue database where the config says, or one this version cannot read
-EX_CANTCREAT = 73  # user add of a user that exists; the password file cannot be written
-EX_TEMPFAIL = 75  # the queue stayed locked too long
-EX_NOPERM = 77  # not allowed to read (or change) the queue
-EX_CONFIG = 78  # a bad configuration file
-
-
-class CtlError(click.ClickException):
-    """An error reported as one line on stderr, with its exit status."""
-
-    def __init__(self, message: str, exit_code: int, prefix: str = "elemtactl") -> None:
-        super().__init__(" ".join(message.split()))  # one line, whatever the cause said
-        self.exit_code = exit_code
-        self.prefix = prefix
-
-    def show(self, file=None) -> None:
-        click.echo(f"{self.prefix}: {self.format_message()}", err=True)
-
-
-def _usage_error(message: str) -> click.UsageError:
-    """A usage error found by a command itself, named after that command."""
-    return click.UsageError(message, ctx=click.get_current_context(silent=True))
-
-
-def _usage(exc: click.UsageError) -> CtlError:
-    where = exc.ctx.command_path if exc.ctx is not None else "elemtactl"
-    return CtlError(exc.format_message(), EX_USAGE, where)
-
-
-# Errors of the layers below, and the exit status each gets.
-_EXIT_CODES = (
-    (NoSuchMessage, EX_NOINPUT),
-    (QueuePermissionError, EX_NOPERM),
-    (QueueBusy, EX_TEMPFAIL),
-    (QueueUnavailable, EX_UNAVAILABLE),
-    (ConfigError, EX_CONFIG),
-    (QueueError, EX_UNAVAILABLE),
-    (BadUserName, EX_DATAERR),
-    (BadPassword, EX_DATAERR),
-    (NoSuchUser, EX_NOUSER),
-    (UserExists, EX_CANTCREAT),
-    (PasswordFileWriteError, EX_CANTCREAT),
-    (PasswordFileUnavailable, EX_UNAVAILABLE),
-)
-
-
-class Root(click.Group):
-    """Usage errors exit 64 (click's own choice is 2) in one line; errors from the queue and
-    the config get their sysexits status."""
-
-    def make_context(self, info_name, args, parent=None, **extra):
-        try:
-            return super().make_context(info_name, args, parent, **extra)
-        except click.UsageError as exc:
-            raise _usage(exc) from None
-
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except CtlError:
-            raise
-        except click.UsageError as exc:
-            raise _usage(exc) from None
-        except ElemtaError as exc:
-            for kind, code in _EXIT_CODES:
-                if isinstance(exc, kind):
-                    text = f"no such message: {exc}" if kind is NoSuchMessage else str(exc)
-                    if getattr(exc, "permission", False):  # the password file's errors
-                        code = EX_NOPERM
-                    raise CtlError(text, code) from None
-            raise CtlError(str(exc), EX_UNAVAILABLE) from None
-
-
-class Ctl:
-    """What every command needs, built once: the configuration (read on first use, as the daemon
-    reads it) and the queue (opened on first use)."""
-
-    def __init__(self, config_path: str | None, dev: bool) -> None:
-        self.config_path = config_path
-        self.dev = dev
-        self.auth_file: str | None = None  # `user --file`, else the config's smtp.auth_file
-        self._config: cfg.Config | None = None
-        self._admin: QueueAdmin | None = None
-        self._passwords: PasswordFile | None = None
-
-    @property
-    def config(self) -> cfg.Config:
-        if self._config is None:
-            args = argparse.Namespace(config=self.config_path, dev=self.dev, port=None, no_auth_required=False)
-            self._config = daemon_cli.build_config(args)
-        return self._config
-
-    @property
-    def admin(self) -> QueueAdmin:
-        if self._admin is None:
-            self._admin = QueueAdmin(self.config.queue_path)
-        return self._admin
-
-    @property
-    def passwords(self) -> PasswordFile:
-        if self._passwords is None:
-            self._passwords = PasswordFile(self.auth_file or self.config.smtp.auth_file)
-        return self._passwords
-
-    def close(self) -> None:
-        if self._admin is not None:
-            self._admin.close()
-
-
-pass_ctl = click.make_pass_decorator(Ctl)
-
-
-def json_option(f):
-    return click.option("--json", "as_json", is_flag=True, help="Print JSON (schema in docs/elemtactl.md).")(f)
-
-
-class QueueIdType(click.ParamType):
-    name = "ID"
-
-    def convert(self, value, param, ctx):
-        text = value.strip().upper()  # Crockford base32 reads either case
-        if not ids.is_valid(text):
-            self.fail(f"{value!r} is not a queue ID (13 characters, e.g. 0GJ4Z8K2M1N3P)", param, ctx)
-        return text
-
-
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}  # seconds in a duration's unit
-
-
-class DurationType(click.ParamType):
-    """90, 90s, 30m, 2h, 1d, 1h30m."""
-
-    name = "DURATION"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, (int, float)):
-            return float(value)
-        text = value.strip().lower()
-        if re.fullmatch(r"\d+(\.\d+)?|(\d+(\.\d+)?[smhd])+", text) is None:
-            self.fail(f"{value!r} is not a duration (e.g. 90s, 30m, 2h, 1d, 1h30m)", param, ctx)
-        return float(sum(float(n) * _UNITS[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)([smhd]?)", text)))
-
-
-QUEUE_ID = QueueIdType()
 
 
 @click.group(name="elemtactl", cls=Root, context_settings={"help_option_names": ["-h", "--help"]})
@@ -291,7 +128,7 @@ def _targets(words: tuple[str, ...], allow_all: bool, yes: bool, what: str, path
         if len(words) > 1:
             raise _usage_error("ALL stands alone: give ALL or queue IDs, not both")
         if not yes:
-            if not _interactive():
+            if not ctlbase._interactive():
                 raise _usage_error(f"ALL would {what} every message: add --yes")
             if not click.confirm(f"{what.capitalize()} every message in {path}?", default=False, err=True):
                 raise _usage_error(f"not confirmed: nothing to {what}")
@@ -314,11 +151,6 @@ def _targets(words: tuple[str, ...], allow_all: bool, yes: bool, what: str, path
     if not checked:
         raise _usage_error("no queue IDs given")
     return checked
-
-
-def _interactive() -> bool:
-    """Whether a person can answer the ALL question (tests replace this)."""
-    return sys.stdin.isatty()
 
 
 def _report(change: Change, as_json: bool) -> None:
@@ -425,125 +257,7 @@ def config_show(ctl: Ctl, as_json: bool) -> None:
         click.echo(tomlconf.dumps(ctl.config), nl=False)
 
 
-# ---- user: the password file of SMTP AUTH --------------------------------------------------
-
-
-@dataclass(frozen=True)
-class UserListing:
-    """What `user list --json` prints."""
-
-    file: str
-    users: list[User]
-    problems: list[str]  # the lines the daemon skips, and why
-
-
-@main.group("user")
-@click.option("--file", "auth_file", metavar="FILE",
-              help="The password file (default: smtp.auth_file of the configuration, /etc/elemta/passwd).")
-@pass_ctl
-def user_group(ctl: Ctl, auth_file: str | None) -> None:
-    """Add, change, delete and list the users of SMTP AUTH."""
-    ctl.auth_file = auth_file
-
-
-def _user_name(name: str) -> str:
-    problem = user_name_problem(name)
-    if problem is not None:
-        raise CtlError(f"{name!r}: {problem}", EX_DATAERR)
-    return normalize(name)
-
-
-def _new_password(from_stdin: bool) -> str:
-    """The password: one line of stdin, or asked twice on the terminal without echo. Never
-    an argument, which every user of the machine could read in ps(1)."""
-    if from_stdin:
-        line = click.get_text_stream("stdin").readline()
-        password = line.removesuffix("\n").removesuffix("\r")
-    elif not _interactive():
-        raise _usage_error("no terminal to ask for the password: use --password-stdin")
-    else:
-        password = click.prompt("Password", hide_input=True, confirmation_prompt="Password again", err=True)
-    problem = password_problem(password)
-    if problem is not None:
-        raise CtlError(problem if password or not from_stdin else "no password on standard input", EX_DATAERR)
-    return password
-
-
-def password_stdin_option(f):
-    return click.option("--password-stdin", is_flag=True,
-                        help="Read the password from the first line of standard input instead of asking.")(f)
-
-
-@user_group.command("add")
-@click.argument("name", metavar="USER")
-@click.option("--cram-md5", is_flag=True,
-              help="Also store the CRAM-MD5 secret. It is as good as the password to whoever reads the file.")
-@password_stdin_option
-@pass_ctl
-def user_add(ctl: Ctl, name: str, cram_md5: bool, password_stdin: bool) -> None:
-    """Add a user (usually an email address) with a password."""
-    name = _user_name(name)
-    if any(u.name == name for u in ctl.passwords.users()):  # before asking for a password
-        raise UserExists(f"user {name} exists (use passwd to change its password)")
-    ctl.passwords.set(name, _new_password(password_stdin), cram_md5, exists=False)
-    click.echo(f"added user {name}" + (" with a CRAM-MD5 secret" if cram_md5 else ""))
-
-
-@user_group.command("passwd")
-@click.argument("name", metavar="USER")
-@click.option("--cram-md5/--no-cram-md5", default=None,
-              help="Store (or remove) the CRAM-MD5 secret too; by default it is kept if there was one.")
-@password_stdin_option
-@pass_ctl
-def user_passwd(ctl: Ctl, name: str, cram_md5: bool | None, password_stdin: bool) -> None:
-    """Change a user's password."""
-    name = _user_name(name)
-    if not any(u.name == name for u in ctl.passwords.users()):
-        raise NoSuchUser(f"no such user: {name}")
-    ctl.passwords.set(name, _new_password(password_stdin), cram_md5, exists=True)
-    cram = ctl.passwords.cram_md5_secret(name) is not None
-    click.echo(f"changed the password of {name}" + (" and its CRAM-MD5 secret" if cram else ""))
-
-
-@user_group.command("delete")
-@click.argument("name", metavar="USER")
-@pass_ctl
-def user_delete(ctl: Ctl, name: str) -> None:
-    """Delete a user."""
-    name = normalize(name)
-    if not ctl.passwords.delete(name):
-        raise NoSuchUser(f"no such user: {name}")
-    click.echo(f"deleted user {name}")
-
-
-@user_group.command("list")
-@json_option
-@pass_ctl
-def user_list(ctl: Ctl, as_json: bool) -> None:
-    """List the users (never their hashes).
-
-    One line per user: its name and whether a CRAM-MD5 secret is stored.
-    """
-    passwords = ctl.passwords
-    listing = UserListing(passwords.path, passwords.users(), passwords.problems())
-    out = Output(as_json)
-    if as_json:
-        return out.json(listing)
-    for problem in listing.problems:  # what the daemon skips: worth a warning, not a failure
-        click.echo(f"elemtactl: warning: {listing.file}: {problem}", err=True)
-    if not listing.users:
-        return out.note(f"No users in {listing.file}.")
-    if not out.terminal:
-        for u in listing.users:
-            out.line(u.name, u.cram_md5)
-        return None
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
-    table.add_column("User")
-    table.add_column("CRAM-MD5")
-    for u in listing.users:
-        table.add_row(u.name, "yes" if u.cram_md5 else "no")
-    out.console.print(table)
-    return None
+main.add_command(user_group)
 
 
 if __name__ == "__main__":

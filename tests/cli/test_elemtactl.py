@@ -15,7 +15,7 @@ from rich.console import Console
 
 from elemta import __version__
 from elemta import config as cfg
-from elemta.cli import elemtactl, tomlconf
+from elemta.cli import ctlbase, tomlconf
 from elemta.cli.elemtactl import main
 from elemta.cli.render import Output
 from elemta.queue.admin import QueueAdmin
@@ -272,7 +272,7 @@ def test_change_usage_errors(q, run, args, message):
 def test_all_with_yes_or_a_confirmation(q, run, monkeypatch):
     assert ok(run("queue", "hold", "ALL", "--yes")).stdout == (
         f"held 2 messages (3 recipients); skipped 1 message being delivered: {q.active}\n")
-    monkeypatch.setattr(elemtactl, "_interactive", lambda: True)
+    monkeypatch.setattr(ctlbase, "_interactive", lambda: True)
     declined = run("queue", "release", "ALL", input="n\n")
     assert declined.exit_code == 64
     # The question, then (on a terminal, after the echoed answer) the one-line error.

@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 from rich.console import Console
 
-from elemta.cli import elemtactl
+from elemta.cli import ctl_user, ctlbase
 from elemta.cli.elemtactl import main
 from elemta.cli.render import Output
 from elemta.passwords import PasswordFile, User
@@ -135,7 +135,7 @@ def test_a_terminal_gets_a_table(run, monkeypatch):
     add(run, "alice@example.com", "pw", "--cram-md5")
     buffer = io.StringIO()
     console = Console(file=buffer, width=100, color_system=None)
-    monkeypatch.setattr(elemtactl, "Output", functools.partial(Output, terminal=True, console=console))
+    monkeypatch.setattr(ctl_user, "Output", functools.partial(Output, terminal=True, console=console))
     ok(run("user", "list"))
     text = buffer.getvalue()
     assert "User" in text and "CRAM-MD5" in text and "alice@example.com" in text and "yes" in text
@@ -155,7 +155,7 @@ def test_file_option_overrides_the_configuration(run, tmp_path, passwd):
 
 
 def test_the_password_is_asked_twice_without_echo(run, passwd, monkeypatch):
-    monkeypatch.setattr(elemtactl, "_interactive", lambda: True)
+    monkeypatch.setattr(ctlbase, "_interactive", lambda: True)
     result = ok(run("user", "add", "alice", input="one\ntwo\npw pw\npw pw\n"))
     assert result.stdout.endswith("added user alice\n")  # after CliRunner's echoed line ends
     assert "do not match" in result.stderr and "one" not in result.stderr + result.stdout
