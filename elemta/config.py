@@ -208,7 +208,7 @@ class PluginSpec:
     """One [[plugins]] table; the plugin's own options are checked when it is loaded."""
 
     use: str = ""  # a built-in (spf, dkim, ...), "package.module:Class", or an entry point's name
-    name: str = ""  # in logs, statistics and elemtactl plugins; "" = the value of use
+    name: str = ""  # in logs, statistics and elemtactl plugins; "" = use (its class, lower case)
     enabled: bool = True
     timeout: float = 5.0  # seconds a call may take; 0 = in the session's own thread, unguarded
     fail_closed: bool = False  # a failed or overrunning call answers 451 4.3.0 (else: skipped)
@@ -381,7 +381,8 @@ def _plugins(raw: Any) -> tuple[PluginSpec, ...]:
         if not isinstance(item.get("use"), str) or not item["use"]:
             raise ConfigError(f"{path}.use: missing (a built-in such as \"spf\", or \"module:Class\")")
         spec = _section(path, PluginSpec, item)
-        spec = dataclasses.replace(spec, name=spec.name or spec.use, options=options)
+        default_name = spec.use.rpartition(":")[2].lower()  # "pkg.mod:MyCheck" -> "mycheck"
+        spec = dataclasses.replace(spec, name=spec.name or default_name, options=options)
         for key, (low, high) in (("timeout", (0, 3600)), ("max_concurrency", (1, 100_000))):
             if not low <= getattr(spec, key) <= high:
                 raise ConfigError(f"{path}.{key}: {getattr(spec, key)} is out of range (allowed {low} to {high})")

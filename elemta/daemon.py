@@ -13,6 +13,7 @@ import socket
 import sqlite3
 import sys
 import threading
+import time
 from collections.abc import Callable
 
 from elemta import config as cfgmod
@@ -25,6 +26,9 @@ from elemta.delivery.router import Router
 from elemta.delivery.scheduler import Scheduler
 from elemta.errors import ConfigError, ElemtaError, QueueError
 from elemta.local import LocalRecipients
+from elemta.plugins import api as plugin_api
+from elemta.plugins import statsfile
+from elemta.plugins.manager import Manager
 from elemta.queue import db, ids, schema
 from elemta.queue.store import Store
 from elemta.queue.work import WorkQueue
@@ -69,15 +73,30 @@ def build_resolver(config: Config) -> Resolver:
 
 def check_startup(config: Config) -> None:
     """What start-up reads beyond the config file itself (the recipient table, the relayhost's
-    password file, the resolvers): ConfigError naming the key, so --check-config sees it too."""
+    password file, the resolvers, the plugins and their options): ConfigError naming the key,
+    so --check-config sees it too."""
     Router(config, build_resolver(config), LocalRecipients.from_config(config))
+    Manager(config.plugins)
+
+
+def build_plugins(config: Config, events: logmod.EventLog, resolver: Resolver) -> Manager | None:
+    """The configured plugins, started (ConfigError if one cannot start); None if there are none."""
+    if not any(spec.enabled for spec in config.plugins):
+        return None
+    manager = Manager(config.plugins)
+    manager.start(plugin_api.Services(
+        hostname=config.hostname, spool_dir=config.server.spool_dir, dns=resolver, log=events,
+        authserv_id=config.smtp.authserv_id or config.hostname,
+    ))
+    return manager
 
 
 def build_scheduler(config: Config, store: Store, events: logmod.EventLog,
-                    recipients: LocalRecipients) -> Scheduler:
+                    recipients: LocalRecipients, plugins: Manager | None = None,
+                    resolver: Resolver | None = None) -> Scheduler:
     """The delivery side, on the same queue database (ConfigError/QueueError if it cannot start)."""
     d = config.delivery
-    resolver = build_resolver(config)
+    resolver = resolver or build_resolver(config)
     router = Router(config, resolver, recipients)
     pool = smtp_client.Pool(idle_timeout=d.reuse_idle_timeout, max_messages=d.reuse_max_messages)
     attempter = attempt.Attempter(
@@ -89,7 +108,7 @@ def build_scheduler(config: Config, store: Store, events: logmod.EventLog,
                      on_error=lambda text: events("results_error", level=logmod.ERROR, error=text[:300]))
     work.open()
     reporting = Reporting(config.hostname, store.new_id, d.double_bounce_to, events)
-    return Scheduler(config, work, router, attempter, reporting, events)
+    return Scheduler(config, work, router, attempter, reporting, events, plugins=plugins)
 
 
 # What one process runs: listeners and sessions ("smtp"), the delivery scheduler ("delivery"),
@@ -117,6 +136,7 @@ class Daemon:
         self._stop = False
         self._reload = False
         self.scheduler: Scheduler | None = None
+        self.plugins: Manager | None = None
         self.exit_now = False  # the caller should os._exit() after flushing: threads are stuck
 
     def run(self) -> int:
@@ -151,16 +171,20 @@ class Daemon:
         server = None
         try:
             recipients = LocalRecipients.from_config(config)
+            resolver = build_resolver(config)  # one DNS cache for delivery and the plugins
+            self.plugins = build_plugins(config, events, resolver)
             if delivers:
-                self.scheduler = build_scheduler(config, store, events, recipients)
+                self.scheduler = build_scheduler(config, store, events, recipients, self.plugins, resolver)
             if self.role != "delivery":
                 server = SmtpServer(config, store, events, workers=config.server.workers,
-                                    recipients=recipients, reuse_port=ready is not None)
+                                    recipients=recipients, reuse_port=ready is not None, plugins=self.plugins)
                 try:
                     server.start()
                 except OSError as exc:
                     raise ConfigError(f"listeners: cannot listen: {exc}") from None
         except BaseException:
+            if self.plugins is not None:
+                self.plugins.stop()
             store.close()
             raise
         self._link(store)
@@ -176,6 +200,8 @@ class Daemon:
             events("started", spool=config.server.spool_dir, listeners=len(server.listeners), worker=worker)
         else:
             events("delivery_started", spool=config.server.spool_dir, concurrency=config.delivery.concurrency)
+        stats_path = statsfile.path_for(config.server.spool_dir, self.role, worker)
+        stats_due = 0.0
         while True:
             # A timeout, so this thread runs the Python signal handlers even when the kernel
             # delivered the signal to another thread (which does not interrupt this wait).
@@ -188,6 +214,9 @@ class Daemon:
                 config = self._do_reload(config, server, store, events)
             if server is not None:
                 server.tls.check()  # certificate files changed on disk? (tls.reload_interval)
+            if self.plugins is not None and time.monotonic() >= stats_due:
+                stats_due = time.monotonic() + statsfile.INTERVAL
+                self._write_stats(stats_path, events)
         grace = config.server.grace_period
         if server is not None:
             events("stopping", grace=grace, open=server.connections.count())
@@ -195,6 +224,10 @@ class Daemon:
         else:
             events("stopping", grace=grace)
         finished = self.scheduler is None or self._stop_scheduler(self.scheduler, grace, events)
+        if self.plugins is not None:
+            self._write_stats(stats_path, events)
+            self.plugins.stop()
+        statsfile.remove(stats_path)
         store.close()
         events("stopped")
         if not finished:
@@ -231,6 +264,27 @@ class Daemon:
                    note="still running at the end of the grace period; retried after restart")
         return finished
 
+    def _write_stats(self, path, events: logmod.EventLog) -> None:
+        try:
+            statsfile.write(path, self.plugins.stats())
+        except OSError as exc:
+            events("plugin_stats_failed", level=logmod.WARNING, error=str(exc)[:200])
+
+    def _reload_plugins(self, old: Config, config: Config, server: SmtpServer | None,
+                        events: logmod.EventLog) -> None:
+        """New plugins when their settings changed: built and started before the old ones stop
+        (ConfigError from a bad one leaves the old ones in place, and the reload fails)."""
+        if (old.plugins, old.smtp.authserv_id) == (config.plugins, config.smtp.authserv_id):
+            return
+        fresh = build_plugins(config, events, build_resolver(config))
+        stale, self.plugins = self.plugins, fresh
+        if server is not None:
+            server.plugins = fresh
+        if self.scheduler is not None:
+            self.scheduler.plugins = fresh
+        if stale is not None:
+            stale.stop()  # sessions still using them see fail-open or fail-closed results
+
     def _do_reload(self, old: Config, server: SmtpServer | None, store: Store,
                    events: logmod.EventLog) -> Config:
         """All or nothing: a config that is invalid or whose listeners cannot bind changes nothing.
@@ -247,6 +301,11 @@ class Daemon:
         if config.server.spool_dir != old_spool:
             events("reload_warning", level=logmod.WARNING, error="server.spool_dir changes need a restart")
             config = cfgmod.replace(config, server={"spool_dir": old_spool})
+        try:
+            self._reload_plugins(old, config, server, events)
+        except ConfigError as exc:
+            events("reload_failed", level=logmod.WARNING, error=str(exc))
+            return old
         if server is not None:
             try:
                 server.reload(config, recipients)
@@ -275,7 +334,7 @@ class Daemon:
             self.scheduler.router.recipients = recipients
             return
         try:
-            fresh = build_scheduler(config, store, events, recipients)
+            fresh = build_scheduler(config, store, events, recipients, self.plugins)
         except (ConfigError, QueueError) as exc:
             events("reload_warning", level=logmod.WARNING, error=f"delivery keeps its old settings: {exc}")
             return

@@ -17,6 +17,7 @@ import click
 from elemta import __version__
 from elemta import config as cfg
 from elemta.cli import ctlbase, tomlconf
+from elemta.cli.ctl_plugins import dkim, plugins
 from elemta.cli.ctl_user import user_group
 from elemta.cli.ctlbase import (
     EX_NOINPUT,
@@ -48,7 +49,7 @@ from elemta.queue.model import PRIORITIES, STATES
 @click.pass_context
 def main(ctx: click.Context, config_path: str | None, dev: bool) -> None:
     """Look at and change elemta's mail queue; check and show its configuration;
-    manage the users of SMTP AUTH.
+    manage the users of SMTP AUTH; show the plugins' statistics; make DKIM keys.
 
     Exit status: 0 done, 64 usage, 65 bad user name or password, 66 no such message,
     67 no such user, 69 queue (or password file) unavailable, 73 user exists or password
@@ -258,6 +259,8 @@ def config_show(ctl: Ctl, as_json: bool) -> None:
 
 
 main.add_command(user_group)
+main.add_command(plugins)
+main.add_command(dkim)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from elemta import log as logmod
 from elemta.config import Config
+from elemta.delivery import hooks
 from elemta.delivery.attempt import Attempter, Outcome, Verdict
 from elemta.delivery.dns import DnsError
 from elemta.delivery.outcomes import Reporting, decide
@@ -61,8 +62,9 @@ class Destination:
 class Scheduler:
     def __init__(self, config: Config, work: WorkQueue, router: Router, attempter: Attempter,
                  reporting: Reporting, log: logmod.EventLog, *, clock: Callable[[], float] = time.time,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, plugins=None) -> None:
         d = config.delivery
+        self.plugins = plugins  # plugins.manager.Manager (its delivery hooks), or None
         self.config = config
         self.work = work
         self.router = router
@@ -302,8 +304,16 @@ class Scheduler:
             if self._stopping:
                 self._give_back(dl)
                 return
+            instead = hooks.pre_delivery(self.plugins, dl, self.clock())
+            if instead is not None:
+                outcome, extra, action = instead
+                self.log("plugin_verdict", qid=dl.job.queue_id, hook="on_pre_delivery", verdict=action,
+                         nrcpt=len(dl.recipients))
+                self._record(dl.job, dl.body, outcome, extra=extra)
+                return
             outcome = self.attempter.run(dl.job, dl.body, dl.recipients, dl.route)
             self._record(dl.job, dl.body, outcome, final_hop=dl.route.kind == "lmtp" or dl.route.kind == "maildir")
+            hooks.notices(self.plugins, dl, outcome)
         finally:
             with self._lock:
                 dest = self._dest.get(key)

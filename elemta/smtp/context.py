@@ -47,6 +47,7 @@ class Settings:
     auth_mechanisms: tuple[str, ...] = ()  # SASL mechanisms offered (with a password file)
     auth_max_failures: int = 3
     sender_logins: dict | None = None  # user -> allowed senders, smtp.sender_logins
+    authserv_id: str = ""  # smtp.authserv_id; "" = hostname
 
     @property
     def submission(self) -> bool:
@@ -71,6 +72,7 @@ class Services:
     now: Callable[[], float] = time.time
     verifier: object | None = None  # checks passwords (passwords.PasswordFile); None = no AUTH
     guard: Guard | None = None  # flood protection (smtp/limits.py); None = no limits
+    plugins: object | None = None  # plugins.manager.Manager; None = no plugins
 
 
 class Guard:

@@ -84,6 +84,7 @@ def session_settings(
         auth_mechanisms=smtp.auth_mechanisms,
         auth_max_failures=smtp.auth_max_failures,
         sender_logins=smtp.sender_logins,
+        authserv_id=smtp.authserv_id,
     )
 
 
@@ -104,7 +105,7 @@ class SmtpServer:
 
     def __init__(
         self, config: Config, store: Store, log: EventLog, workers: int = 1,
-        recipients: LocalRecipients | None = None, *, reuse_port: bool = False,
+        recipients: LocalRecipients | None = None, *, reuse_port: bool = False, plugins=None,
     ):
         self.store = store
         self.log = log
@@ -112,6 +113,7 @@ class SmtpServer:
         # kernel spreads connections) and keeps an even share of the connection caps.
         # A supervisor's child always uses SO_REUSEPORT: the supervisor holds port 0's pick.
         self.workers = workers
+        self.plugins = plugins  # plugins.manager.Manager, started by the daemon; None = none
         self.reuse_port = reuse_port or workers > 1
         self.connections = Connections()
         self.threads = SessionThreads()
@@ -147,7 +149,7 @@ class SmtpServer:
             verifier = PasswordFile(config.smtp.auth_file)
         self.services = Services(
             new_id=self.store.new_id, intake_check=self._intake_check, log=self.log,
-            verifier=verifier, guard=self.limiter,
+            verifier=verifier, guard=self.limiter, plugins=self.plugins,
         )
         self.settings = {
             lst.address: session_settings(config, lst, self.hostname, recipients, self.tls.available)
@@ -251,6 +253,7 @@ class SmtpServer:
             with contextlib.suppress(OSError):
                 conn.send([replies.INTERNAL_ERROR])
         finally:
+            session.disconnected()
             if conn.sock is not sock:
                 with contextlib.suppress(OSError):
                     conn.sock.close()

@@ -27,6 +27,7 @@ from elemta.smtp.context import (
     Settings,
     StartTls,
 )
+from elemta.smtp.hooks import PluginHooks
 from elemta.smtp.replies import Reply
 from elemta.smtp.transaction import MailTransaction
 
@@ -53,7 +54,7 @@ _AUTH_FAILURES = {
 }
 
 
-class Session(MailTransaction):
+class Session(PluginHooks, MailTransaction):
     def __init__(self, settings: Settings, client: Client, services: Services, tls=None):
         self.settings = settings
         self.client = client
@@ -73,11 +74,24 @@ class Session(MailTransaction):
         self._data: dotreader.DataReader | None = None
         self._chunks: list[bytes] = []  # BDAT chunks of the current message
         self._chunk: dotreader.Chunk | None = None  # the one being read
+        self.refused = False  # a plugin refused the connection: only QUIT is served (554)
+        self._pconn = None  # the plugins' view of this connection (smtp/hooks.py)
+        self._pnotes = None  # ... and of the transaction, with what they decided about it
+        self._conn_auth_results: list[str] = []  # auth results of the connection's hooks
 
     # ---- entry points ----------------------------------------------------------------------
 
     def greeting(self) -> Reply:
+        refusal = self._connect_refusal()
+        if refusal is not None:
+            if refusal.close:
+                self.state = CLOSED
+            return refusal
         return replies.GREETING.format(host=self.settings.hostname)
+
+    def disconnected(self) -> None:
+        """The connection is gone (the server calls this last, whatever happened)."""
+        self._notice("on_disconnect")
 
     def feed(self, data: bytes) -> list:
         """Take input from the client; return replies (and maybe an Enqueue) in order."""
@@ -187,6 +201,9 @@ class Session(MailTransaction):
         if self.commands_seen == 1 and verb in HTTP_VERBS:
             self.services.log("reject", ip=self.client.ip, conn=self.client.conn, reason="http", verb=verb)
             return self._close_with(replies.NOT_HTTP)
+        if self.refused and verb not in ("QUIT", "NOOP"):
+            # RFC 5321 §3.1: after a 554 greeting, 503 to everything but QUIT.
+            return self._sequence("connection refused, send QUIT")
         handler = _HANDLERS.get(verb)
         if handler is None:
             self.services.log("unknown_command", ip=self.client.ip, conn=self.client.conn, verb=verb[:16])
@@ -214,6 +231,7 @@ class Session(MailTransaction):
 
     def _reset(self) -> None:
         self.envelope = None
+        self._pnotes = None
         self._data = None
         self._chunks = []
 
@@ -237,6 +255,10 @@ class Session(MailTransaction):
         self._reset()
         self.helo = arg
         self.esmtp = esmtp
+        refusal = self._refusal(self._hook("on_helo"))
+        if refusal is not None:
+            self.helo, self.esmtp = None, False
+            return self._error(refusal)
         self.services.log("helo", ip=self.client.ip, conn=self.client.conn, helo=arg[:64], esmtp=esmtp)
         if not esmtp:
             return [replies.HELO.format(host=self.settings.hostname)]
@@ -324,6 +346,10 @@ class Session(MailTransaction):
         fields = {"ip": self.client.ip, "conn": self.client.conn, "mechanism": exchange.mechanism}
         if isinstance(outcome, auth.Success):
             self.user = outcome.user.lower()  # as the password file compares names
+            refusal = self._refusal(self._hook("on_auth"))
+            if refusal is not None:
+                self.user = None
+                return self._error(refusal)
             self.services.log("auth", user=outcome.user, **fields)
             return [replies.AUTH_OK]
         # Never the password; the name tried helps an admin see a guessing attack.

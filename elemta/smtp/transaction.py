@@ -11,6 +11,7 @@ import secrets
 
 from elemta import log as logmod
 from elemta.errors import QueueFullError
+from elemta.plugins import api
 from elemta.queue.model import NewMessage
 from elemta.smtp import address as addr
 from elemta.smtp import dotreader, policy, replies
@@ -27,6 +28,7 @@ class MailTransaction:
             "queued", qid=queue_id, size=len(message.body), nrcpt=len(message.recipients),
             priority=message.priority, state="held" if message.hold else "queued",
         )
+        self._notice("on_enqueue")
         return self._after_queue(replies.QUEUED.format(queue_id=queue_id))
 
     def enqueue_failed(self, error: Exception) -> list:
@@ -73,6 +75,12 @@ class MailTransaction:
             self.services.log("reject", ip=self.client.ip, conn=self.client.conn, reason=why, reply="452 4.3.1")
             return [replies.NO_STORAGE]
         envelope.queue_id = self.services.new_id()  # as Postfix, the ID exists from MAIL on
+        self._begin_transaction(envelope.queue_id, str(sender))
+        refusal = self._refusal(self._hook("on_mail_from"))
+        if refusal is not None:
+            self._pnotes = None
+            self._log_mail_refusal(sender, refusal)
+            return self._error(refusal)
         self.envelope = envelope
         self.services.log(
             "mail", qid=envelope.queue_id, ip=self.client.ip, conn=self.client.conn, sender=f"<{sender}>",
@@ -124,11 +132,15 @@ class MailTransaction:
         guard = self.services.guard
         if refusal is None and guard is not None and not self.client.trusted:
             refusal = guard.rcpt(self.client, self.user)
+        if refusal is None and self._pnotes is not None:
+            refusal = self._refusal(self._hook("on_rcpt_to", recipient=str(rcpt)))
         if refusal is not None:
             self.services.log("reject", qid=self.envelope.queue_id, ip=self.client.ip, conn=self.client.conn,
                               rcpt=f"<{rcpt}>", reply=f"{refusal.code} {refusal.esc}")
             return self._error(refusal)
         self.envelope.add_recipient(new_rcpt)
+        if self._pnotes is not None:
+            self._pnotes.transaction.recipients.append(str(rcpt))
         self.services.log("rcpt", qid=self.envelope.queue_id, rcpt=f"<{rcpt}>")
         return [replies.RCPT_OK]
 
@@ -163,6 +175,9 @@ class MailTransaction:
             # RFC 2920 §3.1: DATA ends a pipelined group; text sent before the 354 means the
             # client is not waiting for replies, so nothing it sends can be trusted as a message.
             return self.input_before_reply()
+        refusal = self._refusal(self._hook("on_data"))
+        if refusal is not None:
+            return self._error(refusal)
         self.state = DATA
         self._data = dotreader.DataReader(self.settings.max_message_size)
         return [replies.START_DATA]
@@ -194,6 +209,9 @@ class MailTransaction:
         refusal = replies.BAD_SEQUENCE.format(why=problem) if problem else None
         if refusal is None and sum(map(len, self._chunks)) + size > self.settings.max_message_size:
             refusal = replies.SIZE_EXCEEDED.format(limit=self.settings.max_message_size)
+        if refusal is None and not self._chunks and self._pnotes is not None and not self._pnotes.data_seen:
+            self._pnotes.data_seen = True  # on_data runs once, at the first chunk (RFC 3030)
+            refusal = self._refusal(self._hook("on_data"))
         self._chunk = dotreader.Chunk(size, last=len(parts) == 2, refusal=refusal)
         self.state = BDAT_CHUNK
         return []
@@ -224,9 +242,20 @@ class MailTransaction:
             self._log_refusal(f"{refusal.code} {refusal.esc}")
             self._reset()
             return self._error(refusal)
-        envelope = self.envelope
+        envelope, notes = self.envelope, self._pnotes
         if self.settings.submission:
             text = self._complete_header(text)
+        if notes is not None:
+            refusal = self._refusal(self._hook("on_message", message=api.Message(text)))
+            if refusal is not None:
+                self._log_refusal(f"{refusal.code} {refusal.esc}", plugin="yes")
+                self._reset()
+                return self._error(refusal)
+        text = self._message_edits(text)
+        if notes is not None and notes.discard:
+            self.services.log("discarded", qid=envelope.queue_id, plugin=notes.discard, size=len(text),
+                              nrcpt=len(envelope.recipients))
+            return self._after_queue(replies.QUEUED.format(queue_id=envelope.queue_id))
         if self.services.guard is not None and not self.client.trusted:
             self.services.guard.message(self.client, len(text))
         message = NewMessage(
@@ -238,8 +267,8 @@ class MailTransaction:
                 hostname=self.settings.hostname, now=self.services.now(),
                 tls=self.tls, authenticated=self.user is not None,
             ) + text,
-            priority=envelope.priority,
-            hold=self.settings.hold,
+            priority=(notes.priority if notes is not None and notes.priority else envelope.priority),
+            hold=self.settings.hold or bool(notes is not None and notes.quarantine),
             envid=envelope.envid,
             ret=envelope.ret,
             body_type=envelope.body_type,
@@ -249,6 +278,8 @@ class MailTransaction:
             listener=self.settings.listener,
             received_at=self.services.now(),
         )
+        if notes is not None and notes.quarantine:
+            self.services.log("quarantined", qid=envelope.queue_id, reason=notes.quarantine)
         self.state = WAIT_QUEUE
         return [Enqueue(message)]
 

@@ -84,3 +84,28 @@ class Recorder(api.Plugin):
 
     on_connect = on_helo = on_auth = on_mail_from = on_rcpt_to = on_data = on_message = _note
     on_enqueue = on_pre_delivery = on_delivery_success = on_delivery_failure = on_disconnect = _note
+
+
+class Gate(api.Plugin):
+    """Refuses at on_connect or quarantines/discards at on_message, as its options say."""
+
+    options: ClassVar[dict] = {"connect": "continue", "message": "continue"}
+
+    def configure(self, options):
+        self.opts = options
+
+    def on_connect(self, ctx):
+        if self.opts["connect"] == "reject":
+            return api.reject(554, "5.7.1", f"No SMTP service for {ctx.connection.ip}")
+        if self.opts["connect"] == "defer":
+            return api.defer(450, "4.7.0", "Come back later")
+        return None
+
+    def on_message(self, ctx):
+        if self.opts["message"] == "quarantine":
+            return api.quarantine("looks odd")
+        if self.opts["message"] == "discard":
+            return api.DISCARD
+        if self.opts["message"] == "strip":
+            return api.proceed(remove_headers=("X-Secret",))
+        return None

@@ -1,0 +1,58 @@
+"""Delivery's side of the plugins: on_pre_delivery before an attempt, and the success and
+failure notices after it.  The scheduler records what a verdict means; plugins never write
+the queue themselves."""
+
+from __future__ import annotations
+
+from elemta.delivery.attempt import Outcome, Verdict
+from elemta.plugins import api
+from elemta.queue.work import Attempt
+from elemta.queue.work import Outcome as QueueOutcome
+
+
+def _context(hook: str, dl, **fields) -> api.Context:
+    route = dl.route
+    hop = route.path or ",".join(route.hosts)
+    return api.Context(hook, delivery=api.Delivery(
+        queue_id=dl.job.queue_id, sender=dl.job.sender, recipients=tuple(r.address for r in dl.recipients),
+        attempt=max((r.attempts for r in dl.recipients), default=0) + 1, next_hop=f"{route.kind}:{hop}", **fields,
+    ))
+
+
+def pre_delivery(plugins, dl, now: float) -> tuple[Outcome, list[QueueOutcome], str] | None:
+    """None to go on with the attempt; else what to record instead, and the verdict's name.
+
+    reject bounces the recipients (permanent), defer retries them on the usual schedule,
+    discard drops them as delivered, quarantine holds them (elemtactl queue release).
+    """
+    if plugins is None or not plugins.wants("on_pre_delivery"):
+        return None
+    out = plugins.run("on_pre_delivery", _context("on_pre_delivery", dl))
+    v, who = out.verdict, f"plugin {out.plugin}"
+    if v.action in ("reject", "defer"):
+        status, state = ("permanent", "failed") if v.action == "reject" else ("transient", "deferred")
+        reply = f"{v.code} {v.esc} {v.text}"
+        return (Outcome([Verdict(r, status, reply, v.esc) for r in dl.recipients],
+                        [Attempt(r.id, now, state, reply, host=who) for r in dl.recipients]), [], v.action)
+    if v.action == "discard":
+        text = f"discarded by {who}"
+        return (Outcome([], [Attempt(r.id, now, "discarded", text, host=who) for r in dl.recipients]),
+                [QueueOutcome(r.id, "delivered", text) for r in dl.recipients], v.action)
+    if v.action == "quarantine":
+        text = f"held by {who}: {v.reason or 'quarantine'}"
+        return Outcome(), [QueueOutcome(r.id, "held", text) for r in dl.recipients], v.action
+    return None
+
+
+def notices(plugins, dl, outcome: Outcome) -> None:
+    """on_delivery_success for the recipients that arrived, on_delivery_failure for the rest."""
+    if plugins is None:
+        return
+    done = [v for v in outcome.verdicts if v.status == "ok"]
+    failed = [v for v in outcome.verdicts if v.status != "ok"]
+    for hook, verdicts in (("on_delivery_success", done), ("on_delivery_failure", failed)):
+        if verdicts and plugins.wants(hook):
+            ctx = _context(hook, dl, reply=verdicts[0].reply[:500],
+                           permanent=any(v.status == "permanent" for v in verdicts))
+            ctx.delivery.recipients = tuple(v.recipient.address for v in verdicts)
+            plugins.run(hook, ctx)
