@@ -86,7 +86,7 @@ def build_plugins(config: Config, events: logmod.EventLog, resolver: Resolver) -
     manager = Manager(config.plugins)
     manager.start(plugin_api.Services(
         hostname=config.hostname, spool_dir=config.server.spool_dir, dns=resolver, log=events,
-        authserv_id=config.smtp.authserv_id or config.hostname,
+        authserv_id=config.smtp.authserv_id or config.hostname, workers=config.server.workers,
     ))
     return manager
 

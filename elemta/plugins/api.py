@@ -281,6 +281,7 @@ class Services:
     dns: Resolver | None = None  # the shared cached resolver (delivery.resolvers)
     log: Any = None  # log(event, **fields): one line "plugin=<name> event key=value"
     authserv_id: str = ""  # smtp.authserv_id, the name in Authentication-Results
+    workers: int = 1  # SMTP processes sharing the load (server.workers); per-process limits divide by it
 
 
 class Plugin:

@@ -70,6 +70,18 @@ class RatelimitPlugin(api.Plugin):
             raise api.PluginError("rules: must be a list of tables {key = ..., limit = ..., window = ..., count = ...}")
         self.rules = tuple(self._rule(index, table, max_keys) for index, table in enumerate(o["rules"]))
         self.skip_trusted = o["skip_trusted"]
+        self._options = o
+
+    def start(self, services: api.Services) -> None:
+        super().start(services)
+        if services.workers > 1:
+            # Each worker process counts alone (the kernel spreads connections over them), so
+            # each keeps an even share of every limit, as the core's [limits] do.
+            self.rules = tuple(
+                self._rule(r.index, {**self._options["rules"][r.index], "limit": -(-r.limit // services.workers)},
+                           self._options["max_keys"])
+                for r in self.rules
+            )
 
     def _rule(self, index: int, table, max_keys: int) -> Rule:
         where = f"rules[{index}]"

@@ -180,3 +180,10 @@ def test_bad_rules_are_refused_naming_the_rule(rules, message):
 def test_bad_options_are_refused_by_name(options, name):
     with pytest.raises(api.PluginError, match=f"^{name}: "):
         RatelimitPlugin("ratelimit").configure({**RatelimitPlugin.options, **options})
+
+
+def test_each_worker_process_keeps_an_even_share_of_the_limit(tmp_path):
+    plugin = RatelimitPlugin("ratelimit")
+    plugin.configure({"rules": [{"key": "ip", "limit": 5, "window": 3600}]})
+    plugin.start(api.Services(hostname="mx.test", spool_dir=str(tmp_path), workers=2))
+    assert [r.limit for r in plugin.rules] == [3]
