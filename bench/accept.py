@@ -154,9 +154,9 @@ def pid_alive(pid: int) -> bool:
 
 
 def smtp_source(port: int, count: int, size: int, sessions: int, reuse: bool, timeout: float,
-                helo: str = HELO) -> dict:
+                helo: str = HELO, extra: tuple = ()) -> dict:
     """Run smtp-source once; wall time, its own CPU, exit status and stderr lines."""
-    cmd = ["smtp-source", "-4"]
+    cmd = ["smtp-source", "-4", *extra]
     if reuse:
         cmd.append("-d")
     cmd += ["-s", str(sessions), "-m", str(count), "-l", str(size), "-M", helo,

@@ -137,7 +137,7 @@ class GreylistPlugin(api.Plugin):
         try:
             # isolation_level=None: we issue BEGIN IMMEDIATE ourselves; timeout= is busy_timeout.
             db = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
+            _use_wal(db)
             db.execute("PRAGMA synchronous=NORMAL")
             db.executescript(SCHEMA)
         except sqlite3.Error as exc:
@@ -275,3 +275,20 @@ class GreylistPlugin(api.Plugin):
             del self._cache[stale]
         if triplets or networks:
             self.log("cleanup", triplets=triplets, networks=networks)
+
+
+def _use_wal(db: sqlite3.Connection) -> None:
+    """Switch the file to WAL once.  Worker processes start their plugins at the same moment,
+    and a journal-mode change that meets another connection fails with "database is locked"
+    at once, without the busy timeout (SQLite takes an exclusive lock for it), so: read the
+    mode first (WAL persists in the file) and retry the switch for up to BUSY_TIMEOUT."""
+    deadline = time.monotonic() + BUSY_TIMEOUT
+    while True:
+        try:
+            if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
