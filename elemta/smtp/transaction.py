@@ -210,8 +210,8 @@ class MailTransaction:
         if refusal is None and sum(map(len, self._chunks)) + size > self.settings.max_message_size:
             refusal = replies.SIZE_EXCEEDED.format(limit=self.settings.max_message_size)
         if refusal is None and not self._chunks and self._pnotes is not None and not self._pnotes.data_seen:
-            self._pnotes.data_seen = True  # on_data runs once, at the first chunk (RFC 3030)
             refusal = self._refusal(self._hook("on_data"))
+            self._pnotes.data_seen = refusal is None  # passed once: not asked again per chunk
         self._chunk = dotreader.Chunk(size, last=len(parts) == 2, refusal=refusal)
         self.state = BDAT_CHUNK
         return []
