@@ -27,6 +27,19 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.01, what: str
         time.sleep(interval)
 
 
+class Clock:
+    """A fake clock for code that takes a `now` callable: tests move time instead of sleeping."""
+
+    def __init__(self, start: float = 1_700_000_000.0):
+        self.t = start
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
 class Daemon:
     """The real `elemta` launcher as a subprocess, on ports it picks itself (port 0)."""
 

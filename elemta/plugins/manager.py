@@ -364,7 +364,6 @@ class _Pool:
         self._lock = threading.Lock()
         self._idle = 0
         self._threads = 0
-        self._closed = False
 
     def submit(self, fn) -> None:
         with self._lock:
@@ -386,6 +385,6 @@ class _Pool:
 
     def close(self) -> None:
         with self._lock:
-            count, self._closed = self._threads, True
+            count = self._threads
         for _ in range(count):
             self._jobs.put(None)

@@ -236,12 +236,12 @@ class DkimPlugin(api.Plugin):
         domain = self.signing_domain(ctx)
         queue_id = ctx.transaction.queue_id if ctx.transaction else ""
         if domain is None:
-            self.log("not_signed", queue_id=queue_id, reason="no key for the From or sender domain")
+            self.log("not_signed", qid=queue_id, reason="no key for the From or sender domain")
             return None
         try:
             message = dkim.DKIM(ctx.message.raw, logger=_DKIMPY_LOG)
         except dkim.DKIMException as exc:
-            self.log("not_signed", queue_id=queue_id, domain=domain, reason=_comment(str(exc)))
+            self.log("not_signed", qid=queue_id, domain=domain, reason=_comment(str(exc)))
             return None
         # Sign the listed fields the message has, each instance (RFC 6376 §5.4.2), then From
         # once more: an instance added later (a second From) breaks the signature (§8.15).
@@ -253,7 +253,7 @@ class DkimPlugin(api.Plugin):
                                       signature_algorithm=key.algorithm, canonicalize=(b"relaxed", b"relaxed"),
                                       include_headers=include)
             except dkim.DKIMException as exc:
-                self.log("sign_failed", queue_id=queue_id, domain=domain, selector=key.selector,
+                self.log("sign_failed", qid=queue_id, domain=domain, selector=key.selector,
                          reason=_comment(str(exc)))
                 continue
             # dkimpy gives b"DKIM-Signature: v=1; ...\r\n", folded with CRLF + space.
@@ -262,7 +262,7 @@ class DkimPlugin(api.Plugin):
             selectors.append(key.selector)
         if not headers:
             return None
-        self.log("signed", queue_id=queue_id, domain=domain, selectors=",".join(selectors))
+        self.log("signed", qid=queue_id, domain=domain, selectors=",".join(selectors))
         return api.proceed(add_headers=tuple(headers))
 
     # -- verifying (RFC 6376 §6) -------------------------------------------------------------
@@ -278,7 +278,7 @@ class DkimPlugin(api.Plugin):
         checked = signatures[: self.settings["max_signatures"]]
         if len(signatures) > len(checked):
             # RFC 6376 §6.1: a verifier may limit the signatures it checks.
-            self.log("signatures_skipped", queue_id=queue_id, count=len(signatures) - len(checked))
+            self.log("signatures_skipped", qid=queue_id, count=len(signatures) - len(checked))
         results = []
         for idx, value in enumerate(checked):
             tags = _tags(value)
@@ -294,7 +294,7 @@ class DkimPlugin(api.Plugin):
                 {"domain": r["domain"], "selector": r["selector"], "result": r["result"]} for r in results]
         if not results:
             return api.proceed(auth_results=("dkim=none",))
-        self.log("verified", queue_id=queue_id,
+        self.log("verified", qid=queue_id,
                  results=",".join(f"{r['result']}:{r['selector']}._domainkey.{r['domain']}" for r in results))
         auth = tuple(_auth_result(**r) for r in results)
         if self.settings["reject_on_fail"] and all(r["result"] == "fail" for r in results):

@@ -240,7 +240,7 @@ def test_max_signatures(services, keys, logged):
     verdict, notes = verify(p, sign(p))
     assert [n["selector"] for n in notes] == ["k0", "k1"]
     assert len(verdict.auth_results) == 2
-    assert ("signatures_skipped", {"plugin": "dkim", "queue_id": "Q1", "count": 1}) in logged
+    assert ("signatures_skipped", {"plugin": "dkim", "qid": "Q1", "count": 1}) in logged
 
 
 # -- keys ------------------------------------------------------------------------------------

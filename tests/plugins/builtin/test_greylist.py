@@ -10,19 +10,9 @@ import pytest
 
 from elemta.plugins import api
 from elemta.plugins.builtin.greylist import CACHE_SECONDS, CLEANUP_EVERY, GreylistPlugin
+from tests.support import Clock
 
 DAY = 86400
-
-
-class Clock:
-    def __init__(self, start: float = 1_700_000_000.0):
-        self.t = start
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, seconds: float) -> None:
-        self.t += seconds
 
 
 @pytest.fixture()

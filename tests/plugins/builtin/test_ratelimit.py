@@ -6,22 +6,12 @@ import pytest
 
 from elemta.plugins import api
 from elemta.plugins.builtin.ratelimit import RatelimitPlugin
-
-
-class Clock:
-    def __init__(self, start: float = 5000.0):
-        self.t = start
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, seconds: float) -> None:
-        self.t += seconds
+from tests.support import Clock
 
 
 @pytest.fixture()
 def clock():
-    return Clock()
+    return Clock(5000.0)
 
 
 @pytest.fixture()
