@@ -49,7 +49,9 @@ class PluginHooks:
         if notes is not None:
             ctx.auth_results = list(notes.auth_results)
         outcome = plugins.run(hook, ctx)
-        if notes is not None and hook in api.MESSAGE_HOOKS:
+        if outcome.action in ("reject", "defer"):
+            pass  # refused: what the plugins added belongs to a command that did not happen
+        elif notes is not None and hook in api.MESSAGE_HOOKS:
             notes.add_headers += outcome.add_headers
             notes.remove_headers += outcome.remove_headers
             notes.auth_results += outcome.auth_results
@@ -59,7 +61,7 @@ class PluginHooks:
             elif outcome.action == "quarantine" and not notes.quarantine:
                 notes.quarantine = outcome.verdict.reason or outcome.plugin
         elif outcome.auth_results:
-            self._conn_auth_results += outcome.auth_results
+            self._conn_auth_results[hook] = list(outcome.auth_results)  # a second EHLO replaces the first
         if outcome.verdict.final:
             self.services.log("plugin_verdict", qid=notes.transaction.queue_id if notes else None,
                               ip=self.client.ip, conn=self.client.conn, hook=hook, plugin=outcome.plugin,
@@ -77,7 +79,8 @@ class PluginHooks:
     def _begin_transaction(self, queue_id: str, sender: str) -> None:
         self._pnotes = TransactionNotes(api.Transaction(queue_id, sender)) if self.services.plugins else None
         if self._pnotes is not None:
-            self._pnotes.auth_results += self._conn_auth_results
+            for results in self._conn_auth_results.values():
+                self._pnotes.auth_results += results
 
     @staticmethod
     def _refusal(outcome: Outcome) -> Reply | None:

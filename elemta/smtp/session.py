@@ -77,7 +77,7 @@ class Session(PluginHooks, MailTransaction):
         self.refused = False  # a plugin refused the connection: only QUIT is served (554)
         self._pconn = None  # the plugins' view of this connection (smtp/hooks.py)
         self._pnotes = None  # ... and of the transaction, with what they decided about it
-        self._conn_auth_results: list[str] = []  # auth results of the connection's hooks
+        self._conn_auth_results: dict[str, list[str]] = {}  # hook -> its latest auth results
 
     # ---- entry points ----------------------------------------------------------------------
 
@@ -116,6 +116,8 @@ class Session(PluginHooks, MailTransaction):
         before it; EHLO must come again.  Nothing pipelined after STARTTLS was kept."""
         self.tls = info
         self.helo, self.esmtp, self.user = None, False, None
+        self._conn_auth_results.pop("on_helo", None)  # RFC 3207 §4.2: what was said before TLS is gone
+        self._conn_auth_results.pop("on_auth", None)
         self._reset()
         self.state = COMMAND
         self.services.log("tls", ip=self.client.ip, conn=self.client.conn, tls=str(info))

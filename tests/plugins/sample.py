@@ -109,3 +109,16 @@ class Gate(api.Plugin):
         if self.opts["message"] == "strip":
             return api.proceed(remove_headers=("X-Secret",))
         return None
+
+
+class Notes(api.Plugin):
+    """An auth result at on_helo; a header with every RCPT, and a refusal of refused@."""
+
+    def on_helo(self, ctx):
+        return api.proceed(auth_results=(f"x-helo=pass smtp.helo={ctx.connection.helo}",))
+
+    def on_rcpt_to(self, ctx):
+        header = (("X-Rcpt", ctx.recipient),)
+        if ctx.recipient.startswith("refused@"):
+            return api.reject(550, "5.7.1", "not this one", add_headers=header)
+        return api.proceed(add_headers=header)
