@@ -210,7 +210,7 @@ class PluginSpec:
     use: str = ""  # a built-in (spf, dkim, ...), "package.module:Class", or an entry point's name
     name: str = ""  # in logs, statistics and elemtactl plugins; "" = use (its class, lower case)
     enabled: bool = True
-    timeout: float = 5.0  # seconds a call may take; 0 = in the session's own thread, unguarded
+    timeout: float = 30.0  # seconds a call may take (above DNS and SPF limits); 0 = inline, unguarded
     fail_closed: bool = False  # a failed or overrunning call answers 451 4.3.0 (else: skipped)
     max_concurrency: int = 64  # calls in flight at once; more fail at once (as a timeout)
     options: dict = field(default_factory=dict)  # [plugins.options], the plugin's own keys

@@ -99,7 +99,7 @@ class SpfPlugin(api.Plugin):
         "on_temperror": "defer",  # "defer" (451 4.4.3) or "tag"
         "on_permerror": "tag",  # "tag" or "reject" (550 5.5.2)
         "skip_networks": [],  # CIDRs of clients not checked
-        "timeout": 10.0,  # seconds for the whole evaluation of one message
+        "timeout": 20.0,  # seconds for the whole evaluation of one message (RFC 7208 §4.6.4: at least 20)
     }
 
     def __init__(self, name: str):
