@@ -214,7 +214,7 @@ class Daemon:
                 config = self._do_reload(config, server, store, events)
             if server is not None:
                 server.tls.check()  # certificate files changed on disk? (tls.reload_interval)
-            if self.plugins is not None and time.monotonic() >= stats_due:
+            if time.monotonic() >= stats_due:  # also with no plugins: elemtactl sees we run
                 stats_due = time.monotonic() + statsfile.INTERVAL
                 self._write_stats(stats_path, events)
         grace = config.server.grace_period
@@ -225,7 +225,6 @@ class Daemon:
             events("stopping", grace=grace)
         finished = self.scheduler is None or self._stop_scheduler(self.scheduler, grace, events)
         if self.plugins is not None:
-            self._write_stats(stats_path, events)
             self.plugins.stop()
         statsfile.remove(stats_path)
         store.close()
@@ -266,7 +265,7 @@ class Daemon:
 
     def _write_stats(self, path, events: logmod.EventLog) -> None:
         try:
-            statsfile.write(path, self.plugins.stats())
+            statsfile.write(path, self.plugins.stats() if self.plugins is not None else [])
         except OSError as exc:
             events("plugin_stats_failed", level=logmod.WARNING, error=str(exc)[:200])
 

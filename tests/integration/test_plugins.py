@@ -189,3 +189,13 @@ def test_forged_authentication_results_with_our_id_are_removed_and_others_kept(d
     body = daemon.body(only_message(daemon)["queue_id"])
     assert b"forged.test" not in body and b"X-Secret" not in body
     assert b"Authentication-Results: other.test;\r\n dkim=pass header.d=other.test\r\n" in body
+
+
+def test_elemtactl_plugins_on_a_daemon_without_plugins_says_none_are_loaded(daemon_with):
+    daemon = daemon_with()
+
+    def said():
+        out = subprocess.run([str(ELEMTACTL), "--config", str(daemon.config_path), "plugins"],
+                             capture_output=True, text=True, timeout=30, check=False)
+        return out.returncode == 0 and "No plugins are loaded." in out.stdout + out.stderr
+    wait_for(said, what="elemtactl plugins to see the running daemon")
