@@ -342,8 +342,9 @@ def test_delay_warning_is_sent_once(start, mx):
     (rcpt,) = report_fields(bounce_for(mx))[1:]
     assert rcpt["Action"] == "delayed" and "Will-Retry-Until" in rcpt
     wait_for(lambda: mx.handler.to("late@remote.test"), 15, what="the delivery after the retries")
+    # The remote has the message before the daemon records the 250: wait for the state.
+    wait_for(lambda: states(daemon, qid) == {"late@remote.test": "delivered"}, 5, what="delivered state")
     assert len(mx.handler.to("alice@sender.test")) == 1
-    assert states(daemon, qid) == {"late@remote.test": "delivered"}
 
 
 def test_a_bounce_is_never_bounced_but_can_go_to_postmaster(start, mx):
