@@ -210,7 +210,7 @@ class PluginSpec:
     use: str = ""  # a built-in (spf, dkim, ...), "package.module:Class", or an entry point's name
     name: str = ""  # in logs, statistics and elemtactl plugins; "" = use (its class, lower case)
     enabled: bool = True
-    timeout: float = 30.0  # seconds a call may take (above DNS and SPF limits); 0 = inline, unguarded
+    timeout: float | None = None  # seconds a call may take in a pool thread; 0 = inline; None = the plugin's default_timeout
     fail_closed: bool = False  # a failed or overrunning call answers 451 4.3.0 (else: skipped)
     max_concurrency: int = 64  # calls in flight at once; more fail at once (as a timeout)
     options: dict = field(default_factory=dict)  # [plugins.options], the plugin's own keys
@@ -380,12 +380,16 @@ def _plugins(raw: Any) -> tuple[PluginSpec, ...]:
             raise ConfigError(f"{path}.options: expected a table [plugins.options]")
         if not isinstance(item.get("use"), str) or not item["use"]:
             raise ConfigError(f"{path}.use: missing (a built-in such as \"spf\", or \"module:Class\")")
+        timeout = item.pop("timeout", None)  # absent: the plugin class's own default
+        if timeout is not None:
+            timeout = _coerce(f"{path}.timeout", timeout, 0.0)
         spec = _section(path, PluginSpec, item)
         default_name = spec.use.rpartition(":")[2].lower()  # "pkg.mod:MyCheck" -> "mycheck"
-        spec = dataclasses.replace(spec, name=spec.name or default_name, options=options)
+        spec = dataclasses.replace(spec, name=spec.name or default_name, options=options, timeout=timeout)
         for key, (low, high) in (("timeout", (0, 3600)), ("max_concurrency", (1, 100_000))):
-            if not low <= getattr(spec, key) <= high:
-                raise ConfigError(f"{path}.{key}: {getattr(spec, key)} is out of range (allowed {low} to {high})")
+            value = getattr(spec, key)
+            if value is not None and not low <= value <= high:
+                raise ConfigError(f"{path}.{key}: {value} is out of range (allowed {low} to {high})")
         if spec.name in names:
             raise ConfigError(f"{path}.name: {spec.name!r} is used twice (give each a name)")
         names.add(spec.name)

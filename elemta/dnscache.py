@@ -191,24 +191,38 @@ class Resolver:
         address text for A and AAAA, the host name for PTR and CNAME, and the tuple of
         its character strings (bytes) for TXT.
         """
+        status, records, _until = self.lookup_until(name, rdtype)
+        return status, records
+
+    def lookup_until(self, name: str, rdtype: int) -> tuple[str, tuple, float]:
+        """lookup(), and until when (on now()'s clock) the answer stays valid: a result
+        computed from answers may be kept as long as the earliest of them (an answer
+        not cached is valid only now)."""
         key = (name, rdtype)
         with self._lock:
+            now = self._clock()
             entry = self._cache.get(key)
-            if entry is not None and entry[0] > self._clock():
+            if entry is not None and entry[0] > now:
                 self._cache.move_to_end(key)
                 self._hits += 1
-                return entry[1], entry[2]
+                return entry[1], entry[2], entry[0]
             if entry is not None:
                 del self._cache[key]  # expired
             self._misses += 1
         status, records, ttl = self._query(name, rdtype)
-        if ttl is not None:
-            with self._lock:
-                self._cache[key] = (self._clock() + ttl, status, records)
-                self._cache.move_to_end(key)
-                while len(self._cache) > self._max_entries:
-                    self._cache.popitem(last=False)  # least recently used
-        return status, records
+        now = self._clock()
+        if ttl is None:
+            return status, records, now
+        with self._lock:
+            self._cache[key] = (now + ttl, status, records)
+            self._cache.move_to_end(key)
+            while len(self._cache) > self._max_entries:
+                self._cache.popitem(last=False)  # least recently used
+        return status, records, now + ttl
+
+    def now(self) -> float:
+        """The clock lookup_until() answers on."""
+        return self._clock()
 
     def _query(self, name: str, rdtype: int) -> tuple[str, tuple, float | None]:
         """Ask the nameservers: (status, records, seconds to cache or None).

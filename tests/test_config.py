@@ -247,3 +247,8 @@ def test_split_host_port(address, expected):
 def test_split_host_port_refuses(address):
     with pytest.raises(ValueError):
         config.split_host_port(address)
+
+
+def test_a_plugin_timeout_is_the_plugin_classs_own_unless_configured(tmp_path):
+    loaded = config.load(write(tmp_path, '[[plugins]]\nuse = "spf"\n[[plugins]]\nuse = "dkim"\ntimeout = 5\n'))
+    assert [(p.name, p.timeout) for p in loaded.plugins] == [("spf", None), ("dkim", 5.0)]

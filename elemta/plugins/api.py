@@ -13,7 +13,9 @@ DNS cache, the rate limiter, logging) is reached through it.
 from __future__ import annotations
 
 import email.utils
+import functools
 import ipaddress
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -144,12 +146,24 @@ def quarantine(reason: str, **extras: Any) -> Verdict:
     return Verdict("quarantine", reason=reason, **extras)
 
 
+# Both cached: the same client asks for every message and recipient, and ipaddress parses slowly.
+@functools.lru_cache(maxsize=4096)
+def client_address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The client's address (an IPv4-mapped IPv6 one as IPv4), None if ip is not one."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return None
+    return address.ipv4_mapped if address.version == 6 and address.ipv4_mapped else address
+
+
+@functools.lru_cache(maxsize=4096)
 def network_of(ip: str, v4_prefix: int = 24, v6_prefix: int = 64) -> str:
     """The client's network as text ("192.0.2.0/24"): greylisting and reputation key on it,
     since big senders retry from another address of the same network."""
-    address = ipaddress.ip_address(ip)
-    if address.version == 6 and address.ipv4_mapped:
-        address = address.ipv4_mapped
+    address = client_address(ip)
+    if address is None:
+        raise ValueError(f"{ip!r} is not an IP address")
     prefix = v4_prefix if address.version == 4 else v6_prefix
     return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
 
@@ -238,10 +252,21 @@ class Message:
         """The domains of the From field's addresses (RFC 7489 §6.6.1 wants exactly one)."""
         domains = []
         for value in self.get_all("from"):
+            simple = _SIMPLE_FROM.fullmatch(value)
+            if simple:  # most From fields; the email package takes the rest (quotes, groups...)
+                domains.append((simple.group(1) or simple.group(2)).lower().rstrip("."))
+                continue
             for _, address in email.utils.getaddresses([value]):
                 if "@" in address:
                     domains.append(address.rpartition("@")[2].lower().rstrip("."))
         return domains
+
+
+# A From value of one plain address: "a@b.example", "<a@b.example>" or "Some Name <a@b.example>"
+# with an unquoted display name of words.  No comments, quotes, groups or lists: those (and
+# anything else) go through email.utils, whose parse of the simple ones is the same but slow.
+_ADDR = r"[^\s<>()@,;:\\\"\[\]]+@([A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.?)"
+_SIMPLE_FROM = re.compile(rf"\s*(?:[^<>()@,;:\\\"\[\]]*<{_ADDR}>|{_ADDR})\s*")
 
 
 @dataclass
@@ -290,6 +315,12 @@ class Plugin:
     type of its default and calls configure() with the merged table."""
 
     options: ClassVar[dict[str, Any]] = {}
+    # Seconds a call may take when the config gives no timeout; the call then runs in a pool
+    # thread and the caller goes on without it past that.  0 runs it in the caller's thread
+    # unguarded: right for a plugin that does no I/O, or whose every wait has its own limit
+    # (the built-ins set 0: their DNS goes through the resolver's lifetime, SQLite waits its
+    # busy timeout), and cheaper by two thread switches per hook.
+    default_timeout: ClassVar[float] = 30.0
 
     def __init__(self, name: str):
         self.name = name

@@ -7,7 +7,8 @@ failed: fail-open plugins are skipped, fail-closed ones turn into 451 4.3.0 (RFC
 or undefined mail system status").  A hung call keeps its thread (Python cannot stop one), so
 each plugin has a cap on calls in flight: once a hung plugin has used its share, further calls
 to it fail at once instead of piling up threads.  A plugin with timeout 0 runs in the caller's
-thread: cheapest, but a hang there hangs the session; only for plugins that do no I/O.
+thread: cheapest, but a hang there hangs the session; only for plugins that do no I/O or
+whose every wait has a limit of its own, as the built-ins' have (their default_timeout is 0).
 
 The consecutive isolated plugins of one hook run as one job in one pool thread, so a hook
 costs one thread handoff whatever the number of plugins; the caller watches the job's progress
@@ -97,21 +98,36 @@ class HookStats:
 
 
 class Loaded:
-    """One configured plugin: its instance, settings, statistics and call slots."""
+    """One configured plugin: its instance, settings, statistics and calls in flight."""
 
     def __init__(self, spec: PluginSpec, plugin: api.Plugin):
         self.spec = spec
         self.name = spec.name
         self.plugin = plugin
         self.hooks = tuple(h for h in api.HOOKS if callable(getattr(plugin, h, None)))
-        self.slots = threading.BoundedSemaphore(spec.max_concurrency)
-        self.lock = threading.Lock()
+        # config's timeout, else the class's: 30 s, or 0 (inline) for a plugin whose waits all
+        # have limits of their own (the built-ins: DNS lifetime, SQLite busy timeout).
+        self.timeout = spec.timeout if spec.timeout is not None else float(type(plugin).default_timeout)
+        self.in_flight = 0  # calls running now, at most spec.max_concurrency
+        self.lock = threading.Lock()  # a plain lock, not a semaphore: it is taken on every call
         self.stats = {hook: HookStats() for hook in self.hooks}
         self.last_error = ""
 
     @property
     def isolated(self) -> bool:
-        return self.spec.timeout > 0
+        return self.timeout > 0
+
+    def enter(self) -> bool:
+        """Take a call slot; False if all spec.max_concurrency are in use."""
+        with self.lock:
+            if self.in_flight >= self.spec.max_concurrency:
+                return False
+            self.in_flight += 1
+            return True
+
+    def leave(self) -> None:
+        with self.lock:
+            self.in_flight -= 1
 
     def record(self, hook: str, seconds: float, action: str | None, error: str = "", timeout: bool = False):
         with self.lock:
@@ -246,7 +262,7 @@ class Manager:
                     return job.index
                 loaded, began = job.plugins[job.index], job.began
             # Measured from when the plugin began, or from now while the job waits for a thread.
-            left = loaded.spec.timeout - (self._clock() - began) if began else loaded.spec.timeout
+            left = loaded.timeout - (self._clock() - began) if began else loaded.timeout
             if job.done.wait(max(left, 0)):
                 continue
             with job.lock:
@@ -257,13 +273,13 @@ class Manager:
                     continue
                 job.abandoned = True
                 self._settle(loaded, job.hook, job.ctx, job.outcome, None, "timeout",
-                             loaded.spec.timeout, timeout=True)
+                             loaded.timeout, timeout=True)
                 return job.index + 1
 
     def _call(self, loaded: Loaded, hook: str, ctx: api.Context, outcome: Outcome, job: _Job | None) -> None:
         """Call one plugin's hook and settle its result into outcome (under the job's lock
         when it runs in a job, so that a caller who gave up on it never sees it land)."""
-        if not loaded.slots.acquire(blocking=False):
+        if not loaded.enter():
             # Its calls in flight are all stuck: fail now rather than queue behind them.
             verdict, error, seconds, timeout = None, "too many calls in flight", 0.0, True
         else:
@@ -274,7 +290,7 @@ class Manager:
             except Exception as exc:  # noqa: BLE001 - isolation is the point
                 verdict, error = None, f"{type(exc).__name__}: {exc}"[:200]
             finally:
-                loaded.slots.release()
+                loaded.leave()
             seconds = self._clock() - began
         if job is None:
             self._settle(loaded, hook, ctx, outcome, verdict, error, seconds, timeout)
@@ -310,7 +326,7 @@ class Manager:
             except Exception as exc:  # noqa: BLE001
                 problem = f"health() failed: {type(exc).__name__}"
             out.append({
-                "name": loaded.name, "use": loaded.spec.use, "timeout": loaded.spec.timeout,
+                "name": loaded.name, "use": loaded.spec.use, "timeout": loaded.timeout,
                 "fail_closed": loaded.spec.fail_closed, "health": problem or "ok",
                 "last_error": last_error, "hooks": hooks,
             })

@@ -122,3 +122,14 @@ class Notes(api.Plugin):
         if ctx.recipient.startswith("refused@"):
             return api.reject(550, "5.7.1", "not this one", add_headers=header)
         return api.proceed(add_headers=header)
+
+
+class Threads(api.Plugin):
+    """Notes which thread ran its on_mail_from in ctx.transaction.notes[name]."""
+
+    def on_mail_from(self, ctx):
+        ctx.transaction.notes[self.name] = threading.get_ident()
+
+
+class InlineThreads(Threads):
+    default_timeout: ClassVar[float] = 0.0  # as the built-ins: in the caller's thread

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import email.utils
 import threading
 
 import pytest
@@ -42,6 +43,23 @@ def manager_of():
 
 def hook_stats(manager, name, hook):
     return next(p for p in manager.stats() if p["name"] == name)["hooks"][hook]
+
+
+def test_without_a_timeout_in_the_config_the_plugin_class_decides(manager_of):
+    manager = manager_of(spec(S + "Threads", "pooled"), spec(S + "InlineThreads", "inline"),
+                         spec(S + "InlineThreads", "isolated", timeout=5.0), spec(S + "Threads", "forced", timeout=0))
+    context = ctx()
+    manager.run("on_mail_from", context)
+    me, ran = threading.get_ident(), context.transaction.notes
+    assert ran["inline"] == me and ran["forced"] == me
+    assert ran["pooled"] != me and ran["isolated"] != me
+    timeouts = {p["name"]: p["timeout"] for p in manager.stats()}
+    assert timeouts == {"pooled": 30.0, "inline": 0.0, "isolated": 5.0, "forced": 0}
+
+
+def test_the_built_ins_run_in_the_callers_thread_by_default():
+    for use in ("ratelimit", "greylist", "dnsbl", "spf", "dkim", "dmarc"):
+        assert load_class(use).default_timeout == 0, use
 
 
 def test_no_plugins_is_nothing(manager_of):
@@ -221,6 +239,30 @@ def test_network_of():
     assert api.network_of("192.0.2.77") == "192.0.2.0/24"
     assert api.network_of("2001:db8:1:2:3::4") == "2001:db8:1:2::/64"
     assert api.network_of("::ffff:192.0.2.9") == "192.0.2.0/24"
+    with pytest.raises(ValueError, match="not an IP address"):
+        api.network_of("unix")
+
+
+def test_client_address():
+    assert str(api.client_address("::ffff:192.0.2.9")) == "192.0.2.9"
+    assert str(api.client_address("2001:db8::1")) == "2001:db8::1"
+    assert api.client_address("") is None and api.client_address("local") is None
+
+
+# The fast path for plain From values must find what email.utils finds, and leave the rest to it.
+FROM_VALUES = [
+    "a@b.example", "<a@b.example>", "Some Name <a@b.example>", " Joe  Q. <x.y@Sub.B.example.> ",
+    '"Quoted, Name" <q@c.example>', "a@b.example, c@d.example", "Name <a@b.example", "a@b.example>",
+    "(comment) a@b.example", "group: a@b.example;", "undisclosed", "<@route:a@b.example>",
+    "a@[192.0.2.1]", "x <a@b.example> y", "Ünïcode <u@b.example>", "a@b.example (Name)",
+]
+
+
+@pytest.mark.parametrize("value", FROM_VALUES)
+def test_from_domains_matches_the_email_package(value):
+    expected = [address.rpartition("@")[2].lower().rstrip(".")
+                for _, address in email.utils.getaddresses([value]) if "@" in address]
+    assert api.Message(f"From: {value}\r\n\r\nbody".encode()).from_domains() == expected
 
 
 def test_message_fields():

@@ -11,6 +11,7 @@ Organizational domains (§3.2) come from the Public Suffix List, loaded once at 
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ class PublicSuffixList:
         self.rules = rules
         self.wildcards = wildcards  # "*.ck" is kept as "ck"
         self.exceptions = exceptions  # "!www.ck" is kept as "www.ck"
+        self._org: dict[str, str] = {}  # domain -> organizational domain, asked for every message
 
     @classmethod
     def load(cls, path: str) -> PublicSuffixList:
@@ -79,9 +81,15 @@ class PublicSuffixList:
 
     def organizational_domain(self, domain: str) -> str:
         """RFC 7489 §3.2: the public suffix plus one label (the domain itself if it is one)."""
-        labels = _ascii(domain).split(".")
-        suffix = 1 if self.rules is None else self.public_suffix_labels(labels)
-        return ".".join(labels[-(suffix + 1):])
+        org = self._org.get(domain)
+        if org is None:
+            labels = _ascii(domain).split(".")
+            suffix = 1 if self.rules is None else self.public_suffix_labels(labels)
+            org = ".".join(labels[-(suffix + 1):])
+            if len(self._org) >= 10000:
+                self._org.clear()  # a bound, not an LRU: refilling costs little
+            self._org[domain] = org
+        return org
 
 
 @dataclass(frozen=True)
@@ -102,6 +110,7 @@ def is_dmarc_record(text: str) -> bool:
     return bool(equals) and name.strip().lower() == "v" and value.strip() == "DMARC1"
 
 
+@functools.lru_cache(maxsize=1024)  # a pure function of the record, which the DNS cache repeats
 def parse_record(text: str) -> Policy | None:
     """The policy of a DMARC record, or None when it has none (§6.6.3 step 6)."""
     tags: dict[str, str] = {}
@@ -127,15 +136,9 @@ def parse_record(text: str) -> Policy | None:
 
 def parse_auth_result(text: str) -> tuple[str, str, dict[str, str]]:
     """RFC 8601 §2.2 resinfo: (method, result, {ptype.property: value}), comments dropped."""
-    plain, depth = [], 0
-    for char in text:
-        if char == "(":
-            depth += 1
-        elif char == ")" and depth:
-            depth -= 1
-        elif not depth:
-            plain.append(char)
-    words = "".join(plain).split()
+    if "(" in text:
+        text = _uncommented(text)
+    words = text.split()
     if not words:
         return "", "", {}
     method, _, result = words[0].partition("=")
@@ -147,7 +150,21 @@ def parse_auth_result(text: str) -> tuple[str, str, dict[str, str]]:
     return method.partition("/")[0].lower(), result.lower(), props
 
 
+def _uncommented(text: str) -> str:
+    """text without its (comments), which may nest (RFC 5322 §3.2.2)."""
+    plain, depth = [], 0
+    for char in text:
+        if char == "(":
+            depth += 1
+        elif char == ")" and depth:
+            depth -= 1
+        elif not depth:
+            plain.append(char)
+    return "".join(plain)
+
+
 class DmarcPlugin(api.Plugin):
+    default_timeout: ClassVar[float] = 0.0  # in the session's thread: its policy lookups end at the resolver's lifetime
     options: ClassVar[dict[str, Any]] = {
         "public_suffix_list": PSL_PATH,  # Public Suffix List file
         "override": {},  # From domain -> "none", "quarantine" or "reject", instead of its policy

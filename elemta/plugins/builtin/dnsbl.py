@@ -42,6 +42,7 @@ class Zone(NamedTuple):
 
 
 class DnsblPlugin(api.Plugin):
+    default_timeout: ClassVar[float] = 0.0  # in the session's thread: its lookups end at the resolver's lifetime
     options: ClassVar[dict[str, Any]] = {
         "zones": [],  # [{zone = "bl.example", weight = 1.0, codes = ["127.0.0.2"]}, ...]
         "allow_zones": [],  # the same for allow lists; their weight is subtracted

@@ -67,6 +67,7 @@ CREATE INDEX IF NOT EXISTS awl_expires ON awl (expires);
 
 
 class GreylistPlugin(api.Plugin):
+    default_timeout: ClassVar[float] = 0.0  # in the session's thread: SQLite waits at most BUSY_TIMEOUT
     options: ClassVar[dict[str, Any]] = {
         "database": "",  # "" = <spool_dir>/greylist.db; a relative path is under spool_dir
         "delay": 300,  # seconds before a retry is accepted
@@ -199,9 +200,9 @@ class GreylistPlugin(api.Plugin):
             return True
         if not self._networks:
             return False
-        address = ipaddress.ip_address(ip)
-        if address.version == 6 and address.ipv4_mapped:
-            address = address.ipv4_mapped
+        address = api.client_address(ip)
+        if address is None:
+            return False
         # `in` does not check the version itself: 0.0.0.1 would be "in" ::/96.
         return any(net.version == address.version and address in net for net in self._networks)
 

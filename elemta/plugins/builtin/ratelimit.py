@@ -48,6 +48,7 @@ class Rule(NamedTuple):
 
 
 class RatelimitPlugin(api.Plugin):
+    default_timeout: ClassVar[float] = 0.0  # in the session's thread: in memory, no I/O
     options: ClassVar[dict[str, Any]] = {
         "rules": [],  # [{key = "sender", limit = 100, window = 3600, count = "messages"}, ...]
         "max_keys": 100_000,  # keys tracked per rule (the least loaded go first when full)

@@ -31,6 +31,7 @@ CHOICES = {
     "on_temperror": ("defer", "tag"),
     "on_permerror": ("tag", "reject"),
 }
+RESULT_CACHE_SIZE = 10000  # (ip, sender, helo) results, each kept while its DNS answers are cached
 # The record types pyspf asks for (type SPF/99 only in its "harsh" mode, which we don't use).
 _RDTYPES = {
     "A": dns.rdatatype.A,
@@ -54,6 +55,7 @@ class _Query(pyspf.query):
         self._resolver = resolver
         self._deadline = deadline
         self._clock = clock
+        self.valid_until = float("inf")  # the earliest expiry of the answers used (resolver.now())
 
     def dns(self, name, qtype, cnames=None, ignore_void=False):
         """Same contract as pyspf's query.dns(): a list of values for (name, qtype), [] for
@@ -73,7 +75,8 @@ class _Query(pyspf.query):
         if self._clock() > self._deadline:
             raise pyspf.TempError(f"DNS: SPF evaluation took too long (at {name} {qtype})")
         try:
-            _status, records = self._resolver.lookup(name, rdtype)
+            _status, records, until = self._resolver.lookup_until(name, rdtype)
+            self.valid_until = min(self.valid_until, until)
         except api.DnsError as exc:
             if exc.permanent:  # the name itself is unusable: no records
                 return []
@@ -93,6 +96,7 @@ class _Query(pyspf.query):
 
 
 class SpfPlugin(api.Plugin):
+    default_timeout: ClassVar[float] = 0.0  # in the session's thread: its DNS waits end at the resolver's lifetime and at options.timeout
     options: ClassVar[dict[str, Any]] = {
         "on_fail": "reject",  # "reject" (550 5.7.23) or "tag"
         "on_softfail": "tag",  # "tag" or "reject" (550 5.7.23)
@@ -108,6 +112,7 @@ class SpfPlugin(api.Plugin):
         self.skip: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
         self.timeout = 10.0
         self.clock = time.monotonic  # tests pass a fake one to run past the timeout
+        self._results: dict[tuple[str, str, str], tuple[float, tuple[str, str, str]]] = {}
 
     def configure(self, options):
         for key, allowed in CHOICES.items():
@@ -138,12 +143,9 @@ class SpfPlugin(api.Plugin):
         conn, txn = ctx.connection, ctx.transaction
         if conn.outbound:
             return None  # our own users' mail: sign it, don't check it
-        try:
-            address = ipaddress.ip_address(conn.ip)
-        except ValueError:
+        address = api.client_address(conn.ip)
+        if address is None:
             return None  # no IP client (local injection): nothing for check_host()
-        if address.version == 6 and address.ipv4_mapped:
-            address = address.ipv4_mapped
         if any(address in network for network in self.skip):
             return None
         helo = conn.helo or ""
@@ -186,9 +188,15 @@ class SpfPlugin(api.Plugin):
             # §4.3: a malformed or single-label domain gives "none" without any lookup;
             # so does a HELO that is an address literal.
             return "none", "", f"{domain or 'no domain'} is not a domain name"
+        # The result is a function of (ip, sender, helo) and the DNS answers: while all of
+        # those answers are still valid in the cache, evaluating again gives the same result.
+        resolver, key = self.services.dns, (ip, sender, helo)
+        cached = self._results.get(key)
+        if cached is not None and cached[0] > resolver.now():
+            return cached[1]
         deadline = self.clock() + self.timeout
         try:
-            query = _Query(self.services.dns, deadline, self.clock, i=ip, s=sender,
+            query = _Query(resolver, deadline, self.clock, i=ip, s=sender,
                            h=helo or "unknown", receiver=self.services.hostname)
             result, _code, explanation = query.check()
         except pyspf.PermError as exc:  # from the query's set-up (a bad client address)
@@ -196,7 +204,12 @@ class SpfPlugin(api.Plugin):
         if result not in RESULTS:  # "ambiguous" exists only in pyspf's harsh mode
             result = "permerror"
         problem = getattr(query, "prob", "") or ""
-        return result, explanation or "", problem
+        answer = (result, explanation or "", problem)
+        if result != "temperror" and query.valid_until > resolver.now():
+            if len(self._results) >= RESULT_CACHE_SIZE:
+                self._results.clear()  # a bound, not an LRU: one evaluation refills an entry
+            self._results[key] = (query.valid_until, answer)
+        return answer
 
     def _received_spf(self, result, ip, sender, helo, domain, identity, problem) -> str:
         """RFC 7208 §9.1: result (comment) client-ip=; envelope-from=; helo=; receiver=; ..."""
@@ -248,12 +261,15 @@ def _quote(value: str) -> str:
     """A dot-atom as it is, anything else as a quoted-string (RFC 5322 §3.2.4)."""
     if _DOT_ATOM.fullmatch(value):
         return value
-    value = "".join(c if c.isprintable() else "?" for c in value)
+    if not value.isprintable():
+        value = "".join(c if c.isprintable() else "?" for c in value)
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _comment_text(text: str) -> str:
     """Text safe inside an RFC 5322 comment: no parentheses, backslashes or controls."""
+    if text.isprintable() and "(" not in text and ")" not in text and "\\" not in text:
+        return text  # the usual case, without a look at each character
     return "".join("?" if c in "()\\" or not c.isprintable() else c for c in text)
 
 

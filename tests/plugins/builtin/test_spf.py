@@ -8,8 +8,10 @@ import pytest
 
 from elemta.dnscache import Resolver
 from elemta.plugins import api
+from elemta.plugins.builtin import spf as spf_module
 from elemta.plugins.builtin.spf import SpfPlugin
 from tests.dnsserver import DnsServer
+from tests.support import Clock
 
 CLIENT = "127.0.0.9"
 ZONES = {
@@ -342,3 +344,57 @@ def test_needs_a_resolver(tmp_path):
     plugin.configure(dict(SpfPlugin.options))
     with pytest.raises(api.PluginError):
         plugin.start(api.Services(hostname="mx.test", spool_dir=str(tmp_path)))
+
+
+# -- the result cache --------------------------------------------------------------------
+
+
+@pytest.fixture
+def clocked(server, tmp_path):
+    """A plugin whose resolver runs on a fake clock, and that clock."""
+    clock = Clock()
+    resolver = Resolver([server.nameserver], timeout=2, clock=clock)
+    services = api.Services(hostname="mx.test", spool_dir=str(tmp_path), dns=resolver, authserv_id="mx.test")
+    return make_plugin(services), clock
+
+
+def test_a_result_is_reused_while_its_dns_answers_are_cached(clocked, server, monkeypatch):
+    plugin, clock = clocked
+    server.add("ttl.test", "TXT", "v=spf1 include:pass.test -all", ttl=60)
+    assert spf_result(check(plugin, "a@ttl.test")[1]) == "spf=pass smtp.mailfrom=a@ttl.test"
+    asked = server.queries()
+    server.remove("ttl.test")
+    server.add("ttl.test", "TXT", "v=spf1 -all", ttl=60)
+    clock.advance(59)  # the answer (60 s) is still valid: the same result, no query, no evaluation
+    evaluations = []
+    monkeypatch.setattr(spf_module._Query, "check", lambda q: evaluations.append(q) or ("fail", 550, ""))
+    assert spf_result(check(plugin, "a@ttl.test")[1]) == "spf=pass smtp.mailfrom=a@ttl.test"
+    assert server.queries() == asked and evaluations == []
+    monkeypatch.undo()
+    # Another sender, client or HELO name is another evaluation (macros may use them).
+    assert spf_result(check(plugin, "b@ttl.test")[1]) == "spf=pass smtp.mailfrom=b@ttl.test"
+    clock.advance(2)  # past the TTL: asked again, and the new record decides
+    ctx, verdict = check(plugin, "a@ttl.test")
+    assert verdict.action == "reject" and ctx.transaction.notes["spf"]["result"] == "fail"
+    assert server.queries("ttl.test", "TXT") == 2
+
+
+def test_a_result_lasts_only_as_long_as_its_shortest_answer(clocked, server):
+    plugin, clock = clocked
+    server.add("short.test", "TXT", "v=spf1 include:shorter.test -all", ttl=300)
+    server.add("shorter.test", "TXT", "v=spf1 ip4:127.0.0.0/8 -all", ttl=30)
+    assert check(plugin, "a@short.test")[1].action == "continue"
+    server.remove("shorter.test")
+    server.add("shorter.test", "TXT", "v=spf1 -all", ttl=30)
+    clock.advance(31)  # short.test is still cached, shorter.test is not
+    ctx, _ = check(plugin, "a@short.test")
+    assert ctx.transaction.notes["spf"]["result"] == "fail"
+    assert server.queries("short.test", "TXT") == 1 and server.queries("shorter.test", "TXT") == 2
+
+
+def test_a_temperror_is_not_reused(clocked, server):
+    plugin, _clock = clocked
+    server.fail("temp.test", "servfail")
+    assert check(plugin, "x@temp.test")[0].transaction.notes["spf"]["result"] == "temperror"
+    server.fail("temp.test", None)
+    assert check(plugin, "x@temp.test")[0].transaction.notes["spf"]["result"] == "pass"
