@@ -165,8 +165,13 @@ class Resolver:
     def txt(self, name: str) -> list[str]:
         """The TXT records of name, each one's strings joined (RFC 7208 §3.3, RFC 6376
         §3.6.2.2); [] when there are none or the name does not exist."""
-        status, records = self.lookup(name_of(name), dns.rdatatype.TXT)
-        return [b"".join(strings).decode("utf-8", "replace") for strings in records] if status == OK else []
+        return self.txt_until(name)[0]
+
+    def txt_until(self, name: str) -> tuple[list[str], float]:
+        """txt(), and until when the answer stays valid (see lookup_until)."""
+        status, records, until = self.lookup_until(name_of(name), dns.rdatatype.TXT)
+        texts = [b"".join(strings).decode("utf-8", "replace") for strings in records] if status == OK else []
+        return texts, until
 
     def a(self, name: str) -> list[str]:
         """The IPv4 addresses of name; [] when there are none or the name does not exist."""

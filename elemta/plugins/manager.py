@@ -108,14 +108,12 @@ class Loaded:
         # config's timeout, else the class's: 30 s, or 0 (inline) for a plugin whose waits all
         # have limits of their own (the built-ins: DNS lifetime, SQLite busy timeout).
         self.timeout = spec.timeout if spec.timeout is not None else float(type(plugin).default_timeout)
+        self.isolated = self.timeout > 0  # runs in a pool thread (else in the caller's)
         self.in_flight = 0  # calls running now, at most spec.max_concurrency
         self.lock = threading.Lock()  # a plain lock, not a semaphore: it is taken on every call
         self.stats = {hook: HookStats() for hook in self.hooks}
         self.last_error = ""
 
-    @property
-    def isolated(self) -> bool:
-        return self.timeout > 0
 
     def enter(self) -> bool:
         """Take a call slot; False if all spec.max_concurrency are in use."""
@@ -286,7 +284,7 @@ class Manager:
             began, timeout = self._clock(), False
             try:
                 verdict = getattr(loaded.plugin, hook)(ctx)
-                error = _verdict_error(hook, verdict)
+                error = "" if verdict is None else _verdict_error(hook, verdict)
             except Exception as exc:  # noqa: BLE001 - isolation is the point
                 verdict, error = None, f"{type(exc).__name__}: {exc}"[:200]
             finally:
@@ -308,7 +306,9 @@ class Manager:
             if closed:
                 outcome.take(loaded.name, FAIL_CLOSED, ctx)
             return
-        verdict = verdict or api.CONTINUE
+        if verdict is None:  # no opinion: nothing to take
+            loaded.record(hook, seconds, "continue")
+            return
         loaded.record(hook, seconds, verdict.action)
         if hook in ALLOWED_ACTIONS:
             outcome.take(loaded.name, verdict, ctx)

@@ -182,6 +182,7 @@ class DmarcPlugin(api.Plugin):
         self.on_temperror = "defer"
         self.reject_bad_from = False
         self.rng = random.Random()  # pct sampling; tests put a predictable one here
+        self._found: dict[str, tuple[float, tuple[Policy, str] | None]] = {}  # discover(), per From domain
 
     def configure(self, options):
         path = options["public_suffix_list"]
@@ -290,27 +291,35 @@ class DmarcPlugin(api.Plugin):
     # -- policy discovery and alignment ----------------------------------------------------
 
     def discover(self, from_domain: str) -> tuple[Policy, str] | None:
-        """§6.6.3: (policy, domain it was found at), or None; DnsError on a transient failure."""
-        records = self._records(from_domain)
+        """§6.6.3: (policy, domain it was found at), or None; DnsError on a transient failure.
+        Kept per From domain while the DNS answers it came from are valid."""
+        cached = self._found.get(from_domain)
+        if cached is not None and cached[0] > self.services.dns.now():
+            return cached[1]
+        records, until = self._records(from_domain)
         found_at = from_domain
         if not records:
             # Step 3: nothing at the From domain: ask its organizational domain.
             org = self.organizational_domain(from_domain)
             if org != from_domain:
-                records, found_at = self._records(org), org
-        if len(records) != 1:
-            return None  # step 5: none, or several (which one would be meant?)
-        policy = parse_record(records[0])
-        return None if policy is None else (policy, found_at)
+                (records, org_until), found_at = self._records(org), org
+                until = min(until, org_until)
+        policy = parse_record(records[0]) if len(records) == 1 else None  # step 5: none, or several
+        found = None if policy is None else (policy, found_at)
+        if len(self._found) >= 10000:
+            self._found.clear()  # a bound, not an LRU: one discovery refills an entry
+        self._found[from_domain] = (until, found)
+        return found
 
-    def _records(self, domain: str) -> list[str]:
+    def _records(self, domain: str) -> tuple[list[str], float]:
+        """The DMARC records at domain, and until when that answer is valid."""
         try:
-            texts = self.services.dns.txt(f"_dmarc.{domain}")
+            texts, until = self.services.dns.txt_until(f"_dmarc.{domain}")
         except api.DnsError as exc:
             if exc.permanent:  # not a name DNS can hold: nothing published there
-                return []
+                return [], float("inf")
             raise
-        return [text for text in texts if is_dmarc_record(text)]
+        return [text for text in texts if is_dmarc_record(text)], until
 
     def aligned(self, auth_results: list[str], from_domain: str, policy: Policy) -> bool:
         """§3.1: a passing SPF or DKIM result whose domain aligns with the From domain."""

@@ -14,6 +14,7 @@ transaction, each as configured.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import time
@@ -112,7 +113,7 @@ class SpfPlugin(api.Plugin):
         self.skip: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
         self.timeout = 10.0
         self.clock = time.monotonic  # tests pass a fake one to run past the timeout
-        self._results: dict[tuple[str, str, str], tuple[float, tuple[str, str, str]]] = {}
+        self._results: dict[tuple[str, str, str], tuple[float, str, api.Verdict]] = {}
 
     def configure(self, options):
         for key, allowed in CHOICES.items():
@@ -148,20 +149,34 @@ class SpfPlugin(api.Plugin):
             return None  # no IP client (local injection): nothing for check_host()
         if any(address in network for network in self.skip):
             return None
-        helo = conn.helo or ""
-        sender = txn.sender
+        helo, sender = conn.helo or "", txn.sender
         # §2.4: with a null reverse-path the identity checked is postmaster@<HELO name>.
         identity = "mailfrom" if sender else "helo"
         domain = (sender.rpartition("@")[2] if "@" in sender else sender) if sender else helo
         domain = domain.lower().rstrip(".")
-        result, explanation, problem = self._check(conn.ip, sender, helo, domain)
+        # The result is a function of (ip, sender, helo) and the DNS answers: while all of
+        # those answers are still valid in the cache, evaluating again gives the same result,
+        # and so the same verdict.
+        key, now = (conn.ip, sender, helo), self.services.dns.now()
+        cached = self._results.get(key)
+        if cached is not None and cached[0] > now:
+            _until, result, verdict = cached
+        else:
+            result, explanation, problem, until = self._check(conn.ip, sender, helo, domain)
+            verdict = self._verdict(result, explanation, problem, conn.ip, sender, helo, domain, identity)
+            if result != "temperror" and until > now:
+                if len(self._results) >= RESULT_CACHE_SIZE:
+                    self._results.clear()  # a bound, not an LRU: one evaluation refills an entry
+                self._results[key] = (until, result, verdict)
         txn.notes["spf"] = {"result": result, "domain": domain}
         self.log("checked", result=result, domain=domain, identity=identity, ip=conn.ip)
+        return verdict
 
+    def _verdict(self, result, explanation, problem, ip, sender, helo, domain, identity) -> api.Verdict:
         extras = {
             "auth_results": (_auth_result(result, sender, helo),),
-            "add_headers": (("Received-SPF", self._received_spf(
-                result, conn.ip, sender, helo, domain, identity, problem)),),
+            "add_headers": (("Received-SPF", _received_spf(
+                result, ip, sender, helo, domain, identity, problem, self.services.hostname)),),
         }
         action = self.actions.get(f"on_{result}", "tag")
         if action == "reject" and result == "permerror":
@@ -172,7 +187,7 @@ class SpfPlugin(api.Plugin):
             # RFC 7208 §8.4 and RFC 7372 §3.2: X.7.23 "SPF validation failed".  The text is
             # the domain's exp= explanation (§6.2), else ours rather than pyspf's default.
             if not explanation or explanation == pyspf.EXPLANATIONS.get(result):
-                explanation = f"{domain} does not allow {conn.ip} to send its mail"
+                explanation = f"{domain} does not allow {ip} to send its mail"
             return api.reject(550, "5.7.23", _printable(f"SPF check failed: {explanation}"), **extras)
         if action == "defer":
             # RFC 7208 §8.6: a transient DNS error; the client retries later.
@@ -182,48 +197,39 @@ class SpfPlugin(api.Plugin):
 
     # -- evaluation ----------------------------------------------------------------------
 
-    def _check(self, ip: str, sender: str, helo: str, domain: str) -> tuple[str, str, str]:
-        """check_host(): (result, explanation, problem)."""
+    def _check(self, ip: str, sender: str, helo: str, domain: str) -> tuple[str, str, str, float]:
+        """check_host(): (result, explanation, problem, until when the DNS answers it used
+        stay valid on the resolver's clock)."""
         if not _is_domain(domain):
             # §4.3: a malformed or single-label domain gives "none" without any lookup;
             # so does a HELO that is an address literal.
-            return "none", "", f"{domain or 'no domain'} is not a domain name"
-        # The result is a function of (ip, sender, helo) and the DNS answers: while all of
-        # those answers are still valid in the cache, evaluating again gives the same result.
-        resolver, key = self.services.dns, (ip, sender, helo)
-        cached = self._results.get(key)
-        if cached is not None and cached[0] > resolver.now():
-            return cached[1]
+            return "none", "", f"{domain or 'no domain'} is not a domain name", float("inf")
         deadline = self.clock() + self.timeout
         try:
-            query = _Query(resolver, deadline, self.clock, i=ip, s=sender,
+            query = _Query(self.services.dns, deadline, self.clock, i=ip, s=sender,
                            h=helo or "unknown", receiver=self.services.hostname)
             result, _code, explanation = query.check()
         except pyspf.PermError as exc:  # from the query's set-up (a bad client address)
-            return "permerror", "", str(exc)
+            return "permerror", "", str(exc), float("inf")
         if result not in RESULTS:  # "ambiguous" exists only in pyspf's harsh mode
             result = "permerror"
-        problem = getattr(query, "prob", "") or ""
-        answer = (result, explanation or "", problem)
-        if result != "temperror" and query.valid_until > resolver.now():
-            if len(self._results) >= RESULT_CACHE_SIZE:
-                self._results.clear()  # a bound, not an LRU: one evaluation refills an entry
-            self._results[key] = (query.valid_until, answer)
-        return answer
+        return result, explanation or "", getattr(query, "prob", "") or "", query.valid_until
 
-    def _received_spf(self, result, ip, sender, helo, domain, identity, problem) -> str:
-        """RFC 7208 §9.1: result (comment) client-ip=; envelope-from=; helo=; receiver=; ..."""
-        receiver = self.services.hostname
-        comment = _comment(result, domain, ip, problem)
-        pairs = [("client-ip", ip), ("envelope-from", sender)]
-        if helo:
-            pairs.append(("helo", helo))
-        pairs.append(("receiver", receiver))
-        if result == "permerror" and problem:
-            pairs.append(("problem", problem))
-        pairs.append(("identity", identity))
-        values = "; ".join(f"{key}={_quote(value)}" for key, value in pairs)
-        return f"{result} ({_comment_text(receiver)}: {_comment_text(comment)}) {values}"
+
+# The same client and sender give the same fields message after message: both are cached.
+@functools.lru_cache(maxsize=1024)
+def _received_spf(result, ip, sender, helo, domain, identity, problem, receiver) -> str:
+    """RFC 7208 §9.1: result (comment) client-ip=; envelope-from=; helo=; receiver=; ..."""
+    comment = _comment(result, domain, ip, problem)
+    pairs = [("client-ip", ip), ("envelope-from", sender)]
+    if helo:
+        pairs.append(("helo", helo))
+    pairs.append(("receiver", receiver))
+    if result == "permerror" and problem:
+        pairs.append(("problem", problem))
+    pairs.append(("identity", identity))
+    values = "; ".join(f"{key}={_quote(value)}" for key, value in pairs)
+    return f"{result} ({_comment_text(receiver)}: {_comment_text(comment)}) {values}"
 
 
 def _comment(result: str, domain: str, ip: str, problem: str) -> str:
@@ -240,6 +246,7 @@ def _comment(result: str, domain: str, ip: str, problem: str) -> str:
     return f"permanent error in processing domain of {domain}: {problem}"
 
 
+@functools.lru_cache(maxsize=1024)
 def _auth_result(result: str, sender: str, helo: str) -> str:
     """RFC 8601 §2.7.2 (and RFC 7208 §9.2): smtp.mailfrom, or smtp.helo for the null sender."""
     if not sender:

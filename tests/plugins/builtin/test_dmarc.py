@@ -19,6 +19,7 @@ from elemta.plugins.builtin.dmarc import (
 )
 from elemta.plugins.builtin.spf import SpfPlugin
 from tests.dnsserver import DnsServer
+from tests.support import Clock
 
 ZONES = {
     "_dmarc.reject.test": [("TXT", "v=DMARC1; p=reject; rua=mailto:d@reject.test", 300)],
@@ -432,3 +433,22 @@ def test_bad_options(options, problem):
     plugin = DmarcPlugin("dmarc")
     with pytest.raises(api.PluginError, match=f"^{problem}: "):
         plugin.configure({**DmarcPlugin.options, **options})
+
+
+def test_a_discovered_policy_is_kept_while_its_dns_answers_are_valid(server, tmp_path):
+    clock = Clock()
+    resolver = Resolver([server.nameserver], timeout=2, clock=clock)
+    plugin = make_plugin(api.Services(hostname="mx.test", spool_dir=str(tmp_path), dns=resolver,
+                                      authserv_id="mx.test"))
+    server.add("_dmarc.ttl.test", "TXT", "v=DMARC1; p=reject", ttl=60)
+    assert run(plugin, "a@news.ttl.test", SPF_FAIL)[1].action == "reject"  # found at the org domain
+    asked = server.queries()
+    server.remove("_dmarc.ttl.test")
+    server.add("_dmarc.ttl.test", "TXT", "v=DMARC1; p=none", ttl=60)
+    clock.advance(59)
+    assert run(plugin, "a@news.ttl.test", SPF_FAIL)[1].action == "reject"
+    assert server.queries() == asked
+    clock.advance(2)  # the org domain's answer (60 s) has expired: discovered again
+    ctx, verdict = run(plugin, "a@news.ttl.test", SPF_FAIL)
+    assert verdict.action == "continue" and ctx.transaction.notes["dmarc"]["policy"] == "none"
+    assert server.queries("_dmarc.ttl.test", "TXT") == 2
