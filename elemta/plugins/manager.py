@@ -113,6 +113,7 @@ class Loaded:
         self.lock = threading.Lock()  # a plain lock, not a semaphore: it is taken on every call
         self.stats = {hook: HookStats() for hook in self.hooks}
         self.last_error = ""
+        self.health_call: _HealthCall | None = None  # the last health() asked (stats())
 
 
     def enter(self) -> bool:
@@ -192,6 +193,7 @@ def checked_options(where: str, defaults: dict[str, Any], given: dict[str, Any])
 class Manager:
     def __init__(self, specs: tuple[PluginSpec, ...] = (), *, clock=time.monotonic):
         self._clock = clock
+        self.health_timeout = 1.0  # seconds stats() waits for one plugin's health()
         self.plugins: list[Loaded] = []
         for index, spec in enumerate(specs):
             if not spec.enabled:
@@ -321,16 +323,43 @@ class Manager:
             with loaded.lock:
                 hooks = {hook: s.as_dict() for hook, s in loaded.stats.items()}
                 last_error = loaded.last_error
-            try:
-                problem = loaded.plugin.health()
-            except Exception as exc:  # noqa: BLE001
-                problem = f"health() failed: {type(exc).__name__}"
+            problem = self._health(loaded)
             out.append({
                 "name": loaded.name, "use": loaded.spec.use, "timeout": loaded.timeout,
                 "fail_closed": loaded.spec.fail_closed, "health": problem or "ok",
                 "last_error": last_error, "hooks": hooks,
             })
         return out
+
+
+    def _health(self, loaded: Loaded) -> str | None:
+        """The plugin's health(), asked in a pool thread and waited for at most health_timeout:
+        the daemon's main loop writes these statistics, and a stuck health() must not stall it.
+        While one call is stuck no other is started."""
+        with loaded.lock:
+            call = loaded.health_call
+            if call is not None and not call.done.is_set():
+                return f"health() has not answered for {self._clock() - call.began:.0f} s"
+            call = loaded.health_call = _HealthCall(loaded.plugin, self._clock())
+        self._pool.submit(call.run)
+        if call.done.wait(self.health_timeout):
+            return call.problem
+        return f"health() did not answer within {self.health_timeout:g} s"
+
+
+class _HealthCall:
+    def __init__(self, plugin: api.Plugin, began: float):
+        self.plugin, self.began = plugin, began
+        self.problem: str | None = None
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        try:
+            self.problem = self.plugin.health()
+        except Exception as exc:  # noqa: BLE001 - isolation is the point
+            self.problem = f"health() failed: {type(exc).__name__}"
+        finally:
+            self.done.set()
 
 
 def _verdict_error(hook: str, verdict: Any) -> str:

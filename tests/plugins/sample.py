@@ -133,3 +133,11 @@ class Threads(api.Plugin):
 
 class InlineThreads(Threads):
     default_timeout: ClassVar[float] = 0.0  # as the built-ins: in the caller's thread
+
+
+class SlowHealth(api.Plugin):
+    """health() waits for RELEASE (a plugin whose health check hangs), then says why it is sick."""
+
+    def health(self):
+        RELEASE.wait(60)
+        return "backend unreachable"

@@ -12,6 +12,7 @@ from elemta.errors import ConfigError
 from elemta.plugins import api
 from elemta.plugins.manager import FAIL_CLOSED, Manager, checked_options, load_class
 from tests.plugins import sample
+from tests.support import wait_for
 
 S = "tests.plugins.sample:"
 
@@ -270,3 +271,14 @@ def test_message_fields():
     assert m.get("subject") == "one two"
     assert m.from_domains() == ["example.com", "other.test"]
     assert m.body == b"body\r\n"
+
+
+def test_a_stuck_health_check_does_not_stall_stats(manager_of):
+    manager = manager_of(spec(S + "SlowHealth"), spec(S + "Tagger"))
+    manager.health_timeout = 0.1
+    health = {p["name"]: p["health"] for p in manager.stats()}
+    assert health == {"slowhealth": "health() did not answer within 0.1 s", "tagger": "ok"}
+    # Still stuck: reported as such, and no second call piles up behind the first.
+    assert manager.stats()[0]["health"].startswith("health() has not answered for")
+    sample.RELEASE.set()
+    wait_for(lambda: manager.stats()[0]["health"] == "backend unreachable", 5, what="the health answer")
