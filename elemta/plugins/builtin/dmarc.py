@@ -11,7 +11,6 @@ Organizational domains (§3.2) come from the Public Suffix List, loaded once at 
 
 from __future__ import annotations
 
-import functools
 import random
 import re
 from dataclasses import dataclass
@@ -110,7 +109,6 @@ def is_dmarc_record(text: str) -> bool:
     return bool(equals) and name.strip().lower() == "v" and value.strip() == "DMARC1"
 
 
-@functools.lru_cache(maxsize=1024)  # a pure function of the record, which the DNS cache repeats
 def parse_record(text: str) -> Policy | None:
     """The policy of a DMARC record, or None when it has none (§6.6.3 step 6)."""
     tags: dict[str, str] = {}

@@ -14,7 +14,6 @@ transaction, each as configured.
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import re
 import time
@@ -216,8 +215,6 @@ class SpfPlugin(api.Plugin):
         return result, explanation or "", getattr(query, "prob", "") or "", query.valid_until
 
 
-# The same client and sender give the same fields message after message: both are cached.
-@functools.lru_cache(maxsize=1024)
 def _received_spf(result, ip, sender, helo, domain, identity, problem, receiver) -> str:
     """RFC 7208 §9.1: result (comment) client-ip=; envelope-from=; helo=; receiver=; ..."""
     comment = _comment(result, domain, ip, problem)
@@ -246,7 +243,6 @@ def _comment(result: str, domain: str, ip: str, problem: str) -> str:
     return f"permanent error in processing domain of {domain}: {problem}"
 
 
-@functools.lru_cache(maxsize=1024)
 def _auth_result(result: str, sender: str, helo: str) -> str:
     """RFC 8601 §2.7.2 (and RFC 7208 §9.2): smtp.mailfrom, or smtp.helo for the null sender."""
     if not sender:
@@ -275,8 +271,6 @@ def _quote(value: str) -> str:
 
 def _comment_text(text: str) -> str:
     """Text safe inside an RFC 5322 comment: no parentheses, backslashes or controls."""
-    if text.isprintable() and "(" not in text and ")" not in text and "\\" not in text:
-        return text  # the usual case, without a look at each character
     return "".join("?" if c in "()\\" or not c.isprintable() else c for c in text)
 
 
