@@ -9,17 +9,7 @@ import threading
 import pytest
 
 from elemta.ratelimit import RateLimit
-
-
-class Clock:
-    def __init__(self, start: float = 1000.0):
-        self.t = start
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, seconds: float) -> None:
-        self.t += seconds
+from tests.support import Clock
 
 
 def make(limit=5, window=60.0, **kw) -> tuple[RateLimit, Clock]:

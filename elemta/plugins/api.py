@@ -49,6 +49,17 @@ class PluginError(Exception):
     the message names the option.  The daemon refuses to start with it."""
 
 
+def check_table(where: str, table: Any, keys: tuple[str, ...]) -> dict:
+    """One table of an option that is a list of tables ([{zone = ...}, ...]): PluginError
+    naming `where` unless it is a table with no keys but these."""
+    if not isinstance(table, dict):
+        raise PluginError(f"{where}: must be a table {{{', '.join(f'{k} = ...' for k in keys)}}}")
+    unknown = sorted(set(table) - set(keys))
+    if unknown:
+        raise PluginError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(keys)})")
+    return table
+
+
 @dataclass(frozen=True)
 class Verdict:
     """What a hook decided.

@@ -33,6 +33,7 @@ SIGN_HEADERS = [
     "list-unsubscribe",
 ]
 MIN_RSA_BITS = 1024  # RFC 8301 §3.2: signers MUST NOT use shorter keys, verifiers MUST NOT accept them
+KEY_FIELDS = ("domain", "selector", "key_file")  # one table of options["keys"]
 
 _LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
 _NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")  # d= and s= (RFC 6376 §3.5), ASCII only
@@ -116,10 +117,9 @@ class DkimPlugin(api.Plugin):
         seen = set()
         for i, entry in enumerate(options["keys"]):
             where = f"keys[{i}]"
-            if not isinstance(entry, dict) or set(entry) != {"domain", "selector", "key_file"}:
-                raise api.PluginError(f"{where}: expected a table of domain, selector and key_file")
-            for field in ("domain", "selector", "key_file"):
-                if not isinstance(entry[field], str) or not entry[field]:
+            api.check_table(where, entry, KEY_FIELDS)
+            for field in KEY_FIELDS:
+                if not isinstance(entry.get(field), str) or not entry[field]:
                     raise api.PluginError(f"{where}.{field}: expected a non-empty string")
             domain = entry["domain"].lower().rstrip(".")
             if not _NAME.fullmatch(domain) or "." not in domain:

@@ -162,11 +162,7 @@ def _zones(value, option: str) -> tuple[Zone, ...]:
     zones = []
     for index, table in enumerate(value):
         where = f"{option}[{index}]"
-        if not isinstance(table, dict):
-            raise api.PluginError(f"{where}: must be a table {{zone = ..., weight = ..., codes = [...]}}")
-        unknown = sorted(set(table) - set(ZONE_KEYS))
-        if unknown:
-            raise api.PluginError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(ZONE_KEYS)})")
+        api.check_table(where, table, ZONE_KEYS)
         name = table.get("zone")
         if not isinstance(name, str) or not _is_zone_name(name.strip().rstrip(".")):
             raise api.PluginError(f"{where}.zone: must be a domain name such as \"bl.example.org\", not {name!r}")

@@ -86,11 +86,7 @@ class RatelimitPlugin(api.Plugin):
 
     def _rule(self, index: int, table, max_keys: int) -> Rule:
         where = f"rules[{index}]"
-        if not isinstance(table, dict):
-            raise api.PluginError(f"{where}: must be a table {{key = ..., limit = ..., window = ..., count = ...}}")
-        unknown = sorted(set(table) - set(RULE_KEYS))
-        if unknown:
-            raise api.PluginError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(RULE_KEYS)})")
+        api.check_table(where, table, RULE_KEYS)
         key, limit = table.get("key"), table.get("limit")
         window, count = table.get("window", 3600), table.get("count", "messages")
         if key not in KEYS:

@@ -328,7 +328,10 @@ def test_unusable_key_files_stop_the_start(services, tmp_path):
 
 @pytest.mark.parametrize("options,problem", [
     ({"max_signatures": 0}, "max_signatures:"),
-    ({"keys": [{"domain": "example.com", "selector": "s1"}]}, "keys[0]:"),
+    ({"keys": [{"domain": "example.com", "selector": "s1"}]}, "keys[0].key_file: expected a non-empty string"),
+    ({"keys": [{"domain": "example.com", "selector": "s1", "key_file": "/k", "alg": "rsa"}]},
+     "keys[0]: unknown key 'alg'"),
+    ({"keys": ["example.com:s1:/k"]}, "keys[0]: must be a table {domain = ..., selector = ..., key_file = ...}"),
     ({"keys": [{"domain": "example.com", "selector": "s1", "key_file": "rel.key"}]}, "keys[0].key_file:"),
     ({"keys": [{"domain": "example com", "selector": "s1", "key_file": "/k"}]}, "keys[0].domain:"),
     ({"keys": [{"domain": "example.com", "selector": "s_1;", "key_file": "/k"}]}, "keys[0].selector:"),
