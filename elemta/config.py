@@ -397,6 +397,14 @@ def _plugins(raw: Any) -> tuple[PluginSpec, ...]:
     return tuple(result)
 
 
+def _check_networks(path: str, networks: tuple[str, ...], example: str) -> None:
+    for index, network in enumerate(networks):
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ConfigError(f"{path}[{index}]: {network!r} is not a network (e.g. {example})") from None
+
+
 def _listeners(raw: Any) -> tuple[Listener, ...]:
     if not isinstance(raw, list) or not all(isinstance(item, dict) for item in raw):
         raise ConfigError("listeners: expected an array of tables [[listeners]]")
@@ -432,13 +440,7 @@ def _check(config: Config) -> None:
         raise ConfigError(f"log.level: {config.log.level!r} (allowed: {', '.join(LOG_LEVELS)})")
     if config.log.format not in LOG_FORMATS:
         raise ConfigError(f"log.format: {config.log.format!r} (allowed: {', '.join(LOG_FORMATS)})")
-    for index, network in enumerate(config.smtp.trusted_networks):
-        try:
-            ipaddress.ip_network(network, strict=False)
-        except ValueError:
-            raise ConfigError(
-                f"smtp.trusted_networks[{index}]: {network!r} is not a network (e.g. 192.0.2.0/24)"
-            ) from None
+    _check_networks("smtp.trusted_networks", config.smtp.trusted_networks, "192.0.2.0/24")
     for key in ("local_domains", "relay_domains"):
         for index, domain in enumerate(getattr(config.smtp, key)):
             if not domain or domain != domain.strip() or "@" in domain or " " in domain:
@@ -470,13 +472,7 @@ def _check(config: Config) -> None:
         raise ConfigError("delivery.retry_max: must not be less than delivery.retry_first")
     if d.relayhost_auth_file and not d.relayhost:
         raise ConfigError("delivery.relayhost_auth_file: set delivery.relayhost too")
-    for index, network in enumerate(config.server.proxy_networks):
-        try:
-            ipaddress.ip_network(network, strict=False)
-        except ValueError:
-            raise ConfigError(
-                f"server.proxy_networks[{index}]: {network!r} is not a network (e.g. 192.0.2.10/32)"
-            ) from None
+    _check_networks("server.proxy_networks", config.server.proxy_networks, "192.0.2.10/32")
     for index, listener in enumerate(config.listeners):
         if listener.proxy_protocol and not config.server.proxy_networks:
             raise ConfigError(
