@@ -236,7 +236,7 @@ class SmtpServer:
                  **({"proxy": ip} if listener.proxy_protocol else {}))
         try:
             if listener.role in TLS_ROLES:  # RFC 8314 §3.3: TLS from the first byte
-                if not self._start_tls(conn, session, number):
+                if not self._start_tls(conn, session, number, limits.command_timeout):
                     return
             elif limits.greet_pause and not early and conn.readable(limits.greet_pause):
                 conn.send(session.input_before_reply())
@@ -301,16 +301,17 @@ class SmtpServer:
             return None, b""
         return client, buffer[used:]
 
-    def _start_tls(self, conn: _Conn, session: Session, number: int) -> bool:
+    def _start_tls(self, conn: _Conn, session: Session, number: int, timeout: float) -> bool:
         """Handshake on conn (after STARTTLS's 220, or at once on implicit TLS)."""
         self.tls.check()  # cheap: at most one stat per tls.reload_interval
         try:
+            conn.sock.settimeout(timeout)  # Python's timeout from here on: see _Conn
             conn.sock = self.tls.context().wrap_socket(
                 conn.sock, server_side=True, do_handshake_on_connect=False
             )
             self.connections.replace(number, conn.sock)
             conn.sock.do_handshake()
-        except (ssl.SSLError, OSError) as exc:  # SSLWantReadError: SO_RCVTIMEO expired
+        except (ssl.SSLError, OSError) as exc:  # TimeoutError: the client said nothing
             reason = getattr(exc, "reason", None) or str(exc)[:80] or type(exc).__name__
             self.log("tls_failed", ip=session.client.ip, conn=number, error=reason)
             return False
@@ -329,7 +330,7 @@ class SmtpServer:
             else:
                 try:
                     data = conn.sock.recv(RECV_SIZE)
-                except (BlockingIOError, ssl.SSLWantReadError):  # SO_RCVTIMEO expired
+                except (BlockingIOError, TimeoutError):  # SO_RCVTIMEO (TLS: Python's timeout) expired
                     conn.send(session.timed_out())
                     return
             if not data:
@@ -345,7 +346,7 @@ class SmtpServer:
                 elif isinstance(item, StartTls):
                     conn.send(pending)  # the 220, in the clear
                     pending = []
-                    if not self._start_tls(conn, session, session.client.conn):
+                    if not self._start_tls(conn, session, session.client.conn, timeout):
                         return
                 else:
                     pending.append(item)
@@ -367,6 +368,11 @@ class _Conn:
 
     Python's own socket timeouts poll() before every recv and send; kernel timeouts halve
     the system calls of a conversation, which is most of what a session costs.
+
+    Not over TLS: when the kernel's timeout ends a read on a blocking SSLSocket, OpenSSL
+    says SSL_ERROR_WANT_READ and Python's ssl module simply reads again, so a client that
+    went silent after STARTTLS (or never began the handshake on port 465) held its session
+    thread for good. TLS sockets therefore use Python's timeout (TimeoutError).
     """
 
     __slots__ = ("sock",)
@@ -376,6 +382,9 @@ class _Conn:
         self.sock = sock
 
     def set_timeout(self, option: int, seconds: float) -> None:
+        if isinstance(self.sock, ssl.SSLSocket):
+            self.sock.settimeout(seconds)  # one timeout for both directions
+            return
         whole = int(seconds)
         value = self._TIMEVAL.pack(whole, int((seconds - whole) * 1_000_000))
         self.sock.setsockopt(socket.SOL_SOCKET, option, value)

@@ -376,3 +376,31 @@ def test_certificates_reload_on_change_and_keep_the_old_on_a_bad_one(tmp_path, c
         raise
     finally:
         assert daemon.stop() == 0
+
+
+def test_silent_clients_over_tls_are_timed_out(tmp_path, ca):
+    """Python's ssl retries a read that SO_RCVTIMEO ended on a blocking socket, so kernel
+    timeouts never freed a session thread whose client went quiet inside TLS."""
+    ca.issue_cert("mx.test.example").private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "mx.pem"))
+    PasswordFile(str(tmp_path / "passwd")).set("bob", PASSWORD)
+    config = one_certificate(tmp_path).replace("[smtp]\n", "[smtp]\ncommand_timeout = 1\ndata_timeout = 1\n", 1)
+    daemon = Daemon(tmp_path / "d", config).start()
+    try:
+        # After STARTTLS, between commands and in the middle of a message: 421 4.4.2, closed.
+        with submission_tls(daemon, ca) as c:
+            assert code_esc(c.reply()) == "421 4.4.2"
+            assert c.closed_by_server()
+        with submission_tls(daemon, ca) as c:
+            assert c.cmd("AUTH PLAIN " + b64(f"\0bob\0{PASSWORD}"))[0] == 235
+            assert c.cmd("MAIL FROM:<bob@example.org>")[0] == 250
+            assert c.cmd("RCPT TO:<carol@example.net>")[0] == 250
+            assert c.cmd("DATA")[0] == 354
+            c.send(b"Subject: half a message\r\n")
+            assert code_esc(c.reply()) == "421 4.4.2"
+            assert c.closed_by_server()
+        # Implicit TLS (port 465) with no handshake at all: dropped.
+        with RawClient(*at(daemon, "submissions"), read_greeting=False) as c:
+            assert c.closed_by_server()
+        wait_for(lambda: "tls_failed" in daemon.log_text(), what="the failed handshake in the log")
+    finally:
+        assert daemon.stop() == 0
