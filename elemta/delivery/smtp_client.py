@@ -17,6 +17,7 @@ import functools
 import select
 import socket
 import ssl
+import struct
 import time
 from dataclasses import dataclass
 
@@ -42,6 +43,7 @@ __all__ = ["TLS_POLICIES", "Connection", "OutMessage", "OutRecipient", "Pool", "
 TLS_POLICIES = ("none", "may", "encrypt", "verify")
 NOTIFY_KEYWORDS = ("NEVER", "SUCCESS", "FAILURE", "DELAY")  # RFC 3461 §4.1
 QUIT_TIMEOUT = 5.0
+_TIMEVAL = struct.Struct("@ll")  # struct timeval, for SO_RCVTIMEO/SO_SNDTIMEO
 # RFC 5321 §4.5.3.2.5 times each block of data, not the whole message: a large message
 # on a slow link is sent in blocks, each with the command timeout.
 SEND_BLOCK = 65536
@@ -111,6 +113,8 @@ class Connection:
         self._sock: socket.socket | None = None
         self._buf = bytearray()
         self._broken = False
+        self._kernel = False  # timeouts kept by the kernel (see _kernel_timeouts)
+        self._rcv_timeout = self._snd_timeout = 0.0  # what SO_RCVTIMEO/SO_SNDTIMEO are set to
 
     @classmethod
     def open(
@@ -130,6 +134,7 @@ class Connection:
                 conn._sock.connect(unix_path)
             else:
                 conn._sock = socket.create_connection((ip, port), timeout=connect_timeout)
+            conn._kernel_timeouts()
         except OSError as exc:
             conn._abort()
             raise SmtpClientError(
@@ -199,6 +204,7 @@ class Connection:
             # Under 'may' too: the caller retries (Postfix then falls back to plain text).
             raise self._fail("starttls", f"TLS handshake failed: {_why(exc)}",
                              permanent=False, try_next_host=True, enhanced="4.7.5") from exc
+        self._kernel = False  # Python's timeout, set above, from here on: see _kernel_timeouts
         cipher = self._sock.cipher()
         self.tls = TlsInfo(self._sock.version() or "", cipher[0] if cipher else "",
                            verified=policy == "verify")
@@ -418,12 +424,37 @@ class Connection:
         self._write(f"{line}\r\n".encode(), stage)
         return self._read_reply(stage)
 
+    def _kernel_timeouts(self) -> None:
+        """Blocking socket, timeouts kept by the kernel (SO_RCVTIMEO/SO_SNDTIMEO).
+
+        Python's own socket timeouts cost a poll() before every send and recv and an
+        ioctl() for every settimeout(): most of a reused connection's system calls. Not
+        after STARTTLS: on a blocking SSLSocket, Python's ssl module reads again when the
+        kernel's timeout ends a read (OpenSSL's SSL_ERROR_WANT_READ), so only its own
+        timeout ends a wait for a silent server there.
+        """
+        self._sock.settimeout(None)
+        self._kernel = True
+        self._rcv_timeout = self._set_timeout(socket.SO_RCVTIMEO, self.command_timeout)
+        self._snd_timeout = self._set_timeout(socket.SO_SNDTIMEO, self.command_timeout)
+
+    def _set_timeout(self, option: int, seconds: float) -> float:
+        seconds = max(seconds, 0.001)  # 0 would mean no timeout at all
+        whole = int(seconds)
+        self._sock.setsockopt(socket.SOL_SOCKET, option, _TIMEVAL.pack(whole, int((seconds - whole) * 1e6)))
+        return seconds
+
     def _write(self, data: bytes | memoryview, stage: str) -> None:
         if self._sock is None:
             raise self._fail(stage, "connection closed", try_next_host=True, enhanced="4.4.2")
         try:
-            self._sock.settimeout(self.command_timeout)
+            if not self._kernel:
+                self._sock.settimeout(self.command_timeout)
+            elif self._snd_timeout != self.command_timeout:  # close() shortens it for QUIT
+                self._snd_timeout = self._set_timeout(socket.SO_SNDTIMEO, self.command_timeout)
             self._sock.sendall(data)
+        except BlockingIOError:  # SO_SNDTIMEO expired
+            raise self._lost(stage, TimeoutError("timed out")) from None
         except OSError as exc:
             raise self._lost(stage, exc) from exc
 
@@ -464,8 +495,17 @@ class Connection:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self._sock is None:
                 raise TimeoutError("timed out")
-            self._sock.settimeout(remaining)
-            chunk = self._sock.recv(4096)
+            # The deadline holds for the whole reply; the kernel's timer is set again only
+            # when it is off by more than a second (a reply in pieces, or QUIT's shorter
+            # wait), so a reply may take at most a second longer than command_timeout.
+            if not self._kernel:
+                self._sock.settimeout(remaining)
+            elif abs(remaining - self._rcv_timeout) > 1.0:
+                self._rcv_timeout = self._set_timeout(socket.SO_RCVTIMEO, remaining)
+            try:
+                chunk = self._sock.recv(4096)
+            except BlockingIOError:  # SO_RCVTIMEO expired
+                raise TimeoutError("timed out") from None
             if not chunk:
                 raise ConnectionResetError("connection closed by the server")
             self._buf += chunk

@@ -661,6 +661,61 @@ def test_silent_server_times_out(scripted):
     assert "timed out" in str(info.value)
 
 
+def test_dripping_reply_times_out_at_its_deadline(scripted):
+    """One deadline for the whole reply: a byte every 50 ms keeps each recv() short, but
+    the reply never ends, and the client gives up instead of reading until the peer stops."""
+    def script(peer):
+        peer.wfile.write(b"220 ")
+        while not peer.server.release.wait(0.05):
+            peer.wfile.write(b"x")
+
+    server = scripted(script)
+    with pytest.raises(SmtpClientError) as info:
+        connect(server.port, command_timeout=0.3)
+    assert (info.value.stage, info.value.try_next_host) == ("greeting", True)
+    assert "timed out" in str(info.value)
+
+
+def test_silent_server_after_starttls_times_out(scripted, server_tls):
+    """The kernel's receive timeout also ends a wait inside TLS (SSLWantReadError)."""
+    def script(peer):
+        peer.send("220 fake.test ESMTP")
+        peer.line()
+        peer.send("250-fake.test", "250 STARTTLS")
+        assert peer.line() == "STARTTLS"
+        peer.send("220 2.0.0 go ahead")
+        tls = server_tls.wrap_socket(peer.connection, server_side=True)
+        tls.recv(4096)  # the EHLO after TLS, never answered
+        peer.server.release.wait(10)
+
+    server = scripted(script)
+    with pytest.raises(SmtpClientError) as info:
+        connect(server.port, tls_policy="may", command_timeout=0.3)
+    assert server.errors == []
+    assert (info.value.stage, info.value.try_next_host) == ("ehlo", True)
+    assert "timed out" in str(info.value)
+
+
+def test_peer_that_stops_reading_times_out_the_send(scripted):
+    """SO_SNDTIMEO: a body the peer does not take ends in a timeout, not a hang."""
+    def script(peer):
+        peer.send("220 fake.test ESMTP")
+        peer.line()
+        peer.send("250-fake.test", "250 PIPELINING")
+        for reply in ("250 2.1.0 ok", "250 2.1.5 ok", "354 go ahead"):
+            peer.line()
+            peer.send(reply)
+        peer.server.release.wait(10)  # reads nothing more
+
+    server = scripted(script)
+    conn = connect(server.port, command_timeout=0.3)
+    body = b"Subject: big\r\n\r\n" + (b"y" * 998 + b"\r\n") * 32_000  # more than the socket buffers hold
+    with pytest.raises(SmtpClientError) as info:
+        conn.send(message("bob@example.org", body=body))
+    assert (info.value.stage, info.value.try_next_host) == ("data", True)
+    assert "timed out" in str(info.value)
+
+
 def test_connection_refused_means_next_host():
     with socket.socket() as closed:  # bound, not listening: connecting is refused
         closed.bind(("127.0.0.1", 0))
