@@ -95,8 +95,11 @@ def _default_listeners() -> tuple[Listener, ...]:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    hostname: str = ""  # name in the banner and Received headers; "" = this host's FQDN
+    hostname: str = ""  # name in the banner and Received headers; "" = /etc/mailname, else the FQDN
     spool_dir: str = "/var/spool/elemta"
+    maildrop_dir: str = ""  # where sendmail leaves local mail; "" = <spool_dir>-maildrop
+    user: str = "elemta"  # started as root: run as this user (only CAP_NET_BIND_SERVICE kept)
+    group: str = ""  # ... and this group; "" = the user's primary group
     max_connections: int = 1000
     max_connections_per_ip: int = 20
     grace_period: float = 30.0
@@ -244,8 +247,25 @@ class Config:
         return os.path.join(self.server.spool_dir, "queue.db")
 
     @property
+    def maildrop_path(self) -> str:
+        return self.server.maildrop_dir or self.server.spool_dir.rstrip("/") + "-maildrop"
+
+    @property
     def hostname(self) -> str:
-        return self.server.hostname or socket.getfqdn()
+        return self.server.hostname or mailname() or socket.getfqdn()
+
+
+MAILNAME = "/etc/mailname"
+
+
+def mailname(path: str = MAILNAME) -> str:
+    """The mail name Debian keeps in /etc/mailname (its first line), or "" if there is none."""
+    try:
+        with open(path, encoding="ascii") as handle:
+            name = handle.readline().strip().rstrip(".")
+    except (OSError, UnicodeDecodeError):
+        return ""
+    return name if name and " " not in name else ""
 
 
 _SECTIONS = {
@@ -499,6 +519,8 @@ def _check(config: Config) -> None:
             )
     if not config.server.spool_dir:
         raise ConfigError("server.spool_dir: must name a directory")
+    if not config.server.user:
+        raise ConfigError("server.user: must name a user (\"root\" to keep root, not recommended)")
 
 
 def parse(data: dict, source: str = "") -> Config:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 from elemta import config as cfgmod
 from elemta import log as logmod
+from elemta import filemodes, sdnotify
 from elemta.config import Config
 from elemta.delivery import attempt, smtp_client
 from elemta.delivery.dns import Resolver
@@ -75,8 +76,16 @@ def check_startup(config: Config) -> None:
     """What start-up reads beyond the config file itself (the recipient table, the relayhost's
     password file, the resolvers, the plugins and their options): ConfigError naming the key,
     so --check-config sees it too."""
+    check_secrets(config)
     Router(config, build_resolver(config), LocalRecipients.from_config(config))
     Manager(config.plugins)
+
+
+def check_secrets(config: Config) -> None:
+    """The AUTH password file, if there is one, must be private (ConfigError naming it); the
+    TLS keys and the relayhost's password are checked where they are read."""
+    if config.smtp.auth_mechanisms and os.path.lexists(config.smtp.auth_file):
+        filemodes.check_secret(config.smtp.auth_file, "smtp.auth_file")
 
 
 def build_plugins(config: Config, events: logmod.EventLog, resolver: Resolver) -> Manager | None:
@@ -120,7 +129,7 @@ DELIVERY_WORKER = ids.MAX_WORKER
 
 class Daemon:
     def __init__(self, load_config: Callable[[], Config], announce=print, *, role: str = "all",
-                 wake_pipe: tuple[int, int] | None = None):
+                 wake_pipe: tuple[int, int] | None = None, notifier: sdnotify.Notifier | None = None):
         """load_config reads the config (with command-line overrides) afresh on each call.
 
         wake_pipe (read end, write end) links SMTP processes to a delivery process: a byte
@@ -132,6 +141,7 @@ class Daemon:
         self.announce = announce
         self.role = role
         self.wake_pipe = wake_pipe
+        self.notifier = notifier or sdnotify.Notifier({})  # a lone process talks to systemd
         self._wake = threading.Event()
         self._stop = False
         self._reload = False
@@ -170,6 +180,7 @@ class Daemon:
             raise SpoolError(f"server.spool_dir: cannot open the queue {config.queue_path}: {exc}") from None
         server = None
         try:
+            check_secrets(config)
             recipients = LocalRecipients.from_config(config)
             resolver = build_resolver(config)  # one DNS cache for delivery and the plugins
             self.plugins = build_plugins(config, events, resolver)
@@ -200,24 +211,30 @@ class Daemon:
             events("started", spool=config.server.spool_dir, listeners=len(server.listeners), worker=worker)
         else:
             events("delivery_started", spool=config.server.spool_dir, concurrency=config.delivery.concurrency)
+        self.notifier.ready(_status(config))
         stats_path = statsfile.path_for(config.server.spool_dir, self.role, worker)
         stats_due = 0.0
+        tick = min(1.0, self.notifier.watchdog_interval or 1.0)
         while True:
             # A timeout, so this thread runs the Python signal handlers even when the kernel
             # delivered the signal to another thread (which does not interrupt this wait).
-            self._wake.wait(1.0)
+            self.notifier.watchdog()
+            self._wake.wait(tick)
             self._wake.clear()
             if self._stop:
                 break
             if self._reload:
                 self._reload = False
+                self.notifier.reloading()
                 config = self._do_reload(config, server, store, events)
+                self.notifier.ready(_status(config))
             if server is not None:
                 server.tls.check()  # certificate files changed on disk? (tls.reload_interval)
             if time.monotonic() >= stats_due:  # also with no plugins: elemtactl sees we run
                 stats_due = time.monotonic() + statsfile.INTERVAL
                 self._write_stats(stats_path, events)
         grace = config.server.grace_period
+        self.notifier.stopping()
         if server is not None:
             events("stopping", grace=grace, open=server.connections.count())
             server.stop(grace)
@@ -292,6 +309,7 @@ class Daemon:
         """
         try:
             config = self.load_config()
+            check_secrets(config)
             recipients = LocalRecipients.from_config(config)
         except ConfigError as exc:
             events("reload_failed", level=logmod.WARNING, error=str(exc))
@@ -360,6 +378,11 @@ def _poke(fd: int) -> None:
         os.write(fd, b"!")
     except (BlockingIOError, BrokenPipeError):
         pass  # full: a wake-up is pending anyway; gone: the delivery process restarts and polls
+
+
+def _status(config: Config) -> str:
+    ports = ", ".join(str(listener.port) for listener in config.listeners)
+    return f"one process: SMTP on port(s) {ports} and delivery"
 
 
 def listening_line(host: str, port: int, role: str) -> str:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import os
+import resource
 import signal
 import socket
 import sys
@@ -30,6 +31,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from elemta import filemodes, privileges, sdnotify
 from elemta import log as logmod
 from elemta.config import Config
 from elemta.daemon import (
@@ -41,6 +43,7 @@ from elemta.daemon import (
     prepare_spool,
 )
 from elemta.errors import ConfigError
+from elemta.pidfile import PidFile, PidFileError
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 READY_TIMEOUT = 60.0
@@ -50,14 +53,76 @@ EX_SOFTWARE = 70
 def main_loop(load_config: Callable[[], Config]) -> int:
     """Run elemta: one process, or a supervisor and server.workers worker processes."""
     announce = lambda line: print(line, flush=True)
+    os.umask(filemodes.UMASK)  # whatever we inherited: nothing elemta creates is for others
+    notifier = sdnotify.Notifier()
+    pidfile = None
     try:
         config = load_config()
+        pidfile = become_service(config)
+        warning = open_files_warning(config)
+        if warning:
+            logmod.EventLog(config.log.level, config.log.format == "json")(
+                "resource_warning", level=logmod.WARNING, error=warning)
         if config.server.workers > 1 or config.server.delivery_process:
-            return Supervisor(load_config, announce).run(config)
-        return Daemon(load_config, announce).run()
+            return Supervisor(load_config, announce, notifier, pidfile).run(config)
+        return Daemon(load_config, announce, notifier=notifier).run()
     except (ConfigError, SpoolError) as exc:
         print(f"elemta: {exc}", file=sys.stderr)
         return exit_code(exc)
+    finally:
+        notifier.stopping()
+        if pidfile is not None:
+            pidfile.release()
+
+
+def become_service(config: Config) -> PidFile:
+    """Make the spool and the maildrop, take server.user's identity if started as root, and
+    lock the spool with the PID file (SpoolError or ConfigError if any of it cannot be done)."""
+    who = privileges.target(config)
+    try:
+        privileges.prepare_dirs(config, who)
+    except OSError as exc:
+        raise SpoolError(f"server.spool_dir: cannot create {exc.filename or config.server.spool_dir}: "
+                         f"{exc.strerror or exc}") from None
+    if who is not None:
+        try:
+            privileges.drop(who)
+        except OSError as exc:
+            raise ConfigError(f"server.user: cannot become {who.user}: {exc.strerror or exc}") from None
+    pidfile = PidFile(config.server.spool_dir)
+    try:
+        pidfile.acquire()
+    except PidFileError as exc:
+        raise SpoolError(f"server.spool_dir: {exc.strerror}") from None
+    except OSError as exc:
+        raise SpoolError(f"server.spool_dir: cannot write {pidfile.path}: {exc.strerror or exc}") from None
+    return pidfile
+
+
+# Descriptors one SMTP worker may need: a socket per connection, and about as many again for
+# TLS, plugins' DNS lookups and the queue (Postfix's smtpd needs two per client too), plus a
+# fixed part (listeners, the queue database and its WAL, logs, pipes).
+FILES_PER_CONNECTION = 2
+FILES_FIXED = 64
+
+
+def open_files_warning(config: Config) -> str | None:
+    """Raise RLIMIT_NOFILE's soft limit to what server.max_connections needs (up to the hard
+    limit); a warning naming what to raise when even the hard limit is too low."""
+    needed = config.server.max_connections * FILES_PER_CONNECTION + FILES_FIXED
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        new = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            soft = new
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return None
+    return (f"open files limit {soft} is below the {needed} that server.max_connections = "
+            f"{config.server.max_connections} may need; raise LimitNOFILE= in elemta.service "
+            f"(or ulimit -n), or lower server.max_connections")
 
 
 def _stop_with_parent(supervisor: int) -> None:
@@ -73,9 +138,12 @@ def _stop_with_parent(supervisor: int) -> None:
 
 
 class Supervisor:
-    def __init__(self, load_config: Callable[[], Config], announce: Callable[[str], None]):
+    def __init__(self, load_config: Callable[[], Config], announce: Callable[[str], None],
+                 notifier: sdnotify.Notifier | None = None, pidfile: PidFile | None = None):
         self._load_config = load_config
         self.announce = announce
+        self.notifier = notifier or sdnotify.Notifier({})
+        self.pidfile = pidfile
         self.events = logmod.EventLog()  # writes at once: no thread may exist before a fork
         self._reserved: dict[str, socket.socket] = {}  # "host" -> a socket holding its port 0
         self._pinned: dict[str, str] = {}  # listener address with port 0 -> with its real port
@@ -144,7 +212,13 @@ class Supervisor:
         smtp = [str(pid) for pid, worker in self._children.items() if self._roles[worker] != "delivery"]
         delivery = [str(pid) for pid, worker in self._children.items() if self._roles[worker] == "delivery"]
         self.events("supervising", workers=workers, pids=",".join(smtp), delivery=",".join(delivery) or "-")
+        self.notifier.ready(self._status(config))
         return self._supervise(config)
+
+    def _status(self, config: Config) -> str:
+        ports = ", ".join(str(listener.port) for listener in config.listeners)
+        delivery = "a delivery process" if config.server.delivery_process else "delivery in worker 0"
+        return f"{config.server.workers} SMTP worker(s) on port(s) {ports}, {delivery}"
 
     def _spawn(self, worker: int, ready_write: int | None) -> None:
         supervisor = os.getpid()
@@ -157,6 +231,9 @@ class Supervisor:
         try:
             for sock in self._reserved.values():
                 sock.close()
+            self.notifier.forget()
+            if self.pidfile is not None:
+                self.pidfile.close_in_child()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
                 signal.signal(sig, signal.SIG_DFL)
             _stop_with_parent(supervisor)
@@ -210,23 +287,30 @@ class Supervisor:
     def _supervise(self, config: Config) -> int:
         stopping = False
         status = 0
+        tick = min(1.0, self.notifier.watchdog_interval or 1.0)
         while self._children:
-            self._wake.wait(1.0)
+            self.notifier.watchdog()
+            self._wake.wait(tick)
             self._wake.clear()
             while self._pending:
                 signum = self._pending.pop(0)
                 if signum in (signal.SIGTERM, signal.SIGINT) and not stopping:
                     stopping = True
+                    self.notifier.stopping()
                     self.events("stopping", workers=len(self._children))
                     self._signal_all(signal.SIGTERM)
                 elif signum == signal.SIGHUP and not stopping:
+                    self.notifier.reloading()
                     config = self._reload(config)
+                    self.notifier.ready(self._status(config))
             for pid, worker, code in self._reaped():
                 if code != 0:
                     status = code
                 if not stopping:
                     self.events("worker_died", level=logmod.WARNING, worker=worker, pid=pid, status=code)
                     self._spawn(worker, None)
+                    self.notifier.status(f"{self._status(config)}; worker {worker} restarted at "
+                                         f"{time.strftime('%H:%M:%S')} (exit status {code})")
         self.events("stopped")
         return max(0, status)
 

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
+import inspect
+import os
 import re
+import shutil
 import signal
 import socket
 import sqlite3
 import subprocess
+import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -40,6 +47,74 @@ class Clock:
         self.t += seconds
 
 
+def cli_runner():
+    """click's CliRunner with stdout and stderr apart (result.stdout, result.stderr): click 8.1
+    mixes them unless given mix_stderr=False, and 8.2 removed that argument (always apart)."""
+    from click.testing import CliRunner  # here: most suites never need click
+
+    if "mix_stderr" in inspect.signature(CliRunner).parameters:
+        return CliRunner(mix_stderr=False)
+    return CliRunner()
+
+
+# ---- running elemta as user nobody (root's tests of "permission denied") ----
+
+SETPRIV_NOBODY = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
+
+
+@functools.cache
+def readable_copy() -> Path:
+    """elemta/ and bin/ copied into a fresh directory under /tmp that every user may read
+    (directories and launchers 0755, files 0644), made once per test session and removed when
+    it ends.  The checkout itself may lie where nobody cannot enter: a root user's clone in
+    /root (mode 0700) is the common case on a fresh server."""
+    top = Path(tempfile.mkdtemp(prefix="elemta-readable-", dir="/tmp"))
+    atexit.register(shutil.rmtree, top, True)
+    for name in ("elemta", "bin"):
+        shutil.copytree(ROOT / name, top / name, copy_function=shutil.copyfile,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    for path in (top, *top.rglob("*")):
+        executable = path.is_dir() or path.parent == top / "bin"
+        os.chmod(path, 0o755 if executable else 0o644)
+    return top
+
+
+@functools.cache
+def _nobody_may_run_this_python() -> bool:
+    """Whether nobody can run sys.executable with its packages: not a virtualenv under /root."""
+    probe = subprocess.run([*SETPRIV_NOBODY, sys.executable, "-c", "import elemta.cli.elemtactl"],
+                           env={**os.environ, "PYTHONPATH": str(readable_copy())}, cwd="/",
+                           capture_output=True, timeout=60, check=False)
+    return probe.returncode == 0
+
+
+def as_nobody(command: list[str]) -> tuple[list[str], dict[str, str]]:
+    """`command` run as user nobody (setpriv, as root) on readable_copy(): a program of the
+    checkout (bin/elemtactl) becomes the copy's, and PYTHONPATH names the copy.  Returns the
+    command and its environment.  sys.executable stays when nobody may run it, else Debian's
+    python3 (and its packages) takes its place, as it does in the launchers."""
+    env = {**os.environ, "PYTHONPATH": str(readable_copy())}
+    python = sys.executable
+    if not _nobody_may_run_this_python():
+        python = "/usr/bin/python3"
+        env.pop("VIRTUAL_ENV", None)  # the launchers' choice of interpreter
+    inside = str(ROOT) + os.sep
+    args = [str(readable_copy() / arg[len(inside):]) if arg.startswith(inside)
+            else python if arg == sys.executable else arg for arg in command]
+    return [*SETPRIV_NOBODY, *args], env
+
+
+def as_root(config: str) -> str:
+    """The config with server.user = "root" when the tests run as root, unless it names a user:
+    the suite's spools lie under pytest's 0700 temp directory, which no other user can enter.
+    The privilege drop has tests of its own (tests/test_privileges.py)."""
+    if os.geteuid() != 0 or re.search(r"(?m)^user\s*=", config):
+        return config
+    if re.search(r"(?m)^\[server\]\s*$", config):
+        return re.sub(r"(?m)^\[server\]\s*$", '[server]\nuser = "root"', config, count=1)
+    return config + '\n[server]\nuser = "root"\n'
+
+
 class Daemon:
     """The real `elemta` launcher as a subprocess, on ports it picks itself (port 0)."""
 
@@ -51,7 +126,7 @@ class Daemon:
         self.spool = self.workdir / "spool"
         self.config_path = self.workdir / "elemta.toml"
         self.config_path.write_text(
-            config.replace("@SPOOL@", str(self.spool)), encoding="utf-8"
+            as_root(config.replace("@SPOOL@", str(self.spool))), encoding="utf-8"
         )
         self.args = args
         self.proc: subprocess.Popen | None = None

@@ -14,9 +14,11 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
+from elemta import filemodes
 from elemta import transport as tmod
 from elemta.config import Config
 from elemta.delivery.dns import Resolver
+
 from elemta.errors import ConfigError
 from elemta.local import LocalRecipients
 
@@ -122,6 +124,7 @@ class Router:
 
 def read_auth_file(path: str) -> tuple[str, str]:
     """'user:password' on the first line; kept out of elemta.toml so that file can be world-readable."""
+    filemodes.check_secret(path, "delivery.relayhost_auth_file")
     try:
         with open(path, encoding="utf-8") as handle:
             line = handle.readline().rstrip("\r\n")

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from elemta import log as logmod
 from elemta.config import Certificate, TlsConfig
+from elemta import filemodes
 from elemta.errors import ConfigError
 
 
@@ -172,6 +173,8 @@ def _context(config: TlsConfig, cert: Certificate, path: str) -> ssl.SSLContext:
             raise ConfigError(f"{path}: {name}: no such file")
         if not os.access(name, os.R_OK):
             raise ConfigError(f"{path}: {name}: permission denied")
+    # The file with the private key: key_file, or cert_file when the key is in it.
+    filemodes.check_secret(cert.key_file or cert.cert_file, f"{path}.key_file")
     try:
         context.load_cert_chain(cert.cert_file, cert.key_file or None)
     except (ssl.SSLError, OSError) as exc:

@@ -229,7 +229,7 @@ def test_unusable_spool_is_one_line_and_exit_73(tmp_path):
     )
     assert result.returncode == 73
     [line] = result.stderr.strip().splitlines()
-    assert line.startswith("elemta: server.spool_dir: cannot open the queue ")
+    assert line.startswith(f"elemta: server.spool_dir: cannot create {blocker}")
 
 
 def test_reload_that_cannot_bind_changes_nothing(tmp_path):

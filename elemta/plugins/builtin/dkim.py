@@ -162,8 +162,9 @@ class DkimPlugin(api.Plugin):
                 data = f.read(1 << 20)
         except OSError as exc:
             raise api.PluginError(f"key file {path}: {exc.strerror or exc}") from None
-        if mode & 0o004:
-            self.log("key_world_readable", file=path, hint=f"chmod 600 {path}")
+        if mode & 0o006:  # refused, as sshd refuses such a host key
+            raise api.PluginError(f"key file {path}: readable or writable by others (mode {mode & 0o7777:04o}); "
+                                  f"run chmod o-rwx {path}")
         if b"-----BEGIN" in data:
             try:
                 key = serialization.load_pem_private_key(data, password=None)

@@ -298,14 +298,13 @@ def test_key_files_the_plugin_reads(services, server, tmp_path, logged):
     rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=1024)
     (tmp_path / "pkcs1.key").write_bytes(rsa_key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()))
-    os.chmod(tmp_path / "pkcs1.key", 0o644)
+    os.chmod(tmp_path / "pkcs1.key", 0o600)
     public = rsa_key.public_key().public_bytes(serialization.Encoding.DER,
                                                serialization.PublicFormat.SubjectPublicKeyInfo)
     server.add("pkcs1._domainkey.example.com", "TXT",
                dkim_keys.record_strings("rsa", base64.b64encode(public).decode()))
     p = plugin(services, keys=[{"domain": "example.com", "selector": s, "key_file": str(tmp_path / f"{s}.key")}
                                for s in ("seed", "pkcs1")])
-    assert [f["file"] for e, f in logged if e == "key_world_readable"] == [str(tmp_path / "pkcs1.key")]
     signed = sign(p)
     assert (tag(signed, 0, "a"), tag(signed, 1, "a")) == ("ed25519-sha256", "rsa-sha256")
     assert [r.split(" ")[0] for r in verify(p, signed)[0].auth_results] == ["dkim=pass", "dkim=pass"]
@@ -324,6 +323,18 @@ def test_unusable_key_files_stop_the_start(services, tmp_path):
     (tmp_path / "small.key").write_bytes(small.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
     start_with(tmp_path / "small.key")
+
+
+
+def test_a_key_others_can_read_stops_the_start(services, tmp_path):
+    path = tmp_path / "open.key"
+    path.write_bytes(rsa.generate_private_key(public_exponent=65537, key_size=1024).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    os.chmod(path, 0o644)
+    with pytest.raises(api.PluginError, match=r"open\.key: readable or writable by others \(mode 0644\); run chmod o-rwx"):
+        plugin(services, keys=[{"domain": "example.com", "selector": "s1", "key_file": str(path)}])
+    os.chmod(path, 0o640)  # group-readable is fine: the service's group
+    plugin(services, keys=[{"domain": "example.com", "selector": "s1", "key_file": str(path)}])
 
 
 @pytest.mark.parametrize("options,problem", [
