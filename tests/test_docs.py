@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import inspect
 import json
 import re
 import shutil
@@ -315,6 +316,13 @@ def test_every_option_is_in_the_manpage(path, cmd, ctx, option):
         assert any(mentions(synopsis, s) for s in spellings), f"SYNOPSIS of {' '.join(path)}: no {spellings[-1]}"
 
 
+def make_metavar(param: click.Parameter, ctx: click.Context) -> str:
+    """click 8.2 and newer want the context; 8.1 takes no argument."""
+    if "ctx" in inspect.signature(param.make_metavar).parameters:
+        return param.make_metavar(ctx)
+    return param.make_metavar()
+
+
 @pytest.mark.parametrize(("path", "cmd", "ctx"), LEAVES, ids=[" ".join(p) for p, _, _ in LEAVES])
 def test_every_argument_is_in_the_synopsis(path, cmd, ctx):
     """The arguments' forms (`ID... | - | ALL`, `[DOMAIN]`, `ID LEVEL`) appear, in lower case,
@@ -322,14 +330,14 @@ def test_every_argument_is_in_the_synopsis(path, cmd, ctx):
     argument (a priority LEVEL) are named in its .SS."""
     synopsis = synopsis_of(path)
     for argument in (p for p in cmd.get_params(ctx) if isinstance(p, click.Argument)):
-        metavar = argument.make_metavar()
+        metavar = make_metavar(argument, ctx)
         for word in re.findall(r"ALL|[A-Za-z]+|(?<![\w-])-(?![\w-])", metavar):
             assert mentions(synopsis, word if word == "ALL" or word == "-" else word.lower()), (
                 f"SYNOPSIS of {' '.join(path)}: {word} (of {metavar}) is missing: {synopsis!r}")
         if isinstance(argument.type, click.Choice):
             for choice in argument.type.choices:
                 assert mentions(command_part(path).text, choice), f"{' '.join(path)}: {choice} is missing"
-    takes_all = any("ALL" in p.make_metavar() for p in cmd.get_params(ctx) if isinstance(p, click.Argument))
+    takes_all = any("ALL" in make_metavar(p, ctx) for p in cmd.get_params(ctx) if isinstance(p, click.Argument))
     assert mentions(synopsis, "ALL") == takes_all, f"SYNOPSIS of {' '.join(path)}: ALL shown wrongly"
 
 

@@ -3,6 +3,7 @@ when it changes."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import click
@@ -60,7 +61,7 @@ def _new_password(from_stdin: bool) -> str:
     """The password: one line of stdin, or asked twice on the terminal without echo. Never
     an argument, which every user of the machine could read in ps(1)."""
     if from_stdin:
-        line = click.get_text_stream("stdin").readline()
+        line = sys.stdin.readline()  # click.get_text_stream is deprecated since click 8.5
         password = line.removesuffix("\n").removesuffix("\r")
     elif not ctlbase._interactive():
         raise _usage_error("no terminal to ask for the password: use --password-stdin")

@@ -104,9 +104,10 @@ def show(ctl: Ctl, queue_id: str, body: bool, as_json: bool) -> None:
         if data is None:
             raise CtlError(f"{queue_id}: the body was dropped when its last recipient was delivered or failed",
                            EX_NOINPUT)
-        out = click.get_binary_stream("stdout")
-        out.write(data)
-        out.flush()
+        # sys.stdout.buffer, not click.get_binary_stream (deprecated since click 8.5): the
+        # same stream, and CliRunner replaces it as well.
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
         return
     Output(as_json).detail(ctl.admin.show(queue_id), time.time())
 
@@ -137,7 +138,7 @@ def _targets(words: tuple[str, ...], allow_all: bool, yes: bool, what: str, path
     found: list[str] = []
     for word in words:
         if word == "-":
-            for line in click.get_text_stream("stdin"):
+            for line in sys.stdin:  # click.get_text_stream is deprecated since click 8.5
                 fields = line.split()
                 if fields and not fields[0].startswith("#"):
                     found.append(fields[0])

@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -10,7 +11,6 @@ import time
 import tomllib
 
 import pytest
-from click.testing import CliRunner
 from rich.console import Console
 
 from elemta import __version__
@@ -22,7 +22,7 @@ from elemta.queue.admin import QueueAdmin
 from elemta.queue.store import Store
 from tests.queue import sample
 from tests.queue.sample import HOUR
-from tests.support import ROOT
+from tests.support import ROOT, cli_runner
 
 ELEMTACTL = ROOT / "bin" / "elemtactl"
 NOWHERE = "0000000000000"
@@ -49,7 +49,7 @@ def conf(tmp_path):
 @pytest.fixture
 def run(conf):
     def invoke(*args, input=None, env=None, config=conf):
-        runner = CliRunner(mix_stderr=False)
+        runner = cli_runner()
         return runner.invoke(main, [*(["--config", config] if config else []), *args], input=input, env=env)
 
     return invoke
@@ -275,8 +275,10 @@ def test_all_with_yes_or_a_confirmation(q, run, monkeypatch):
     monkeypatch.setattr(ctlbase, "_interactive", lambda: True)
     declined = run("queue", "release", "ALL", input="n\n")
     assert declined.exit_code == 64
-    # The question, then (on a terminal, after the echoed answer) the one-line error.
-    assert declined.stderr.endswith("[y/N]:elemtactl queue release: not confirmed: nothing to release\n")
+    # The question, then the one-line error.  CliRunner echoes the answer as a terminal would:
+    # click 8.1 on stdout, 8.2 and newer after the question on stderr.
+    assert re.search(r"\[y/N\]:( n\n)?elemtactl queue release: not confirmed: nothing to release\n\Z",
+                     declined.stderr), declined.stderr
     assert set(states(q, q.queued).values()) == {"held"}
     result = ok(run("queue", "release", "ALL", input="y\n"))
     assert "Release every message" in result.stderr
@@ -346,7 +348,7 @@ def test_toml_values_round_trip():
 
 
 def test_config_from_the_environment(q, conf):
-    result = CliRunner(mix_stderr=False).invoke(main, ["queue", "list"], env={"ELEMTA_CONFIG": conf})
+    result = cli_runner().invoke(main, ["queue", "list"], env={"ELEMTA_CONFIG": conf})
     assert ids_of(ok(result)) == q.pending
 
 
@@ -354,7 +356,7 @@ def test_dev_reads_the_dev_spool_of_this_directory(tmp_path, monkeypatch):
     built = sample.build(str(tmp_path / "dev-spool" / "queue.db"))
     try:
         monkeypatch.chdir(tmp_path)
-        result = CliRunner(mix_stderr=False).invoke(main, ["--dev", "queue", "list"])
+        result = cli_runner().invoke(main, ["--dev", "queue", "list"])
         assert ids_of(ok(result)) == built.pending
     finally:
         built.close()

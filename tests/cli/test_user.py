@@ -13,14 +13,13 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 from rich.console import Console
 
 from elemta.cli import ctl_user, ctlbase
 from elemta.cli.elemtactl import main
 from elemta.cli.render import Output
 from elemta.passwords import PasswordFile, User
-from tests.support import ROOT
+from tests.support import ROOT, cli_runner
 
 ELEMTACTL = ROOT / "bin" / "elemtactl"
 
@@ -40,7 +39,7 @@ def conf(tmp_path, passwd):
 @pytest.fixture
 def run(conf):
     def invoke(*args, input=None, config=conf):
-        runner = CliRunner(mix_stderr=False)
+        runner = cli_runner()
         return runner.invoke(main, [*(["--config", config] if config else []), *args], input=input)
 
     return invoke
