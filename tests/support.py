@@ -91,13 +91,10 @@ def _nobody_may_run_this_python() -> bool:
 def as_nobody(command: list[str]) -> tuple[list[str], dict[str, str]]:
     """`command` run as user nobody (setpriv, as root) on readable_copy(): a program of the
     checkout (bin/elemtactl) becomes the copy's, and PYTHONPATH names the copy.  Returns the
-    command and its environment.  sys.executable stays when nobody may run it, else Debian's
-    python3 (and its packages) takes its place, as it does in the launchers."""
-    env = {**os.environ, "PYTHONPATH": str(readable_copy())}
-    python = sys.executable
-    if not _nobody_may_run_this_python():
-        python = "/usr/bin/python3"
-        env.pop("VIRTUAL_ENV", None)  # the launchers' choice of interpreter
+    command and its environment.  Python, there and in the launchers, is sys.executable when
+    nobody may run it, else Debian's python3 (a virtualenv under /root is closed to nobody)."""
+    python = sys.executable if _nobody_may_run_this_python() else "/usr/bin/python3"
+    env = {**os.environ, "PYTHONPATH": str(readable_copy()), "ELEMTA_PYTHON": python}
     inside = str(ROOT) + os.sep
     args = [str(readable_copy() / arg[len(inside):]) if arg.startswith(inside)
             else python if arg == sys.executable else arg for arg in command]

@@ -26,7 +26,7 @@ from elemta.passwords import (
     User,
     UserExists,
 )
-from tests.support import ROOT
+from tests.support import ROOT, as_nobody
 
 
 class Clock:
@@ -160,13 +160,13 @@ def test_a_file_without_read_permission_is_unavailable():
                   "f = PasswordFile(sys.argv[1])\n"
                   "try:\n    f.cram_md5_secret('alice')\nexcept PasswordFileUnavailable as e:\n"
                   "    print(f.check_password('alice', 's3cret'), e.permission, e)\n")
-        command = [sys.executable, "-c", script, path]
+        command, env = [sys.executable, "-c", script, path], {**os.environ, "PYTHONPATH": str(ROOT)}
         if os.geteuid() == 0:
-            command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
+            command, env = as_nobody(command)  # on a copy of elemta that nobody may read
         else:
             os.chmod(path, 0)
         done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=directory)
+                              env=env, cwd=directory)
     finally:
         shutil.rmtree(directory)
     assert done.stdout == f"None True {path}: Permission denied\n", done.stderr

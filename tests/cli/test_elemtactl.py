@@ -22,7 +22,7 @@ from elemta.queue.admin import QueueAdmin
 from elemta.queue.store import Store
 from tests.queue import sample
 from tests.queue.sample import HOUR
-from tests.support import ROOT, cli_runner
+from tests.support import ROOT, as_nobody, cli_runner
 
 ELEMTACTL = ROOT / "bin" / "elemtactl"
 NOWHERE = "0000000000000"
@@ -403,12 +403,12 @@ def test_no_permission_exits_77(q, tmp_path):
         with open(config, "w", encoding="utf-8") as f:
             f.write(f'[server]\nspool_dir = "{tmp_path / "spool"}"\n')
         os.chmod(config, 0o644)
-        command = [str(ELEMTACTL), "--config", config, "queue", "list"]
+        command, env = [str(ELEMTACTL), "--config", config, "queue", "list"], None
         if os.geteuid() == 0:  # root reads everything: be nobody, for whom the test's tmp_path is closed
-            command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
+            command, env = as_nobody(command)
         else:
             os.chmod(tmp_path / "spool", 0)
-        done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False, env=env)
     finally:
         os.chmod(tmp_path / "spool", 0o755)
         shutil.rmtree(readable)

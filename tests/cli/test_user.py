@@ -19,7 +19,7 @@ from elemta.cli import ctl_user, ctlbase
 from elemta.cli.elemtactl import main
 from elemta.cli.render import Output
 from elemta.passwords import PasswordFile, User
-from tests.support import ROOT, cli_runner
+from tests.support import ROOT, as_nobody, cli_runner
 
 ELEMTACTL = ROOT / "bin" / "elemtactl"
 
@@ -236,15 +236,15 @@ def test_no_permission_exits_77():
         passwd = os.path.join(readable, "passwd")
         PasswordFile(passwd).set("alice", "pw")
         os.chmod(passwd, 0o600)
-        commands = [[str(ELEMTACTL), "user", "--file", passwd, *args] for args in (
+        commands = [([str(ELEMTACTL), "user", "--file", passwd, *args], None) for args in (
             ["list"], ["delete", "alice"], ["add", "--password-stdin", "bob"])]
         if os.geteuid() == 0:
-            commands = [["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *c] for c in commands]
+            commands = [as_nobody(c) for c, _ in commands]
         else:
             os.chmod(passwd, 0)
             os.chmod(readable, 0o555)
-        results = [subprocess.run(c, input="pw\n", capture_output=True, text=True, timeout=60, check=False)
-                   for c in commands]
+        results = [subprocess.run(c, input="pw\n", capture_output=True, text=True, timeout=60, check=False,
+                                  env=env) for c, env in commands]
         users = PasswordFile(passwd).users() if os.geteuid() == 0 else None
     finally:
         os.chmod(readable, 0o755)
