@@ -1,55 +1,96 @@
 """The effective configuration written back as TOML, for `elemtactl config show`.
 
-Python 3.11 reads TOML (tomllib) but cannot write it, and the config needs only a small part of
-TOML: strings, integers, floats, booleans, arrays of strings, tables of strings or numbers and
-the [[listeners]] array. What this writes parses back (tomllib, then config.parse) to the same
-Config; tests check that.
+Python 3.11 reads TOML (tomllib) but cannot write it, and the config needs only a part of TOML:
+tables of keys whose values are strings, numbers, booleans and arrays; the arrays of tables
+[[listeners]], [[tls.certificates]] and [[plugins]]; and a plugin's [plugins.options], which
+may hold any TOML value, tables and arrays of tables within it too.  Tables go out as
+[section] headers after the plain keys of their parent (a table's keys must come before its
+sub-tables), an array of tables as one [[header]] per element.  What this writes parses back
+(tomllib, then config.parse) to the same Config; tests check that.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import functools
 import math
+import re
 
 from elemta.config import Config
 
 # TOML basic strings: these must be escaped (TOML 1.0, "String"); other control characters
 # and DEL are written as \\uXXXX.
 _ESCAPES = {"\\": "\\\\", '"': '\\"', "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")  # TOML 1.0 "Keys": anything else is quoted
+
+# Fields of Config that are not keys of the file.
+_NOT_IN_FILE = ("dev", "source")
 
 
 def dumps(config: Config) -> str:
     lines = [f"# elemta configuration in effect: {config.source or 'built-in defaults'},",
              "# with the default of every key not set there.", ""]
-    for field in dataclasses.fields(config):
-        value = getattr(config, field.name)
-        if field.name == "listeners":
-            for listener in value:
-                lines += ["[[listeners]]", *_keys(listener), ""]
-        elif dataclasses.is_dataclass(value):
-            lines += [f"[{field.name}]", *_keys(value), ""]
-        # Anything else (dev, source) is not a key of the file.
-    return "\n".join(lines)
+    lines += _table((), _plain(config))
+    return "\n".join(lines) + "\n"
 
 
 def as_dict(config: Config) -> dict:
-    """The same keys as dumps() writes, as plain JSON-able values."""
-    result: dict = {}
-    for field in dataclasses.fields(config):
-        value = getattr(config, field.name)
-        if field.name == "listeners":
-            result["listeners"] = [dataclasses.asdict(listener) for listener in value]
-        elif dataclasses.is_dataclass(value):
-            result[field.name] = dataclasses.asdict(value)
-    return result
+    """The same keys as dumps() writes, as plain JSON-able values (a plugin's timeout that is
+    not set is null: the plugin's own default)."""
+    return _plain(config, keep_none=True, dates_as_text=True)
 
 
-def _keys(section: object) -> list[str]:
-    return [f"{f.name} = {value(getattr(section, f.name))}" for f in dataclasses.fields(section)]
+def _plain(v: object, keep_none: bool = False, dates_as_text: bool = False) -> object:
+    """Dataclasses as dicts (without Config's dev and source, and, for TOML, which has no null,
+    without keys that are None), tuples as lists, the rest as it is."""
+    again = functools.partial(_plain, keep_none=keep_none, dates_as_text=dates_as_text)
+    if dataclasses.is_dataclass(v):
+        fields = (f.name for f in dataclasses.fields(v) if not (isinstance(v, Config) and f.name in _NOT_IN_FILE))
+        return {name: again(getattr(v, name)) for name in fields if keep_none or getattr(v, name) is not None}
+    if isinstance(v, dict):
+        return {k: again(item) for k, item in v.items() if keep_none or item is not None}
+    if isinstance(v, (tuple, list)):
+        return [again(item) for item in v]
+    if dates_as_text and isinstance(v, (datetime.date, datetime.time)):
+        return v.isoformat()
+    return v
+
+
+def _is_table_array(v: object) -> bool:
+    return isinstance(v, list) and bool(v) and all(isinstance(item, dict) for item in v)
+
+
+def _table(path: tuple[str, ...], table: dict) -> list[str]:
+    """The plain keys of a table (empty tables and arrays inline), then each sub-table under its
+    [header] and each array of tables as [[header]] tables, in the order of their keys.  The
+    path names the table; () is the file's top level."""
+    lines = [f"{key(k)} = {value(v)}" for k, v in table.items()
+             if not (isinstance(v, dict) and v) and not _is_table_array(v)]
+    for k, v in table.items():
+        name = (*path, k)
+        header = ".".join(key(part) for part in name)
+        if isinstance(v, dict) and v:
+            inner = _table(name, v)
+            if lines:
+                lines.append("")
+            # A table of tables only needs no header of its own: [a.b] makes a.
+            lines += inner if inner[0].startswith("[") else [f"[{header}]", *inner]
+        elif _is_table_array(v):
+            for item in v:
+                if lines:
+                    lines.append("")
+                lines += [f"[[{header}]]", *_table(name, item)]
+    return lines
+
+
+def key(k: str) -> str:
+    """A key, bare where TOML allows it, else quoted."""
+    return k if _BARE_KEY.fullmatch(k) else string(k)
 
 
 def value(v: object) -> str:
-    """One TOML value."""
+    """One TOML value (a table or an array of tables inline)."""
     if isinstance(v, bool):  # before int: bool is an int
         return "true" if v else "false"
     if isinstance(v, int):
@@ -62,12 +103,14 @@ def value(v: object) -> str:
         return repr(v)  # always has a '.' or an exponent, so TOML reads a float back
     if isinstance(v, str):
         return string(v)
+    if isinstance(v, (datetime.date, datetime.time)):  # datetime is a date too
+        return v.isoformat()  # RFC 3339 forms, as TOML's dates and times are written
     if isinstance(v, (tuple, list)):
         return "[" + ", ".join(value(item) for item in v) + "]"
     if isinstance(v, dict):
         if not v:
             return "{}"
-        return "{ " + ", ".join(f"{string(str(k))} = {value(item)}" for k, item in v.items()) + " }"
+        return "{ " + ", ".join(f"{key(str(k))} = {value(item)}" for k, item in v.items()) + " }"
     raise TypeError(f"no TOML form for {type(v).__name__} {v!r}")
 
 

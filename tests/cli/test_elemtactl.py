@@ -1,5 +1,6 @@
 """elemtactl through click's CliRunner, on a real queue (tests/queue/sample.py) and config file."""
 
+import dataclasses
 import io
 import json
 import os
@@ -338,6 +339,85 @@ def test_config_show_is_toml_that_reads_back_as_the_same_config(run, tmp_path):
     assert '"example.net" = "smtp:[192.0.2.1]:2525"' in text
     assert json.loads(ok(run("config", "show", "--json", config=str(path))).stdout) == json.loads(
         json.dumps(tomlconf.as_dict(loaded)))
+
+
+FULL_CONFIG = """\
+[[listeners]]
+address = "127.0.0.1:2525"
+[[listeners]]
+address = "[::1]:4650"
+role = "submissions"
+proxy_protocol = true
+
+[server]
+proxy_networks = ["192.0.2.0/24"]
+
+[smtp]
+local_domains = ["Example.ORG"]
+sender_logins = { "bob" = "bob@example.org, @example.net" }
+
+[tls]
+min_version = "TLSv1.3"
+[[tls.certificates]]
+cert_file = "/etc/elemta/mx.pem"
+key_file = "/etc/elemta/mx.key"
+[[tls.certificates]]
+cert_file = "/etc/elemta/other.pem"
+
+[delivery]
+tls_policies = { "example.com" = "verify", "bank.example" = "encrypt" }
+domain_rate = { "gmail.com" = 1.5 }
+
+[[plugins]]
+use = "spf"
+timeout = 5
+[plugins.options]
+reject_fail = true
+nested = { a = 1, "b c" = [1, 2.5], d = { e = "f" } }
+since = 2026-01-02T03:04:05Z
+day = 2026-01-02
+[[plugins]]
+use = "dkim"
+name = "signer"
+fail_closed = true
+[plugins.options]
+sign = true
+[[plugins.options.keys]]
+domain = "example.com"
+selector = "s1"
+key_file = "/etc/elemta/dkim/s1.key"
+[[plugins.options.keys]]
+domain = "example.org"
+selector = "s2"
+key_file = "/etc/elemta/dkim/s2.key"
+[plugins.options.only.tables]
+x = []
+[[plugins]]
+use = "greylist"
+enabled = false
+"""
+
+
+@pytest.mark.parametrize("text", [FULL_CONFIG, ""], ids=["full", "defaults"])
+def test_config_show_with_every_kind_of_table_reads_back_as_the_same_config(run, tmp_path, text):
+    """Arrays of tables ([[listeners]], [[tls.certificates]], [[plugins]]), sub-tables, a
+    plugin's options of any depth and TOML dates: elemtactl config show, given back with
+    --config, is the same configuration."""
+    path = tmp_path / "full.toml"
+    path.write_text(text)
+    loaded = cfg.load(str(path))
+    shown = tmp_path / "shown.toml"
+    shown.write_text(ok(run("config", "show", config=str(path))).stdout)
+    assert dataclasses.replace(cfg.load(str(shown)), source=loaded.source) == loaded
+    as_json = json.loads(ok(run("config", "show", "--json", config=str(path))).stdout)
+    assert as_json == json.loads(json.dumps(tomlconf.as_dict(loaded)))
+    assert [p["name"] for p in as_json["plugins"]] == [p.name for p in loaded.plugins]
+    assert as_json["tls"]["certificates"] == [dataclasses.asdict(c) for c in loaded.tls.certificates]
+    if text:
+        assert [p.name for p in loaded.plugins] == ["spf", "signer", "greylist"]
+        assert loaded.plugins[1].options["keys"][1]["selector"] == "s2"
+        assert as_json["plugins"][0]["options"]["since"] == "2026-01-02T03:04:05+00:00"
+        assert as_json["plugins"][1]["timeout"] is None  # not set: the plugin's own default
 
 
 def test_toml_values_round_trip():
