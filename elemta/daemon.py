@@ -27,6 +27,7 @@ from elemta.delivery.router import Router
 from elemta.delivery.scheduler import Scheduler
 from elemta.errors import ConfigError, ElemtaError, QueueError
 from elemta.local import LocalRecipients
+from elemta.pickup import Pickup
 from elemta.plugins import api as plugin_api
 from elemta.plugins import statsfile
 from elemta.plugins.manager import Manager
@@ -34,6 +35,7 @@ from elemta.queue import db, ids, schema
 from elemta.queue.store import Store
 from elemta.queue.work import WorkQueue
 from elemta.smtp.server import SmtpServer
+from elemta.smtp.tls import ServerTls
 
 # Smaller thread stacks: a thread per connection, and a session needs little stack.
 THREAD_STACK = 512 * 1024
@@ -77,6 +79,7 @@ def check_startup(config: Config) -> None:
     password file, the resolvers, the plugins and their options): ConfigError naming the key,
     so --check-config sees it too."""
     check_secrets(config)
+    ServerTls(config.tls)  # the certificates and their keys
     Router(config, build_resolver(config), LocalRecipients.from_config(config))
     Manager(config.plugins)
 
@@ -146,6 +149,7 @@ class Daemon:
         self._stop = False
         self._reload = False
         self.scheduler: Scheduler | None = None
+        self.pickup: Pickup | None = None
         self.plugins: Manager | None = None
         self.exit_now = False  # the caller should os._exit() after flushing: threads are stuck
 
@@ -201,6 +205,10 @@ class Daemon:
         self._link(store)
         if self.scheduler is not None:
             self.scheduler.start()
+            # The process that delivers also takes sendmail's files from the maildrop.
+            self.pickup = Pickup(config.maildrop_path, store, config.hostname, config.smtp.max_message_size,
+                                 events, hold=config.delivery.hold, on_enqueued=self._wake_scheduler)
+            self.pickup.start()
         self._install_signals()
         if ready is not None:
             ready()
@@ -240,6 +248,8 @@ class Daemon:
             server.stop(grace)
         else:
             events("stopping", grace=grace)
+        if self.pickup is not None:
+            self.pickup.stop()
         finished = self.scheduler is None or self._stop_scheduler(self.scheduler, grace, events)
         if self.plugins is not None:
             self.plugins.stop()
@@ -264,6 +274,11 @@ class Daemon:
         else:
             threading.Thread(target=self._woken_by, args=(self.wake_pipe[0],),
                              name="wake-pipe", daemon=True).start()
+
+    def _wake_scheduler(self) -> None:
+        scheduler = self.scheduler
+        if scheduler is not None:
+            scheduler.wake()
 
     def _woken_by(self, fd: int) -> None:
         while os.read(fd, 4096):
@@ -331,6 +346,10 @@ class Daemon:
                 return old
         if self.scheduler is not None:
             self._reload_delivery(old, config, store, events, recipients)
+        if self.pickup is not None:
+            self.pickup.hostname = config.hostname
+            self.pickup.max_size = config.smtp.max_message_size
+            self.pickup.hold = config.delivery.hold
         store.set_limits(
             min_free_bytes=config.queue.min_free_space,
             max_messages=config.queue.max_messages,

@@ -35,7 +35,7 @@ def check_secret(path: str, key: str) -> None:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
     except OSError as exc:
-        raise SecretFileError(f"{key}: {path}: {exc.strerror or exc} (read as user {_whoami()})") from None
+        raise SecretFileError(f"{key}: {path}: {exc.strerror or exc} (read as user {current_user()})") from None
     try:
         st = os.fstat(fd)
     finally:
@@ -49,7 +49,8 @@ def check_secret(path: str, key: str) -> None:
         )
 
 
-def _whoami() -> str:
+def current_user() -> str:
+    """This process's user name (its UID if it has none), for messages."""
     try:
         import pwd
 

@@ -38,6 +38,7 @@ from elemta.daemon import (
     DELIVERY_WORKER,
     Daemon,
     SpoolError,
+    check_startup,
     exit_code,
     listening_line,
     prepare_spool,
@@ -59,6 +60,7 @@ def main_loop(load_config: Callable[[], Config]) -> int:
     try:
         config = load_config()
         pidfile = become_service(config)
+        check_startup(config)  # as the service's user, before any child: one error line
         warning = open_files_warning(config)
         if warning:
             logmod.EventLog(config.log.level, config.log.format == "json")(

@@ -93,12 +93,19 @@ def as_nobody(command: list[str]) -> tuple[list[str], dict[str, str]]:
     checkout (bin/elemtactl) becomes the copy's, and PYTHONPATH names the copy.  Returns the
     command and its environment.  Python, there and in the launchers, is sys.executable when
     nobody may run it, else Debian's python3 (a virtualenv under /root is closed to nobody)."""
+    args, env = from_readable_copy(command)
+    return [*SETPRIV_NOBODY, *args], env
+
+
+def from_readable_copy(command: list[str]) -> tuple[list[str], dict[str, str]]:
+    """`command` on readable_copy(), as as_nobody() but run by the caller's own user: for a
+    daemon started as root that becomes another user, and must still import what it loads late."""
     python = sys.executable if _nobody_may_run_this_python() else "/usr/bin/python3"
     env = {**os.environ, "PYTHONPATH": str(readable_copy()), "ELEMTA_PYTHON": python}
     inside = str(ROOT) + os.sep
     args = [str(readable_copy() / arg[len(inside):]) if arg.startswith(inside)
             else python if arg == sys.executable else arg for arg in command]
-    return [*SETPRIV_NOBODY, *args], env
+    return args, env
 
 
 def as_root(config: str) -> str:
@@ -117,7 +124,11 @@ class Daemon:
 
     LISTENING = re.compile(r"^elemta: listening on \[?([0-9a-f.:]+)\]?:(\d+) \((\w+)\)$")
 
-    def __init__(self, workdir: Path, config: str, args: tuple[str, ...] = ()):
+    def __init__(self, workdir: Path, config: str, args: tuple[str, ...] = (), *, wrap=None,
+                 env: dict[str, str] | None = None):
+        """wrap(command) -> (command, environment) changes how it is run (as_nobody,
+        from_readable_copy); env adds to the environment.  A config that names server.user
+        is run as written (see as_root)."""
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.spool = self.workdir / "spool"
@@ -126,6 +137,8 @@ class Daemon:
             as_root(config.replace("@SPOOL@", str(self.spool))), encoding="utf-8"
         )
         self.args = args
+        self.wrap = wrap
+        self.env = env or {}
         self.proc: subprocess.Popen | None = None
         self.stdout: list[str] = []
         self.stderr: list[str] = []
@@ -136,8 +149,11 @@ class Daemon:
         self.stdout.clear()
         self.stderr.clear()  # each start has its own log
         self.addresses.clear()
+        command, env = [str(ELEMTA), "--config", str(self.config_path), *self.args], dict(os.environ)
+        if self.wrap is not None:
+            command, env = self.wrap(command)
         self.proc = subprocess.Popen(
-            [str(ELEMTA), "--config", str(self.config_path), *self.args],
+            command, env={**env, **self.env},
             cwd=self.workdir, stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )

@@ -36,6 +36,8 @@ def deliver(template: str, address: str, body: bytes, return_path: str) -> str:
     """Write one message for `address`; return the file name. MaildirError on failure."""
     root = mailbox_path(template, address)
     try:
+        # Owner-only, whatever the umask: makedirs gives its mode to the last directory only.
+        os.makedirs(root, mode=0o700, exist_ok=True)
         for sub in ("tmp", "new", "cur"):
             os.makedirs(os.path.join(root, sub), mode=0o700, exist_ok=True)
         name = f"{time.time():.6f}.P{os.getpid()}Q{next(_counter)}.{_HOST}"

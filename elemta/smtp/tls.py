@@ -172,7 +172,7 @@ def _context(config: TlsConfig, cert: Certificate, path: str) -> ssl.SSLContext:
         if not os.path.exists(name):
             raise ConfigError(f"{path}: {name}: no such file")
         if not os.access(name, os.R_OK):
-            raise ConfigError(f"{path}: {name}: permission denied")
+            raise ConfigError(f"{path}: {name}: permission denied (read as user {filemodes.current_user()})")
     # The file with the private key: key_file, or cert_file when the key is in it.
     filemodes.check_secret(cert.key_file or cert.cert_file, f"{path}.key_file")
     try:
