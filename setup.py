@@ -7,6 +7,6 @@ from setuptools import setup
 
 setup(
     license="MIT",
-    data_files=[("share/man/man8", ["man/elemta.8", "man/elemtactl.8"]),
+    data_files=[("share/man/man8", ["man/elemta.8", "man/elemtactl.8", "man/elemta-sendmail.8"]),
                 ("share/man/man5", ["man/elemta.toml.5"])],
 )
