@@ -252,8 +252,10 @@ class PasswordFile:
     client is told to try later (454) rather than that its password is wrong.
     """
 
-    def __init__(self, path: str, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, path: str, *, clock: Callable[[], float] = time.monotonic,
+                 new_file_group: int | None = None) -> None:
         self.path = path
+        self.new_file_group = new_file_group  # a GID for a file set() creates; None = the directory's
         self._clock = clock
         self._lock = threading.Lock()
         self._key: tuple | None = None  # (inode, size, mtime_ns, ctime_ns) of what was read
@@ -434,7 +436,7 @@ class PasswordFile:
             before = list(lines)
             result = change(lines)
             if lines != before:
-                _replace(self.path, directory, "".join(line + "\n" for line in lines), st)
+                _replace(self.path, directory, "".join(line + "\n" for line in lines), st, self.new_file_group)
         finally:
             os.close(lock)  # closing it releases the flock
         self._invalidate()
@@ -450,7 +452,7 @@ def _find(lines: list[str], name: str) -> int | None:
     return None
 
 
-def _replace(path: str, directory: str, text: str, st: os.stat_result | None) -> None:
+def _replace(path: str, directory: str, text: str, st: os.stat_result | None, group: int | None = None) -> None:
     """Write text as path's new version: temporary file, fsync, rename, fsync the directory."""
     temp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
     try:
@@ -464,10 +466,10 @@ def _replace(path: str, directory: str, text: str, st: os.stat_result | None) ->
                 _chown(fd, st.st_uid, st.st_gid)
                 os.fchmod(fd, st.st_mode & 0o7777)
             else:
-                # A new file gets the directory's group and 0640: with /etc/elemta owned by
-                # root:elemta, the daemon's group reads it and other users do not.
+                # A new file gets the service's group (or the directory's) and 0640: the
+                # daemon reads it through its group and other users do not.
                 try:
-                    os.fchown(fd, -1, os.stat(directory).st_gid)
+                    os.fchown(fd, -1, os.stat(directory).st_gid if group is None else group)
                 except PermissionError:
                     pass
                 os.fchmod(fd, 0o640)

@@ -60,6 +60,20 @@ def target(config: Config, euid: int | None = None) -> Identity | None:
     return Identity(name, user.pw_uid, gid)
 
 
+def service_gid(config: Config) -> int | None:
+    """The group the service runs in (server.group, else server.user's primary group), for
+    files an admin's command makes that the daemon must read; None if there is no such user
+    or group, or the service runs as root."""
+    if config.server.user == "root":
+        return None
+    try:
+        if config.server.group:
+            return grp.getgrnam(config.server.group).gr_gid
+        return pwd.getpwnam(config.server.user).pw_gid
+    except KeyError:
+        return None
+
+
 def prepare_dirs(config: Config, who: Identity | None) -> None:
     """The spool (0750) and the maildrop (3733), created if missing and, as root, given to who.
 

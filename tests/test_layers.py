@@ -38,7 +38,7 @@ ALLOWED = {
                "passwords", "ratelimit", "dnscache", "filemodes", "sdnotify", "pickup"},
     "supervisor": {"errors", "config", "log", "daemon", "filemodes", "privileges", "sdnotify", "pidfile"},
     "cli": {"errors", "config", "log", "queue", "daemon", "supervisor", "passwords", "plugins", "__init__",
-            "filemodes", "pidfile", "maildrop", "smtp"},
+            "filemodes", "pidfile", "maildrop", "smtp", "privileges"},
     "__init__": set(),
     "__main__": {"cli"},
 }

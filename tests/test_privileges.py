@@ -264,3 +264,40 @@ def test_ensure_dir_modes(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(NotADirectoryError):
         filemodes.ensure_dir(str(tmp_path / "file"), 0o750)
+
+
+@root_only
+def test_keys_and_passwords_root_makes_are_read_by_the_unprivileged_daemon(open_dir):
+    """elemtactl dkim keygen and user add, run by root, write files the service's group reads
+    (0640, group of server.user); the daemon running as that user starts with them and signs."""
+    from tests.support import ROOT
+
+    ctl = ROOT / "bin" / "elemtactl"
+    keys = open_dir / "dkim"
+    passwd = open_dir / "passwd"
+    config = CONFIG.replace("@SERVER@", "").replace("[smtp]\n", f'[smtp]\nauth_file = "{passwd}"\n') + f"""
+[[plugins]]
+use = "dkim"
+options = {{ verify = false, keys = [{{ domain = "example.org", selector = "s1", key_file = "{keys}/example.org.s1.key" }}] }}
+"""
+    daemon = daemon_in(open_dir, config, wrap=from_readable_copy)
+    made = subprocess.run([str(ctl), "--config", str(daemon.config_path), "dkim", "keygen", "example.org", "s1",
+                           "--algorithm", "ed25519", "--key-dir", str(keys)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert made.returncode == 0, made.stderr
+    added = subprocess.run([str(ctl), "--config", str(daemon.config_path), "user", "add", "alice@example.org",
+                            "--password-stdin"], input="a long enough password\n",
+                           capture_output=True, text=True, timeout=60, check=False)
+    assert added.returncode == 0, added.stderr
+    key = keys / "example.org.s1.key"
+    for path, wanted in ((key, 0o640), (keys, 0o750), (passwd, 0o640)):
+        st = os.stat(path)
+        assert (st.st_uid, st.st_gid, mode(path)) == (0, NOBODY, wanted), path
+    daemon.start()
+    try:
+        with smtplib.SMTP("127.0.0.1", daemon.port, timeout=10) as client:
+            client.sendmail("a@example.org", ["user@example.test"], b"From: a@example.org\r\nSubject: t\r\n\r\nhi\r\n")
+        [row] = wait_for(daemon.messages, what="the message")
+        assert b"DKIM-Signature:" in daemon.body(row["queue_id"])
+    finally:
+        daemon.stop()

@@ -82,8 +82,9 @@ def dkim() -> None:
 @click.option("--bits", type=click.IntRange(1024, 4096), default=2048, show_default=True,
               help="RSA key size (RFC 8301: at least 1024, 2048 recommended).")
 @click.option("--key-dir", default=DEFAULT_KEY_DIR, show_default=True, metavar="DIR",
-              help="Where the private key is written, as DOMAIN.SELECTOR.key (mode 0600).")
-def keygen(domain: str, selector: str, algorithm: str, bits: int, key_dir: str) -> None:
+              help="Where the private key is written, as DOMAIN.SELECTOR.key (mode 0640, group: the daemon's).")
+@pass_ctl
+def keygen(ctl: Ctl, domain: str, selector: str, algorithm: str, bits: int, key_dir: str) -> None:
     """Make a signing key for DOMAIN and SELECTOR and print the DNS TXT record to publish.
 
     The key file is never overwritten; add it to the dkim plugin's keys option.
@@ -97,10 +98,14 @@ def keygen(domain: str, selector: str, algorithm: str, bits: int, key_dir: str) 
         if not value or not all(label and all(c.isalnum() or c in "-_" for c in label) for label in labels):
             raise CtlError(f"{what} {value!r}: expected DNS labels (letters, digits, - and _)", EX_USAGE)
     path = os.path.join(key_dir, f"{domain}.{selector}.key")
+    group = ctl.service_gid() if os.geteuid() == 0 else None  # root writes for the daemon's group
     try:
         private, public = dkim_keys.generate(algorithm, bits)
-        os.makedirs(key_dir, mode=0o750, exist_ok=True)
-        dkim_keys.write_key(path, private)
+        if not os.path.isdir(key_dir):
+            os.makedirs(key_dir, mode=0o750)
+            if group is not None:
+                os.chown(key_dir, -1, group)
+        dkim_keys.write_key(path, private, group)
     except FileExistsError:
         raise CtlError(f"{path}: exists; choose a new selector to rotate keys", EX_CANTCREAT) from None
     except (OSError, ValueError) as exc:

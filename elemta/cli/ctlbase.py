@@ -6,12 +6,14 @@ elemtactl.py, which bin/elemtactl runs as __main__."""
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 
 import click
 
 from elemta import config as cfg
+from elemta import privileges
 from elemta.cli import elemta as daemon_cli
 from elemta.errors import ConfigError, ElemtaError, QueueError
 from elemta.passwords import (
@@ -138,8 +140,16 @@ class Ctl:
     @property
     def passwords(self) -> PasswordFile:
         if self._passwords is None:
-            self._passwords = PasswordFile(self.auth_file or self.config.smtp.auth_file)
+            group = self.service_gid() if os.geteuid() == 0 else None
+            self._passwords = PasswordFile(self.auth_file or self.config.smtp.auth_file, new_file_group=group)
         return self._passwords
+
+    def service_gid(self) -> int | None:
+        """The daemon's group, for files root makes that the daemon reads (None if unknown)."""
+        try:
+            return privileges.service_gid(self.config)
+        except ConfigError:
+            return None
 
     def close(self) -> None:
         if self._admin is not None:

@@ -103,8 +103,9 @@ def txt_record(domain: str, selector: str, algorithm: str, public_b64: str) -> s
     return f"{name}. IN TXT ( {strings} )"
 
 
-def write_key(path: str | os.PathLike, data: bytes) -> None:
-    """Create path holding data, readable by its owner only (mode 0600).
+def write_key(path: str | os.PathLike, data: bytes, group: int | None = None) -> None:
+    """Create path holding data, readable by its owner only (mode 0600), or by its owner and
+    group (0640) when group (a GID, the service's) is given: the daemon reads it through it.
 
     FileExistsError if path exists (an old key is never overwritten: it may still sign
     mail in flight or be the only copy); other OSErrors as the system gives them.
@@ -118,8 +119,10 @@ def write_key(path: str | os.PathLike, data: bytes) -> None:
         raise FileExistsError(errno.EEXIST, "key file already exists, not overwriting it",
                               os.fspath(path)) from None
     try:
-        # The umask can only take bits away; set 0600 exactly whatever it is.
-        os.fchmod(fd, 0o600)
+        # The umask can only take bits away; set the mode exactly whatever it is.
+        if group is not None:
+            os.fchown(fd, -1, group)
+        os.fchmod(fd, 0o600 if group is None else 0o640)
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
