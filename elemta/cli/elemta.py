@@ -96,7 +96,10 @@ def main(argv: list[str] | None = None) -> int:
             check_startup,  # imported late: the plain start needs it later
         )
 
+        from elemta import privileges
+
         try:
+            privileges.target(config)  # as root: server.user and server.group must exist
             check_startup(config)
         except ConfigError as exc:
             print(f"elemta: {exc}", file=sys.stderr)

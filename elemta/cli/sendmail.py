@@ -91,10 +91,17 @@ def parse_args(argv: list[str], program: str) -> Options:
             i += 1
             continue
         flag, rest = arg[1], arg[2:]
-        if flag == "t" and not rest:
-            opts.extract = True
-        elif flag == "i" and not rest:
-            opts.dot_ends = False
+        if flag in "ti" or flag in IGNORED_FLAGS:
+            # Flags without a value, alone or grouped as getopt allows ("-ti" = "-t -i").
+            for letter in flag + rest:
+                if letter == "t":
+                    opts.extract = True
+                elif letter == "i":
+                    opts.dot_ends = False
+                elif letter not in IGNORED_FLAGS:
+                    raise Usage(f"unknown option -{letter} in {arg}")
+            i += 1
+            continue
         elif flag == "o":  # -oX[value]: only -oi means something here
             if rest == "i":
                 opts.dot_ends = False
@@ -130,8 +137,6 @@ def parse_args(argv: list[str], program: str) -> Options:
             opts.body_type = body
         elif flag == "C":
             opts.config = value(flag, rest)
-        elif flag in IGNORED_FLAGS:
-            pass
         elif flag in IGNORED_WITH_VALUE:
             value(flag, rest)
         elif flag == "d":  # -d debug flags: ignored

@@ -132,6 +132,14 @@ def test_f_F_and_the_dsn_flags(daemon):
     assert [r["sender"] for r in queued(daemon, 2)].count("") == 1
 
 
+def test_grouped_flags_as_getopt_reads_them(daemon):
+    assert run(daemon, ["-ti"], b"To: a@example.org\nSubject: g\n\n.\nkept\n").returncode == 0
+    [row] = queued(daemon)
+    assert daemon.body(row["queue_id"]).endswith(b"\r\n.\r\nkept\r\n")
+    refused = run(daemon, ["-tq", "a@example.org"], b"x\n")
+    assert refused.returncode == 64 and b"unknown option -q in -tq" in refused.stderr
+
+
 def test_a_bare_name_gets_the_host_name(daemon):
     assert run(daemon, ["root"], b"Subject: cron\n\n").returncode == 0
     [row] = queued(daemon)
