@@ -49,6 +49,9 @@ POSTFIX_LOG = "/var/log/postfix-bench.log"
 # script starts, an earlier run died before restoring them and this one restores them first.
 POSTFIX_BACKUP = "/var/tmp/elemta-bench-postfix-conf"
 SPOOL_PARENT = "/var/tmp"  # same file system as /var/spool/postfix on a usual install
+# Started as root, elemta runs as this user, as it does in production (as root: nobody, for
+# which the bench's directory and config are made readable).
+SERVICE_USER = "nobody" if os.geteuid() == 0 else "root"
 
 HELO = "hold.example"  # Postfix puts mail from this HELO on hold (smtpd_data_restrictions)
 SENDER = "sender@example.com"
@@ -380,6 +383,7 @@ role = "mx"
 [server]
 hostname = "{HOSTNAME}"
 spool_dir = "{spool}"
+user = "{SERVICE_USER}"
 max_connections = {self.max_connections}
 max_connections_per_ip = {self.max_connections}
 workers = {self.workers}
@@ -399,10 +403,12 @@ level = "{self.log_level}"
 
     def start(self) -> None:
         self.workdir = tempfile.mkdtemp(prefix="elemta-bench-", dir=SPOOL_PARENT)
+        os.chmod(self.workdir, 0o755)  # the service user makes its spool in it
         spool = os.path.join(self.workdir, "spool")
         conf = os.path.join(self.workdir, "elemta.toml")
         with open(conf, "w") as f:
             f.write(self.config_text(spool))
+        os.chmod(conf, 0o644)
         self.stderr_path = os.path.join(self.workdir, "stderr.log")
         self.stdout_lines: list[str] = []
         with open(self.stderr_path, "wb") as err:

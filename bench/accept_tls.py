@@ -628,6 +628,13 @@ def main(argv=None) -> int:
         extra.write_to_path(cert_file, append=True)
     cert.private_key_pem.write_to_path(key_file)
     ca.cert_pem.write_to_path(cafile)
+    # The service user (accept.SERVICE_USER) reads them; a key others can read stops elemta.
+    os.chmod(certdir, 0o755)
+    os.chmod(cert_file, 0o644)
+    os.chmod(key_file, 0o600)
+    if os.geteuid() == 0:
+        import pwd
+        os.chown(key_file, pwd.getpwnam(accept.SERVICE_USER).pw_uid, -1)
 
     elemta = TlsElemta(cert_file, key_file, log_level=args.log_level, workers=args.workers)
     cells: list[dict] = []

@@ -63,7 +63,8 @@ def prepare(directory: str, count: int) -> str:
 def config_file(directory: str, spool: str) -> str:
     path = os.path.join(directory, f"elemtactl-{os.path.basename(os.path.dirname(spool))}.toml")
     with open(path, "w") as f:
-        f.write(f'[server]\nspool_dir = "{spool}"\n')
+        # root: keep the cached queue root's rather than give gigabytes to another user
+        f.write(f'[server]\nspool_dir = "{spool}"\nuser = "root"\n')
     return path
 
 
