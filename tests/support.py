@@ -81,11 +81,14 @@ def readable_copy() -> Path:
 
 @functools.cache
 def _nobody_may_run_this_python() -> bool:
-    """Whether nobody can run sys.executable with its packages: not a virtualenv under /root."""
-    probe = subprocess.run([*SETPRIV_NOBODY, sys.executable, "-c", "import elemta.cli.elemtactl"],
+    """Whether nobody can run sys.executable with its packages: not a virtualenv under /root.
+    Asked through sh, as the launchers run it; the same sys.prefix, since a virtualenv's python
+    whose pyvenv.cfg it cannot read runs as the base interpreter, with other packages."""
+    script = "import sys, elemta.cli.elemtactl; print(sys.prefix)"
+    probe = subprocess.run([*SETPRIV_NOBODY, "/bin/sh", "-c", 'exec "$0" -c "$1"', sys.executable, script],
                            env={**os.environ, "PYTHONPATH": str(readable_copy())}, cwd="/",
-                           capture_output=True, timeout=60, check=False)
-    return probe.returncode == 0
+                           capture_output=True, text=True, timeout=60, check=False)
+    return probe.returncode == 0 and probe.stdout.strip() == sys.prefix
 
 
 def as_nobody(command: list[str]) -> tuple[list[str], dict[str, str]]:
