@@ -148,7 +148,7 @@ class Daemon:
         self.ports: dict[str, int] = {}  # role -> port (the last listener of that role)
         self.addresses: list[tuple[str, int, str]] = []
 
-    def start(self, timeout: float = 15.0) -> Daemon:
+    def start(self, timeout: float = 15.0, preexec_fn=None) -> Daemon:
         self.stdout.clear()
         self.stderr.clear()  # each start has its own log
         self.addresses.clear()
@@ -156,7 +156,7 @@ class Daemon:
         if self.wrap is not None:
             command, env = self.wrap(command)
         self.proc = subprocess.Popen(
-            command, env={**env, **self.env},
+            command, env={**env, **self.env}, preexec_fn=preexec_fn,
             cwd=self.workdir, stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )

@@ -1,0 +1,59 @@
+"""Start-up as a service: the open-files limit sized for server.max_connections."""
+
+from __future__ import annotations
+
+import resource
+
+from elemta import supervisor
+from elemta.config import Config, ServerConfig
+from tests.support import Daemon, wait_for
+
+CONFIG = """
+[[listeners]]
+address = "127.0.0.1:0"
+role = "mx"
+
+[server]
+spool_dir = "@SPOOL@"
+max_connections = 1000
+"""
+
+
+def limits_of(pid: int) -> tuple[int, int]:
+    with open(f"/proc/{pid}/limits", encoding="ascii") as handle:
+        for line in handle:
+            if line.startswith("Max open files"):
+                soft, hard = line.split()[3:5]
+                return int(soft), int(hard)
+    raise AssertionError("no open files line")
+
+
+def test_a_low_soft_limit_is_raised_to_what_the_connections_need(tmp_path):
+    low = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, 8192))  # noqa: E731
+    daemon = Daemon(tmp_path, CONFIG)
+    daemon.start(preexec_fn=low)
+    try:
+        needed = 1000 * supervisor.FILES_PER_CONNECTION + supervisor.FILES_FIXED
+        assert limits_of(daemon.proc.pid) == (needed, 8192)
+        assert "resource_warning" not in daemon.log_text()
+    finally:
+        daemon.stop()
+
+
+def test_a_hard_limit_too_low_is_named_in_the_log(tmp_path):
+    daemon = Daemon(tmp_path, CONFIG)
+    daemon.start(preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (512, 512)))
+    try:
+        line = wait_for(lambda: [x for x in daemon.log_text().splitlines() if "resource_warning" in x],
+                        what="the warning")[0]
+        assert "open files limit 512 is below the 2064 that server.max_connections = 1000 may need" in line
+        assert "raise LimitNOFILE=" in line
+    finally:
+        daemon.stop()
+
+
+def test_open_files_warning_without_a_daemon():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    small = Config(server=ServerConfig(max_connections=1))
+    assert supervisor.open_files_warning(small) is None
+    assert resource.getrlimit(resource.RLIMIT_NOFILE) == (soft, hard)  # enough already: untouched
