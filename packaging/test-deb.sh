@@ -10,9 +10,14 @@
 #   3. starts the daemon as the unit does (its User=, Group=, UMask=, the one capability,
 #      its ExecStart=) in a private network namespace and checks the listeners answer;
 #   4. submits a message as an ordinary user with /usr/sbin/sendmail -t and finds it in mailq;
-#   5. stops the daemon by its PID; `apt remove` keeps the configuration and the spool,
-#      `apt purge` removes the configuration and keeps a spool with mail waiting in it
-#      (removes an empty one).
+#   5. stops the daemon by its PID;
+#   6. boots systemd as PID 1 of a container made here (namespaces, a cgroup of its own,
+#      pivot_root into the root) and checks elemta.service under its whole sandbox: started
+#      at boot, READY=1, STATUS=, every process as elemta with seccomp and one capability,
+#      sendmail into mailq, systemctl reload, the watchdog, systemd-analyze security, stop
+#      (skipped, and said so, where no cgroup2 hierarchy can be written);
+#   7. `apt remove` keeps the configuration and the spool, `apt purge` removes the
+#      configuration and keeps a spool with mail waiting in it (removes an empty one).
 #
 # Usage, as root:  packaging/test-deb.sh [--keep]
 #   --keep   leave the temporary directory (the build, the root) for a look afterwards
@@ -195,6 +200,7 @@ stop_daemon() {
 cleanup_inside() {
     printf '%s %s\n%s\n' "$passed" "$failed" "$failures" >"$COUNTS"
     stop_daemon || true
+    stop_container || true
     [ -z "$NET_HOLDER" ] || kill "$NET_HOLDER" 2>/dev/null || true
     local m
     for m in "$ROOT/var/cache/apt/archives" "$ROOT/run" "$ROOT/dev" "$ROOT/proc" /proc; do
@@ -291,6 +297,189 @@ proc_status_ok() {  # every process of the daemon runs as $1 (uid), the main one
     }
     log "  daemon processes: $(echo $pids)"
     return $ok
+}
+
+# ---------------------------------------------------------------------------------------
+# Step 6: systemd 252 as PID 1 of a container made here (mount, PID, UTS, IPC and network
+# namespaces, a cgroup of its own in a cgroup namespace, pivot_root into $ROOT), so elemta.service
+# runs as the unit says, with its whole sandbox: Type=notify, seccomp, the capability, the
+# read-only file system, the watchdog, ExecReload=.
+
+BOOT_UNSHARE="" BOOT_PID="" BOOT_CGROUP=""
+
+# The container's init: runs as PID 1 of the new namespaces, execs systemd.
+container_init() {
+    local root=$1 d n major minor
+    mount --bind "$root" "$root"  # a mount point of its own, without the test's mounts below
+    mount -t proc proc "$root/proc"
+    mount -t sysfs -o ro,nosuid,nodev,noexec sysfs "$root/sys"
+    # In its cgroup namespace, a new cgroup2 mount shows the container's cgroup as the root.
+    mount -t cgroup2 -o nosuid,nodev,noexec cgroup2 "$root/sys/fs/cgroup"
+    mount -t tmpfs -o mode=0755,nosuid tmpfs "$root/dev"
+    for d in null:1:3 zero:1:5 full:1:7 random:1:8 urandom:1:9 tty:5:0; do
+        IFS=: read -r n major minor <<<"$d"
+        mknod -m 0666 "$root/dev/$n" c "$major" "$minor"
+    done
+    mkdir -p "$root/dev/pts" "$root/dev/shm"
+    mount -t devpts -o newinstance,ptmxmode=0666,mode=0620 devpts "$root/dev/pts"
+    ln -s pts/ptmx "$root/dev/ptmx"
+    mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs "$root/dev/shm"
+    mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs "$root/run"
+    mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs "$root/tmp"
+    ip link set lo up
+    hostname elemta-test
+    cd "$root"
+    mkdir -p .oldroot
+    pivot_root . .oldroot
+    cd /
+    umount -l /.oldroot
+    rmdir /.oldroot
+    exec env -i container=elemta-test /lib/systemd/systemd --system --show-status=no </dev/null >/dev/null 2>&1
+}
+
+in_boot() {
+    nsenter -t "$BOOT_PID" -m -u -i -n -p -r -w \
+        env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LC_ALL=C.UTF-8 SYSTEMD_PAGER= "$@"
+}
+
+stop_container() {
+    [ -n "$BOOT_UNSHARE" ] || return 0
+    local i
+    if [ -n "$BOOT_PID" ]; then
+        kill -s RTMIN+4 "$BOOT_PID" 2>/dev/null || true  # systemd: power off
+        for i in $(seq 300); do kill -0 "$BOOT_PID" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$BOOT_PID" 2>/dev/null || true
+    fi
+    kill -KILL "$BOOT_UNSHARE" 2>/dev/null || true
+    wait "$BOOT_UNSHARE" 2>/dev/null || true
+    BOOT_UNSHARE="" BOOT_PID=""
+    if [ -n "$BOOT_CGROUP" ] && [ -d "$BOOT_CGROUP" ]; then
+        for i in $(seq 50); do
+            find "$BOOT_CGROUP" -depth -type d -exec rmdir {} + 2>/dev/null || true
+            [ -d "$BOOT_CGROUP" ] || break
+            sleep 0.1
+        done
+    fi
+}
+
+unit_processes_ok() {  # every process of elemta.service: its user, seccomp, no new privileges, one capability
+    local uid=$1
+    in_boot sh -c '
+        n=0
+        for p in $(cat /sys/fs/cgroup/system.slice/elemta.service/cgroup.procs); do
+            n=$((n + 1))
+            s=$(cat /proc/$p/status)
+            echo "$s" | grep -Eq "^Uid:[[:space:]]+'"$uid"'[[:space:]]+'"$uid"'[[:space:]]" &&
+            echo "$s" | grep -q "^NoNewPrivs:[[:space:]]*1$" &&
+            echo "$s" | grep -q "^Seccomp:[[:space:]]*2$" &&
+            echo "$s" | grep -q "^CapEff:[[:space:]]*0000000000000400$" ||
+                { echo "process $p:"; echo "$s" | grep -E "^(Uid|NoNewPrivs|Seccomp|CapEff):"; exit 1; } >&2
+        done
+        [ $n -ge 2 ]'
+}
+
+unit_property_set() { [ -n "$(in_boot systemctl show -p "$1" --value elemta.service)" ]; }
+# same_main_process PID [RESTARTS]: still active with that main PID (and that many restarts)
+same_main_process() {
+    [ "$(in_boot systemctl is-active elemta.service)" = active ] &&
+    [ "$(in_boot systemctl show -p MainPID --value elemta.service)" = "$1" ] &&
+    { [ -z "${2:-}" ] || [ "$(in_boot systemctl show -p NRestarts --value elemta.service)" = "$2" ]; }
+}
+stop_unit() {
+    in_boot systemctl stop elemta.service &&
+    [ "$(in_boot systemctl show -p Result --value elemta.service)" = success ] &&
+    [ "$(in_boot systemctl is-active elemta.service)" = inactive ]
+}
+
+wait_active() {  # wait_active: elemta.service active (Type=notify: after READY=1)
+    local i state
+    for i in $(seq 150); do
+        state=$(in_boot systemctl is-active elemta.service 2>/dev/null) || true
+        [ "$state" = active ] && return 0
+        sleep 0.2
+    done
+    log "  elemta.service is $state"
+    return 1
+}
+
+boot_checks() {
+    local cgroup2 uid main out
+    cgroup2=$(awk '{ for (i = 7; $i != "-"; i++); if ($(i + 1) == "cgroup2") { print $5; exit } }' /proc/self/mountinfo)
+    if [ -z "$cgroup2" ] || ! mkdir "$cgroup2/elemta-test-$$" 2>/dev/null; then
+        log "SKIP the unit under systemd: no cgroup2 hierarchy to make a container's cgroup in"
+        return 0
+    fi
+    BOOT_CGROUP=$cgroup2/elemta-test-$$
+    # Into the cgroup first: the cgroup namespace unshare makes is rooted where it starts.
+    sh -c 'echo 0 >"$1/cgroup.procs" && shift && exec "$@"' - "$BOOT_CGROUP" \
+        unshare --cgroup --mount --pid --fork --uts --ipc --net --propagation private \
+        "$0" --container-init "$ROOT" &
+    BOOT_UNSHARE=$!
+    local i
+    for i in $(seq 100); do
+        BOOT_PID=$(awk -v p="$BOOT_UNSHARE" '$1 == "PPid:" && $2 == p { print FILENAME }' /proc/[0-9]*/status 2>/dev/null |
+            head -1 | cut -d/ -f3)
+        [ -n "$BOOT_PID" ] && [ -e "/proc/$BOOT_PID/root/run/systemd/private" ] && break
+        sleep 0.1
+    done
+    if [ -z "$BOOT_PID" ] || ! [ -e "/proc/$BOOT_PID/root/run/systemd/private" ]; then
+        fail "systemd boots in a container" "no manager"
+        stop_container
+        return 0
+    fi
+    ok "systemd boots in a container"
+    uid=$(chroot "$ROOT" id -u elemta)
+    if wait_active; then
+        ok "under systemd, elemta.service is started at boot (enabled by the package) and becomes active (READY=1)"
+    else
+        in_boot systemctl status elemta.service >&2 || true
+        in_boot journalctl -u elemta.service -n 20 >&2 || true
+        fail "under systemd, elemta.service becomes active"
+        stop_container
+        return 0
+    fi
+    check "its STATUS= shows in systemctl" unit_property_set StatusText
+    check "every process of the unit: user elemta, seccomp, no new privileges, CAP_NET_BIND_SERVICE only" \
+        unit_processes_ok "$uid"
+    check "the unit answers 220 on port 25" \
+        in_boot python3 -c 'import socket, sys; s = socket.create_connection(("127.0.0.1", 25), timeout=10); sys.exit(s.recv(4) != b"220 ")'
+    in_boot id alice >/dev/null 2>&1 || in_boot adduser --quiet --disabled-password --comment "" alice >/dev/null
+    if printf 'To: carol@example.com\nSubject: test-deb under systemd\n\nhello\n' |
+            in_boot setpriv --reuid=alice --regid=alice --init-groups /usr/sbin/sendmail -t; then
+        local found=1
+        for i in $(seq 60); do
+            in_boot mailq 2>/dev/null | grep -q 'carol@example.com' && { found=0; break; }
+            sleep 0.5
+        done
+        if [ $found -eq 0 ]; then
+            ok "under systemd: sendmail -t by alice, then in mailq"
+            mail_queued=1
+        else
+            fail "under systemd: sendmail -t by alice, then in mailq"
+        fi
+    else
+        fail "under systemd: sendmail -t by alice"
+    fi
+    main=$(in_boot systemctl show -p MainPID --value elemta.service)
+    check "systemctl reload elemta (checks the file, then SIGHUP)" in_boot systemctl reload elemta.service
+    check "... the same main process still runs" same_main_process "$main"
+    # The watchdog: with WatchdogSec=2s a daemon that does not ping is killed within 2 s.
+    mkdir -p "$ROOT/etc/systemd/system/elemta.service.d"
+    printf '[Service]\nWatchdogSec=2s\n' >"$ROOT/etc/systemd/system/elemta.service.d/test-watchdog.conf"
+    in_boot systemctl daemon-reload
+    in_boot systemctl restart elemta.service || true
+    main=$(in_boot systemctl show -p MainPID --value elemta.service)
+    sleep 7
+    check "WATCHDOG=1 pings: with WatchdogSec=2s the daemon still runs 7 s later, never restarted" \
+        same_main_process "$main" 0
+    rm -r "$ROOT/etc/systemd/system/elemta.service.d"
+    in_boot systemctl daemon-reload
+    out=$(in_boot systemd-analyze security elemta.service 2>&1 | tail -1)
+    log "  $out"
+    check "systemd-analyze security: OK or better" grep -Eq " (OK|SAFE|PERFECT) " <<<"$out"
+    check "systemctl stop elemta: stopped cleanly" stop_unit
+    in_boot journalctl -u elemta.service --no-pager -n 6 2>&1 | sed 's/^/  journal: /' >&2 || true
+    stop_container
 }
 
 inside() {
@@ -404,6 +593,10 @@ inside() {
     NET_HOLDER=""
     sed 's/^/  daemon: /' "$ROOT/tmp/daemon.log" | tail -15 >&2
 
+    # --- step 6: the real unit, under systemd booted in a container of its own
+    boot_checks
+
+
     if in_root_timed 300 apt-get remove -y -q elemta >"$ROOT/tmp/remove.log" 2>&1; then
         ok "apt remove elemta"
         check "after remove: /usr/sbin/elemta is gone" test ! -e "$ROOT/usr/sbin/elemta"
@@ -441,6 +634,9 @@ inside() {
 
 # ---------------------------------------------------------------------------------------
 
+if [ "${1:-}" = "--container-init" ]; then
+    container_init "$2"
+fi
 if [ "${1:-}" = "--inside" ]; then
     # Re-executed in new mount and PID namespaces: $2 the root, $3 the .deb, $4 the counts file.
     COUNTS=$4 CACHE=$5
