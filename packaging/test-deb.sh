@@ -391,6 +391,32 @@ stop_unit() {
     [ "$(in_boot systemctl is-active elemta.service)" = inactive ]
 }
 
+# A oneshot unit with elemta.service's own [Service] settings runs what elemta's plugins and
+# privilege code load: cffi and Rust (cryptography, PyNaCl), ctypes (prctl), dkimpy, pyspf.
+sandbox_probe() {
+    sed -e 's/^Type=notify/Type=oneshot/' -e '/^NotifyAccess=\|^ExecReload=\|^Restart=\|^WatchdogSec=\|^ExecStart=/d' \
+        -e 's|^\[Service\]|[Service]\nExecStart=/usr/bin/python3 /usr/local/lib/elemta-sandbox-probe.py|' \
+        "$ROOT/lib/systemd/system/elemta.service" >"$ROOT/etc/systemd/system/elemta-sandbox-probe.service"
+    mkdir -p "$ROOT/usr/local/lib"
+    cat >"$ROOT/usr/local/lib/elemta-sandbox-probe.py" <<'PY'
+import ctypes
+import dkim, dns.resolver, nacl.signing, spf
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
+ed25519.Ed25519PrivateKey.generate().sign(b"x")
+rsa.generate_private_key(public_exponent=65537, key_size=2048).sign(b"x", padding.PKCS1v15(), hashes.SHA256())
+nacl.signing.SigningKey.generate().sign(b"x")
+assert ctypes.CDLL(None, use_errno=True).prctl(1, 15, 0, 0, 0) == 0  # PR_SET_PDEATHSIG
+assert ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int)(lambda x: x + 1)(1) == 2
+print("sandbox probe ok")
+PY
+    in_boot systemctl daemon-reload
+    in_boot systemctl start elemta-sandbox-probe.service
+    local result
+    result=$(in_boot systemctl show -p Result --value elemta-sandbox-probe.service)
+    [ "$result" = success ] || { in_boot journalctl -u elemta-sandbox-probe.service -n 20 >&2; return 1; }
+}
+
 wait_active() {  # wait_active: elemta.service active (Type=notify: after READY=1)
     local i state
     for i in $(seq 150); do
@@ -405,11 +431,12 @@ wait_active() {  # wait_active: elemta.service active (Type=notify: after READY=
 boot_checks() {
     local cgroup2 uid main out
     cgroup2=$(awk '{ for (i = 7; $i != "-"; i++); if ($(i + 1) == "cgroup2") { print $5; exit } }' /proc/self/mountinfo)
-    if [ -z "$cgroup2" ] || ! mkdir "$cgroup2/elemta-test-$$" 2>/dev/null; then
+    BOOT_CGROUP=$cgroup2/$(basename "$(dirname "$ROOT")")
+    if [ -z "$cgroup2" ] || ! mkdir "$BOOT_CGROUP" 2>/dev/null; then
+        BOOT_CGROUP=""
         log "SKIP the unit under systemd: no cgroup2 hierarchy to make a container's cgroup in"
         return 0
     fi
-    BOOT_CGROUP=$cgroup2/elemta-test-$$
     # Into the cgroup first: the cgroup namespace unshare makes is rooted where it starts.
     sh -c 'echo 0 >"$1/cgroup.procs" && shift && exec "$@"' - "$BOOT_CGROUP" \
         unshare --cgroup --mount --pid --fork --uts --ipc --net --propagation private \
@@ -417,7 +444,8 @@ boot_checks() {
     BOOT_UNSHARE=$!
     local i
     for i in $(seq 100); do
-        BOOT_PID=$(awk -v p="$BOOT_UNSHARE" '$1 == "PPid:" && $2 == p { print FILENAME }' /proc/[0-9]*/status 2>/dev/null |
+        # (a process may end while awk reads /proc: awk then exits 2)
+        BOOT_PID=$( (awk -v p="$BOOT_UNSHARE" '$1 == "PPid:" && $2 == p { print FILENAME }' /proc/[0-9]*/status 2>/dev/null || true) |
             head -1 | cut -d/ -f3)
         [ -n "$BOOT_PID" ] && [ -e "/proc/$BOOT_PID/root/run/systemd/private" ] && break
         sleep 0.1
@@ -463,6 +491,8 @@ boot_checks() {
     main=$(in_boot systemctl show -p MainPID --value elemta.service)
     check "systemctl reload elemta (checks the file, then SIGHUP)" in_boot systemctl reload elemta.service
     check "... the same main process still runs" same_main_process "$main"
+    check "the unit's sandbox (seccomp, MemoryDenyWriteExecute, ...) runs cryptography, PyNaCl, dkimpy, pyspf, dnspython and ctypes" \
+        sandbox_probe
     # The watchdog: with WatchdogSec=2s a daemon that does not ping is killed within 2 s.
     mkdir -p "$ROOT/etc/systemd/system/elemta.service.d"
     printf '[Service]\nWatchdogSec=2s\n' >"$ROOT/etc/systemd/system/elemta.service.d/test-watchdog.conf"
