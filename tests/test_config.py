@@ -12,8 +12,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import tomllib
 from pathlib import Path
 
@@ -21,6 +23,7 @@ import pytest
 
 from elemta import config
 from elemta.errors import ConfigError
+from tests.support import as_nobody
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent  # the checkout: `python3 -m elemta` must find the package from here
@@ -184,7 +187,22 @@ def test_bad_config_case(case):
 @pytest.mark.parametrize("which", ["shipped", "empty"])
 def test_check_config_on_a_valid_file_exits_0(tmp_path, which):
     path = str(SHIPPED) if which == "shipped" else write(tmp_path, "")
-    result = run_elemta("--check-config", "--config", path)
+    if os.geteuid() == 0:
+        # Not as root: root's check also asks that server.user ("elemta") exists, which it need
+        # not on a test machine (tests/test_privileges.py checks that message).  As nobody, on
+        # a copy of the file that nobody may read.
+        readable = tempfile.mkdtemp(prefix="elemta-config-", dir="/tmp")
+        try:
+            os.chmod(readable, 0o755)
+            path = shutil.copy(path, readable)
+            os.chmod(path, 0o644)
+            command, env = as_nobody([sys.executable, "-m", "elemta", "--check-config", "--config", path])
+            result = subprocess.run(command, env=env, cwd="/", capture_output=True, text=True, timeout=60,
+                                    check=False)
+        finally:
+            shutil.rmtree(readable)
+    else:
+        result = run_elemta("--check-config", "--config", path)
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"elemta: configuration {path} is valid\n"
     assert result.stderr == ""
