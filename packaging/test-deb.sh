@@ -385,6 +385,14 @@ same_main_process() {
     [ "$(in_boot systemctl show -p MainPID --value elemta.service)" = "$1" ] &&
     { [ -z "${2:-}" ] || [ "$(in_boot systemctl show -p NRestarts --value elemta.service)" = "$2" ]; }
 }
+new_main_process() {  # new_main_process OLD: active again, with another main process
+    wait_active && local now && now=$(in_boot systemctl show -p MainPID --value elemta.service) &&
+    [ "$now" != "$1" ] && [ "$now" != 0 ]
+}
+unit_stopped() {
+    [ "$(in_boot systemctl is-active elemta.service)" != active ] &&
+    ! in_boot sh -c 'grep -alsE "/usr/sbin/elemt[a]" /proc/[0-9]*/cmdline'  # [a]: not this sh itself
+}
 stop_unit() {
     in_boot systemctl stop elemta.service &&
     [ "$(in_boot systemctl show -p Result --value elemta.service)" = success ] &&
@@ -507,6 +515,31 @@ boot_checks() {
     out=$(in_boot systemd-analyze security elemta.service 2>&1 | tail -1)
     log "  $out"
     check "systemd-analyze security: OK or better" grep -Eq " (OK|SAFE|PERFECT) " <<<"$out"
+    # The maintainer scripts where systemd runs (the root's policy-rc.d set aside).
+    local deb_name=${DEB##*/}
+    cp "$DEB" "$ROOT/var/tmp/$deb_name"
+    mv "$ROOT/usr/sbin/policy-rc.d" "$ROOT/var/tmp/policy-rc.d"
+    main=$(in_boot systemctl show -p MainPID --value elemta.service)
+    if in_boot apt-get install -y -q --reinstall "/var/tmp/$deb_name" >"$ROOT/var/tmp/apt.log" 2>&1; then
+        check "an upgrade (apt install --reinstall) restarts the service" new_main_process "$main"
+    else
+        cat "$ROOT/var/tmp/apt.log" >&2
+        fail "apt install --reinstall under systemd"
+    fi
+    if in_boot apt-get remove -y -q elemta >"$ROOT/var/tmp/apt.log" 2>&1; then
+        check "apt remove stops the service" unit_stopped
+    else
+        cat "$ROOT/var/tmp/apt.log" >&2
+        fail "apt remove under systemd"
+    fi
+    if in_boot apt-get install -y -q "/var/tmp/$deb_name" >"$ROOT/var/tmp/apt.log" 2>&1; then
+        check "apt install where systemd runs starts the service" wait_active
+    else
+        cat "$ROOT/var/tmp/apt.log" >&2
+        fail "apt install under systemd"
+    fi
+    mv "$ROOT/var/tmp/policy-rc.d" "$ROOT/usr/sbin/policy-rc.d"
+    rm -f "$ROOT/var/tmp/$deb_name" "$ROOT/var/tmp/apt.log"
     check "systemctl stop elemta: stopped cleanly" stop_unit
     in_boot journalctl -u elemta.service --no-pager -n 6 2>&1 | sed 's/^/  journal: /' >&2 || true
     stop_container
