@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import secrets
 import stat
 
 from elemta.queue.model import NewRecipient
@@ -51,7 +50,7 @@ class Drop:
 
 
 def new_name() -> str:
-    return NAME_PREFIX + secrets.token_hex(16)
+    return NAME_PREFIX + os.urandom(16).hex()
 
 
 def is_name(name: str) -> bool:

@@ -11,9 +11,6 @@ git send-email, mutt and logwatch use them; the ones that steer sendmail's inter
 
 from __future__ import annotations
 
-import email.parser
-import email.policy
-import email.utils
 import errno
 import os
 import sys
@@ -191,17 +188,38 @@ def read_message(stream, dot_ends: bool, limit: int) -> bytes:
     return b"".join(line + b"\r\n" for line in lines)
 
 
+def header_fields(message: bytes) -> list[tuple[str, str]]:
+    """The header section's fields as (lower-case name, unfolded value) (RFC 5322 §2.2.3)."""
+    end = message.find(b"\r\n\r\n")
+    head = (message if end < 0 else message[:end]).decode("utf-8", "surrogateescape")
+    fields: list[list[str]] = []
+    for line in head.split("\r\n"):
+        if line[:1] in (" ", "\t") and fields:
+            fields[-1][1] += line
+        elif ":" in line:
+            name, value = line.split(":", 1)
+            fields.append([name.strip().lower(), value])
+    return [(name, value.strip()) for name, value in fields]
+
+
 def header_recipients(message: bytes) -> tuple[list[str], bytes]:
     """-t: the addresses in To, Cc and Bcc (or in Resent-To/-Cc/-Bcc when the message has
     any, RFC 5322 §3.6.6), and the message without its Bcc fields."""
-    end = message.find(b"\r\n\r\n")
-    head = message if end < 0 else message[:end + 2]
-    parsed = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(head)
-    resent = any(parsed.get_all(f"resent-{n}") for n in ("to", "cc", "bcc"))
-    names = [f"resent-{n}" if resent else n for n in ("to", "cc", "bcc")]
-    fields = [str(v) for n in names for v in parsed.get_all(n) or []]
-    found = [a for _, a in email.utils.getaddresses(fields) if a]
+    fields = header_fields(message)
+    resent = any(name in ("resent-to", "resent-cc", "resent-bcc") for name, _ in fields)
+    names = {f"resent-{n}" if resent else n for n in ("to", "cc", "bcc")}
+    found = parse_addresses([value for name, value in fields if name in names])
     return found, _without_fields(message, {b"bcc", b"resent-bcc"} if resent else {b"bcc"})
+
+
+def parse_addresses(values: list[str]) -> list[str]:
+    """The addresses in address-list values ("A <a@x>, b@y", groups, comments): email.utils
+    does it right; it is imported only when a value needs it (a plain address does not)."""
+    if all(not any(c in value for c in ',<>()":;') and " " not in value.strip() for value in values):
+        return [value.strip() for value in values if value.strip()]
+    import email.utils
+
+    return [address for _, address in email.utils.getaddresses(values) if address]
 
 
 def _without_fields(message: bytes, names: set[bytes]) -> bytes:
@@ -235,7 +253,7 @@ def check_address(address: str, what: str, code: int, allow_null: bool = False) 
 def submit(opts: Options, config: cfg.Config, stdin) -> str:
     hostname = config.hostname
     message = read_message(stdin, opts.dot_ends, config.smtp.max_message_size)
-    cli = [a for arg in opts.recipients for _, a in email.utils.getaddresses([arg]) if a]
+    cli = parse_addresses(opts.recipients)
     if opts.recipients and not cli:
         raise Usage(f"no address in {' '.join(opts.recipients)!r}")
     addresses = [check_address(qualify(a, hostname), "recipient", EX_USAGE) for a in cli]
