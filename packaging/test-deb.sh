@@ -719,6 +719,20 @@ started=$(date +%s)
     python3-setuptools lintian debootstrap util-linux iproute2
 WORK=$(mktemp -d /tmp/elemta-test-deb.XXXXXX)
 cleanup() {
+    [ -z "$LIMIT" ] || kill "$LIMIT" 2>/dev/null || true
+    if [ -n "$INSIDE" ]; then
+        kill -KILL "$INSIDE" 2>/dev/null || true  # unshare ignores TERM; its child dies with it (--kill-child)
+        wait "$INSIDE" 2>/dev/null || true
+    fi
+    # The container's cgroup, left behind if the inside part was killed (its processes
+    # died with its PID namespace, so the cgroup is empty).
+    local cgroup2
+    cgroup2=$(awk '{ for (i = 7; $i != "-"; i++); if ($(i + 1) == "cgroup2") { print $5; exit } }' /proc/self/mountinfo)
+    local i
+    for i in $(seq 50); do  # killed processes take a moment to leave it
+        [ -n "$cgroup2" ] && [ -d "$cgroup2/${WORK##*/}" ] || break
+        find "$cgroup2/${WORK##*/}" -depth -type d -exec rmdir {} + 2>/dev/null || sleep 0.1
+    done
     # Mounts exist only in the namespace of the inside part, gone with it; be sure anyway.
     if grep -q " $WORK/" /proc/self/mountinfo; then
         log "something is still mounted under $WORK: left as it is"
@@ -728,7 +742,9 @@ cleanup() {
         rm -rf "$WORK"
     fi
 }
+INSIDE="" LIMIT=""
 trap cleanup EXIT
+trap 'exit 130' INT TERM
 mkdir -p "$CACHE/archives/partial"
 
 DEB=""
@@ -739,8 +755,26 @@ if build_and_lint; then
         mkdir -p "$ROOT"
         tar -C "$ROOT" --numeric-owner -xf "$tarball"
         log "fresh root ready: $(( $(date +%s) - started )) s"
-        timeout 2400 unshare --mount --pid --fork --propagation private \
-            "$0" --inside "$ROOT" "$DEB" "$WORK/counts" "$CACHE" || fail "the install steps" "exit status $?"
+        # --kill-child: when unshare ends (the time limit, or this script interrupted), the
+        # inside part, PID 1 of its namespace, is killed and every process in it with it.
+        unshare --mount --pid --fork --kill-child --propagation private \
+            "$0" --inside "$ROOT" "$DEB" "$WORK/counts" "$CACHE" &
+        INSIDE=$!
+        sleep 2400 &
+        LIMIT=$!
+        rc=0
+        ended=""
+        wait -n -p ended "$INSIDE" "$LIMIT" || rc=$?
+        if [ "$ended" != "$INSIDE" ]; then
+            log "the install steps took more than 2400 s: stopped"
+            kill -KILL "$INSIDE" 2>/dev/null || true  # unshare ignores TERM; its child dies with it (--kill-child)
+            rc=0
+            wait "$INSIDE" || rc=$?
+        fi
+        kill "$LIMIT" 2>/dev/null || true
+        wait "$LIMIT" 2>/dev/null || true
+        LIMIT="" INSIDE=""
+        [ "$rc" -eq 0 ] || fail "the install steps" "exit status $rc"
         if [ -s "$WORK/counts" ]; then
             read -r p f <"$WORK/counts"
             passed=$((passed + p)) failed=$((failed + f))
