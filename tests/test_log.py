@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 
 from elemta import log
+from tests.support import ROOT
 
 
 def test_text_line_format_and_quoting():
@@ -54,3 +56,23 @@ def test_batch_writer_flushes_everything_on_close():
     writer.close()
     written = stream.getvalue().splitlines()
     assert len(written) == 1000 and written[-1].endswith("Q rcpt n=999")
+
+
+def test_on_the_journal_stream_lines_carry_the_priority_not_the_time(tmp_path):
+    """Under systemd, JOURNAL_STREAM names standard error's device:inode (systemd.exec(5))."""
+    import subprocess
+    import sys
+
+    stream = tmp_path / "journal"
+    with open(stream, "wb") as err:
+        st = os.fstat(err.fileno())
+        code = ("from elemta import log; l = log.EventLog(); l('started', a=1); "
+                "l('trouble', level=log.WARNING); l('broken', qid='Q1', level=log.ERROR)")
+        env = {**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}", "PYTHONPATH": str(ROOT)}
+        subprocess.run([sys.executable, "-c", code], stderr=err, env=env, timeout=30, check=True)
+    lines = stream.read_text().splitlines()
+    assert [line.split(" ", 1)[0][:3] for line in lines] == ["<6>", "<4>", "<3>"]
+    assert re.fullmatch(r"<6>elemta\[\d+\]: NOQUEUE started a=1", lines[0])
+    assert lines[2].endswith(": Q1 broken")
+    assert not log.to_journal({"JOURNAL_STREAM": "1:2"})  # another stream: the usual lines
+    assert not log.to_journal({})
