@@ -4,13 +4,11 @@ runs as it; files it creates are not for others; secrets others can read stop th
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import smtplib
 import socket
 import stat
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -41,13 +39,6 @@ transport = "maildir:@SPOOL@/../mail/%u"
 """
 
 
-@pytest.fixture
-def open_dir():
-    """A temporary directory nobody may enter (pytest's own is 0700 under /tmp/pytest-of-root)."""
-    path = Path(tempfile.mkdtemp(prefix="elemta-priv-", dir="/tmp"))
-    os.chmod(path, 0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def daemon_in(directory: Path, config: str, **kwargs) -> Daemon:

@@ -6,11 +6,7 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import signal
 import subprocess
-import tempfile
-from pathlib import Path
 
 import pytest
 
@@ -39,12 +35,6 @@ hold = true
 """
 
 
-@pytest.fixture
-def open_dir():
-    path = Path(tempfile.mkdtemp(prefix="elemta-sendmail-", dir="/tmp"))
-    os.chmod(path, 0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
