@@ -57,14 +57,20 @@ def main_loop(load_config: Callable[[], Config]) -> int:
     os.umask(filemodes.UMASK)  # whatever we inherited: nothing elemta creates is for others
     notifier = sdnotify.Notifier()
     pidfile = None
+    if not ipv6_available():
+        load_config = _without_ipv6(load_config)
     try:
         config = load_config()
         pidfile = become_service(config)
         check_startup(config)  # as the service's user, before any child: one error line
+        events = logmod.EventLog(config.log.level, config.log.format == "json")
         warning = open_files_warning(config)
         if warning:
-            logmod.EventLog(config.log.level, config.log.format == "json")(
-                "resource_warning", level=logmod.WARNING, error=warning)
+            events("resource_warning", level=logmod.WARNING, error=warning)
+        skipped = getattr(load_config, "skipped", ())
+        if skipped:
+            events("listeners_skipped", level=logmod.WARNING, addresses=",".join(skipped),
+                   error="IPv6 is turned off in this kernel")
         if config.server.workers > 1 or config.server.delivery_process:
             return Supervisor(load_config, announce, notifier, pidfile).run(config)
         return Daemon(load_config, announce, notifier=notifier).run()
@@ -75,6 +81,35 @@ def main_loop(load_config: Callable[[], Config]) -> int:
         notifier.stopping()
         if pidfile is not None:
             pidfile.release()
+
+
+def ipv6_available() -> bool:
+    """False on a kernel booted with ipv6.disable=1 (no AF_INET6 sockets at all)."""
+    try:
+        socket.socket(socket.AF_INET6, socket.SOCK_STREAM).close()
+    except OSError:
+        return False
+    return True
+
+
+def without_ipv6(config: Config) -> tuple[Config, list[str]]:
+    """config without its IPv6 listeners, and their addresses: Debian's elemta.toml listens on
+    [::] beside 0.0.0.0, which a kernel without IPv6 cannot open (as Postfix then turns its
+    IPv6 support off with a warning).  ConfigError if no listener would be left."""
+    dropped = [listener.address for listener in config.listeners if ":" in listener.host]
+    kept = tuple(listener for listener in config.listeners if ":" not in listener.host)
+    if dropped and not kept:
+        raise ConfigError("listeners: IPv6 is turned off in this kernel and every listener is an IPv6 address")
+    return dataclasses.replace(config, listeners=kept), dropped
+
+
+def _without_ipv6(load_config: Callable[[], Config]) -> Callable[[], Config]:
+    def load() -> Config:
+        config, load.skipped = without_ipv6(load_config())
+        return config
+
+    load.skipped = []
+    return load
 
 
 def become_service(config: Config) -> PidFile:

@@ -57,3 +57,18 @@ def test_open_files_warning_without_a_daemon():
     small = Config(server=ServerConfig(max_connections=1))
     assert supervisor.open_files_warning(small) is None
     assert resource.getrlimit(resource.RLIMIT_NOFILE) == (soft, hard)  # enough already: untouched
+
+
+def test_without_ipv6_drops_the_ipv6_listeners_and_refuses_to_keep_none():
+    import pytest
+
+    from elemta.config import Listener
+    from elemta.errors import ConfigError
+
+    both = Config(listeners=(Listener("0.0.0.0:25"), Listener("[::]:25"), Listener("[::1]:587", "submission")))
+    config, dropped = supervisor.without_ipv6(both)
+    assert [lst.address for lst in config.listeners] == ["0.0.0.0:25"]
+    assert dropped == ["[::]:25", "[::1]:587"]
+    assert supervisor.without_ipv6(Config(listeners=(Listener("127.0.0.1:25"),)))[1] == []
+    with pytest.raises(ConfigError, match="every listener is an IPv6 address"):
+        supervisor.without_ipv6(Config(listeners=(Listener("[::]:25"),)))
