@@ -578,6 +578,7 @@ inside() {
     check "/etc/elemta/elemta.toml is a conffile" is_conffile /etc/elemta/elemta.toml
     check "/var/spool/elemta elemta:elemta 0750" stat_is /var/spool/elemta "elemta:elemta 750"
     check "/var/spool/elemta-maildrop elemta:elemta 3733" stat_is /var/spool/elemta-maildrop "elemta:elemta 3733"
+    check "/etc/mailname made (Debian Policy 11.6)" test -s "$ROOT/etc/mailname"
     check "sendmail, mailq, newaliases lead to elemta-sendmail" links_to /usr/sbin/elemta-sendmail \
         /usr/sbin/sendmail /usr/lib/sendmail /usr/bin/mailq /usr/bin/newaliases
     check "man -w elemta elemtactl elemta.toml sendmail mailq newaliases" \

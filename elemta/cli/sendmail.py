@@ -237,10 +237,11 @@ def _without_fields(message: bytes, names: set[bytes]) -> bytes:
     return b"".join(line + b"\r\n" for line in kept) + body
 
 
-def qualify(address: str, hostname: str) -> str:
-    """A bare user name (cron's "root") gets @hostname, as other MTAs append their origin."""
+def qualify(address: str, config: cfg.Config) -> str:
+    """A bare user name (cron's "root") gets @hostname, as other MTAs append their origin.
+    The host name is asked for only then: without /etc/mailname it is a DNS lookup."""
     address = _strip_brackets(address)
-    return address if "@" in address or not address else f"{address}@{hostname}"
+    return address if "@" in address or not address else f"{address}@{config.hostname}"
 
 
 def check_address(address: str, what: str, code: int, allow_null: bool = False) -> str:
@@ -251,22 +252,21 @@ def check_address(address: str, what: str, code: int, allow_null: bool = False) 
 
 
 def submit(opts: Options, config: cfg.Config, stdin) -> str:
-    hostname = config.hostname
     message = read_message(stdin, opts.dot_ends, config.smtp.max_message_size)
     cli = parse_addresses(opts.recipients)
     if opts.recipients and not cli:
         raise Usage(f"no address in {' '.join(opts.recipients)!r}")
-    addresses = [check_address(qualify(a, hostname), "recipient", EX_USAGE) for a in cli]
+    addresses = [check_address(qualify(a, config), "recipient", EX_USAGE) for a in cli]
     if opts.extract:
         found, message = header_recipients(message)
-        addresses += [check_address(qualify(a, hostname), "recipient in the header", EX_DATAERR) for a in found]
+        addresses += [check_address(qualify(a, config), "recipient in the header", EX_DATAERR) for a in found]
         if not addresses:
             raise Failure(EX_DATAERR, "no recipients: the message has no To, Cc or Bcc address")
     elif not addresses:
         raise Usage("no recipients given (name them, or use -t to take them from the message)")
     sender = None
     if opts.sender is not None:
-        sender = check_address(qualify(opts.sender, hostname), "sender (-f)", EX_USAGE, allow_null=True)
+        sender = check_address(qualify(opts.sender, config), "sender (-f)", EX_USAGE, allow_null=True)
     unique = list(dict.fromkeys(addresses))
     body_type = opts.body_type or ("7BIT" if message.isascii() else "8BITMIME")
     drop = maildrop.Drop(
