@@ -16,6 +16,7 @@ import email.utils
 import functools
 import ipaddress
 import re
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -354,5 +355,24 @@ class Plugin:
         return None
 
     def log(self, event: str, **fields: Any) -> None:
+        """One log line "<qid> <event> plugin=<name> key=value...": the queue ID is the one of
+        the transaction or delivery the current hook runs for, unless fields give qid."""
         if self.services is not None and self.services.log is not None:
+            qid = CURRENT_QID.get()
+            if qid is not None:
+                fields.setdefault("qid", qid)
             self.services.log(event, plugin=self.name, **fields)
+
+
+# The queue ID of the transaction or delivery a hook is running for, set by the manager around
+# each call (in whichever thread makes it), so that every line a plugin logs carries it and
+# one grep finds the whole transaction (elemta(8), LOGGING), with no qid= at each call.
+CURRENT_QID: ContextVar[str | None] = ContextVar("elemta_plugin_qid", default=None)
+
+
+def queue_id_of(ctx: Context) -> str | None:
+    if ctx.transaction is not None:
+        return ctx.transaction.queue_id
+    if ctx.delivery is not None:
+        return ctx.delivery.queue_id
+    return None

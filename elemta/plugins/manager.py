@@ -284,12 +284,14 @@ class Manager:
             verdict, error, seconds, timeout = None, "too many calls in flight", 0.0, True
         else:
             began, timeout = self._clock(), False
+            token = api.CURRENT_QID.set(api.queue_id_of(ctx))  # for the plugin's log lines
             try:
                 verdict = getattr(loaded.plugin, hook)(ctx)
                 error = "" if verdict is None else _verdict_error(hook, verdict)
             except Exception as exc:  # noqa: BLE001 - isolation is the point
                 verdict, error = None, f"{type(exc).__name__}: {exc}"[:200]
             finally:
+                api.CURRENT_QID.reset(token)
                 loaded.leave()
             seconds = self._clock() - began
         if job is None:

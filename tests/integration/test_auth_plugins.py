@@ -137,6 +137,11 @@ def test_spf_pass_is_recorded_in_received_spf_and_authentication_results(daemon)
     assert results.startswith("mx.test; spf=pass smtp.mailfrom=alice@sender.test")
     assert "dkim=none" in results and "dmarc=pass" in results  # aligned SPF
     assert re.search(r"^Received-SPF: pass ", header(body), re.MULTILINE)
+    # One grep of the queue ID finds the plugins' lines too (elemta(8), LOGGING).
+    qid = queued(daemon, before + 1)["queue_id"]
+    lines = wait_for(lambda: [x for x in daemon.log_text().splitlines() if " checked " in x and "plugin=dmarc" in x
+                              and "result=pass" in x and f" {qid} " in x], what="dmarc's line with the queue ID")
+    assert lines and not any(" NOQUEUE checked " in x and "plugin=dmarc" in x for x in daemon.log_text().splitlines())
 
 
 def test_spf_fail_is_refused_at_mail_from(daemon):

@@ -282,3 +282,20 @@ def test_a_stuck_health_check_does_not_stall_stats(manager_of):
     assert manager.stats()[0]["health"].startswith("health() has not answered for")
     sample.RELEASE.set()
     wait_for(lambda: manager.stats()[0]["health"] == "backend unreachable", 5, what="the health answer")
+
+
+@pytest.mark.parametrize("timeout", [0, 5.0])  # in the caller's thread, and in a pool thread
+def test_a_plugins_log_lines_carry_the_queue_id_of_the_hook(timeout):
+    lines = []
+    manager = Manager((spec("tests.plugins.sample:Logs", timeout=timeout),))
+    manager.start(api.Services(hostname="mx.test", spool_dir="/nonexistent",
+                               log=lambda event, qid=None, **fields: lines.append((qid, event, fields["hook"]))))
+    try:
+        manager.run("on_connect", api.Context("on_connect", api.Connection("192.0.2.1")))
+        manager.run("on_mail_from", ctx("on_mail_from"))
+        delivery = api.Delivery("Q2", "a@example.com", ("b@example.net",))
+        manager.run("on_delivery_success", api.Context("on_delivery_success", delivery=delivery))
+    finally:
+        manager.stop()
+    assert lines == [(None, "seen", "on_connect"), ("Q1", "seen", "on_mail_from"),
+                     ("Q2", "seen", "on_delivery_success")]
