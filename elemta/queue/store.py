@@ -26,6 +26,7 @@ from elemta.queue.model import NewMessage
 
 _STOP = object()  # immutable sentinel telling the writer to finish up
 _INTAKE_CACHE_SECONDS = 1.0
+_ROW_OVERHEAD = 8192  # octets a message adds beyond its body: rows, index entries, WAL frame headers
 _READER_POOL_MAX = 8  # idle read connections kept; more concurrent readers just open their own
 _WAIT_SLICE = 1.0  # how often a waiting session re-checks that the writer is alive
 
@@ -69,7 +70,6 @@ class _Intake:
     """What intake_check last measured, and the writer's totals at that moment."""
 
     taken_at: float
-    free_bytes: int
     messages: int
     bytes: int
     committed_messages: int
@@ -271,7 +271,9 @@ class Store:
         # next refresh, which errs on the side of refusing.
         new_messages = messages - snap.committed_messages
         new_bytes = nbytes - snap.committed_bytes
-        if self._min_free_bytes and snap.free_bytes - new_bytes < self._min_free_bytes:
+        # The file system's free space itself, at every MAIL (a statvfs costs a microsecond):
+        # the WAL, checkpoints and other writers use the disk too, not only our messages.
+        if self._min_free_bytes and self._free_bytes() < self._min_free_bytes:
             return "disk"
         if self._max_messages and snap.messages + new_messages >= self._max_messages:
             return "quota"
@@ -294,18 +296,11 @@ class Store:
                 return snap  # type: ignore[return-value]
             with self._stats_lock:
                 committed_messages, committed_bytes = self._committed
-            free = 0
-            if self._min_free_bytes:
-                try:
-                    st = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
-                except OSError as exc:
-                    raise QueueError(f"cannot check free space for {self.path}: {exc}") from exc
-                free = st.f_bavail * st.f_frsize  # what an unprivileged writer may use
             messages = nbytes = 0
             if self._max_messages or self._max_bytes:
                 with self._reader() as conn:
                     messages, nbytes = schema.undelivered_totals(conn)
-            snap = _Intake(now, free, messages, nbytes, committed_messages, committed_bytes)
+            snap = _Intake(now, messages, nbytes, committed_messages, committed_bytes)
             self._intake = snap
             return snap
 
@@ -359,6 +354,9 @@ class Store:
                     item.finish(QueueError(self._not_accepting_reason()))
 
     def _write_batch(self, batch: list[_Request]) -> None:
+        batch = self._room_for(batch)
+        if not batch:
+            return
         try:
             try:
                 self._commit(batch)
@@ -386,6 +384,45 @@ class Store:
             for req in batch:  # only reached unfinished if the writer itself is dying
                 if not req.done.is_set():
                     req.finish(QueueError("queue writer stopped before committing the message"))
+
+    def _room_for(self, batch: list[_Request]) -> list[_Request]:
+        """The requests the disk has room for above queue.min_free_space, in order; the others
+        fail at once with QueueFullError (452 4.3.1).  Checked before each commit, on the file
+        system's own free space: MAIL's check cannot see the messages still in transfer."""
+        if not self._min_free_bytes:
+            return batch
+        try:
+            room = self._free_bytes() - self._min_free_bytes
+        except QueueError:
+            return batch  # statvfs failed: let SQLite's own SQLITE_FULL decide
+        fits: list[_Request] = []
+        for req in batch:
+            # A message is written to the WAL and then into the database by the checkpoint:
+            # until then it takes its size twice, plus a page or two of index and row.
+            need = 2 * len(req.msg.body) + _ROW_OVERHEAD
+            if need <= room:
+                room -= need
+                fits.append(req)
+            else:
+                with self._stats_lock:
+                    self._stats["failed"] += 1
+                req.finish(QueueFullError(
+                    f"disk space below queue.min_free_space; message {req.msg.queue_id} not stored"))
+        return fits
+
+    def _free_bytes(self) -> int:
+        """The space new mail may use: the file system's free space (what an unprivileged
+        writer may use), less the WAL's size, since what the WAL holds is copied into the
+        database by a checkpoint that may not have run yet (it grows queue.db by up to that)."""
+        try:
+            st = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
+        except OSError as exc:
+            raise QueueError(f"cannot check free space for {self.path}: {exc}") from exc
+        try:
+            wal = os.stat(self.path + "-wal").st_size
+        except OSError:
+            wal = 0
+        return st.f_bavail * st.f_frsize - wal
 
     def _commit(self, batch: list[_Request]) -> None:
         conn = self._wconn
