@@ -81,6 +81,11 @@ def _tls_context(policy: str, ca_file: str | None) -> ssl.SSLContext:
         context.verify_mode = ssl.CERT_NONE
     if policy != "may" and context.minimum_version < ssl.TLSVersion.TLSv1_2:
         context.minimum_version = ssl.TLSVersion.TLSv1_2
+    # The cipher list stays OpenSSL's default on purpose, unlike the listeners' (smtp/tls.py
+    # DEFAULT_CIPHERS): the server picks, OpenSSL lists the forward-secret AEAD suites first,
+    # so any current MX gets them; a server that knows only static RSA or CBC-SHA1 would
+    # otherwise get the mail in plain text ('may', RFC 7435 §3: some protection beats none)
+    # or not at all ('encrypt', 'verify'), as Postfix's smtp_tls_mandatory_ciphers = medium.
     return context
 
 

@@ -24,6 +24,20 @@ from elemta.config import Certificate, TlsConfig
 from elemta import filemodes
 from elemta.errors import ConfigError
 
+# The TLS 1.2 suites offered when tls.ciphers is "": Mozilla's "intermediate" list (server side
+# TLS guidelines, version 5.7), the suites RFC 9325 §4.2 recommends: ephemeral (EC)DHE key
+# exchange for forward secrecy and AEAD ciphers only.  OpenSSL's own default also allows static
+# RSA key exchange (AES256-GCM-SHA384; RFC 9325 §4.1: SHOULD NOT) and CBC with HMAC-SHA1
+# (AES128-SHA), which this leaves out.  The DHE suites need DH parameters, which Python's
+# server contexts do not load, so in practice ECDHE is used.  TLS 1.3's own suites are set
+# apart by OpenSSL (SSL_CTX_set_ciphersuites) and are all AEAD with ephemeral keys: unaffected.
+DEFAULT_CIPHERS = ":".join((
+    "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256",
+    "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-RSA-AES256-GCM-SHA384",
+    "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-CHACHA20-POLY1305",
+    "DHE-RSA-AES128-GCM-SHA256", "DHE-RSA-AES256-GCM-SHA384", "DHE-RSA-CHACHA20-POLY1305",
+))
+
 
 @dataclass(frozen=True)
 class TlsInfo:
@@ -162,11 +176,10 @@ def _context(config: TlsConfig, cert: Certificate, path: str) -> ssl.SSLContext:
     # No TLS compression (CRIME) and no client-initiated renegotiation (a CPU-exhaustion lever).
     context.options |= ssl.OP_NO_COMPRESSION | getattr(ssl, "OP_NO_RENEGOTIATION", 0)
     context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
-    if config.ciphers:
-        try:
-            context.set_ciphers(config.ciphers)
-        except ssl.SSLError:
-            raise ConfigError(f"tls.ciphers: {config.ciphers!r} selects no cipher OpenSSL knows") from None
+    try:
+        context.set_ciphers(config.ciphers or DEFAULT_CIPHERS)
+    except ssl.SSLError:
+        raise ConfigError(f"tls.ciphers: {config.ciphers!r} selects no cipher OpenSSL knows") from None
     for name in filter(None, (cert.cert_file, cert.key_file)):
         # load_cert_chain's own errors do not say which file; these do.
         if not os.path.exists(name):

@@ -101,3 +101,55 @@ def test_check_reloads_only_when_a_file_changed(ca, tmp_path, monkeypatch):
     clock[0] += 61
     tls.check()
     assert tls.context() is not first
+
+
+def _handshake(server: ssl.SSLContext, client: ssl.SSLContext) -> str:
+    """A TLS handshake in memory between the two contexts; the cipher agreed on."""
+    client_in, client_out, server_in, server_out = (ssl.MemoryBIO() for _ in range(4))
+    tls_client = client.wrap_bio(client_in, client_out, server_hostname="mx.example.org")
+    tls_server = server.wrap_bio(server_in, server_out, server_side=True)
+    done = {tls_client: False, tls_server: False}
+    for _ in range(20):  # a TLS 1.2 handshake is two round trips; this only bounds a bug
+        for end in (tls_client, tls_server):
+            if not done[end]:
+                try:
+                    end.do_handshake()
+                    done[end] = True
+                except ssl.SSLWantReadError:
+                    pass
+        server_in.write(client_out.read())
+        client_in.write(server_out.read())
+        if all(done.values()):
+            return tls_server.cipher()[0]
+    raise AssertionError("handshake did not finish")
+
+
+def _tls12_client(ciphers: str) -> ssl.SSLContext:
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
+    client.maximum_version = ssl.TLSVersion.TLSv1_2  # the TLS 1.3 suites are not in question
+    client.set_ciphers(ciphers)
+    return client
+
+
+@pytest.mark.parametrize("offered", [
+    "AES128-SHA",  # static RSA key exchange and CBC with HMAC-SHA1
+    "AES256-GCM-SHA384",  # AEAD, but static RSA: no forward secrecy
+    "ECDHE-RSA-AES128-SHA",  # forward secret, but CBC with HMAC-SHA1
+])
+def test_tls12_refuses_suites_without_forward_secrecy_or_aead_by_default(ca, tmp_path, offered):
+    server = ServerTls(TlsConfig(certificates=(Certificate(pem(ca, tmp_path, "mx.example.org")),))).context()
+    with pytest.raises(ssl.SSLError):
+        _handshake(server, _tls12_client(offered))
+
+
+@pytest.mark.parametrize("offered", ["ECDHE-RSA-AES128-GCM-SHA256", "ECDHE-RSA-CHACHA20-POLY1305"])
+def test_tls12_accepts_forward_secret_aead_suites_by_default(ca, tmp_path, offered):
+    server = ServerTls(TlsConfig(certificates=(Certificate(pem(ca, tmp_path, "mx.example.org")),))).context()
+    assert _handshake(server, _tls12_client(offered)) == offered
+
+
+def test_tls_ciphers_lets_an_admin_allow_more(ca, tmp_path):
+    config = TlsConfig(certificates=(Certificate(pem(ca, tmp_path, "mx.example.org")),),
+                       ciphers="DEFAULT:AES128-SHA")
+    assert _handshake(ServerTls(config).context(), _tls12_client("AES128-SHA")) == "AES128-SHA"
