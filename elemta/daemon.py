@@ -31,7 +31,7 @@ from elemta.pickup import Pickup
 from elemta.plugins import api as plugin_api
 from elemta.plugins import statsfile
 from elemta.plugins.manager import Manager
-from elemta.queue import db, ids, schema
+from elemta.queue import db, ids, integrity, schema
 from elemta.queue.store import Store
 from elemta.queue.work import WorkQueue
 from elemta.smtp.server import SmtpServer
@@ -53,18 +53,32 @@ def build_store(config: Config, worker: int = 0) -> Store:
     )
 
 
-def prepare_spool(config: Config) -> None:
-    """Create or upgrade the queue database before a supervisor forks: one error for the operator
-    (SpoolError) instead of one per child. Leaves no connection or thread behind."""
+def prepare_spool(config: Config) -> str | None:
+    """Check, create or upgrade the queue database before any child starts: one error for the
+    operator (SpoolError) instead of one per child.  A queue that was there and is missing,
+    empty or damaged is refused (queue/integrity.py).  Returns a warning when the integrity
+    check did not finish in its time.  Leaves no connection or thread behind."""
+    path = config.queue_path
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(config.queue_path)), exist_ok=True)
-        conn = db.connect(config.queue_path)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        integrity.check_presence(path)
+        conn = db.connect(path)
         try:
+            problems = integrity.quick_check(conn)
+            if problems:
+                raise integrity.DamagedQueue(
+                    f"{path} fails SQLite's integrity check ({'; '.join(problems)[:300]}): see elemta(8), RECOVERY")
             schema.migrate(conn)
         finally:
             conn.close()
+    except integrity.DamagedQueue as exc:
+        raise SpoolError(f"server.spool_dir: {exc}") from None
     except (QueueError, OSError, sqlite3.Error) as exc:
-        raise SpoolError(f"server.spool_dir: cannot open the queue {config.queue_path}: {exc}") from None
+        raise SpoolError(f"server.spool_dir: cannot open the queue {path}: {exc}") from None
+    if problems is None:
+        return (f"the integrity check of {path} did not finish in {integrity.START_CHECK_SECONDS:g} s; "
+                f"check it with: sqlite3 {path} 'PRAGMA integrity_check'")
+    return None
 
 
 def build_resolver(config: Config) -> Resolver:

@@ -71,6 +71,9 @@ def main_loop(load_config: Callable[[], Config]) -> int:
         if skipped:
             events("listeners_skipped", level=logmod.WARNING, addresses=",".join(skipped),
                    error="IPv6 is turned off in this kernel")
+        warning = prepare_spool(config)  # the queue: checked, created or upgraded, once
+        if warning:
+            events("queue_check_unfinished", level=logmod.WARNING, error=warning)
         if config.server.workers > 1 or config.server.delivery_process:
             return Supervisor(load_config, announce, notifier, pidfile).run(config)
         return Daemon(load_config, announce, notifier=notifier).run()
@@ -222,7 +225,6 @@ class Supervisor:
     def run(self, config: Config) -> int:
         self.events.configure(config.log.level, config.log.format == "json")
         config = self._pin_ports(config)
-        prepare_spool(config)
         workers = config.server.workers
         if config.server.delivery_process:
             self._roles = dict.fromkeys(range(workers), "smtp")
