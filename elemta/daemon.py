@@ -77,7 +77,7 @@ def prepare_spool(config: Config) -> str | None:
         raise SpoolError(f"server.spool_dir: cannot open the queue {path}: {exc}") from None
     if problems is None:
         return (f"the integrity check of {path} did not finish in {integrity.START_CHECK_SECONDS:g} s; "
-                f"check it with: sqlite3 {path} 'PRAGMA integrity_check'")
+                f"check it with elemtactl queue check")
     return None
 
 

@@ -18,6 +18,7 @@ from elemta import __version__
 from elemta import config as cfg
 from elemta.cli import ctlbase, tomlconf
 from elemta.cli.ctl_plugins import dkim, plugins
+from elemta.cli.ctl_queue_check import check as queue_check
 from elemta.cli.ctl_user import user_group
 from elemta.cli.ctlbase import (
     EX_NOINPUT,
@@ -259,6 +260,7 @@ def config_show(ctl: Ctl, as_json: bool) -> None:
         click.echo(tomlconf.dumps(ctl.config), nl=False)
 
 
+queue.add_command(queue_check)
 main.add_command(user_group)
 main.add_command(plugins)
 main.add_command(dkim)

@@ -46,14 +46,16 @@ def check_presence(path: str) -> None:
 
 
 def quick_check(conn: sqlite3.Connection, seconds: float = START_CHECK_SECONDS,
-                every: int = 10_000) -> list[str] | None:
-    """SQLite's PRAGMA quick_check, stopped after `seconds` (looked at every `every` virtual
-    machine steps): [] when the database is sound, the problems it found (at most
-    MAX_PROBLEMS), or None if it did not finish in time."""
+                every: int = 10_000, full: bool = False) -> list[str] | None:
+    """SQLite's PRAGMA quick_check (integrity_check when full: indexes against their tables
+    too), stopped after `seconds` (looked at every `every` virtual machine steps): [] when the
+    database is sound, the problems it found (at most MAX_PROBLEMS), or None if it did not
+    finish in time."""
     deadline = time.monotonic() + seconds
     conn.set_progress_handler(lambda: int(time.monotonic() > deadline), every)
+    pragma = "integrity_check" if full else "quick_check"
     try:
-        rows = conn.execute(f"PRAGMA quick_check({MAX_PROBLEMS})").fetchall()
+        rows = conn.execute(f"PRAGMA {pragma}({MAX_PROBLEMS})").fetchall()
     except sqlite3.OperationalError as exc:
         if "interrupt" in str(exc).lower():
             return None
