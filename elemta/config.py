@@ -2,7 +2,11 @@
 
 Every key has its default here and only here (conf/elemta.toml mirrors it, and a test checks
 that the two agree).  Validation is strict: an unknown key, a wrong type or an impossible value
-raises ConfigError whose one-line message names the key path and what is allowed.
+is a problem whose one line names the key path and what is allowed.  parse() goes on past a
+problem (the key keeps its default, the bad table or listener is left out) and raises one
+ConfigError with every problem found, so a file with several mistakes is fixed in one pass.
+Checks that relate keys are skipped when one of the keys is itself bad: a made-up second error
+would only mislead.
 """
 
 from __future__ import annotations
@@ -280,6 +284,41 @@ _SECTIONS = {
 }
 
 
+class _Problems:
+    """The problems found so far, and the key paths they are about."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.paths: set[str] = set()
+
+    def add(self, path: str, message: str) -> None:
+        self.lines.append(message)
+        self.paths.add(path)
+
+    def bad(self, *paths: str) -> bool:
+        """True if a problem was found at one of paths or inside it."""
+        return any(p == path or p.startswith((path + ".", path + "[")) for p in self.paths for path in paths)
+
+    def trying(self, path: str):
+        """A context in which a ConfigError (one problem or several) is recorded, not raised."""
+        return _Trying(self, path)
+
+
+class _Trying:
+    def __init__(self, problems: _Problems, path: str) -> None:
+        self.problems, self.path = problems, path
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if isinstance(exc, ConfigError):
+            for line in exc.problems:
+                self.problems.add(self.path, line)
+            return True
+        return False
+
+
 def split_host_port(address: str) -> tuple[str, int]:
     """'127.0.0.1:25' / '[::1]:25' / 'mail.example:25' -> (host, port); ValueError if bad."""
     if address.startswith("["):
@@ -307,10 +346,12 @@ def _type_name(tp: Any) -> str:
     }[tp]
 
 
-def _coerce(path: str, value: Any, default: Any) -> Any:
-    """Check value against the type of its default; return it in the dataclass's type."""
+def _coerce(path: str, value: Any, default: Any, problems: _Problems) -> Any:
+    """Check value against the type of its default; return it in the dataclass's type.
+    ConfigError for a bad value; a table or the certificates record their entries' problems
+    in problems and keep the good entries, so the checks of those still run."""
     if path == "tls.certificates":
-        return _certificates(value)
+        return _certificates(value, problems)
     kind = type(default)
     if kind is bool:
         ok = isinstance(value, bool)
@@ -325,7 +366,7 @@ def _coerce(path: str, value: Any, default: Any) -> Any:
     elif kind is dict:
         ok = isinstance(value, dict)
         if ok:
-            return _table(path, value)
+            return _table(path, value, problems)
     else:
         ok = isinstance(value, str)
     if not ok:
@@ -338,7 +379,7 @@ def _coerce(path: str, value: Any, default: Any) -> Any:
     return value
 
 
-def _table(path: str, value: dict) -> dict:
+def _table(path: str, value: dict, problems: _Problems) -> dict:
     """A table of domain or address keys; values are strings, or numbers for the rate tables."""
     number = path in _NUMBER_TABLES
     result = {}
@@ -349,21 +390,23 @@ def _table(path: str, value: dict) -> dict:
         )
         if not good:
             want = "a number of 0 or more" if number else "a string"
-            raise ConfigError(f"{path}.{key}: expected {want}, got {type(item).__name__} {item!r}")
+            problems.add(f"{path}.{key}", f"{path}.{key}: expected {want}, got {type(item).__name__} {item!r}")
+            continue
         # Domains and addresses compare case-insensitively; keys are normalised once, here.
         result[key.lower().rstrip(".")] = item
     return result
 
 
-def _certificates(raw: Any) -> tuple[Certificate, ...]:
+def _certificates(raw: Any, problems: _Problems) -> tuple[Certificate, ...]:
     if not isinstance(raw, list) or not all(isinstance(item, dict) for item in raw):
         raise ConfigError("tls.certificates: expected an array of tables [[tls.certificates]]")
     result = []
     for index, item in enumerate(raw):
         path = f"tls.certificates[{index}]"
         if not item.get("cert_file"):
-            raise ConfigError(f"{path}.cert_file: missing (the PEM certificate chain)")
-        result.append(_section(path, Certificate, item))
+            problems.add(path, f"{path}.cert_file: missing (the PEM certificate chain)")
+            continue
+        result.append(_section(path, Certificate, item, problems))
     return tuple(result)
 
 
@@ -374,170 +417,196 @@ def _number(value: float) -> str:
     return str(int(value)) if value == int(value) else str(value)
 
 
-def _section(name: str, cls: type, raw: Any) -> Any:
+def _section(name: str, cls: type, raw: Any, problems: _Problems) -> Any:
+    """The dataclass of a table; a bad key is a problem and keeps its default."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{name}: expected a table [{name}], got {type(raw).__name__}")
+        problems.add(name, f"{name}: expected a table [{name}], got {type(raw).__name__}")
+        return cls()
     defaults = cls()
     known = {f.name for f in dataclasses.fields(cls)}
     values = {}
     for key, value in raw.items():
         path = f"{name}.{key}"
         if key not in known:
-            raise ConfigError(f"{path}: unknown key (allowed: {', '.join(sorted(known))})")
-        values[key] = _coerce(path, value, getattr(defaults, key))
+            problems.add(path, f"{path}: unknown key (allowed: {', '.join(sorted(known))})")
+            continue
+        with problems.trying(path):
+            values[key] = _coerce(path, value, getattr(defaults, key), problems)
     return cls(**values)
 
 
-def _plugins(raw: Any) -> tuple[PluginSpec, ...]:
+def _plugins(raw: Any, problems: _Problems) -> tuple[PluginSpec, ...]:
+    """The [[plugins]]; one with a problem is left out (and the file refused)."""
     if not isinstance(raw, list) or not all(isinstance(item, dict) for item in raw):
-        raise ConfigError("plugins: expected an array of tables [[plugins]]")
+        problems.add("plugins", "plugins: expected an array of tables [[plugins]]")
+        return ()
     result, names = [], set()
     for index, item in enumerate(raw):
         path = f"plugins[{index}]"
+        before = len(problems.lines)
         item = dict(item)
         options = item.pop("options", {})
         if not isinstance(options, dict):
-            raise ConfigError(f"{path}.options: expected a table [plugins.options]")
+            problems.add(path, f"{path}.options: expected a table [plugins.options]")
         if not isinstance(item.get("use"), str) or not item["use"]:
-            raise ConfigError(f"{path}.use: missing (a built-in such as \"spf\", or \"module:Class\")")
+            problems.add(path, f"{path}.use: missing (a built-in such as \"spf\", or \"module:Class\")")
+            continue
         timeout = item.pop("timeout", None)  # absent: the plugin class's own default
         if timeout is not None:
-            timeout = _coerce(f"{path}.timeout", timeout, 0.0)
-        spec = _section(path, PluginSpec, item)
+            with problems.trying(f"{path}.timeout"):
+                timeout = _coerce(f"{path}.timeout", timeout, 0.0, problems)
+        spec = _section(path, PluginSpec, item, problems)
+        if len(problems.lines) > before:
+            continue
         default_name = spec.use.rpartition(":")[2].lower()  # "pkg.mod:MyCheck" -> "mycheck"
         spec = dataclasses.replace(spec, name=spec.name or default_name, options=options, timeout=timeout)
         for key, (low, high) in (("timeout", (0, 3600)), ("max_concurrency", (1, 100_000))):
             value = getattr(spec, key)
             if value is not None and not low <= value <= high:
-                raise ConfigError(f"{path}.{key}: {value} is out of range (allowed {low} to {high})")
+                problems.add(path, f"{path}.{key}: {value} is out of range (allowed {low} to {high})")
         if spec.name in names:
-            raise ConfigError(f"{path}.name: {spec.name!r} is used twice (give each a name)")
+            problems.add(path, f"{path}.name: {spec.name!r} is used twice (give each a name)")
         names.add(spec.name)
         result.append(spec)
     return tuple(result)
 
 
-def _check_networks(path: str, networks: tuple[str, ...], example: str) -> None:
+def _check_networks(path: str, networks: tuple[str, ...], example: str, problems: _Problems) -> None:
     for index, network in enumerate(networks):
         try:
             ipaddress.ip_network(network, strict=False)
         except ValueError:
-            raise ConfigError(f"{path}[{index}]: {network!r} is not a network (e.g. {example})") from None
+            problems.add(path, f"{path}[{index}]: {network!r} is not a network (e.g. {example})")
 
 
-def _listeners(raw: Any) -> tuple[Listener, ...]:
+def _listeners(raw: Any, problems: _Problems) -> tuple[Listener, ...]:
+    """The [[listeners]]; a bad one is left out (and the file refused)."""
     if not isinstance(raw, list) or not all(isinstance(item, dict) for item in raw):
-        raise ConfigError("listeners: expected an array of tables [[listeners]]")
+        problems.add("listeners", "listeners: expected an array of tables [[listeners]]")
+        return _default_listeners()
     if not raw:
-        raise ConfigError("listeners: at least one [[listeners]] table is needed")
-    result = []
+        problems.add("listeners", "listeners: at least one [[listeners]] table is needed")
+        return _default_listeners()
+    result, addresses = [], []
     for index, item in enumerate(raw):
+        path = f"listeners[{index}]"
         if "address" not in item:
-            raise ConfigError(f"listeners[{index}].address: missing (e.g. address = \"0.0.0.0:25\")")
-        listener = _section(f"listeners[{index}]", Listener, item)
+            problems.add(path, f"{path}.address: missing (e.g. address = \"0.0.0.0:25\")")
+            continue
+        before = len(problems.lines)
+        listener = _section(path, Listener, item, problems)
         try:
             split_host_port(listener.address)
         except ValueError as exc:
-            raise ConfigError(f"listeners[{index}].address: {listener.address!r}: {exc}") from None
+            problems.add(path, f"{path}.address: {listener.address!r}: {exc}")
         if listener.role not in ROLES:
-            raise ConfigError(
-                f"listeners[{index}].role: {listener.role!r} is not a role (allowed: {', '.join(ROLES)})"
-            )
-        result.append(listener)
+            problems.add(path, f"{path}.role: {listener.role!r} is not a role (allowed: {', '.join(ROLES)})")
+        if len(problems.lines) == before:
+            result.append(listener)
+        if not problems.bad(f"{path}.address"):
+            addresses.append(listener.address)  # a listener bad otherwise can still be a duplicate
     seen = set()
-    for listener in result:
-        host, port = split_host_port(listener.address)
+    for address in addresses:
+        try:
+            host, port = split_host_port(address)
+        except ValueError:
+            continue  # reported above
         key = (host.lower(), port)
         if key in seen:
-            raise ConfigError(f"listeners: address {listener.address} is listed twice")
+            problems.add("listeners", f"listeners: address {address} is listed twice")
         seen.add(key)
     return tuple(result)
 
 
-def _check(config: Config) -> None:
-    """Checks that need more than one value's type and range."""
+def _check(config: Config, problems: _Problems) -> None:
+    """Checks that need more than one value's type and range; each adds its problem and the
+    next one runs.  A check relating two keys is skipped if either is already a problem (its
+    value is then the default, not what the file says)."""
+    add = problems.add
     if config.log.level not in LOG_LEVELS:
-        raise ConfigError(f"log.level: {config.log.level!r} (allowed: {', '.join(LOG_LEVELS)})")
+        add("log.level", f"log.level: {config.log.level!r} (allowed: {', '.join(LOG_LEVELS)})")
     if config.log.format not in LOG_FORMATS:
-        raise ConfigError(f"log.format: {config.log.format!r} (allowed: {', '.join(LOG_FORMATS)})")
-    _check_networks("smtp.trusted_networks", config.smtp.trusted_networks, "192.0.2.0/24")
+        add("log.format", f"log.format: {config.log.format!r} (allowed: {', '.join(LOG_FORMATS)})")
+    _check_networks("smtp.trusted_networks", config.smtp.trusted_networks, "192.0.2.0/24", problems)
     for key in ("local_domains", "relay_domains"):
         for index, domain in enumerate(getattr(config.smtp, key)):
             if not domain or domain != domain.strip() or "@" in domain or " " in domain:
-                raise ConfigError(f"smtp.{key}[{index}]: {domain!r} is not a domain name")
+                add(f"smtp.{key}", f"smtp.{key}[{index}]: {domain!r} is not a domain name")
     if config.delivery.relayhost:
         try:
             transport.split_next_hop(config.delivery.relayhost)
         except ValueError as exc:
-            raise ConfigError(f"delivery.relayhost: {exc}") from None
+            add("delivery.relayhost", f"delivery.relayhost: {exc}")
     for path, text in [("local.transport", config.local.transport),
                        *((f"delivery.transport.{k}", v) for k, v in config.delivery.transport.items())]:
         try:
             transport.parse(text)
         except ValueError as exc:
-            raise ConfigError(f"{path}: {text!r}: {exc}") from None
+            add(path, f"{path}: {text!r}: {exc}")
     for key, targets in config.local.aliases.items():
         if not targets.strip() or any(not t.strip() or " " in t.strip() for t in targets.split(",")):
-            raise ConfigError(f"local.aliases.{key}: expected addresses separated by commas, got {targets!r}")
+            add("local.aliases", f"local.aliases.{key}: expected addresses separated by commas, got {targets!r}")
     d = config.delivery
     for path, policy in [("delivery.tls_policy", d.tls_policy),
                          ("delivery.relayhost_tls_policy", d.relayhost_tls_policy),
                          *((f"delivery.tls_policies.{k}", v) for k, v in d.tls_policies.items())]:
         if policy not in TLS_POLICIES:
-            raise ConfigError(f"{path}: {policy!r} is not a TLS policy (allowed: {', '.join(TLS_POLICIES)})")
+            add(path, f"{path}: {policy!r} is not a TLS policy (allowed: {', '.join(TLS_POLICIES)})")
     for key, count in d.domain_concurrency.items():
         if count != int(count) or count < 1:
-            raise ConfigError(f"delivery.domain_concurrency.{key}: expected a whole number of 1 or more")
-    if d.retry_max < d.retry_first:
-        raise ConfigError("delivery.retry_max: must not be less than delivery.retry_first")
-    if d.relayhost_auth_file and not d.relayhost:
-        raise ConfigError("delivery.relayhost_auth_file: set delivery.relayhost too")
-    _check_networks("server.proxy_networks", config.server.proxy_networks, "192.0.2.10/32")
-    for index, listener in enumerate(config.listeners):
-        if listener.proxy_protocol and not config.server.proxy_networks:
-            raise ConfigError(
-                f"listeners[{index}].proxy_protocol: set server.proxy_networks to the proxies' addresses"
-            )
-        if listener.role in TLS_ROLES and not config.tls.certificates:
-            raise ConfigError(
-                f"listeners[{index}].role: {listener.role!r} needs a certificate in [[tls.certificates]]"
-            )
+            add("delivery.domain_concurrency",
+                f"delivery.domain_concurrency.{key}: expected a whole number of 1 or more")
+    if d.retry_max < d.retry_first and not problems.bad("delivery.retry_max", "delivery.retry_first"):
+        add("delivery.retry_max", "delivery.retry_max: must not be less than delivery.retry_first")
+    if d.relayhost_auth_file and not d.relayhost and not problems.bad("delivery.relayhost"):
+        add("delivery.relayhost_auth_file", "delivery.relayhost_auth_file: set delivery.relayhost too")
+    _check_networks("server.proxy_networks", config.server.proxy_networks, "192.0.2.10/32", problems)
+    # Indexes name the file's [[listeners]]: only right when none was left out.
+    if not problems.bad("listeners"):
+        for index, listener in enumerate(config.listeners):
+            if (listener.proxy_protocol and not config.server.proxy_networks
+                    and not problems.bad("server.proxy_networks")):
+                add(f"listeners[{index}]",
+                    f"listeners[{index}].proxy_protocol: set server.proxy_networks to the proxies' addresses")
+            if listener.role in TLS_ROLES and not config.tls.certificates and not problems.bad("tls.certificates"):
+                add(f"listeners[{index}]",
+                    f"listeners[{index}].role: {listener.role!r} needs a certificate in [[tls.certificates]]")
     if config.tls.min_version not in TLS_VERSIONS:
-        raise ConfigError(
-            f"tls.min_version: {config.tls.min_version!r} (allowed: {', '.join(TLS_VERSIONS)})"
-        )
+        add("tls.min_version", f"tls.min_version: {config.tls.min_version!r} (allowed: {', '.join(TLS_VERSIONS)})")
     for index, mechanism in enumerate(config.smtp.auth_mechanisms):
         if mechanism not in AUTH_MECHANISMS:
-            raise ConfigError(
-                f"smtp.auth_mechanisms[{index}]: {mechanism!r} (allowed: {', '.join(AUTH_MECHANISMS)})"
-            )
+            add("smtp.auth_mechanisms",
+                f"smtp.auth_mechanisms[{index}]: {mechanism!r} (allowed: {', '.join(AUTH_MECHANISMS)})")
     for user, senders in config.smtp.sender_logins.items():
         if not senders.strip() or any(not s.strip() or " " in s.strip() for s in senders.split(",")):
-            raise ConfigError(
+            add("smtp.sender_logins",
                 f"smtp.sender_logins.{user}: expected addresses, @domains or * separated by commas, "
-                f"got {senders!r}"
-            )
+                f"got {senders!r}")
     if not config.server.spool_dir:
-        raise ConfigError("server.spool_dir: must name a directory")
+        add("server.spool_dir", "server.spool_dir: must name a directory")
     if not config.server.user:
-        raise ConfigError("server.user: must name a user (\"root\" to keep root, not recommended)")
+        add("server.user", "server.user: must name a user (\"root\" to keep root, not recommended)")
 
 
 def parse(data: dict, source: str = "") -> Config:
-    """Build a Config from parsed TOML (a dict); raise ConfigError naming the bad key."""
+    """Build a Config from parsed TOML (a dict); ConfigError with every problem found, one
+    line each, in the file's order and then the cross-key checks'."""
+    problems = _Problems()
     values: dict[str, Any] = {"source": source}
     for key, raw in data.items():
         if key == "listeners":
-            values["listeners"] = _listeners(raw)
+            values["listeners"] = _listeners(raw, problems)
         elif key == "plugins":
-            values["plugins"] = _plugins(raw)
+            values["plugins"] = _plugins(raw, problems)
         elif key in _SECTIONS:
-            values[key] = _section(key, _SECTIONS[key], raw)
+            values[key] = _section(key, _SECTIONS[key], raw, problems)
         else:
             allowed = ", ".join(sorted(["listeners", "plugins", *_SECTIONS]))
-            raise ConfigError(f"{key}: unknown key (allowed: {allowed})")
+            problems.add(key, f"{key}: unknown key (allowed: {allowed})")
     config = Config(**values)
-    _check(config)
+    _check(config, problems)
+    if problems.lines:
+        raise ConfigError(*problems.lines)
     # Domains compare case-insensitively; normalise once here, not per recipient.
     smtp = dataclasses.replace(
         config.smtp,
@@ -548,7 +617,7 @@ def parse(data: dict, source: str = "") -> Config:
 
 
 def load(path: str) -> Config:
-    """Read and check a config file; ConfigError (one line) on any problem."""
+    """Read and check a config file; ConfigError (one line per problem) on any problem."""
     try:
         with open(path, "rb") as handle:
             data = tomllib.load(handle)

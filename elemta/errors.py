@@ -6,7 +6,16 @@ class ElemtaError(Exception):
 
 
 class ConfigError(ElemtaError):
-    """A configuration problem; the message names the key path and what is allowed."""
+    """Configuration problems; each names the key path and what is allowed.
+
+    A file can have several: config.parse reports them all at once, so an operator fixes the
+    file in one pass.  `problems` holds one line each; str() joins them with newlines, so an
+    error with one problem reads as it always did.
+    """
+
+    def __init__(self, *problems: str) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(problems))
 
 
 class QueueError(ElemtaError):

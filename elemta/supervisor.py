@@ -78,7 +78,8 @@ def main_loop(load_config: Callable[[], Config]) -> int:
             return Supervisor(load_config, announce, notifier, pidfile).run(config)
         return Daemon(load_config, announce, notifier=notifier).run()
     except (ConfigError, SpoolError) as exc:
-        print(f"elemta: {exc}", file=sys.stderr)
+        for line in str(exc).split("\n"):  # a ConfigError's problems: one line each
+            print(f"elemta: {line}", file=sys.stderr)
         return exit_code(exc)
     finally:
         notifier.stopping()
@@ -286,7 +287,8 @@ class Supervisor:
             try:
                 code = daemon.serve(self.load_config(), worker=worker, ready=ready)
             except (ConfigError, SpoolError) as exc:
-                print(f"elemta: {exc}", file=sys.stderr, flush=True)
+                for line in str(exc).split("\n"):  # a ConfigError's problems: one line each
+                    print(f"elemta: {line}", file=sys.stderr, flush=True)
                 code = exit_code(exc)
             except Exception as exc:  # noqa: BLE001 -- a child must always end in os._exit
                 print(f"elemta: worker {worker}: {exc}", file=sys.stderr, flush=True)

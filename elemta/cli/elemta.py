@@ -83,13 +83,20 @@ def _with_listener(config: cfg.Config, listener: cfg.Listener) -> cfg.Config:
     return cfg.dataclasses.replace(config, listeners=(listener,))
 
 
+def report(exc: ConfigError) -> None:
+    """Every problem on a line of its own, each with the program's name (as a compiler lists
+    every error of a file): one line each keeps grep and the journal's view of them whole."""
+    for problem in exc.problems or [str(exc)]:
+        print(f"elemta: {problem}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         dev_port = free_dev_port() if args.dev and args.port is None and not args.check_config else None
         config = build_config(args, dev_port)
     except ConfigError as exc:
-        print(f"elemta: {exc}", file=sys.stderr)
+        report(exc)
         return EX_CONFIG
     if args.check_config:
         from elemta.daemon import (
@@ -102,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             privileges.target(config)  # as root: server.user and server.group must exist
             check_startup(config)
         except ConfigError as exc:
-            print(f"elemta: {exc}", file=sys.stderr)
+            report(exc)
             return EX_CONFIG
         print(f"elemta: configuration {config.source or cfg.DEFAULT_PATH} is valid")
         return 0

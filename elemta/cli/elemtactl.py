@@ -21,6 +21,7 @@ from elemta.cli.ctl_plugins import dkim, plugins
 from elemta.cli.ctl_queue_check import check as queue_check
 from elemta.cli.ctl_user import user_group
 from elemta.cli.ctlbase import (
+    EX_CONFIG,
     EX_NOINPUT,
     QUEUE_ID,
     Ctl,
@@ -32,6 +33,7 @@ from elemta.cli.ctlbase import (
     pass_ctl,
 )
 from elemta.cli.render import Output
+from elemta.errors import ConfigError
 from elemta.queue import ids
 from elemta.queue.admin import (
     ALL,
@@ -237,11 +239,20 @@ def config_group() -> None:
 @json_option
 @pass_ctl
 def check(ctl: Ctl, as_json: bool) -> None:
-    """Check the configuration as the daemon does (exit 78 if bad)."""
+    """Check the configuration as the daemon does (exit 78 if bad).
+
+    Every problem found is reported, one line each.
+    """
     from elemta.daemon import check_startup  # imported late: it loads the delivery code
 
-    config = ctl.config
-    check_startup(config)
+    try:
+        config = ctl.config
+        check_startup(config)
+    except ConfigError as exc:
+        # One line per problem, as `elemta --check-config`: CtlError would join them into one.
+        for problem in exc.problems[:-1]:
+            click.echo(f"elemtactl: {problem}", err=True)
+        raise CtlError(exc.problems[-1] if exc.problems else str(exc), EX_CONFIG) from None
     source = config.source or cfg.DEFAULT_PATH
     if as_json:
         Output(True).json({"valid": True, "file": source})

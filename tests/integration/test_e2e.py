@@ -226,6 +226,30 @@ def test_check_config_reads_the_files_start_up_reads(tmp_path, table, line, expe
     assert re.match(expected, result.stderr) and result.stderr.count("\n") == 1, result.stderr
 
 
+def test_check_config_and_the_start_refuse_a_missing_certificate(tmp_path):
+    """Defect 7 of issue 16: --check-config said "valid" and the start then exited 78."""
+    conf = tmp_path / "elemta.toml"
+    conf.write_text(as_root(f'[server]\nspool_dir = "{tmp_path}/spool"\n'
+                            f'[[tls.certificates]]\ncert_file = "{tmp_path}/missing.pem"\n'))
+    expected = f"elemta: tls.certificates[0]: {tmp_path}/missing.pem: no such file\n"
+    for args in (["--check-config"], []):
+        result = subprocess.run([str(ELEMTA), *args, "--config", str(conf)],
+                                capture_output=True, text=True, timeout=30, check=False)
+        assert (result.returncode, result.stderr, result.stdout) == (78, expected, ""), args
+
+
+def test_the_start_reports_every_problem_of_the_file(tmp_path):
+    conf = tmp_path / "elemta.toml"
+    conf.write_text('[[listeners]]\naddress = "127.0.0.1:0"\nrole = "relay"\n'
+                    '[server]\nworkers = 0\nuserr = "x"\n')
+    result = subprocess.run([str(ELEMTA), "--config", str(conf)],
+                            capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode == 78
+    lines = result.stderr.splitlines()
+    assert [line.split(":")[:2] for line in lines] == [
+        ["elemta", " listeners[0].role"], ["elemta", " server.workers"], ["elemta", " server.userr"]], lines
+
+
 def test_unusable_spool_is_one_line_and_exit_73(tmp_path):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the spool should be")
