@@ -91,11 +91,19 @@ def build_resolver(config: Config) -> Resolver:
 def check_startup(config: Config) -> None:
     """What start-up reads beyond the config file itself (the recipient table, the relayhost's
     password file, the resolvers, the plugins and their options): ConfigError naming the key,
-    so --check-config sees it too."""
-    check_secrets(config)
-    ServerTls(config.tls)  # the certificates and their keys
-    Router(config, build_resolver(config), LocalRecipients.from_config(config))
-    Manager(config.plugins)
+    so --check-config sees it too.  Each check runs even when one before it failed, and the
+    ConfigError has all their problems: the operator fixes them in one pass."""
+    problems: list[str] = []
+    for check in (lambda: check_secrets(config),
+                  lambda: ServerTls(config.tls),  # the certificates and their keys
+                  lambda: Router(config, build_resolver(config), LocalRecipients.from_config(config)),
+                  lambda: Manager(config.plugins)):
+        try:
+            check()
+        except ConfigError as exc:
+            problems += exc.problems
+    if problems:
+        raise ConfigError(*problems)
 
 
 def check_secrets(config: Config) -> None:

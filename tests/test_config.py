@@ -250,6 +250,20 @@ def test_a_missing_certificate_is_found_by_both_checks(tmp_path):
     assert (ctl.returncode, ctl.stdout, ctl.stderr) == (EX_CONFIG, "", f"elemtactl: {problem}\n")
 
 
+def test_the_start_up_checks_report_every_problem(tmp_path):
+    """What start-up reads besides the file: each check runs, whatever the one before found."""
+    path = write(tmp_path, f'[server]\nspool_dir = "{tmp_path}/spool"\nuser = "root"\n'
+                           f'[local]\nrecipients_file = "{tmp_path}/missing-recipients"\n'
+                           f'[[tls.certificates]]\ncert_file = "{tmp_path}/missing.pem"\n')
+    for result, prefix in ((run_elemta("--check-config", "--config", path), "elemta: "),
+                           (run_elemtactl("--config", path, "config", "check"), "elemtactl: ")):
+        assert (result.returncode, result.stdout) == (EX_CONFIG, "")
+        lines = result.stderr.splitlines()
+        assert len(lines) == 2 and all(line.startswith(prefix) for line in lines), lines
+        assert lines[0] == f"{prefix}tls.certificates[0]: {tmp_path}/missing.pem: no such file"
+        assert lines[1].startswith(f"{prefix}local.recipients_file: "), lines
+
+
 def test_elemtactl_config_check_reports_every_problem(tmp_path):
     case = CASES / "three-errors"
     ctl = run_elemtactl("--config", str(case / "elemta.toml"), "config", "check")

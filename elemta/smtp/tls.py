@@ -141,15 +141,21 @@ class ServerTls:
 
     def _build(self, config: TlsConfig) -> tuple:
         stamps = _stamps(config.certificates)
-        contexts = []
+        contexts, problems = [], []
         for index, cert in enumerate(config.certificates):
             path = f"tls.certificates[{index}]"
-            context = _context(config, cert, path)
+            try:
+                context = _context(config, cert, path)
+            except ConfigError as exc:  # go on: every bad certificate is reported at once
+                problems += [line for line in exc.problems if line not in problems]  # tls.ciphers once
+                continue
             try:
                 names = certificate_names(cert.cert_file)
             except (OSError, ssl.SSLError, ValueError):
                 names = []
             contexts.append((context, names))
+        if problems:
+            raise ConfigError(*problems)
         return contexts, stamps
 
     def _install(self, contexts: list, stamps: tuple) -> None:

@@ -153,3 +153,13 @@ def test_tls_ciphers_lets_an_admin_allow_more(ca, tmp_path):
     config = TlsConfig(certificates=(Certificate(pem(ca, tmp_path, "mx.example.org")),),
                        ciphers="DEFAULT:AES128-SHA")
     assert _handshake(ServerTls(config).context(), _tls12_client("AES128-SHA")) == "AES128-SHA"
+
+
+def test_every_bad_certificate_is_reported_at_once(ca, tmp_path):
+    good = pem(ca, tmp_path, "mx.example.org")
+    config = TlsConfig(certificates=(Certificate("/nonexistent/a.pem"), Certificate(good),
+                                     Certificate("/nonexistent/b.pem")))
+    with pytest.raises(ConfigError) as caught:
+        ServerTls(config)
+    assert caught.value.problems == ["tls.certificates[0]: /nonexistent/a.pem: no such file",
+                                     "tls.certificates[2]: /nonexistent/b.pem: no such file"]
