@@ -49,20 +49,24 @@ def decide(
     for v in verdicts:
         r = v.recipient
         if v.status == "ok":
-            result.outcomes.append(Outcome(r.id, "delivered", v.reply))
+            result.outcomes.append(Outcome(r.id, "delivered", v.reply, counted=r.counted))
             action = "delivered" if final_hop else "relayed" if v.relayed else ""
             if action and bounce.wants_report(r.notify, action):
                 report.append(_status(v, action, "2.0.0", now))
         elif v.status == "permanent" or schedule.expired(job.created, now):
             expired = v.status != "permanent"
             why = f"delivery time expired (last error: {v.reply})" if expired else v.reply
-            result.outcomes.append(Outcome(r.id, "failed", why))
+            result.outcomes.append(Outcome(r.id, "failed", why, counted=r.counted))
             if bounce.wants_report(r.notify, "failed"):
                 report.append(_status(v, "failed", "4.4.7" if expired else v.enhanced, now))
         else:
-            due = schedule.next_attempt(job.created, r.attempts + 1, now, rng)
+            # An admin's "try now" (release, requeue, flush) that fails again is no step of the
+            # schedule: the wait is that of the last counted failure, and the count stays.
+            failures = r.attempts + 1 if r.counted else r.attempts
+            due = schedule.next_attempt(job.created, failures, now, rng)
             warn = schedule.warn_due(job.created, now, r.warned) and bounce.wants_report(r.notify, "delayed")
-            result.outcomes.append(Outcome(r.id, "deferred", v.reply, next_attempt=due, warned=warn))
+            result.outcomes.append(Outcome(r.id, "deferred", v.reply, next_attempt=due, warned=warn,
+                                           counted=r.counted))
             if warn:
                 status = _status(v, "delayed", v.enhanced, now)
                 report.append(dataclasses.replace(status, will_retry_until=schedule.expires_at(job.created)))

@@ -216,7 +216,7 @@ class Scheduler:
 
     def _route(self, job: Job) -> list[Delivery]:
         if self._stopping:
-            self.work.release(r.id for r in job.recipients)
+            self.work.release(job.recipients)
             return []
         body = self.work.body(job.queue_id)
         if body is None:  # deleted (elemtactl) after the claim
@@ -338,7 +338,7 @@ class Scheduler:
                 self.log("held", qid=job.queue_id, rcpt=f"<{addresses.get(o.recipient_id, '?')}>", reply=o.error)
 
     def _give_back(self, dl: Delivery) -> None:
-        self.work.release(r.id for r in dl.recipients)
+        self.work.release(dl.recipients)
         self._part_done(dl.job)
 
     def _part_done(self, job: Job) -> None:

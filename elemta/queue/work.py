@@ -39,6 +39,11 @@ class Recipient:
     attempts: int
     warned: bool
     parent: int | None = None  # the alias row this one was expanded from
+    # False for an admin's "try now": a recipient tried before and made due again by
+    # elemtactl release/requeue/flush (it waits as 'queued', not 'deferred'). Such a try is
+    # recorded in the history but is no failed attempt of the retry schedule: counting it
+    # pushed the next retry out (three commands in a second made attempt 1 into attempt 4).
+    counted: bool = True
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,7 @@ class Outcome:
     error: str = ""  # becomes last_error
     next_attempt: float | None = None  # deferred: when it is due again
     warned: bool = False  # a delay warning was sent (never send two)
+    counted: bool = True  # adds one to the recipient's attempts (see Recipient.counted)
 
 
 @dataclass
@@ -111,7 +117,7 @@ CANDIDATES = (
 )
 CLAIM = (
     "UPDATE recipients SET state = 'active', lease_until = ?, lease_owner = ?, updated = ?"
-    " WHERE id IN ({ids}) AND +state IN ('queued', 'deferred')"
+    " WHERE id IN ({ids}) AND +state = ?"
     " RETURNING id, queue_id, address, domain, orcpt, notify, attempts, warned, parent"
 )
 EARLIEST = "SELECT min(next_attempt) FROM recipients WHERE state = ? AND priority = ?"
@@ -229,23 +235,31 @@ class WorkQueue:
         # state guard of CLAIM covers a change between the two.
         with self._reading() as conn:
             candidates = sorted(
-                (priority, due, rid)
+                (priority, due, rid, state)
                 for state in WAITING for priority in PRIORITY_VALUES
                 for rid, priority, due in conn.execute(CANDIDATES, (state, priority, now, limit))
             )[:limit]
         if not candidates:
             return []
-        chosen = [rid for _, _, rid in candidates]
+        chosen = candidates
         with self._writing() as conn:
-            rows = conn.execute(CLAIM.format(ids=",".join("?" * len(chosen))),
-                                (now + lease, self.owner, now, *chosen)).fetchall()
             by_message: dict[str, list[Recipient]] = {}
-            for row in rows:
-                by_message.setdefault(row["queue_id"], []).append(Recipient(
-                    row["id"], row["address"], row["domain"], row["orcpt"],
-                    tuple(row["notify"].split(",")) if row["notify"] else (), row["attempts"],
-                    bool(row["warned"]), row["parent"],
-                ))
+            # One claim per state it is taken from: a recipient waiting as 'queued' after an
+            # earlier attempt was made due by elemtactl (release, requeue, flush), and its try
+            # does not count for the retry schedule (Recipient.counted).
+            for state in WAITING:
+                ids = [rid for _, _, rid, st in chosen if st == state]
+                if not ids:
+                    continue
+                rows = conn.execute(CLAIM.format(ids=",".join("?" * len(ids))),
+                                    (now + lease, self.owner, now, *ids, state)).fetchall()
+                for row in rows:
+                    by_message.setdefault(row["queue_id"], []).append(Recipient(
+                        row["id"], row["address"], row["domain"], row["orcpt"],
+                        tuple(row["notify"].split(",")) if row["notify"] else (), row["attempts"],
+                        bool(row["warned"]), row["parent"],
+                        counted=not (state == "queued" and row["attempts"] > 0),
+                    ))
             if not by_message:
                 return []
             marks = ",".join("?" * len(by_message))
@@ -328,9 +342,10 @@ class WorkQueue:
         for o in result.outcomes:
             cur = conn.execute(
                 "UPDATE recipients SET state = ?, last_error = ?, next_attempt = coalesce(?, next_attempt),"
-                " attempts = attempts + 1, warned = warned OR ?, lease_until = NULL, lease_owner = NULL,"
+                " attempts = attempts + ?, warned = warned OR ?, lease_until = NULL, lease_owner = NULL,"
                 " updated = ? WHERE id = ? AND state = 'active' AND lease_owner = ?",
-                (o.state, o.error or None, o.next_attempt, 1 if o.warned else 0, now, o.recipient_id, self.owner),
+                (o.state, o.error or None, o.next_attempt, 1 if o.counted else 0, 1 if o.warned else 0, now,
+                 o.recipient_id, self.owner),
             )
             if cur.rowcount != 1:
                 lost.add(o.recipient_id)
@@ -370,15 +385,22 @@ class WorkQueue:
             _insert_attempts(conn, queue_id, [Attempt(
                 recipient.id, now, "expanded", reply=f"expanded to {', '.join(targets)}")])
 
-    def release(self, recipient_ids: Iterable[int]) -> int:
-        """Give claimed recipients back without an attempt (shutdown, or no free slot)."""
-        ids = list(recipient_ids)
+    def release(self, recipients: Iterable[int | Recipient]) -> int:
+        """Give claimed recipients back without an attempt (shutdown, or no free slot).
+
+        A Recipient goes back to the state it was claimed from: a scheduled retry given back
+        stays 'deferred', so its try still counts when it comes (a bare id goes to 'queued').
+        """
         now = self._clock()
+        rows = []
+        for r in recipients:
+            retry = isinstance(r, Recipient) and r.counted and r.attempts > 0
+            rows.append(("deferred" if retry else "queued", now, r.id if isinstance(r, Recipient) else r, self.owner))
         with self._writing() as conn:
             cur = conn.executemany(
-                "UPDATE recipients SET state = 'queued', lease_until = NULL, lease_owner = NULL, updated = ?"
+                "UPDATE recipients SET state = ?, lease_until = NULL, lease_owner = NULL, updated = ?"
                 " WHERE id = ? AND state = 'active' AND lease_owner = ?",
-                [(now, rid, self.owner) for rid in ids],
+                rows,
             )
             return cur.rowcount
 

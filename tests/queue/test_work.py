@@ -649,7 +649,7 @@ def test_claim_costs_a_few_index_probes_however_big_the_queue(raw):
     expected = "INDEX recipients_state_priority_next (state=? AND priority=? AND next_attempt<?)"
     assert len(candidates) == 1 and candidates[0].endswith(expected), candidates  # no temp B-tree
     claim = CLAIM.format(ids="?,?")
-    assert "INTEGER PRIMARY KEY" in plan(claim, (now, "o", now, 1, 2))[0]
+    assert "INTEGER PRIMARY KEY" in plan(claim, (now, "o", now, 1, 2, "deferred"))[0]
     earliest = plan(EARLIEST, ("queued", 0))
     assert "COVERING INDEX recipients_state_priority_next" in earliest[0], earliest
 
@@ -663,3 +663,61 @@ def test_claim_takes_the_most_urgent_first_across_states(store, work, raw, clock
     jobs = work.claim(limit=2, lease=60)
     assert [j.queue_id for j in jobs] == [critical, normal]
     assert [j.queue_id for j in work.claim(limit=5, lease=60)] == [low]
+
+
+def test_release_requeue_and_flush_are_no_failed_attempts(store, work, db_path, clock):
+    """Issue 16, defect 10: an admin's "try now" that fails again neither adds to the attempts
+    nor moves the backoff on; the next scheduled failure is the 2nd, with the 2nd wait."""
+    from elemta.delivery.attempt import Verdict
+    from elemta.delivery.outcomes import Reporting, decide
+    from elemta.queue.admin import QueueAdmin
+    from elemta.queue.schedule import RetrySchedule
+
+    schedule = RetrySchedule(first=300.0, maximum=3600.0, jitter=0.0)
+    reporting = Reporting(hostname="mx.example", new_id=store.new_id)
+    qid = enqueue(store, "bob@example.org")
+
+    def try_and_defer():
+        [job] = work.claim(limit=10, lease=60)
+        verdicts = [Verdict(r, "transient", "451 4.3.0 try later", "4.3.0") for r in job.recipients]
+        attempts = [Attempt(r.id, clock(), "deferred", "451 4.3.0 try later") for r in job.recipients]
+        work.finish(qid, decide(job, verdicts, attempts, schedule=schedule, reporting=reporting, now=clock()))
+
+    def recipient():
+        conn = sqlite3.connect(db_path)
+        try:
+            return conn.execute("SELECT state, attempts, next_attempt FROM recipients WHERE queue_id = ?",
+                                (qid,)).fetchone()
+        finally:
+            conn.close()
+
+    clock.advance(1)
+    try_and_defer()
+    assert recipient() == ("deferred", 1, clock() + 300.0)
+    with QueueAdmin(db_path, clock=clock) as admin:
+        for command in (lambda: admin.requeue([qid]), admin.flush,
+                        lambda: (admin.hold([qid]), admin.release([qid]))):
+            clock.advance(0.2)
+            command()
+            try_and_defer()  # the try now, refused again
+            assert recipient() == ("deferred", 1, clock() + 300.0)
+    clock.advance(300.0)
+    try_and_defer()  # the scheduled retry: the 2nd failed attempt, then the 2nd wait
+    assert recipient() == ("deferred", 2, clock() + 600.0)
+    conn = sqlite3.connect(db_path)
+    try:  # every try is in the history, the admin's too
+        assert conn.execute("SELECT count(*) FROM attempts WHERE queue_id = ?", (qid,)).fetchone()[0] == 5
+    finally:
+        conn.close()
+
+
+def test_a_scheduled_retry_given_back_still_counts(store, work, raw, clock):
+    qid = enqueue(store, "bob@example.org")
+    raw.execute("UPDATE recipients SET state = 'deferred', attempts = 1 WHERE queue_id = ?", (qid,))
+    clock.advance(1)
+    [job] = work.claim(limit=10, lease=60)
+    assert job.recipients[0].counted
+    assert work.release(job.recipients) == 1  # no free slot, or shutdown
+    assert raw.execute("SELECT state FROM recipients WHERE queue_id = ?", (qid,)).fetchone()[0] == "deferred"
+    [job] = work.claim(limit=10, lease=60)
+    assert job.recipients[0].counted
