@@ -315,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return EX_USAGE
     except Failure as exc:
-        print(f"{shown}: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines():  # a bad config may name several problems, one a line
+            print(f"{shown}: {line}", file=sys.stderr)
         return exc.code
     except KeyboardInterrupt:
         return EX_TEMPFAIL
