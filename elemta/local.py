@@ -76,6 +76,17 @@ class LocalRecipients:
         self._expand(address, (), result)
         return tuple(result)
 
+    def key(self, address: str) -> str:
+        """What makes two final recipients one mailbox, for dropping duplicates of a message.
+
+        In a local domain the local part compares as this table compares it (without case);
+        elsewhere only the domain is case-insensitive (RFC 5321 §2.4: the remote decides).
+        """
+        if self.is_local(address):
+            return _norm(address)
+        local_part, at, domain = address.strip().rpartition("@")
+        return f"{local_part}@{domain.lower().rstrip('.')}" if at else address.strip()
+
     def _expand(self, address: str, path: tuple[str, ...], result: list[str]) -> None:
         key = _norm(address)
         if key in path:

@@ -314,3 +314,12 @@ def test_alias_reached_by_two_paths_is_expanded_on_both():
 def test_alias_loop_with_an_exit_expands_to_the_exit_only():
     t = table(["c@example.org"], {"a@example.org": "b@example.org", "b@example.org": "c@example.org, a@example.org"})
     assert t.expand("a@example.org") == ("c@example.org",)
+
+
+def test_key_is_one_mailbox_as_the_table_sees_it():
+    """Duplicate final recipients of a message are found by this key (issue 16, defect 9)."""
+    local = LocalRecipients(["example.test"], ["alice@example.test"])
+    assert local.key("Alice@EXAMPLE.test") == local.key("alice@example.test.") == "alice@example.test"
+    # Outside the local domains only the domain is ours to compare without case.
+    assert local.key("Bob@Remote.EXAMPLE") == "Bob@remote.example"
+    assert local.key("bob@remote.example") != local.key("Bob@remote.example")

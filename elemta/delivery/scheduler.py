@@ -16,6 +16,7 @@ No network I/O happens inside a database transaction.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import random
 import threading
 import time
@@ -48,6 +49,9 @@ class Delivery:
     route: Route
     recipients: list[Recipient]
     domain: str
+    # Further recipients of the message for the same mailbox as one in `recipients` (kept id ->
+    # them): not sent again, they share its verdict (issue 16, defect 9).
+    duplicates: dict[int, list[Recipient]] = field(default_factory=dict)
 
 
 @dataclass
@@ -223,6 +227,7 @@ class Scheduler:
             return []
         groups: dict[Route, list[Recipient]] = {}
         verdicts: list[Verdict] = []
+        expansions: list[tuple[Recipient, tuple[str, ...]]] = []
         result = Result()
         now = self.clock()
         for r in job.recipients:
@@ -234,9 +239,7 @@ class Scheduler:
                 result.attempts.append(Attempt(r.id, now, "failed" if exc.permanent else "deferred", exc.text))
                 continue
             if route.kind == "expand":
-                self.work.expand(job.queue_id, r, route.targets, job.priority)
-                self.log("expanded", qid=job.queue_id, rcpt=f"<{r.address}>", to=",".join(route.targets))
-                self.wake()
+                expansions.append((r, route.targets))
             elif route.kind == "hold":
                 result.outcomes.append(QueueOutcome(r.id, "held", "held by transport map"))
             elif route.kind == "discard":
@@ -250,9 +253,63 @@ class Scheduler:
                 result.attempts.append(Attempt(r.id, now, "failed" if permanent else "deferred", route.text))
             else:
                 groups.setdefault(route, []).append(r)
+        if expansions:
+            # The targets and the message's other final recipients are given back to the queue
+            # in one transaction, so the next claim takes them together and a mailbox reached
+            # twice is sent one copy (_one_copy); delivering the others now would race with
+            # the targets' delivery. It costs one claim, and no attempt is counted.
+            give_back = [r for rcpts in groups.values() for r in rcpts]
+            self.work.expand_all(job.queue_id, expansions, job.priority, give_back)
+            groups = {}
+            for r, targets in expansions:
+                self.log("expanded", qid=job.queue_id, rcpt=f"<{r.address}>", to=",".join(targets))
+            self.wake()
         if verdicts or result.outcomes:
             self._record(job, body, Outcome(verdicts, result.attempts), extra=result.outcomes)
-        return [Delivery(job, body, route, rcpts, rcpts[0].domain) for route, rcpts in groups.items()]
+        if any(r.parent is not None for rcpts in groups.values() for r in rcpts):
+            groups = self._drop_delivered(job, body, groups)
+        return [self._one_copy(job, body, route, rcpts) for route, rcpts in groups.items()]
+
+    def _drop_delivered(self, job: Job, body: bytes, groups: dict[Route, list[Recipient]]) -> dict:
+        """Alias targets whose mailbox already got this message (another alias, or the address
+        itself, was delivered in an earlier round): recorded as delivered, not sent again."""
+        key = self.router.recipients.key
+        done = {key(address): (rid, address) for rid, address in self.work.delivered_mailboxes(job.queue_id)}
+        if not done:
+            return groups
+        left: dict[Route, list[Recipient]] = {}
+        for route, rcpts in groups.items():
+            verdicts, attempts = [], []
+            for r in rcpts:
+                first = done.get(key(r.address))
+                if first is None or first[0] == r.id:
+                    left.setdefault(route, []).append(r)
+                    continue
+                reply = f"250 2.0.0 same mailbox as <{first[1]}>, already delivered"
+                verdicts.append(Verdict(r, "ok", reply, "2.0.0"))
+                attempts.append(Attempt(r.id, self.clock(), "duplicate", reply))
+                self.log("duplicate", qid=job.queue_id, rcpt=f"<{r.address}>", same_as=f"<{first[1]}>")
+            if verdicts:
+                self._record(job, body, Outcome(verdicts, attempts), final_hop=route.kind in ("lmtp", "maildir"))
+        return left
+
+    def _one_copy(self, job: Job, body: bytes, route: Route, rcpts: list[Recipient]) -> Delivery:
+        """One delivery for the group, each mailbox once (as Postfix drops duplicate recipients).
+
+        Several aliases of one mailbox (postmaster, abuse -> alice), or one address given twice
+        at RCPT in another case (Alice@, alice@), become several final recipients of the message.
+        The first is delivered; the others are kept as recipients (so `queue show` and `trace`
+        still account for every address the sender used) and take its verdict, each with its
+        own NOTIFY and ORCPT, so a DSN reports every original recipient truthfully.
+        """
+        kept: dict[str, Recipient] = {}
+        duplicates: dict[int, list[Recipient]] = {}
+        for r in rcpts:
+            first = kept.setdefault(self.router.recipients.key(r.address), r)
+            if first is not r:
+                duplicates.setdefault(first.id, []).append(r)
+                self.log("duplicate", qid=job.queue_id, rcpt=f"<{r.address}>", same_as=f"<{first.address}>")
+        return Delivery(job, body, route, list(kept.values()), rcpts[0].domain, duplicates)
 
     def _dispatch(self, dl: Delivery, inline_ok: bool = False) -> bool:
         """Start dl (or queue it for its destination); True = the caller must run it itself."""
@@ -309,10 +366,12 @@ class Scheduler:
                 outcome, extra, action = instead
                 self.log("plugin_verdict", qid=dl.job.queue_id, hook="on_pre_delivery", verdict=action,
                          nrcpt=len(dl.recipients))
-                self._record(dl.job, dl.body, outcome, extra=extra)
+                merged, extra = _merged(dl, outcome, extra, self.clock())
+                self._record(dl.job, dl.body, merged, extra=extra)
                 return
             outcome = self.attempter.run(dl.job, dl.body, dl.recipients, dl.route)
-            self._record(dl.job, dl.body, outcome, final_hop=dl.route.kind == "lmtp" or dl.route.kind == "maildir")
+            merged, _ = _merged(dl, outcome, [], self.clock())
+            self._record(dl.job, dl.body, merged, final_hop=dl.route.kind == "lmtp" or dl.route.kind == "maildir")
             hooks.notices(self.plugins, dl, outcome)
         finally:
             with self._lock:
@@ -338,7 +397,7 @@ class Scheduler:
                 self.log("held", qid=job.queue_id, rcpt=f"<{addresses.get(o.recipient_id, '?')}>", reply=o.error)
 
     def _give_back(self, dl: Delivery) -> None:
-        self.work.release(dl.recipients)
+        self.work.release([*dl.recipients, *(d for dups in dl.duplicates.values() for d in dups)])
         self._part_done(dl.job)
 
     def _part_done(self, job: Job) -> None:
@@ -355,3 +414,31 @@ class Scheduler:
             self._jobs -= 1
             self._idle.notify_all()
         self._wake.set()
+
+
+def _merged(dl: Delivery, outcome: Outcome, extra: list[QueueOutcome],
+            now: float) -> tuple[Outcome, list[QueueOutcome]]:
+    """The outcome with each duplicate given the verdict of the recipient it duplicates.
+
+    Its attempt record says so ("duplicate"), so `queue trace` shows it was not sent twice.
+    """
+    if not dl.duplicates:
+        return outcome, extra
+    verdicts, attempts, more = list(outcome.verdicts), list(outcome.attempts), list(extra)
+    for v in outcome.verdicts:
+        for dup in dl.duplicates.get(v.recipient.id, ()):
+            verdicts.append(dataclasses.replace(v, recipient=dup))
+            attempts.append(Attempt(dup.id, _ended_at(outcome, v.recipient.id, now), "duplicate",
+                                    f"same mailbox as <{v.recipient.address}>, sent once: {v.reply}"))
+    for o in extra:
+        for dup in dl.duplicates.get(o.recipient_id, ()):
+            more.append(dataclasses.replace(o, recipient_id=dup.id))
+            attempts.append(Attempt(dup.id, _ended_at(outcome, o.recipient_id, now), "duplicate",
+                                    f"same mailbox as recipient {o.recipient_id}: {o.error}"))
+    return Outcome(verdicts, attempts), more
+
+
+def _ended_at(outcome: Outcome, recipient_id: int, now: float) -> float:
+    """When the recipient's own attempt ended (its last record), for its duplicates' records."""
+    times = [a.at for a in outcome.attempts if a.recipient_id == recipient_id]
+    return max(times) if times else now

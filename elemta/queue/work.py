@@ -362,28 +362,55 @@ class WorkQueue:
         A target keeps the alias as its original recipient (ORCPT), so a later bounce
         names the address the sender used.
         """
+        self.expand_all(queue_id, [(recipient, targets)], priority)
+
+    def expand_all(self, queue_id: str, expansions: Sequence[tuple[Recipient, Sequence[str]]],
+                   priority: int, give_back: Iterable[Recipient] = ()) -> None:
+        """expand() for several aliases of one message in one transaction, with release() of
+        `give_back` (the message's other recipients claimed with them).
+
+        The targets and those others become due together, so one claim takes them all and a
+        mailbox reached through two aliases, or an alias and its own address, is seen as a
+        duplicate there and delivered once.
+        """
         now = self._clock()
+        with self._writing() as conn:
+            for recipient, targets in expansions:
+                self._expand(conn, queue_id, recipient, targets, priority, now)
+            self._release(conn, give_back, now)
+
+    def _expand(self, conn: sqlite3.Connection, queue_id: str, recipient: Recipient, targets: Sequence[str],
+                priority: int, now: float) -> None:
         orcpt = recipient.orcpt or f"rfc822;{recipient.address}"
         notify = ",".join(recipient.notify) or None
-        with self._writing() as conn:
-            cur = conn.execute(
-                "UPDATE recipients SET state = 'delivered', last_error = ?, lease_until = NULL,"
-                " lease_owner = NULL, updated = ? WHERE id = ? AND state = 'active' AND lease_owner = ?",
-                (f"expanded to {', '.join(targets)}", now, recipient.id, self.owner),
-            )
-            if cur.rowcount != 1:
-                return  # the lease was lost (e.g. elemtactl deleted the message): nothing to do
-            conn.executemany(
-                "INSERT INTO recipients (queue_id, address, domain, orcpt, notify, state, priority,"
-                " next_attempt, updated, parent) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
-                [(queue_id, t, t.rpartition("@")[2].lower(), orcpt, notify, priority, now, now, recipient.id)
-                 for t in targets],
-            )
-            conn.execute(
-                "UPDATE messages SET recipients = recipients + ? WHERE queue_id = ?", (len(targets), queue_id)
-            )
-            _insert_attempts(conn, queue_id, [Attempt(
-                recipient.id, now, "expanded", reply=f"expanded to {', '.join(targets)}")])
+        cur = conn.execute(
+            "UPDATE recipients SET state = 'delivered', last_error = ?, lease_until = NULL,"
+            " lease_owner = NULL, updated = ? WHERE id = ? AND state = 'active' AND lease_owner = ?",
+            (f"expanded to {', '.join(targets)}", now, recipient.id, self.owner),
+        )
+        if cur.rowcount != 1:
+            return  # the lease was lost (e.g. elemtactl deleted the message): nothing to do
+        conn.executemany(
+            "INSERT INTO recipients (queue_id, address, domain, orcpt, notify, state, priority,"
+            " next_attempt, updated, parent) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
+            [(queue_id, t, t.rpartition("@")[2].lower(), orcpt, notify, priority, now, now, recipient.id)
+             for t in targets],
+        )
+        conn.execute(
+            "UPDATE messages SET recipients = recipients + ? WHERE queue_id = ?", (len(targets), queue_id)
+        )
+        _insert_attempts(conn, queue_id, [Attempt(
+            recipient.id, now, "expanded", reply=f"expanded to {', '.join(targets)}")])
+
+    def delivered_mailboxes(self, queue_id: str) -> list[tuple[int, str]]:
+        """(id, address) of the message's final recipients already delivered (not the aliases
+        that were expanded): a later target for one of them is a duplicate, not sent again."""
+        with self._reading() as conn:
+            rows = conn.execute("SELECT id, address, state, parent FROM recipients WHERE queue_id = ?",
+                                (queue_id,)).fetchall()
+        expanded = {row["parent"] for row in rows if row["parent"] is not None}
+        return [(row["id"], row["address"]) for row in rows
+                if row["state"] == "delivered" and row["id"] not in expanded]
 
     def release(self, recipients: Iterable[int | Recipient]) -> int:
         """Give claimed recipients back without an attempt (shutdown, or no free slot).
@@ -391,18 +418,20 @@ class WorkQueue:
         A Recipient goes back to the state it was claimed from: a scheduled retry given back
         stays 'deferred', so its try still counts when it comes (a bare id goes to 'queued').
         """
-        now = self._clock()
+        with self._writing() as conn:
+            return self._release(conn, recipients, self._clock())
+
+    def _release(self, conn: sqlite3.Connection, recipients: Iterable[int | Recipient], now: float) -> int:
         rows = []
         for r in recipients:
             retry = isinstance(r, Recipient) and r.counted and r.attempts > 0
             rows.append(("deferred" if retry else "queued", now, r.id if isinstance(r, Recipient) else r, self.owner))
-        with self._writing() as conn:
-            cur = conn.executemany(
-                "UPDATE recipients SET state = ?, lease_until = NULL, lease_owner = NULL, updated = ?"
-                " WHERE id = ? AND state = 'active' AND lease_owner = ?",
-                rows,
-            )
-            return cur.rowcount
+        cur = conn.executemany(
+            "UPDATE recipients SET state = ?, lease_until = NULL, lease_owner = NULL, updated = ?"
+            " WHERE id = ? AND state = 'active' AND lease_owner = ?",
+            rows,
+        )
+        return cur.rowcount
 
     def recover_expired(self) -> int:
         """Leases that ran out (their process died) go back to the queue."""

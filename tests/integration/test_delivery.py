@@ -55,7 +55,8 @@ destination_concurrency = {dest_conc}
 [local]
 transport = "lmtp:127.0.0.1:{lmtp_port}"
 recipients = ["alice@local.test"]
-aliases = {{ "team@local.test" = "alice@local.test, carol@remote.test" }}
+aliases = {{ "team@local.test" = "alice@local.test, carol@remote.test"{aliases_extra} }}
+{local_extra}
 """
 
 ZONE = {
@@ -92,10 +93,11 @@ def start(tmp_path, dns, mx, lmtp):
     daemons = []
 
     def run(lifetime=3600, dest_conc=10, delivery_extra="", workdir=None, mx_port=None, delay_warning=0,
-            server_extra="") -> Daemon:
+            server_extra="", aliases_extra="", local_extra="") -> Daemon:
         text = CONFIG.format(dns=dns.nameserver, mx_port=mx_port or mx.port, lmtp_port=lmtp.port, lifetime=lifetime,
                              delay_warning=delay_warning, server_extra=server_extra,
-                             dest_conc=dest_conc, delivery_extra=delivery_extra)
+                             dest_conc=dest_conc, delivery_extra=delivery_extra,
+                             aliases_extra=aliases_extra, local_extra=local_extra)
         daemon = Daemon(workdir or tmp_path, text).start()
         daemons.append(daemon)
         return daemon
@@ -295,6 +297,40 @@ def test_one_process_receives_and_delivers_without_a_supervisor(start, mx):
 
 
 # ---- delivery status notifications --------------------------------------------------------
+
+
+def test_one_mailbox_reached_several_ways_gets_one_copy(start, mx, lmtp):
+    """Issue 16, defect 9: postmaster@, abuse@ and Postmaster@LOCAL.test all lead to alice, and
+    alice is also given at RCPT three times in other cases: she gets one copy; each recipient
+    is delivered and reported (NOTIFY=SUCCESS) once, with the address the sender used."""
+    daemon = start(aliases_extra=', "abuse@local.test" = "alice@local.test"',
+                   local_extra='postmaster = "alice@local.test"')
+    used = ["postmaster@local.test", "abuse@local.test", "Postmaster@LOCAL.test", "alice@local.test",
+            "alice@LOCAL.TEST", "Alice@Local.Test"]
+    qid = send(daemon, used, rcpt_params=" NOTIFY=SUCCESS")
+    def done():
+        with daemon.db() as conn:
+            return conn.execute("SELECT done_at FROM messages WHERE queue_id = ?", (qid,)).fetchone()[0]
+
+    wait_for(lambda: done() is not None, 15, what="the message done")
+    assert {r["state"] for r in daemon.recipients(qid)} == {"delivered"}
+    copies = [m for m in lmtp.handler.received() if any(t.lower() == "alice@local.test" for t in m.rcpt_tos)]
+    assert len(copies) == 1 and len(copies[0].rcpt_tos) == 1, [m.rcpt_tos for m in copies]
+    outcomes = [a["outcome"] for a in attempts(daemon, qid)]
+    finals = [r for r in daemon.recipients(qid) if not r["last_error"].startswith("expanded to")]
+    # Intake already keeps alice@LOCAL.TEST as alice@local.test, once; Alice@Local.Test is a
+    # recipient of its own (local parts keep their case) for the same mailbox.
+    assert len(finals) == 5, [r["address"] for r in finals]
+    assert sorted(outcomes) == ["delivered"] + ["duplicate"] * 4 + ["expanded"] * 3, outcomes
+    wait_for(lambda: len(mx.handler.to("alice@sender.test")) >= 1, 15, what="the success reports")
+    reported = []
+    for got in mx.handler.to("alice@sender.test"):
+        report = email.message_from_bytes(got.data, policy=email.policy.default)
+        for rcpt in report_fields(report)[1:]:
+            assert rcpt["Action"] == "delivered", rcpt
+            reported.append(str(rcpt.get("Original-Recipient") or rcpt["Final-Recipient"]).split(";")[1].strip())
+    assert len(reported) == 5 and {a.lower() for a in reported} == {
+        "postmaster@local.test", "abuse@local.test", "alice@local.test"}, reported
 
 
 def no_report_queued(daemon: Daemon) -> bool:

@@ -721,3 +721,20 @@ def test_a_scheduled_retry_given_back_still_counts(store, work, raw, clock):
     assert raw.execute("SELECT state FROM recipients WHERE queue_id = ?", (qid,)).fetchone()[0] == "deferred"
     [job] = work.claim(limit=10, lease=60)
     assert job.recipients[0].counted
+
+
+def test_expand_all_gives_the_other_recipients_back_so_one_claim_takes_them_together(store, work, raw, clock):
+    """Issue 16, defect 9: the targets of a message's aliases and its other final recipients
+    are due together (one transaction), so a mailbox they share is seen twice in one claim."""
+    queue_id = enqueue(store, "postmaster@example.org", "abuse@example.org", "alice@example.org")
+    pm, abuse, alice = claim_one(work).recipients
+    clock.advance(1)
+    work.expand_all(queue_id, [(pm, ["alice@example.org"]), (abuse, ["alice@example.org"])], 2, [alice])
+    assert [(r["address"], r["state"]) for r in rows(raw, queue_id)] == [
+        ("postmaster@example.org", "delivered"), ("abuse@example.org", "delivered"),
+        ("alice@example.org", "queued"), ("alice@example.org", "queued"), ("alice@example.org", "queued")]
+    (job,) = work.claim(10, 60)
+    assert [r.address for r in job.recipients] == ["alice@example.org"] * 3
+    assert work.delivered_mailboxes(queue_id) == []  # expanded aliases are no mailboxes
+    work.finish(queue_id, Result(outcomes=[Outcome(job.recipients[0].id, "delivered", "250 ok")]))
+    assert work.delivered_mailboxes(queue_id) == [(alice.id, "alice@example.org")]
