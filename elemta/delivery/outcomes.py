@@ -20,6 +20,8 @@ from elemta.queue.model import NewMessage, NewRecipient
 from elemta.queue.schedule import RetrySchedule
 from elemta.queue.work import Attempt, Job, Outcome, Result
 
+TRY_NOW = "try now by elemtactl, not counted"
+
 
 @dataclass(frozen=True)
 class Reporting:
@@ -44,7 +46,12 @@ def decide(
     rng: random.Random | None = None,
 ) -> Result:
     """The Result to write for these verdicts; `final_hop` = delivered into a mailbox (LMTP, Maildir)."""
-    result = Result(attempts=list(attempts))
+    # The history says which tries were an admin's try now, since they are not in `attempts`.
+    uncounted = {v.recipient.id for v in verdicts if not v.recipient.counted}
+    result = Result(attempts=[
+        dataclasses.replace(a, reply=f"{a.reply} ({TRY_NOW})".lstrip()) if a.recipient_id in uncounted else a
+        for a in attempts
+    ])
     report: list[bounce.RecipientStatus] = []
     for v in verdicts:
         r = v.recipient
