@@ -39,7 +39,10 @@ class DataReader:
         index = self._buf.find(TERMINATOR, self._scan_from)
         if index < 0:
             self.received += len(data)
-            if not self.too_big and self.received > self.max_size:
+            # The limit is counted on every octet, however TCP split them, so the reply
+            # cannot depend on the segmentation.  Up to ".\r" of the terminator may already
+            # be here, hence the 2: the text is at least received - 2 octets.
+            if not self.too_big and self.received - 2 > self.max_size:
                 self.too_big = True
             if self.too_big:
                 # Past the limit only the tail matters: it may hold the start of the terminator.
@@ -50,6 +53,12 @@ class DataReader:
             return None
         rest = bytes(self._buf[index + 5 :])
         self.received += len(data) - len(rest)
+        # The message text is everything received but the ".\r\n" of the terminator (its
+        # CRLF ends the last line).  Checked here too: a terminator in the same read as the
+        # octets over the limit used to skip the check.  The 552 still comes only now, after
+        # the whole message was read (RFC 5321 §4.5.3.1.7, RFC 1870 §6.3).
+        if self.received - 3 > self.max_size:
+            self.too_big = True
         text = b"" if self.too_big else bytes(memoryview(self._buf)[2 : index + 2])
         self._buf = bytearray()
         return text, rest
