@@ -203,7 +203,9 @@ class MailTransaction:
     # commands, whatever the state of the transaction, so they are always read in full.
     def _bdat(self, arg: str) -> list:
         parts = arg.split(" ")
-        if not parts[0].isdigit() or len(parts) > 2 or (len(parts) == 2 and parts[1].upper() != "LAST"):
+        # RFC 3030 §2: chunk-size = 1*DIGIT, and DIGIT is 0-9 only (RFC 5234 Appendix B.1);
+        # str.isdigit() alone also takes "²" (which int() refuses) and "٣" (which it reads as 3).
+        if not (parts[0].isascii() and parts[0].isdigit()) or len(parts) > 2 or (len(parts) == 2 and parts[1].upper() != "LAST"):
             return self._syntax("BDAT size [LAST]")
         size, problem = int(parts[0]), self._transaction_problem()
         refusal = replies.BAD_SEQUENCE.format(why=problem) if problem else None

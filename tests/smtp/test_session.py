@@ -180,6 +180,13 @@ DIALOGUES = {
         EHLO, MAIL, RCPT, (b"BDAT 2500 LAST\r\n" + b"x" * 2500, ["552 5.3.4"]), (b"BDAT 1 LAST\r\nx", ["503 5.5.1"]),
     ],
     "bdat bad syntax": [EHLO, MAIL, RCPT, (b"BDAT x\r\n", ["501 5.5.4"]), (b"BDAT 1 FIRST\r\n", ["501 5.5.4"])],
+    # Issue 16 defect 3: only ASCII 0-9 are DIGITs (RFC 5234 B.1); "²" gave 451 and a
+    # traceback, "٣" was read as a 3-octet chunk.
+    "bdat unicode digit": [
+        EHLO, MAIL, RCPT, ("BDAT \u00b2 LAST\r\n".encode(), ["501 5.5.4"]),
+        ("BDAT \u0663\r\nabcNOOP\r\n".encode(), ["501 5.5.4", "500 5.5.1"]),
+        ("BDAT \uff11 LAST\r\n".encode(), ["501 5.5.4"]),
+    ],
     "data after bdat": [EHLO, MAIL, RCPT, (b"BDAT 2\r\nab", ["250 2.0.0"]), (b"DATA\r\n", ["503 5.5.1"])],
 }
 
