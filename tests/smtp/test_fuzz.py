@@ -142,3 +142,29 @@ def test_size_limit_whatever_the_split():
         at += len(part)
         cuts.append(at)
     assert run(b"".join(stream), cuts) == whole
+
+
+def _limit_streams() -> list[bytes]:
+    from elemta.smtp import auth
+    from elemta.smtp.session import MAX_COMMAND, MAX_ENVELOPE_COMMAND
+
+    streams = []
+    for n in range(MAX_COMMAND - 8, MAX_COMMAND - 3):  # "NOOP " + n + CRLF around the limit
+        streams += [b"EHLO c\r\nNOOP " + b"a" * n + end + b"NOOP\r\n" for end in (b"\r\n", b"\n")]
+    for n in range(MAX_ENVELOPE_COMMAND - 28, MAX_ENVELOPE_COMMAND - 22):
+        streams.append(b"EHLO c\r\nMAIL FROM:<" + b"a" * n + b"@x.example>\r\nNOOP\r\n")
+    for n in range(auth.MAX_LINE - 1, auth.MAX_LINE + 2):  # RFC 4954 §4 continuation lines
+        streams.append(b"EHLO c\r\nAUTH PLAIN\r\n" + b"A" * n + b"\r\nNOOP\r\n")
+    return streams
+
+
+def test_line_limits_whatever_the_split():
+    """Command, envelope and AUTH line limits (and the draining of an overlong line) at
+    and around their boundaries give the same replies whole, byte by byte and cut at random."""
+    rng = random.Random(5321)
+    for stream in _limit_streams():
+        pauses = sync_cuts(stream)
+        whole = run(stream, sorted(pauses))
+        check_wellformed(whole)
+        for cuts in splits(rng, len(stream)):
+            assert run(stream, sorted(pauses.union(cuts))) == whole, stream[:40]
