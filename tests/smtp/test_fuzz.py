@@ -12,6 +12,8 @@ import os
 import random
 import re
 
+import pytest
+
 from elemta.smtp.session import Enqueue
 from tests.smtp.test_session import make_session
 
@@ -168,3 +170,24 @@ def test_line_limits_whatever_the_split():
         check_wellformed(whole)
         for cuts in splits(rng, len(stream)):
             assert run(stream, sorted(pauses.union(cuts))) == whole, stream[:40]
+
+
+ENVELOPE = b"EHLO c\r\nMAIL FROM:<a@s.example>\r\nRCPT TO:<b@local.example>\r\n"
+
+
+@pytest.mark.parametrize("text, verdict", [
+    (b"DATA\r\nS: t\r\n\r\na\r\nb\r\n.\r\n", b"250 2.0.0 Ok: queued"),
+    (b"DATA\r\nS: t\r\n\r\na\rb\r\n.\r\n", b"550 5.6.0 "),
+    # BDAT chunks are one text (RFC 3030 §2): a CR ending one chunk and the LF opening the
+    # next are a CRLF, not bare line endings.
+    (b"BDAT 10\r\nS: t\r\n\r\na\rBDAT 4 LAST\r\n\nb\r\n", b"250 2.0.0 Ok: queued"),
+    (b"BDAT 10\r\nS: t\r\n\r\na\rBDAT 4 LAST\r\nxb\r\n", b"550 5.6.0 "),
+])
+def test_line_endings_across_any_boundary(text, verdict):
+    """A CR at the end of one read and an LF at the start of the next are one CRLF."""
+    stream = ENVELOPE + text + b"NOOP\r\n"
+    pauses = sync_cuts(stream)
+    whole = run(stream, sorted(pauses))
+    assert whole.split(b"\r\n")[-3].startswith(verdict)
+    for cut in range(1, len(stream)):
+        assert run(stream, sorted(pauses | {cut})) == whole, cut
