@@ -68,7 +68,7 @@ def parse_nameserver(text: str) -> tuple[str, int]:
         address = ipaddress.ip_address(host)
     except ValueError:
         raise ValueError(f"nameserver {text!r}: {host!r} is not an IP address") from None
-    if not port.isdigit() or not 0 < int(port) < 65536:
+    if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise ValueError(f"nameserver {text!r}: port must be 1-65535")
     return str(address), int(port)
 

@@ -67,7 +67,7 @@ def read_pid(spool_dir: str) -> int | None:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError:
             text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-            return int(text) if text.isdigit() else None
+            return int(text) if text.isascii() and text.isdigit() else None
         return None  # nobody holds it: a file left behind
     finally:
         os.close(fd)

@@ -300,7 +300,7 @@ class Connection:
             # RFC 3030 §3: BINARYMIME goes only with BDAT, which this client does not send.
             return Reply(554, "5.6.3", "BINARYMIME content cannot be relayed")
         size = self.extensions.get("SIZE", "")
-        limit = int(size) if size.isdigit() else 0  # RFC 1870: 0 or none = no limit
+        limit = int(size) if size.isascii() and size.isdigit() else 0  # RFC 1870: 0 or none = no limit; DIGIT is ASCII
         if limit and len(message.body) > limit:
             # RFC 1870: the server would refuse it with 552; a bounce, as in Postfix.
             return Reply(552, "5.3.4", f"message size {len(message.body)} exceeds size "

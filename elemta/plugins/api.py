@@ -112,7 +112,7 @@ def _verdict_problem(v: Verdict) -> str | None:
     if v.action in ("reject", "defer"):
         klass = str(v.code)[0]
         parts = v.esc.split(".")
-        if len(parts) != 3 or parts[0] != klass or not all(p.isdigit() for p in parts):
+        if len(parts) != 3 or parts[0] != klass or not all(p.isascii() and p.isdigit() for p in parts):
             return f"enhanced code {v.esc!r} does not fit {v.code} (RFC 3463: {klass}.x.y)"
         if not v.text or "\r" in v.text or "\n" in v.text or not v.text.isprintable():
             return "text must be one printable line"

