@@ -124,6 +124,24 @@ def _handshake(server: ssl.SSLContext, client: ssl.SSLContext) -> str:
     raise AssertionError("handshake did not finish")
 
 
+class RsaCA:
+    """A CA issuing RSA keys: the TLS 1.2 suites below are RSA-authenticated, and trustme 1.0
+    and newer make ECDSA keys by default (with which no RSA suite could be agreed at all)."""
+
+    def __init__(self):
+        key_type = getattr(trustme, "KeyType", None)
+        self.rsa = {} if key_type is None else {"key_type": key_type.RSA}
+        self.ca = trustme.CA(**self.rsa)
+
+    def issue_cert(self, *names):
+        return self.ca.issue_cert(*names, **self.rsa)
+
+
+@pytest.fixture(scope="module")
+def rsa_ca():
+    return RsaCA()
+
+
 def _tls12_client(ciphers: str) -> ssl.SSLContext:
     client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
@@ -137,20 +155,20 @@ def _tls12_client(ciphers: str) -> ssl.SSLContext:
     "AES256-GCM-SHA384",  # AEAD, but static RSA: no forward secrecy
     "ECDHE-RSA-AES128-SHA",  # forward secret, but CBC with HMAC-SHA1
 ])
-def test_tls12_refuses_suites_without_forward_secrecy_or_aead_by_default(ca, tmp_path, offered):
-    server = ServerTls(TlsConfig(certificates=(Certificate(pem(ca, tmp_path, "mx.example.org")),))).context()
+def test_tls12_refuses_suites_without_forward_secrecy_or_aead_by_default(rsa_ca, tmp_path, offered):
+    server = ServerTls(TlsConfig(certificates=(Certificate(pem(rsa_ca, tmp_path, "mx.example.org")),))).context()
     with pytest.raises(ssl.SSLError):
         _handshake(server, _tls12_client(offered))
 
 
 @pytest.mark.parametrize("offered", ["ECDHE-RSA-AES128-GCM-SHA256", "ECDHE-RSA-CHACHA20-POLY1305"])
-def test_tls12_accepts_forward_secret_aead_suites_by_default(ca, tmp_path, offered):
-    server = ServerTls(TlsConfig(certificates=(Certificate(pem(ca, tmp_path, "mx.example.org")),))).context()
+def test_tls12_accepts_forward_secret_aead_suites_by_default(rsa_ca, tmp_path, offered):
+    server = ServerTls(TlsConfig(certificates=(Certificate(pem(rsa_ca, tmp_path, "mx.example.org")),))).context()
     assert _handshake(server, _tls12_client(offered)) == offered
 
 
-def test_tls_ciphers_lets_an_admin_allow_more(ca, tmp_path):
-    config = TlsConfig(certificates=(Certificate(pem(ca, tmp_path, "mx.example.org")),),
+def test_tls_ciphers_lets_an_admin_allow_more(rsa_ca, tmp_path):
+    config = TlsConfig(certificates=(Certificate(pem(rsa_ca, tmp_path, "mx.example.org")),),
                        ciphers="DEFAULT:AES128-SHA")
     assert _handshake(ServerTls(config).context(), _tls12_client("AES128-SHA")) == "AES128-SHA"
 
