@@ -121,14 +121,3 @@ def _keep_only_bind_capability(libc) -> None:
         # No capability kept: listeners on ports below 1024 can no longer be added by a reload.
         libc.capset(ctypes.byref(header), (Data * 2)())
 
-
-def capabilities() -> int:
-    """The effective capability set of this process, from /proc (0 where there is none)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("CapEff:"):
-                    return int(line.split()[1], 16)
-    except OSError:
-        pass
-    return 0

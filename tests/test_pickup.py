@@ -80,7 +80,7 @@ def test_a_written_file_is_taken_with_its_owner_and_removed(setup):
 
 
 def test_a_file_not_yet_marked_ready_waits_and_a_stale_one_goes(setup):
-    drop, store, log, pickup = setup
+    drop, _, log, pickup = setup
     path = drop / maildrop.new_name()
     path.write_bytes(maildrop.encode(DROP))
     os.chmod(path, 0o640)  # sendmail still writing: no ready bit
@@ -120,17 +120,25 @@ def test_hostile_files_are_removed_and_logged(setup, tmp_path, make):
 
 
 def test_names_that_are_not_ours_are_left_alone(setup):
-    drop, store, log, pickup = setup
+    drop, _, log, pickup = setup
     (drop / "README").write_text("x")
     assert pickup.scan() == 0 and (drop / "README").exists() and log.events == []
 
 
 def test_without_a_sender_the_owner_is_the_sender_and_the_author(setup):
-    drop, store, log, pickup = setup
+    drop, store, _, pickup = setup
     maildrop.write(str(drop), maildrop.Drop(DROP.recipients, b"Subject: s\r\n\r\n"))
     pickup.scan()
     [(qid, sender, _, _)] = messages(store)
     import pwd
+    import sqlite3
 
     login = pwd.getpwuid(os.getuid()).pw_name
     assert sender == f"{login}@host.test"
+    conn = sqlite3.connect(store.path)
+    try:
+        body = bytes(conn.execute("SELECT data FROM bodies WHERE queue_id = ?", (qid,)).fetchone()[0])
+    finally:
+        conn.close()
+    assert f"\r\nFrom: {login}@host.test\r\n".encode() in body or f"<{login}@host.test>\r\n".encode() in body
+    assert f"(elemta, from userid {os.getuid()})".encode() in body

@@ -29,7 +29,9 @@ def limits_of(pid: int) -> tuple[int, int]:
 
 
 def test_a_low_soft_limit_is_raised_to_what_the_connections_need(tmp_path):
-    low = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, 8192))  # noqa: E731
+    def low():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 8192))
+
     daemon = Daemon(tmp_path, CONFIG)
     daemon.start(preexec_fn=low)
     try:

@@ -23,8 +23,8 @@ from elemta.queue.model import NewRecipient
 from elemta.smtp import address as addr
 
 # sysexits.h
-EX_USAGE, EX_DATAERR, EX_NOUSER, EX_UNAVAILABLE = 64, 65, 67, 69
-EX_SOFTWARE, EX_IOERR, EX_TEMPFAIL, EX_NOPERM, EX_CONFIG = 70, 74, 75, 77, 78
+EX_USAGE, EX_DATAERR, EX_UNAVAILABLE = 64, 65, 69
+EX_IOERR, EX_TEMPFAIL, EX_NOPERM, EX_CONFIG = 74, 75, 77, 78
 
 CONFIG_ENV = "ELEMTA_CONFIG"
 
