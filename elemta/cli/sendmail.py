@@ -27,6 +27,7 @@ EX_USAGE, EX_DATAERR, EX_UNAVAILABLE = 64, 65, 69
 EX_IOERR, EX_TEMPFAIL, EX_NOPERM, EX_CONFIG = 74, 75, 77, 78
 
 CONFIG_ENV = "ELEMTA_CONFIG"
+USAGE = "usage: {} [-t] [-i] [-f sender] [-F name] [-C config] [-bs | -bp | -bi | -q] [recipient ...]"
 
 # Flags that take no value and change nothing here (-v verbose, -n no aliasing, -m me too,
 # -U initial submission, -G gateway submission, -s save From lines, -x ...).
@@ -300,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     program = program_name(sys.argv[0])
     args = sys.argv[1:] if argv is None else argv
     shown = "sendmail" if program == "elemta-sendmail" else program
+    if args[:1] == ["--help"]:
+        print(f"{USAGE.format(shown)}\nSee elemta-sendmail(8) for every option.")
+        return 0
     try:
         opts = parse_args(args, program)
         config = load_config(opts.config)
@@ -311,8 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         return sendmail_modes.run(opts, config, shown)
     except Usage as exc:
         print(f"{shown}: {exc}", file=sys.stderr)
-        print(f"usage: {shown} [-t] [-i] [-f sender] [-F name] [-bs | -bp | -bi | -q] [recipient ...]",
-              file=sys.stderr)
+        print(USAGE.format(shown), file=sys.stderr)
         return EX_USAGE
     except Failure as exc:
         for line in str(exc).splitlines():  # a bad config may name several problems, one a line
