@@ -33,6 +33,7 @@ LOG_FORMATS = ("text", "json")
 _RANGES: dict[str, tuple[float, float]] = {
     "server.max_connections": (1, 1_000_000),
     "server.max_connections_per_ip": (1, 1_000_000),
+    "server.reserved_connections": (0, 1_000_000),
     "server.grace_period": (0, 3600),
     "server.workers": (1, 15),  # queue IDs carry 4 bits of process number; 15 is delivery's
     "smtp.max_message_size": (1024, 2**40),
@@ -41,6 +42,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     "smtp.command_timeout": (1, 3600),
     "smtp.data_timeout": (1, 3600),
     "smtp.greet_pause": (0, 60),
+    "smtp.min_data_rate": (0, 1_000_000_000),
+    "smtp.stress_timeout": (0, 3600),
     "smtp.max_received_headers": (1, 1000),
     "smtp.auth_max_failures": (1, 100),
     "smtp.auth_lockout": (0, 86400),
@@ -106,6 +109,9 @@ class ServerConfig:
     group: str = ""  # ... and this group; "" = the user's primary group
     max_connections: int = 1000
     max_connections_per_ip: int = 20
+    # Of max_connections, kept for trusted networks and submission listeners (at most half):
+    # a flood on port 25 cannot lock out the admin's own clients.
+    reserved_connections: int = 100
     grace_period: float = 30.0
     workers: int = 1  # processes sharing the listeners (SO_REUSEPORT)
     delivery_process: bool = True  # delivery in a process of its own (its own core, crash isolation)
@@ -117,8 +123,10 @@ class SmtpConfig:
     max_message_size: int = 26_214_400  # 25 MiB; advertised in EHLO SIZE
     max_recipients: int = 100  # RFC 5321 §4.5.3.1.8: at least 100 must be accepted
     max_errors: int = 20  # 5xx replies (unknown commands, bad syntax...) before 421 and close
-    command_timeout: float = 300.0  # RFC 5321 §4.5.3.2.7: 5 minutes
-    data_timeout: float = 180.0  # RFC 5321 §4.5.3.2.5-6: 3 minutes per data block
+    command_timeout: float = 300.0  # RFC 5321 §4.5.3.2.7: 5 minutes for a whole command line
+    data_timeout: float = 180.0  # RFC 5321 §4.5.3.2.5-6: 3 minutes, plus min_data_rate's allowance
+    min_data_rate: int = 500  # octets/s a DATA or BDAT transfer must average (as Postfix's smtpd_min_data_rate)
+    stress_timeout: float = 10.0  # under pressure, for untrusted clients that have not authenticated; 0 = never
     greet_pause: float = 0.0  # wait this long before the banner; input in it is refused
     max_received_headers: int = 50  # a message arriving with this many Received headers loops
     local_domains: tuple[str, ...] = ()

@@ -1,10 +1,23 @@
 """The connections a listener process holds: counted in all and per client address, with
-their sockets, so the caps can be checked at accept and every session woken at shutdown."""
+their sockets, so the caps can be checked at accept, every session's deadline kept, and every
+session woken at shutdown.
+
+Deadlines are whole: a command line must be complete within `command_timeout` of the reply
+before it, and DATA text within `data_timeout` plus one second per `min_data_rate` octets
+received (Postfix's smtpd_per_request_deadline and smtpd_min_data_rate). A client dripping a
+byte every few seconds never trips a per-read timeout, so the kernel's SO_RCVTIMEO alone let
+1,500 such connections hold every slot; `sweep()` (a thread of the server, once a second)
+wakes the sessions past their deadline. Under pressure (three quarters of the slots taken)
+sessions of untrusted, unauthenticated clients get `stress_timeout` instead, as in Postfix's
+stress mode, and the last `reserved` slots are only for trusted networks and submission
+listeners.
+"""
 
 from __future__ import annotations
 
 import socket
 import threading
+import time
 from typing import TYPE_CHECKING
 
 from elemta.smtp import replies
@@ -13,61 +26,105 @@ if TYPE_CHECKING:
     from elemta.smtp.server import Limits
 
 
+class Watch:
+    """One open connection as the sweeper sees it; the session thread keeps it current.
+
+    The session thread writes the fields without a lock: each is one attribute store, and the
+    sweeper only reads them (a stale read costs at most one sweep's delay)."""
+
+    __slots__ = ("sock", "ip", "privileged", "since", "data_bytes", "in_data", "waiting", "expired")
+
+    def __init__(self, sock: socket.socket, ip: str | None, privileged: bool):
+        self.sock = sock
+        self.ip = ip  # the address it counts under; None until a PROXY header names it
+        self.privileged = privileged  # trusted network or authenticated: no stress timeout
+        self.since = time.monotonic()  # when the client was last asked for something
+        self.data_bytes = 0  # octets of message text received since `since`
+        self.in_data = False
+        self.waiting = True  # False while elemta itself works (feed, commit): not the client's time
+        self.expired = False  # set by sweep(): the session ends with 421 4.4.2
+
+    def asked(self, in_data: bool) -> None:
+        """A reply went out (or the greeting): the client's next request starts now."""
+        self.since = time.monotonic()
+        self.data_bytes = 0
+        self.in_data = in_data
+
+    def deadline(self, limits: Limits, stressed: bool) -> float:
+        if stressed and not self.privileged and limits.stress_timeout:
+            allowed = limits.stress_timeout
+        else:
+            allowed = limits.data_timeout if self.in_data else limits.command_timeout
+        if self.in_data:
+            if not limits.min_data_rate:
+                return float("inf")  # only the per-read data_timeout applies
+            allowed += self.data_bytes / limits.min_data_rate
+        return self.since + allowed
+
+
 class Connections:
     """Counts open connections, globally and per client address, and keeps their sockets."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self._per_ip: dict[str, int] = {}
-        self._open: dict[int, list] = {}  # number -> [socket, the address it counts under]
+        self._open: dict[int, Watch] = {}
         self._serial = 0
         self.idle = threading.Condition(self._lock)
+        self.stressed = False
 
     def admit(
-        self, ip: str, sock: socket.socket, limits: Limits, per_ip: bool = True
-    ) -> tuple[int, replies.Reply | None]:
-        """Return (connection number, None) if admitted, else (0, the 421 to send).
+        self, ip: str, sock: socket.socket, limits: Limits, *, per_ip: bool = True,
+        reserved: bool = False, privileged: bool = False,
+    ) -> tuple[int, Watch | None, replies.Reply | None]:
+        """Return (connection number, its Watch, None) if admitted, else (0, None, the 421).
 
+        reserved: the client may take the slots kept for trusted networks and submission.
         per_ip=False skips the per-address cap (a proxy's address: rekey() applies it to the
         client the PROXY header names)."""
         with self._lock:
-            if len(self._open) >= limits.max_connections:
-                return 0, replies.TOO_MANY_CONNECTIONS
+            cap = limits.max_connections if reserved else limits.max_connections - limits.reserved
+            if len(self._open) >= cap:
+                return 0, None, replies.TOO_MANY_CONNECTIONS
             if per_ip and self._per_ip.get(ip, 0) >= limits.max_connections_per_ip:
-                return 0, replies.TOO_MANY_FROM_IP
+                return 0, None, replies.TOO_MANY_FROM_IP
             self._serial += 1
             if per_ip:
                 self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
             # Not counted per address until rekey() names the client behind the proxy.
-            self._open[self._serial] = [sock, ip if per_ip else None]
-            return self._serial, None
+            watch = Watch(sock, ip if per_ip else None, privileged)
+            self._open[self._serial] = watch
+            return self._serial, watch, None
 
-    def rekey(self, number: int, ip: str, limits: Limits) -> replies.Reply | None:
-        """Count connection number under ip (the client a PROXY header names) from now on."""
+    def rekey(self, number: int, ip: str, limits: Limits, *, reserved: bool) -> replies.Reply | None:
+        """Count connection number under ip (the client a PROXY header names) from now on;
+        a client that may not use the reserved slots is refused if it holds one."""
         with self._lock:
-            entry = self._open.get(number)
-            if entry is None:
+            watch = self._open.get(number)
+            if watch is None:
                 return None
-            if entry[1] == ip:
+            if not reserved and len(self._open) > limits.max_connections - limits.reserved:
+                return replies.TOO_MANY_CONNECTIONS
+            if watch.ip == ip:
                 return None
             if self._per_ip.get(ip, 0) >= limits.max_connections_per_ip:
                 return replies.TOO_MANY_FROM_IP
-            self._drop(entry[1])
+            self._drop(watch.ip)
             self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
-            entry[1] = ip
+            watch.ip = ip
             return None
 
     def replace(self, number: int, sock: socket.socket) -> None:
-        """The connection's socket is now sock (TLS wraps it), for interrupt_all."""
+        """The connection's socket is now sock (TLS wraps it), for sweep and interrupt_all."""
         with self._lock:
             if number in self._open:
-                self._open[number][0] = sock
+                self._open[number].sock = sock
 
     def release(self, number: int) -> None:
         with self._lock:
-            entry = self._open.pop(number, None)
-            if entry is not None:
-                self._drop(entry[1])
+            watch = self._open.pop(number, None)
+            if watch is not None:
+                self._drop(watch.ip)
             if not self._open:
                 self.idle.notify_all()
 
@@ -88,12 +145,37 @@ class Connections:
         with self._lock:
             return self.idle.wait_for(lambda: not self._open, timeout)
 
+    def sweep(self, limits: Limits, now: float | None = None) -> tuple[int, bool | None]:
+        """End the waits that are past their deadline; return (how many, the new stress state
+        if it just changed, else None)."""
+        with self._lock:
+            watches = list(self._open.values())
+        stressed = len(watches) >= limits.stress_at
+        changed = None if stressed == self.stressed else stressed
+        self.stressed = stressed
+        now = time.monotonic() if now is None else now
+        ended = 0
+        for watch in watches:
+            if watch.waiting and not watch.expired and now > watch.deadline(limits, stressed):
+                watch.expired = True
+                _wake(watch.sock)
+                ended += 1
+        return ended, changed
+
     def interrupt_all(self) -> None:
         """Wake every session blocked in recv: it then says 421 and closes (shutdown)."""
         with self._lock:
-            sockets = [entry[0] for entry in self._open.values()]
+            sockets = [watch.sock for watch in self._open.values()]
         for sock in sockets:
-            try:
-                sock.shutdown(socket.SHUT_RD)
-            except (OSError, ValueError):
-                pass
+            _wake(sock)
+
+
+def _wake(sock: socket.socket) -> None:
+    """Make a recv blocked on sock return b"" (the session then replies and closes).
+
+    socket.socket.shutdown, not SSLSocket.shutdown: that one also drops the TLS state, and
+    the session's 421 would go out in the clear inside a TLS stream."""
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_RD)
+    except (OSError, ValueError):
+        pass

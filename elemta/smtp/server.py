@@ -26,7 +26,7 @@ from elemta.log import EventLog
 from elemta.passwords import PasswordFile
 from elemta.queue.store import Store
 from elemta.smtp import proxy, replies
-from elemta.smtp.connections import Connections
+from elemta.smtp.connections import Connections, Watch
 from elemta.smtp.limits import Limiter
 from elemta.smtp.session import (
     CLOSED,
@@ -42,6 +42,8 @@ from elemta.smtp.tls import ServerTls, TlsInfo
 
 RECV_SIZE = 65536
 PROXY_TIMEOUT = 10.0  # seconds for a PROXY header to arrive
+SWEEP_INTERVAL = 1.0  # seconds between deadline sweeps: a deadline is kept to within this
+SUBMISSION_ROLES = ("submission", "submissions")  # may use server.reserved_connections
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,10 @@ class Limits:
     max_connections_per_ip: int
     trusted: tuple  # ipaddress networks
     proxies: tuple = ()  # ipaddress networks allowed to send PROXY headers
+    reserved: int = 0  # of max_connections, only for trusted clients and submission listeners
+    min_data_rate: int = 0  # octets/s; each one received extends the DATA deadline
+    stress_timeout: float = 0.0  # deadline under stress for untrusted, unauthenticated sessions
+    stress_at: int = 1  # open connections from which the listener process is under stress
 
     def is_trusted(self, ip: str) -> bool:
         address = ipaddress.ip_address(ip)
@@ -89,14 +95,21 @@ def session_settings(
 
 
 def limits_from(config: Config, workers: int = 1) -> Limits:
+    server = config.server
+    max_connections = -(-server.max_connections // workers)
     return Limits(
         command_timeout=config.smtp.command_timeout,
         data_timeout=config.smtp.data_timeout,
         greet_pause=config.smtp.greet_pause,
-        max_connections=-(-config.server.max_connections // workers),
-        max_connections_per_ip=-(-config.server.max_connections_per_ip // workers),
+        max_connections=max_connections,
+        max_connections_per_ip=-(-server.max_connections_per_ip // workers),
         trusted=tuple(ipaddress.ip_network(n, strict=False) for n in config.smtp.trusted_networks),
-        proxies=tuple(ipaddress.ip_network(n, strict=False) for n in config.server.proxy_networks),
+        proxies=tuple(ipaddress.ip_network(n, strict=False) for n in server.proxy_networks),
+        # At most half the slots are kept back, so a small max_connections still serves port 25.
+        reserved=min(-(-server.reserved_connections // workers), max_connections // 2),
+        min_data_rate=config.smtp.min_data_rate,
+        stress_timeout=config.smtp.stress_timeout,
+        stress_at=max(1, max_connections * 3 // 4),
     )
 
 
@@ -118,6 +131,8 @@ class SmtpServer:
         self.connections = Connections()
         self.threads = SessionThreads()
         self.stopping = threading.Event()
+        self._sweeper: threading.Thread | None = None
+        self._sweeper_stop = threading.Event()
         self.tls = ServerTls(config.tls, log)  # ConfigError if a certificate cannot be loaded
         self.services: Services | None = None
         self.limiter: Limiter | None = None
@@ -168,6 +183,21 @@ class SmtpServer:
     def start(self) -> None:
         """Bind and serve the configured listeners (OSError if one cannot be bound)."""
         self.reload(self.config, self.recipients)
+        self._sweeper = threading.Thread(target=self._sweep, name="deadlines", daemon=True)
+        self._sweeper.start()
+
+    def _sweep(self) -> None:
+        """Keep every session's deadline, and say when stress begins and ends."""
+        while not self._sweeper_stop.wait(SWEEP_INTERVAL):
+            try:
+                _ended, stressed = self.connections.sweep(self.limits)
+            except Exception:  # a bug here must not leave the deadlines unkept silently
+                self.log.exception("internal_error", where="deadline_sweep")
+                continue
+            if stressed is not None:
+                self.log("stress", level=logmod.WARNING if stressed else logmod.INFO,
+                         state="on" if stressed else "off", connections=self.connections.count(),
+                         max_connections=self.limits.max_connections)
 
     def reload(self, config: Config, recipients: LocalRecipients | None = None) -> None:
         """Switch to config: bind its new listeners first, and only if all of them bind, take
@@ -209,12 +239,16 @@ class SmtpServer:
             self.stopping.set()
             self.connections.interrupt_all()
             self.connections.wait_idle(5.0)
+        self._sweeper_stop.set()
         self.threads.close()
 
     # ---- one connection --------------------------------------------------------------------
 
-    def handle(self, sock: socket.socket, peer: tuple, listener: Listener, number: int) -> None:
+    def handle(self, sock: socket.socket, peer: tuple, listener: Listener, number: int,
+               watch: Watch | None = None) -> None:
         limits = self.limits
+        if watch is None:  # called without the accept path (tests): deadlines kept all the same
+            watch = Watch(sock, peer[0], False)
         # A listener closed by a reload may still hand over a last connection.
         settings = self.settings.get(listener.address) or session_settings(
             self.config, listener, self.hostname
@@ -227,7 +261,7 @@ class SmtpServer:
         conn.set_timeout(socket.SO_SNDTIMEO, limits.command_timeout)
         ip, early = peer[0], b""
         if listener.proxy_protocol:
-            peer, early = self._proxied(conn, peer, number, limits)
+            peer, early = self._proxied(conn, peer, number, limits, listener, watch)
             if peer is None:
                 return
         services, started = self.services, time.monotonic()
@@ -242,7 +276,8 @@ class SmtpServer:
                 conn.send(session.input_before_reply())
                 return
             conn.send([session.greeting()])
-            self._converse(conn, session, limits, early)
+            watch.asked(False)
+            self._converse(conn, session, limits, watch, early)
         except OSError as exc:
             self.log("io_error", ip=session.client.ip, conn=number, error=str(exc)[:80])
         except Exception:
@@ -262,7 +297,8 @@ class SmtpServer:
                 errors=session.errors, seconds=round(time.monotonic() - started, 3),
             )
 
-    def _proxied(self, conn: _Conn, peer: tuple, number: int, limits: Limits) -> tuple:
+    def _proxied(self, conn: _Conn, peer: tuple, number: int, limits: Limits, listener: Listener,
+                 watch: Watch) -> tuple:
         """Read the PROXY header: ((client ip, port), bytes after it), or (None, b"") when the
         connection must go (not from a proxy we trust, a bad header, or over a limit)."""
         ip = peer[0]
@@ -290,8 +326,12 @@ class SmtpServer:
         mapped = getattr(ipaddress.ip_address(client[0]), "ipv4_mapped", None)
         if mapped is not None:  # ::ffff:192.0.2.1 is 192.0.2.1, for trust, limits and logs
             client = (str(mapped), client[1])
-        refusal, reason = self.connections.rekey(number, client[0], limits), "connection_limit"
-        if refusal is None and not limits.is_trusted(client[0]):
+        trusted = limits.is_trusted(client[0])
+        watch.privileged = trusted
+        reserved = trusted or listener.role in SUBMISSION_ROLES
+        refusal = self.connections.rekey(number, client[0], limits, reserved=reserved)
+        reason = "connection_limit"
+        if refusal is None and not trusted:
             refusal, reason = self.limiter.connect(client[0]), "connection_rate"
         if refusal is not None:
             self.log("reject", ip=client[0], conn=number, reason=reason, proxy=ip,
@@ -318,7 +358,8 @@ class SmtpServer:
         session.tls_started(TlsInfo.of(conn.sock))
         return True
 
-    def _converse(self, conn: _Conn, session: Session, limits: Limits, early: bytes = b"") -> None:
+    def _converse(self, conn: _Conn, session: Session, limits: Limits, watch: Watch,
+                  early: bytes = b"") -> None:
         timeout = limits.command_timeout  # as handle() set it
         while session.state != CLOSED:
             wanted = limits.data_timeout if session.in_data else limits.command_timeout
@@ -328,13 +369,17 @@ class SmtpServer:
             if early:  # what came behind a PROXY header, before our greeting
                 data, early = early, b""
             else:
+                watch.waiting = True
                 try:
                     data = conn.sock.recv(RECV_SIZE)
                 except (BlockingIOError, TimeoutError):  # SO_RCVTIMEO (TLS: Python's timeout) expired
-                    conn.send(session.timed_out())
+                    self._timed_out(conn, session, "silence")
                     return
+                watch.waiting = False
             if not data:
-                if self.stopping.is_set():
+                if watch.expired:  # the sweeper ended the wait: the whole request took too long
+                    self._timed_out(conn, session, "stress" if self.connections.stressed else "deadline")
+                elif self.stopping.is_set():
                     conn.send(session.shutting_down())
                 return
             outputs = session.feed(data)
@@ -354,6 +399,17 @@ class SmtpServer:
                 # RFC 2920 §3.1: the client sent message text before our 354.
                 pending[-1:] = session.input_before_reply()
             conn.send(pending)
+            if pending:  # a request was answered: the client's time for the next one starts
+                watch.asked(session.in_data)
+                if session.user is not None:
+                    watch.privileged = True
+            elif session.in_data:
+                watch.data_bytes += len(data)
+
+    def _timed_out(self, conn: _Conn, session: Session, why: str) -> None:
+        self.log("timeout", ip=session.client.ip, conn=session.client.conn,
+                 phase="data" if session.in_data else "command", limit=why)
+        conn.send(session.timed_out())
 
     def _enqueue(self, session: Session, item: Enqueue) -> list:
         try:
@@ -427,11 +483,15 @@ class ListenerServer(socketserver.ThreadingTCPServer):
     def process_request(self, request, client_address) -> None:
         """A thread per connection (a reused one), after the connection caps are checked."""
         owner, ip, proxied = self.owner, client_address[0], self.listener.proxy_protocol
-        # Behind a proxy the address here is the proxy's: the client's own cap and rate are
-        # checked once its PROXY header is read (SmtpServer._proxied).
-        number, refusal = owner.connections.admit(ip, request, owner.limits, per_ip=not proxied)
+        # Behind a proxy the address here is the proxy's: the client's own cap, rate and
+        # trust are checked once its PROXY header is read (SmtpServer._proxied).
+        trusted = not proxied and owner.limits.is_trusted(ip)
+        number, watch, refusal = owner.connections.admit(
+            ip, request, owner.limits, per_ip=not proxied, privileged=trusted,
+            reserved=proxied or trusted or self.listener.role in SUBMISSION_ROLES,
+        )
         reason = "connection_limit"
-        if refusal is None and not proxied and not owner.limits.is_trusted(ip):
+        if refusal is None and not proxied and not trusted:
             refusal = owner.limiter.connect(ip)
             if refusal is not None:
                 owner.connections.release(number)
@@ -446,11 +506,11 @@ class ListenerServer(socketserver.ThreadingTCPServer):
                 pass
             self.shutdown_request(request)
             return
-        self.owner.threads.submit(self._serve, request, client_address, number)
+        self.owner.threads.submit(self._serve, request, client_address, number, watch)
 
-    def _serve(self, request, client_address, number) -> None:
+    def _serve(self, request, client_address, number, watch) -> None:
         try:
-            self.owner.handle(request, client_address, self.listener, number)
+            self.owner.handle(request, client_address, self.listener, number, watch)
         finally:
             self.owner.connections.release(number)
             self.shutdown_request(request)

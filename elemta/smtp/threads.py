@@ -17,7 +17,9 @@ _CLOSE = None  # put for an idle thread: end now
 
 
 class SessionThreads:
-    def __init__(self, name: str = "session", idle_timeout: float = 30.0, max_idle: int = 256):
+    # After a flood of 1,000 slow sessions, 256 kept threads (8 MiB of stack address space and
+    # a kernel task each) stayed for half a minute; 64 covers a busy server's churn.
+    def __init__(self, name: str = "session", idle_timeout: float = 15.0, max_idle: int = 64):
         self.name = name
         self.idle_timeout = idle_timeout
         self.max_idle = max_idle  # threads kept waiting beyond this many end at once

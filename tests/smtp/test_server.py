@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import select
+import socket
 
 import pytest
 
@@ -10,7 +12,7 @@ from elemta import config as cfg
 from elemta.log import EventLog
 from elemta.queue.store import Store
 from elemta.smtp.server import SmtpServer
-from tests.support import RawClient
+from tests.support import RawClient, wait_for
 
 
 @pytest.fixture
@@ -73,3 +75,131 @@ def test_a_reload_keeps_the_rate_counters_and_the_password_file(running):
     server.reload(changed)
     assert server.limiter is not limiter
     assert server.limiter.ip_messages.limit == 7
+
+
+# ---- whole deadlines, stress mode, reserved slots (issue 16, defect 1) -------------------------
+
+
+@pytest.fixture
+def serve(tmp_path):
+    """serve(server={...}, smtp={...}) -> (server, log lines, {role: (host, port)}); mx and submission
+    listeners; only 127.0.0.2 is trusted, so 127.0.0.1 plays the stranger."""
+    started = []
+
+    def start(server=None, smtp=None):
+        config = cfg.parse({
+            "listeners": [{"address": "127.0.0.1:0", "role": "mx"},
+                          {"address": "127.0.0.3:0", "role": "submission"}],
+            "server": {"spool_dir": str(tmp_path), "hostname": "mx.test.example", **(server or {})},
+            "smtp": {"local_domains": ["example.com"], "trusted_networks": ["127.0.0.2/32"],
+                     **(smtp or {})},
+            "queue": {"min_free_space": 0},
+        })
+        store = Store(config.queue_path)
+        store.open()
+        lines: list[str] = []
+        srv = SmtpServer(config, store, EventLog(sink=lines.append))
+        srv.start()
+        started.append((srv, store))
+        ports = {s.listener.role: s.server_address[:2] for s in srv.listeners.values()}
+        return srv, lines, ports
+
+    yield start
+    for srv, store in started:
+        srv.stop(grace=1)
+        store.close()
+
+
+class From(RawClient):
+    """RawClient from a chosen loopback source address."""
+
+    def __init__(self, address: tuple, source: str = "127.0.0.1", read_greeting: bool = True):
+        self.sock = socket.create_connection(address, timeout=20, source_address=(source, 0))
+        self._buf = b""
+        self.greeting = self.reply() if read_greeting else None
+
+    def dribble(self, data: bytes, every: float) -> int:
+        """Send data a byte at a time, `every` seconds apart, until the server answers;
+        return how many bytes went out before that (len(data) if it never did)."""
+        for sent, byte in enumerate(data):
+            if select.select([self.sock], [], [], every)[0]:
+                return sent
+            self.sock.sendall(bytes([byte]))
+        return len(data)
+
+
+def test_a_command_sent_a_byte_at_a_time_ends_at_its_whole_deadline(serve):
+    # Each byte comes well within any per-read timeout; before whole deadlines this client
+    # held its session thread for as long as it liked.
+    _, lines, ports = serve(smtp={"command_timeout": 2})
+    with From(ports["mx"]) as c:
+        sent = c.dribble(b"EHLO " + b"x" * 60, every=0.25)  # 15 s of dribbling, no CRLF
+        assert sent < 60
+        code, text = c.reply()
+        assert (code, text.split()[0]) == (421, "4.4.2")
+        assert c.closed_by_server()
+    wait_for(lambda: any(" timeout " in l and "limit=deadline" in l for l in lines), 5, what="the log line")
+    assert any("phase=command" in l for l in lines if " timeout " in l)
+
+
+def test_message_text_slower_than_the_minimum_rate_ends_and_faster_text_is_taken(serve):
+    _, lines, ports = serve(smtp={"data_timeout": 2, "min_data_rate": 20})
+    with From(ports["mx"]) as c:
+        for command in ("EHLO c.example", "MAIL FROM:<a@example.org>", "RCPT TO:<b@example.com>"):
+            assert c.cmd(command)[0] == 250
+        assert c.cmd("DATA")[0] == 354
+        # 4 octets/s against 20: the allowance is 2 s + n/20 s, so it ends after about 2.5 s.
+        sent = c.dribble(b"Subject: slow\r\n\r\n" + b"y" * 100, every=0.25)
+        assert sent < 117
+        assert c.reply()[:1] == (421,)
+    assert any(" timeout " in l and "phase=data" in l and "limit=deadline" in l for l in lines)
+    with From(ports["mx"]) as c:
+        for command in ("EHLO c.example", "MAIL FROM:<a@example.org>", "RCPT TO:<b@example.com>"):
+            assert c.cmd(command)[0] == 250
+        assert c.cmd("DATA")[0] == 354
+        # Past data_timeout in all, but at some 200 octets/s: each one earns its time.
+        c.send(b"Subject: steady\r\n\r\n")
+        for _ in range(16):
+            assert not select.select([c.sock], [], [], 0.25)[0]
+            c.send(b"z" * 48 + b"\r\n")
+        assert c.cmd(b".\r\n")[0] == 250
+
+
+def test_under_stress_idle_strangers_are_closed_and_trusted_clients_stay(serve):
+    server, lines, ports = serve(server={"max_connections": 8, "reserved_connections": 2},
+                                 smtp={"stress_timeout": 1})
+    strangers = [From(ports["mx"]) for _ in range(5)]
+    trusted = From(ports["mx"], source="127.0.0.2")
+    try:
+        assert trusted.cmd("EHLO admin.example")[0] == 250  # 6 of 8 open: stress
+        for c in strangers:
+            code, text = c.reply()  # idle beyond stress_timeout: closed, though 300 s is the rule
+            assert (code, text.split()[0]) == (421, "4.4.2")
+        wait_for(lambda: server.connections.count() == 1, 10, what="the strangers' sessions to end")
+        assert trusted.cmd("NOOP")[0] == 250
+    finally:
+        for c in [*strangers, trusted]:
+            c.close()
+    wait_for(lambda: any(" stress state=off" in l for l in lines), 10, what="stress to end")
+    assert any(" stress state=on connections=6 max_connections=8" in l for l in lines)
+    assert any("limit=stress" in l for l in lines)
+
+
+def test_the_reserved_slots_admit_trusted_and_submission_clients_when_port_25_is_full(serve):
+    server, lines, ports = serve(server={"max_connections": 6, "reserved_connections": 2},
+                                 smtp={"stress_timeout": 0})
+    clients = [From(ports["mx"]) for _ in range(4)]
+    try:
+        with From(ports["mx"], read_greeting=False) as refused:
+            code, text = refused.reply()
+            assert (code, text.split()[0]) == (421, "4.7.0") and "Too many connections" in text
+        clients.append(From(ports["submission"]))  # the user's own submission port
+        clients.append(From(ports["mx"], source="127.0.0.2"))  # the trusted network
+        for c in clients[-2:]:
+            assert c.greeting[0] == 220 and c.cmd("EHLO c.example")[0] == 250
+        with From(ports["submission"], read_greeting=False) as over:
+            assert over.reply()[0] == 421  # max_connections still holds for everyone
+    finally:
+        for c in clients:
+            c.close()
+    assert any("reason=connection_limit" in l for l in lines)
