@@ -241,7 +241,7 @@ def config_group() -> None:
 def check(ctl: Ctl, as_json: bool) -> None:
     """Check the configuration as the daemon does (exit 78 if bad).
 
-    Every problem found is reported, one line each.
+    Every problem found is reported, one line each (with --json, as the list "problems").
     """
     from elemta.daemon import check_startup  # imported late: it loads the delivery code
 
@@ -249,6 +249,11 @@ def check(ctl: Ctl, as_json: bool) -> None:
         config = ctl.config
         check_startup(config)
     except ConfigError as exc:
+        if as_json:  # a script gets the verdict on stdout, whatever it was
+            problems = list(exc.problems) or [str(exc)]
+            Output(True).json({"valid": False, "file": ctl.config_path or cfg.DEFAULT_PATH,
+                               "problems": problems})
+            raise SystemExit(EX_CONFIG) from None
         # One line per problem, as `elemta --check-config`: CtlError would join them into one.
         for problem in exc.problems[:-1]:
             click.echo(f"elemtactl: {problem}", err=True)

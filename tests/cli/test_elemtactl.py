@@ -322,6 +322,12 @@ def test_config_check(run, conf, tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[smtp]\nmax_recipients = 0\n")
     assert "smtp.max_recipients" in fails(run("config", "check", config=str(bad)), 78)
+    bad.write_text("[smtp]\nmax_recipients = 0\nmax_errors = 0\n")
+    result = run("config", "check", "--json", config=str(bad))
+    assert result.exit_code == 78 and not result.stderr
+    verdict = json.loads(result.stdout)
+    assert (verdict["valid"], verdict["file"]) == (False, str(bad))
+    assert [p.split(":")[0] for p in verdict["problems"]] == ["smtp.max_recipients", "smtp.max_errors"]
     assert "no such file" in fails(run("config", "check", config=str(tmp_path / "missing.toml")), 78)
     unreadable_table = tmp_path / "table.toml"
     unreadable_table.write_text(f'[local]\nrecipients_file = "{tmp_path / "none.txt"}"\n')
