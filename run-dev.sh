@@ -4,5 +4,5 @@
 # click and rich are for bin/elemtactl --dev, which shows and changes that queue.
 set -e
 cd "$(dirname "$0")"
-packaging/ensure-debs.sh python3 python3-idna python3-dnspython python3-click python3-rich python3-spf python3-dkim python3-nacl python3-cryptography publicsuffix
+packaging/ensure-debs.sh python3 python3-idna python3-dnspython python3-click python3-rich python3-spf python3-dkim python3-nacl python3-cryptography python3-prometheus-client publicsuffix
 exec bin/elemta --dev "$@"

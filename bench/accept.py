@@ -365,7 +365,9 @@ class Postfix:
 class Elemta:
     name = "elemta"
 
-    def __init__(self, log_level: str = "warning", max_connections: int = 10000, workers: int = 1):
+    def __init__(self, log_level: str = "warning", max_connections: int = 10000, workers: int = 1,
+                 monitor: bool = True):
+        self.monitor = monitor  # the [monitor] endpoint and its metrics, on by default
         self.log_level = log_level
         self.workers = workers
         self.max_connections = max_connections
@@ -399,6 +401,9 @@ hold = true
 
 [log]
 level = "{self.log_level}"
+
+[monitor]
+listen = "{'127.0.0.1:0' if self.monitor else ''}"
 """
 
     def start(self) -> None:

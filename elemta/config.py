@@ -48,6 +48,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     "smtp.auth_max_failures": (1, 100),
     "smtp.auth_lockout": (0, 86400),
     "tls.reload_interval": (0, 86400),
+    "monitor.max_connections": (1, 10_000),
+    "monitor.timeout": (1, 3600),
     "limits.ip_connections_per_minute": (0, 1_000_000),
     "limits.ip_messages_per_hour": (0, 10_000_000),
     "limits.ip_recipients_per_hour": (0, 100_000_000),
@@ -232,6 +234,16 @@ class PluginSpec:
 
 
 @dataclass(frozen=True)
+class MonitorConfig:
+    """The HTTP endpoint for monitoring: /metrics (Prometheus), /healthz, /readyz."""
+
+    listen: tuple[str, ...] = ("127.0.0.1:9525",)  # host:port each; [] or "" = no endpoint
+    metrics_dir: str = ""  # the processes' counter files; "" = $RUNTIME_DIRECTORY/metrics, else under /dev/shm
+    max_connections: int = 16  # HTTP connections open at once; more are closed at once
+    timeout: float = 10.0  # seconds a request may take to arrive, and its answer to go out
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
     format: str = "text"
@@ -248,6 +260,7 @@ class Config:
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     local: LocalConfig = field(default_factory=LocalConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     plugins: tuple[PluginSpec, ...] = ()  # [[plugins]], called in this order
     # Not a TOML key: set by `elemta --dev`, which accepts every recipient (open relay on
     # loopback) so a developer can send anything and read it back from the queue.
@@ -289,6 +302,7 @@ _SECTIONS = {
     "delivery": DeliveryConfig,
     "local": LocalConfig,
     "log": LogConfig,
+    "monitor": MonitorConfig,
 }
 
 
@@ -360,6 +374,8 @@ def _coerce(path: str, value: Any, default: Any, problems: _Problems) -> Any:
     in problems and keep the good entries, so the checks of those still run."""
     if path == "tls.certificates":
         return _certificates(value, problems)
+    if path == "monitor.listen" and isinstance(value, str):  # one address, or "" for none
+        value = [value] if value else []
     kind = type(default)
     if kind is bool:
         ok = isinstance(value, bool)
@@ -590,10 +606,28 @@ def _check(config: Config, problems: _Problems) -> None:
             add("smtp.sender_logins",
                 f"smtp.sender_logins.{user}: expected addresses, @domains or * separated by commas, "
                 f"got {senders!r}")
+    _check_monitor(config, problems)
     if not config.server.spool_dir:
         add("server.spool_dir", "server.spool_dir: must name a directory")
     if not config.server.user:
         add("server.user", "server.user: must name a user (\"root\" to keep root, not recommended)")
+
+
+def _check_monitor(config: Config, problems: _Problems) -> None:
+    smtp = set()
+    if not problems.bad("listeners"):
+        smtp = {split_host_port(listener.address) for listener in config.listeners}
+    seen = set()
+    for index, address in enumerate(config.monitor.listen):
+        path = f"monitor.listen[{index}]"
+        try:
+            host, port = split_host_port(address)
+        except ValueError as exc:
+            problems.add("monitor.listen", f"{path}: {address!r}: {exc}")
+            continue
+        if port and ((host, port) in smtp or (host, port) in seen):
+            problems.add("monitor.listen", f"{path}: {address} is also an SMTP listener or listed twice")
+        seen.add((host, port))
 
 
 def parse(data: dict, source: str = "") -> Config:

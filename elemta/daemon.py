@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from elemta import config as cfgmod
 from elemta import log as logmod
-from elemta import filemodes, sdnotify
+from elemta import filemodes, monitor, sdnotify
 from elemta.config import Config
 from elemta.delivery import attempt, smtp_client
 from elemta.delivery.dns import Resolver
@@ -173,6 +173,7 @@ class Daemon:
         self.scheduler: Scheduler | None = None
         self.pickup: Pickup | None = None
         self.plugins: Manager | None = None
+        self.monitor: monitor.Monitor | None = None
         self.exit_now = False  # the caller should os._exit() after flushing: threads are stuck
 
     def run(self) -> int:
@@ -237,6 +238,7 @@ class Daemon:
         elif server is not None:
             for listener in server.listeners.values():
                 self.announce(listening_line(listener.server_address[0], listener.port, listener.listener.role))
+            self._start_monitor(config, events)
         if server is not None:
             events("started", spool=config.server.spool_dir, listeners=len(server.listeners), worker=worker)
         else:
@@ -272,6 +274,8 @@ class Daemon:
             events("stopping", grace=grace)
         if self.pickup is not None:
             self.pickup.stop()
+        if self.monitor is not None:
+            self.monitor.stop()
         finished = self.scheduler is None or self._stop_scheduler(self.scheduler, grace, events)
         if self.plugins is not None:
             self.plugins.stop()
@@ -283,6 +287,19 @@ class Daemon:
             # recovered at the next start. Exit now rather than wait for their timeouts.
             self.exit_now = True
         return 0
+
+    def _start_monitor(self, config: Config, events: logmod.EventLog) -> None:
+        """A lone process serves [monitor] from a thread (a supervisor forks a process)."""
+        if not config.monitor.listen:
+            return
+        started = time.time()
+        self.monitor = monitor.Monitor(config, lambda: monitor.process_status({}, started), events)
+        try:
+            bound = self.monitor.start()
+        except OSError as exc:
+            raise ConfigError(f"monitor.listen: cannot listen: {exc}") from None
+        for host, port in bound:
+            self.announce(monitor.announce_line(host, port))
 
     def _link(self, store: Store) -> None:
         """Wake the scheduler when new mail is committed: directly in one process, through the

@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from elemta import filemodes, privileges, sdnotify
+from elemta import filemodes, metrics, monitor, privileges, sdnotify
 from elemta import log as logmod
 from elemta.config import Config
 from elemta.daemon import (
@@ -47,6 +47,7 @@ from elemta.errors import ConfigError
 from elemta.pidfile import PidFile, PidFileError
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+MONITOR_WORKER = DELIVERY_WORKER + 1  # the [monitor] process: not a queue writer, no queue IDs
 READY_TIMEOUT = 60.0
 EX_SOFTWARE = 70
 
@@ -74,6 +75,11 @@ def main_loop(load_config: Callable[[], Config]) -> int:
         warning = prepare_spool(config)  # the queue: checked, created or upgraded, once
         if warning:
             events("queue_check_unfinished", level=logmod.WARNING, error=warning)
+        if config.monitor.listen:  # before any fork: every child then counts into the files
+            try:
+                metrics.enable(monitor.metrics_dir(config))
+            except OSError as exc:
+                raise ConfigError(f"monitor.metrics_dir: {exc}") from None
         if config.server.workers > 1 or config.server.delivery_process:
             return Supervisor(load_config, announce, notifier, pidfile).run(config)
         return Daemon(load_config, announce, notifier=notifier).run()
@@ -83,6 +89,7 @@ def main_loop(load_config: Callable[[], Config]) -> int:
         return exit_code(exc)
     finally:
         notifier.stopping()
+        metrics.remove()  # counters live in memory: nothing is left of them after a stop
         if pidfile is not None:
             pidfile.release()
 
@@ -193,6 +200,9 @@ class Supervisor:
         self._wake_pipe: tuple[int, int] | None = None  # SMTP workers -> delivery process
         self._wake = threading.Event()
         self._pending: list[int] = []  # signals to act on, in order
+        self._config: Config | None = None
+        self._started = time.time()
+        self._monitor_sockets: list[socket.socket] = []
 
     # ---- configuration -----------------------------------------------------------------------
 
@@ -234,14 +244,22 @@ class Supervisor:
             os.set_blocking(self._wake_pipe[1], False)  # a full pipe already means "wake up"
         else:
             self._roles = {0: "all", **dict.fromkeys(range(1, workers), "smtp")}
+        self._config = config
         # Handlers first, so a SIGTERM that comes while workers start is not lost; they note
         # the signal only, and a child resets them before anything else.
         self._install_signals()
+        try:
+            self._monitor_sockets = monitor.bind(config)
+        except OSError as exc:
+            raise ConfigError(f"monitor.listen: cannot listen: {exc}") from None
         ready_read, ready_write = os.pipe()
         for worker in self._roles:
             self._spawn(worker, ready_write)
         os.close(ready_write)
-        failed = self._wait_ready(ready_read, len(self._roles))
+        if self._monitor_sockets:  # not among those waited for: mail flows without it
+            self._roles[MONITOR_WORKER] = "monitor"
+            self._spawn(MONITOR_WORKER, None)
+        failed = self._wait_ready(ready_read, len(self._roles) - bool(self._monitor_sockets))
         os.close(ready_read)
         if failed is not None:
             self._signal_all(signal.SIGTERM)
@@ -249,7 +267,9 @@ class Supervisor:
             return failed
         for listener in config.listeners:
             self.announce(listening_line(listener.host, listener.port, listener.role))
-        smtp = [str(pid) for pid, worker in self._children.items() if self._roles[worker] != "delivery"]
+        for sock in self._monitor_sockets:
+            self.announce(monitor.announce_line(*sock.getsockname()[:2]))
+        smtp = [str(pid) for pid, worker in self._children.items() if self._roles[worker] in ("smtp", "all")]
         delivery = [str(pid) for pid, worker in self._children.items() if self._roles[worker] == "delivery"]
         self.events("supervising", workers=workers, pids=",".join(smtp), delivery=",".join(delivery) or "-")
         self.notifier.ready(self._status(config))
@@ -265,6 +285,7 @@ class Supervisor:
         pid = os.fork()
         if pid:
             self._children[pid] = worker
+            self._write_status()
             return
         # The child: a whole elemta process.  Never return into the supervisor's code.
         code = EX_SOFTWARE
@@ -277,6 +298,12 @@ class Supervisor:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
                 signal.signal(sig, signal.SIG_DFL)
             _stop_with_parent(supervisor)
+            if self._roles[worker] == "monitor":
+                code = monitor.run_process(self._config, self._monitor_sockets)
+                return
+            for sock in self._monitor_sockets:
+                sock.close()
+
             def ready() -> None:
                 if ready_write is not None:
                     os.write(ready_write, b"1")
@@ -372,7 +399,20 @@ class Supervisor:
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:
                 gone.append((pid, self._children.pop(pid), os.waitstatus_to_exitcode(status)))
+                metrics.process_dead(pid)  # its open-connections gauge no longer counts
+        if gone:
+            self._write_status()
         return gone
+
+    def _write_status(self) -> None:
+        """status.json for the monitor and elemtactl status: who runs, in which role."""
+        if self._config is None:
+            return
+        children = {pid: self._roles[worker] for pid, worker in self._children.items()}
+        try:
+            monitor.write_status(self._config, monitor.process_status(children, self._started))
+        except OSError as exc:
+            self.events("status_failed", level=logmod.WARNING, error=str(exc)[:200])
 
     def _signal_all(self, signum: int) -> None:
         for pid in self._children:

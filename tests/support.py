@@ -136,6 +136,10 @@ class Daemon:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.spool = self.workdir / "spool"
         self.config_path = self.workdir / "elemta.toml"
+        if not re.search(r"(?m)^\[monitor\]", config):
+            # The default endpoint is a fixed port (127.0.0.1:9525): tests that want the
+            # endpoint say [monitor] with port 0; the rest run without it.
+            config += '\n[monitor]\nlisten = ""\n'
         self.config_path.write_text(
             as_root(config.replace("@SPOOL@", str(self.spool))), encoding="utf-8"
         )

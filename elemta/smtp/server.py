@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 
 from elemta import log as logmod
+from elemta import metrics
 from elemta.config import TLS_ROLES, Config, Listener, split_host_port
 from elemta.errors import QueueError
 from elemta.local import LocalRecipients
@@ -334,6 +335,7 @@ class SmtpServer:
         if refusal is None and not trusted:
             refusal, reason = self.limiter.connect(client[0]), "connection_rate"
         if refusal is not None:
+            metrics.CONNECTIONS.labels(listener.address, reason).inc()
             self.log("reject", ip=client[0], conn=number, reason=reason, proxy=ip,
                      reply=f"{refusal.code} {refusal.esc}")
             with contextlib.suppress(OSError):
@@ -354,8 +356,11 @@ class SmtpServer:
         except (ssl.SSLError, OSError) as exc:  # TimeoutError: the client said nothing
             reason = getattr(exc, "reason", None) or str(exc)[:80] or type(exc).__name__
             self.log("tls_failed", ip=session.client.ip, conn=number, error=reason)
+            metrics.TLS_HANDSHAKES.labels("in", "none", "failed").inc()
             return False
-        session.tls_started(TlsInfo.of(conn.sock))
+        info = TlsInfo.of(conn.sock)
+        metrics.TLS_HANDSHAKES.labels("in", conn.sock.version() or "unknown", "ok").inc()
+        session.tls_started(info)
         return True
 
     def _converse(self, conn: _Conn, session: Session, limits: Limits, watch: Watch,
@@ -412,10 +417,14 @@ class SmtpServer:
         conn.send(session.timed_out())
 
     def _enqueue(self, session: Session, item: Enqueue) -> list:
+        listener = session.settings.listener
         try:
             self.store.enqueue(item.message)
         except QueueError as exc:
+            metrics.MESSAGES.labels(listener, "failed").inc()
             return session.enqueue_failed(exc)
+        metrics.MESSAGES.labels(listener, "accepted").inc()
+        metrics.RECEIVED_BYTES.inc(len(item.message.body))
         return session.enqueued(item.message)
 
 
@@ -498,6 +507,7 @@ class ListenerServer(socketserver.ThreadingTCPServer):
                 reason = "connection_rate"
         if refusal is not None:
             # Refused in the accept thread: no session thread for a client we won't serve.
+            metrics.CONNECTIONS.labels(self.listener.address, reason).inc()
             self.owner.log("reject", ip=ip, reason=reason, reply="421 4.7.0")
             try:
                 request.settimeout(1.0)
@@ -506,12 +516,15 @@ class ListenerServer(socketserver.ThreadingTCPServer):
                 pass
             self.shutdown_request(request)
             return
+        metrics.CONNECTIONS.labels(self.listener.address, "accepted").inc()
+        metrics.CONNECTIONS_OPEN.inc()
         self.owner.threads.submit(self._serve, request, client_address, number, watch)
 
     def _serve(self, request, client_address, number, watch) -> None:
         try:
             self.owner.handle(request, client_address, self.listener, number, watch)
         finally:
+            metrics.CONNECTIONS_OPEN.dec()
             self.owner.connections.release(number)
             self.shutdown_request(request)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from elemta import log as logmod
+from elemta import metrics
 from elemta.smtp import auth, dotreader, replies
 from elemta.smtp import envelope as env
 from elemta.smtp.context import (
@@ -69,6 +70,7 @@ class Session(PluginHooks, MailTransaction):
         self.envelope: env.Envelope | None = None
         self.errors = 0
         self.commands_seen = 0
+        self._verb = "unknown"  # the command being answered, for metrics
         self._buf = bytearray()
         self._draining = False  # discarding an overlong command line up to its end
         self._data: dotreader.DataReader | None = None
@@ -86,7 +88,9 @@ class Session(PluginHooks, MailTransaction):
         if refusal is not None:
             if refusal.close:
                 self.state = CLOSED
+            metrics.count_reply("connect", refusal.code, refusal.esc)
             return refusal
+        metrics.count_reply("connect", 220, "")
         return replies.GREETING.format(host=self.settings.hostname)
 
     def disconnected(self) -> None:
@@ -144,19 +148,31 @@ class Session(PluginHooks, MailTransaction):
                     break
                 text, rest = done
                 self._buf += rest
-                out += self._end_of_data(text)
+                out += self._tally("DATA", self._end_of_data(text))
             elif self.state == BDAT_CHUNK:
                 if not self._chunk.take(self._buf):
                     break
-                out += self._end_of_chunk()
+                out += self._tally("BDAT", self._end_of_chunk())
             elif self.state == TLS_WAIT:
                 break
             else:
                 line = self._next_line(out)
                 if line is None:
                     break
-                out += self._auth_line(line) if self.state == AUTH else self._command(line)
+                if self.state == AUTH:
+                    out += self._tally("AUTH", self._auth_line(line))
+                else:
+                    items = self._command(line)
+                    out += self._tally(self._verb, items)
         return out
+
+    @staticmethod
+    def _tally(command: str, items: list) -> list:
+        """Count the replies to command (metrics.py); return them."""
+        for item in items:
+            if isinstance(item, Reply):
+                metrics.count_reply(command, item.code, item.esc)
+        return items
 
     def _next_line(self, out: list) -> bytes | None:
         """The next complete command line without its line ending, or None if none yet."""
@@ -199,6 +215,7 @@ class Session(PluginHooks, MailTransaction):
         text = line.decode("utf-8", "surrogateescape")
         verb, _, arg = text.partition(" ")
         verb = verb.upper()
+        self._verb = verb if verb in _HANDLERS else "unknown"  # a bounded metrics label
         self.commands_seen += 1
         if self.commands_seen == 1 and verb in HTTP_VERBS:
             self.services.log("reject", ip=self.client.ip, conn=self.client.conn, reason="http", verb=verb)
@@ -346,6 +363,7 @@ class Session(PluginHooks, MailTransaction):
         self.state = COMMAND
         exchange, self._auth = self._auth, None
         fields = {"ip": self.client.ip, "conn": self.client.conn, "mechanism": exchange.mechanism}
+        metrics.AUTH.labels(exchange.mechanism, "ok" if isinstance(outcome, auth.Success) else outcome.kind).inc()
         if isinstance(outcome, auth.Success):
             self.user = outcome.user.lower()  # as the password file compares names
             refusal = self._refusal(self._hook("on_auth"))

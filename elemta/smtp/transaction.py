@@ -10,6 +10,7 @@ import email.utils
 import secrets
 
 from elemta import log as logmod
+from elemta import metrics
 from elemta.errors import QueueFullError
 from elemta.plugins import api
 from elemta.queue.model import NewMessage
@@ -29,6 +30,7 @@ class MailTransaction:
             priority=message.priority, state="held" if message.hold else "queued",
         )
         self._notice("on_enqueue")
+        metrics.count_reply(self._verb, 250, "2.0.0")
         return self._after_queue(replies.QUEUED.format(queue_id=queue_id))
 
     def enqueue_failed(self, error: Exception) -> list:
@@ -37,6 +39,7 @@ class MailTransaction:
         self.services.log(
             "queue_error", qid=qid, level=logmod.WARNING, error=str(error) or type(error).__name__
         )
+        metrics.count_reply(self._verb, reply.code, reply.esc)
         return self._after_queue(reply)
 
     def _mail(self, arg: str) -> list:

@@ -1,0 +1,403 @@
+"""The HTTP endpoint for monitoring ([monitor]): /metrics, /healthz and /readyz.
+
+Under a supervisor it runs as a child process of its own (the supervisor itself forks its
+workers and keeps no thread); a lone elemta process serves it from a thread. Either way it
+reads what it reports from outside the SMTP and delivery code:
+
+- /metrics: the counters and histograms every process wrote (metrics.py), summed by
+  prometheus_client's MultiProcessCollector, and the queue's size and age read from SQLite at
+  scrape time (cached for a second, so a scrape storm costs one query a second).
+- /healthz (liveness): the supervisor and each child it started are alive.
+- /readyz (readiness): every listener bound by one of our processes, the spool writable, free
+  space above queue.min_free_space, the process that delivers alive. 503 and a JSON body that
+  names each failed check otherwise.
+
+The status of the processes comes from status.json, which the supervisor rewrites whenever a
+child starts or ends (write_status); a lone process hands its own status over directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from elemta import __version__, metrics
+from elemta import log as logmod
+from elemta.config import Config, split_host_port
+from elemta.errors import QueueError
+from elemta.queue.admin import QueueAdmin
+from elemta.queue.model import PRIORITIES, STATES
+
+QUEUE_CACHE = 1.0  # seconds a queue reading is reused
+STATUS_FILE = "status.json"
+
+
+def monitor_dir(config: Config) -> str:
+    """Where the processes leave their metrics and the supervisor its status (in the spool:
+    it belongs to the service's user and survives no restart, being wiped at start)."""
+    return os.path.join(config.server.spool_dir, "monitor")
+
+
+def metrics_dir(config: Config) -> str:
+    """Where the processes keep their counters: memory, not disk. The files are written on
+    every count; on the spool's file system the queue's fsyncs wrote them out too and
+    accepting mail cost 7% more (bench/monitor_cost.py), on tmpfs nothing measurable."""
+    if config.monitor.metrics_dir:
+        return config.monitor.metrics_dir
+    runtime = os.environ.get("RUNTIME_DIRECTORY")  # systemd's RuntimeDirectory=: /run/elemta
+    if runtime:
+        return os.path.join(runtime.split(":")[0], "metrics")
+    if os.path.isdir("/dev/shm"):
+        # One directory per user and spool, so two elemtas on one host never share one.
+        spool = hashlib.sha256(os.path.abspath(config.server.spool_dir).encode()).hexdigest()[:16]
+        return f"/dev/shm/elemta-{os.geteuid()}-{spool}"
+    return os.path.join(monitor_dir(config), "metrics")
+
+
+def write_status(config: Config, status: dict) -> None:
+    """Replace status.json at once (rename), so a reader never sees half of it."""
+    path = os.path.join(monitor_dir(config), STATUS_FILE)
+    os.makedirs(os.path.dirname(path), mode=0o750, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(status, handle)
+    os.replace(tmp, path)
+
+
+def read_status(config: Config) -> dict | None:
+    try:
+        with open(os.path.join(monitor_dir(config), STATUS_FILE), encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return None
+
+
+def process_status(children: dict[int, str], started: float) -> dict:
+    """status.json's content: this process (the supervisor or a lone elemta) and its children
+    (pid -> role: smtp, delivery, all, monitor)."""
+    return {"pid": os.getpid(), "started": started, "version": __version__,
+            "children": [{"pid": pid, "role": role} for pid, role in sorted(children.items())]}
+
+
+# ---- checks -------------------------------------------------------------------------------------
+
+
+def _alive(pid: int) -> bool:
+    """pid runs (a zombie, dead but not yet reaped by its parent, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+def _listening_ports() -> set[int]:
+    """Ports with a TCP socket in LISTEN state in this network namespace (/proc/net/tcp, tcp6).
+
+    Not "listened on by one of our processes": a process that changed its user (elemta
+    started as root) cannot be inspected in /proc/PID/fd, not even by its own user. The
+    workers bind with SO_REUSEPORT, which the kernel shares only with the same user, and the
+    supervisor keeps the port while no worker listens; /readyz also checks they are alive."""
+    found = set()
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(name, encoding="ascii") as handle:
+                next(handle, None)
+                for line in handle:
+                    fields = line.split()
+                    if len(fields) > 3 and fields[3] == "0A":
+                        found.add(int(fields[1].rsplit(":", 1)[1], 16))
+        except OSError:
+            continue
+    return found
+
+
+def _free_bytes(spool: str) -> int:
+    st = os.statvfs(spool)
+    return st.f_bavail * st.f_frsize
+
+
+def _spool_writable(spool: str) -> str | None:
+    """None if a file can be made in the spool and the queue database can be written."""
+    probe = os.path.join(spool, f".readyz-{os.getpid()}")
+    try:
+        fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        return f"cannot write in {spool}: {exc.strerror}"
+    database = os.path.join(spool, "queue.db")
+    if not os.access(database, os.W_OK):
+        return f"cannot write {database}"
+    return None
+
+
+class Health:
+    """The answers to /healthz and /readyz."""
+
+    def __init__(self, config: Config, status: Callable[[], dict | None]):
+        self.config = config
+        self.status = status
+
+    def live(self) -> tuple[bool, dict]:
+        status = self.status()
+        if status is None:
+            return False, {"status": "fail", "problems": ["no status from the supervisor"]}
+        problems = []
+        if status["pid"] != os.getpid() and not _alive(status["pid"]):
+            problems.append(f"supervisor {status['pid']} is not running")
+        for child in status["children"]:
+            if child["pid"] != os.getpid() and not _alive(child["pid"]):
+                problems.append(f"{child['role']} process {child['pid']} is not running")
+        return self._answer(problems)
+
+    def ready(self) -> tuple[bool, dict]:
+        ok, answer = self.live()
+        problems = list(answer.get("problems", ()))
+        status = self.status()
+        if status is not None:
+            problems += self._listeners(status)
+            roles = {child["role"] for child in status["children"] if _alive(child["pid"])}
+            if status["pid"] == os.getpid() and not status["children"]:
+                roles.add("all")  # a lone process delivers itself
+            if not roles & {"delivery", "all"} and not any("delivery" in p for p in problems):
+                problems.append("no process is delivering")
+        spool = self.config.server.spool_dir
+        problem = _spool_writable(spool)
+        if problem:
+            problems.append(problem)
+        try:
+            free, floor = _free_bytes(spool), self.config.queue.min_free_space
+            if floor and free < floor:
+                problems.append(f"{free} bytes free in {spool}, below queue.min_free_space {floor}")
+        except OSError as exc:
+            problems.append(f"cannot measure the free space of {spool}: {exc.strerror}")
+        return self._answer(problems)
+
+    def _listeners(self, status: dict) -> list[str]:
+        problems = []
+        smtp = [c for c in status["children"] if c["role"] in ("smtp", "all")]
+        if status["children"] and not any(_alive(c["pid"]) for c in smtp):
+            problems.append("no SMTP worker is running")
+        wanted = {split_host_port(listener.address)[1] for listener in self.config.listeners}
+        listening = _listening_ports()
+        problems += [f"nothing listens on port {port}" for port in sorted(wanted - listening) if port]
+        return problems
+
+    @staticmethod
+    def _answer(problems: list[str]) -> tuple[bool, dict]:
+        if problems:
+            return False, {"status": "fail", "problems": problems}
+        return True, {"status": "ok"}
+
+
+# ---- the queue's figures --------------------------------------------------------------------
+
+
+class QueueCollector:
+    """Queue size and age, read at scrape time from the queue database (read-only)."""
+
+    def __init__(self, queue_path: str):
+        self.queue_path = queue_path
+        self._lock = threading.Lock()
+        self._cached: tuple[float, list] = (0.0, [])
+
+    def collect(self):
+        with self._lock:
+            when, families = self._cached
+            if time.monotonic() - when > QUEUE_CACHE:
+                families = self._read()
+                self._cached = (time.monotonic(), families)
+        return families
+
+    def _read(self) -> list:
+        from prometheus_client.core import GaugeMetricFamily
+
+        up = GaugeMetricFamily("elemta_queue_readable", "1 if the queue database could be read.")
+        try:
+            with QueueAdmin(self.queue_path) as admin:
+                stats = admin.stats()
+        except QueueError:
+            up.add_metric([], 0)
+            return [up]
+        up.add_metric([], 1)
+        messages = GaugeMetricFamily("elemta_queue_messages", "Messages with a recipient still to "
+                                     "deliver, by priority.", labels=["priority"])
+        for priority in PRIORITIES:
+            messages.add_metric([priority], stats.messages_by_priority.get(priority, 0))
+        recipients = GaugeMetricFamily("elemta_queue_recipients", "Recipients in the queue by "
+                                       "state (delivered and failed ones are kept for "
+                                       "delivery.retention).", labels=["state"])
+        for state in STATES:
+            recipients.add_metric([state], stats.recipients_by_state.get(state, 0))
+        size = GaugeMetricFamily("elemta_queue_bytes", "Size of the messages still to deliver.")
+        size.add_metric([], stats.bytes)
+        oldest = GaugeMetricFamily("elemta_queue_oldest_message_age_seconds", "Age of the oldest "
+                                   "message still to deliver; 0 when there is none.")
+        oldest.add_metric([], stats.oldest_age or 0)
+        return [up, messages, recipients, size, oldest]
+
+
+# ---- HTTP ---------------------------------------------------------------------------------------
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: MonitorHttp
+    protocol_version = "HTTP/1.0"  # one request per connection: nothing to keep open
+
+    def version_string(self) -> str:
+        return "elemta"  # not the Python version: nothing for a stranger to fingerprint
+
+    def setup(self) -> None:
+        self.timeout = self.server.owner.timeout  # for reading the request (socket timeout)
+        super().setup()
+
+    def do_GET(self) -> None:  # noqa: N802 -- http.server's naming
+        owner = self.server.owner
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics":
+            body, content_type = owner.exposition()
+            self._send(200, body, content_type)
+        elif path in ("/healthz", "/readyz"):
+            ok, answer = owner.health.live() if path == "/healthz" else owner.health.ready()
+            self._send(200 if ok else 503, json.dumps(answer).encode() + b"\n", "application/json")
+        else:
+            self._send(404, b'{"status": "not found", "paths": ["/metrics", "/healthz", "/readyz"]}\n',
+                       "application/json")
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        self.do_GET()
+
+    def _send(self, code: int, body: bytes, content_type: str) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 -- the base class's name
+        pass  # a scrape every few seconds is not news; failures are logged by the server
+
+
+def bind(config: Config) -> list[socket.socket]:
+    """Listening sockets for monitor.listen (OSError if one cannot be bound). The supervisor
+    binds them once, at start, so a bad address stops the start and a restarted monitor
+    process serves the same sockets."""
+    sockets = []
+    try:
+        for address in config.monitor.listen:
+            host, port = split_host_port(address)
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((host, port))
+            sock.listen(64)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+class MonitorHttp(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, owner: Monitor, sock: socket.socket):
+        self.owner = owner
+        self.address_family = sock.family
+        super().__init__(sock.getsockname()[:2], _Handler, bind_and_activate=False)
+        self.socket.close()
+        self.socket = sock
+        self.server_address = sock.getsockname()
+
+    def process_request(self, request, client_address) -> None:
+        # The connection cap: a scrape storm or a stuck client cannot pile up threads.
+        if not self.owner.slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        request.settimeout(self.owner.timeout)
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.owner.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.owner.slots.release()
+
+
+class Monitor:
+    """The endpoint: one HTTP server per monitor.listen address, each on a thread."""
+
+    def __init__(self, config: Config, status: Callable[[], dict | None], log: logmod.EventLog):
+        self.config = config
+        self.log = log
+        self.timeout = config.monitor.timeout
+        self.slots = threading.BoundedSemaphore(config.monitor.max_connections)
+        self.health = Health(config, status)
+        self.servers: list[MonitorHttp] = []
+        self._registry = None
+
+    def exposition(self) -> tuple[bytes, str]:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(self._registry), CONTENT_TYPE_LATEST
+
+    def start(self, sockets: list[socket.socket] | None = None) -> list[tuple[str, int]]:
+        """Serve on sockets (else bind monitor.listen: OSError if an address cannot be
+        bound); return the addresses served."""
+        from prometheus_client import CollectorRegistry
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        self._registry = CollectorRegistry()
+        MultiProcessCollector(self._registry, path=metrics_dir(self.config))
+        self._registry.register(QueueCollector(self.config.queue_path))
+        for sock in bind(self.config) if sockets is None else sockets:
+            self.servers.append(MonitorHttp(self, sock))
+        bound = []
+        for server in self.servers:
+            threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5},
+                             name="monitor-http", daemon=True).start()
+            bound.append(server.server_address[:2])
+        return bound
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.shutdown()
+            server.server_close()
+        self.servers.clear()
+
+
+def announce_line(host: str, port: int) -> str:
+    shown = f"[{host}]" if ":" in host else host
+    return f"elemta: monitor on http://{shown}:{port}/"
+
+
+def run_process(config: Config, sockets: list[socket.socket]) -> int:
+    """The monitor child of a supervisor: serve on the supervisor's sockets until SIGTERM."""
+    events = logmod.EventLog(config.log.level, config.log.format == "json")
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # [monitor] changes need a restart
+    monitor = Monitor(config, lambda: read_status(config), events)
+    monitor.start(sockets)
+    while not stop.wait(1.0):
+        pass
+    monitor.stop()
+    return 0
