@@ -245,6 +245,50 @@ class QueueCollector:
         return [up, messages, recipients, size, oldest]
 
 
+class HealthCollector:
+    """Readiness, the spool's free space and the processes, as metrics (alerts need them)."""
+
+    def __init__(self, health: Health):
+        self.health = health
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        config = self.health.config
+        ready, _ = self.health.ready()
+        families = []
+
+        def gauge(name: str, doc: str, value: float, labels: dict | None = None) -> None:
+            family = GaugeMetricFamily(name, doc, labels=list(labels or {}))
+            family.add_metric(list((labels or {}).values()), value)
+            families.append(family)
+
+        gauge("elemta_ready", "1 when /readyz would answer 200, else 0.", int(ready))
+        try:
+            gauge("elemta_spool_free_bytes", "Free space on the spool's file system for the service's "
+                  "user.", _free_bytes(config.server.spool_dir))
+        except OSError:
+            pass
+        gauge("elemta_spool_min_free_bytes", "queue.min_free_space: below it mail is refused with 452.",
+              config.queue.min_free_space)
+        gauge("elemta_info", "The running elemta's version.", 1, {"version": __version__})
+        status = self.health.status()
+        if status is not None:
+            gauge("elemta_start_time_seconds", "When the daemon started, in seconds since the epoch.",
+                  status["started"])
+            processes = GaugeMetricFamily("elemta_processes", "Processes alive by role.", labels=["role"])
+            counts = {"smtp": 0, "delivery": 0, "all": 0, "monitor": 0}
+            for child in status["children"]:
+                if _alive(child["pid"]):
+                    counts[child["role"]] = counts.get(child["role"], 0) + 1
+            if not status["children"]:
+                counts["all"] = 1  # a lone process: this one
+            for role, count in counts.items():
+                processes.add_metric([role], count)
+            families.append(processes)
+        return families
+
+
 # ---- HTTP ---------------------------------------------------------------------------------------
 
 
@@ -367,6 +411,7 @@ class Monitor:
         self._registry = CollectorRegistry()
         MultiProcessCollector(self._registry, path=metrics_dir(self.config))
         self._registry.register(QueueCollector(self.config.queue_path))
+        self._registry.register(HealthCollector(self.health))
         for sock in bind(self.config) if sockets is None else sockets:
             self.servers.append(MonitorHttp(self, sock))
         bound = []
