@@ -292,14 +292,19 @@ class Daemon:
         """A lone process serves [monitor] from a thread (a supervisor forks a process)."""
         if not config.monitor.listen:
             return
-        started = time.time()
-        self.monitor = monitor.Monitor(config, lambda: monitor.process_status({}, started), events)
+        started, bound = time.time(), []
+        self.monitor = monitor.Monitor(
+            config, lambda: monitor.process_status({}, started, config, bound), events)
         try:
-            bound = self.monitor.start()
+            bound += [monitor.address_of(address) for address in self.monitor.start()]
         except OSError as exc:
             raise ConfigError(f"monitor.listen: cannot listen: {exc}") from None
-        for host, port in bound:
-            self.announce(monitor.announce_line(host, port))
+        for address in bound:
+            self.announce(monitor.announce_line(*monitor.split_host_port(address)))
+        try:
+            monitor.write_status(config, monitor.process_status({}, started, config, bound))
+        except OSError as exc:
+            events("status_failed", level=logmod.WARNING, error=str(exc)[:200])
 
     def _link(self, store: Store) -> None:
         """Wake the scheduler when new mail is committed: directly in one process, through the

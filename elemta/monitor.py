@@ -79,17 +79,27 @@ def read_status(config: Config) -> dict | None:
         return None
 
 
-def process_status(children: dict[int, str], started: float) -> dict:
-    """status.json's content: this process (the supervisor or a lone elemta) and its children
-    (pid -> role: smtp, delivery, all, monitor)."""
+def process_status(children: dict[int, str], started: float, config: Config,
+                   monitor: list[str] | tuple[str, ...] = ()) -> dict:
+    """status.json's content: this process (the supervisor or a lone elemta), its children
+    (pid -> role: smtp, delivery, all, monitor), the listeners as bound (a port 0 made real)
+    and the monitor's addresses."""
     return {"pid": os.getpid(), "started": started, "version": __version__,
+            "workers": config.server.workers,
+            "listeners": [{"address": lst.address, "role": lst.role} for lst in config.listeners],
+            "monitor": list(monitor),
             "children": [{"pid": pid, "role": role} for pid, role in sorted(children.items())]}
+
+
+def address_of(sock_name: tuple) -> str:
+    host, port = sock_name[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 # ---- checks -------------------------------------------------------------------------------------
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     """pid runs (a zombie, dead but not yet reaped by its parent, does not)."""
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
@@ -151,10 +161,10 @@ class Health:
         if status is None:
             return False, {"status": "fail", "problems": ["no status from the supervisor"]}
         problems = []
-        if status["pid"] != os.getpid() and not _alive(status["pid"]):
+        if status["pid"] != os.getpid() and not alive(status["pid"]):
             problems.append(f"supervisor {status['pid']} is not running")
         for child in status["children"]:
-            if child["pid"] != os.getpid() and not _alive(child["pid"]):
+            if child["pid"] != os.getpid() and not alive(child["pid"]):
                 problems.append(f"{child['role']} process {child['pid']} is not running")
         return self._answer(problems)
 
@@ -164,7 +174,7 @@ class Health:
         status = self.status()
         if status is not None:
             problems += self._listeners(status)
-            roles = {child["role"] for child in status["children"] if _alive(child["pid"])}
+            roles = {child["role"] for child in status["children"] if alive(child["pid"])}
             if status["pid"] == os.getpid() and not status["children"]:
                 roles.add("all")  # a lone process delivers itself
             if not roles & {"delivery", "all"} and not any("delivery" in p for p in problems):
@@ -184,7 +194,7 @@ class Health:
     def _listeners(self, status: dict) -> list[str]:
         problems = []
         smtp = [c for c in status["children"] if c["role"] in ("smtp", "all")]
-        if status["children"] and not any(_alive(c["pid"]) for c in smtp):
+        if status["children"] and not any(alive(c["pid"]) for c in smtp):
             problems.append("no SMTP worker is running")
         wanted = {split_host_port(listener.address)[1] for listener in self.config.listeners}
         listening = _listening_ports()
@@ -279,7 +289,7 @@ class HealthCollector:
             processes = GaugeMetricFamily("elemta_processes", "Processes alive by role.", labels=["role"])
             counts = {"smtp": 0, "delivery": 0, "all": 0, "monitor": 0}
             for child in status["children"]:
-                if _alive(child["pid"]):
+                if alive(child["pid"]):
                     counts[child["role"]] = counts.get(child["role"], 0) + 1
             if not status["children"]:
                 counts["all"] = 1  # a lone process: this one

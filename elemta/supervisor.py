@@ -409,8 +409,9 @@ class Supervisor:
         if self._config is None:
             return
         children = {pid: self._roles[worker] for pid, worker in self._children.items()}
+        bound = [monitor.address_of(sock.getsockname()) for sock in self._monitor_sockets]
         try:
-            monitor.write_status(self._config, monitor.process_status(children, self._started))
+            monitor.write_status(self._config, monitor.process_status(children, self._started, self._config, bound))
         except OSError as exc:
             self.events("status_failed", level=logmod.WARNING, error=str(exc)[:200])
 

@@ -41,7 +41,7 @@ ALLOWED = {
     "supervisor": {"errors", "config", "log", "daemon", "filemodes", "privileges", "sdnotify", "pidfile",
                    "metrics", "monitor"},
     "cli": {"errors", "config", "log", "queue", "daemon", "supervisor", "passwords", "plugins", "__init__",
-            "filemodes", "pidfile", "maildrop", "smtp", "privileges"},
+            "filemodes", "pidfile", "maildrop", "smtp", "privileges", "monitor"},
     "__init__": set(),
     "__main__": {"cli"},
 }

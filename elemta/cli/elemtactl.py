@@ -19,6 +19,7 @@ from elemta import config as cfg
 from elemta.cli import ctlbase, tomlconf
 from elemta.cli.ctl_plugins import dkim, plugins
 from elemta.cli.ctl_queue_check import check as queue_check
+from elemta.cli.ctl_status import reload, status
 from elemta.cli.ctl_user import user_group
 from elemta.cli.ctlbase import (
     EX_CONFIG,
@@ -279,6 +280,8 @@ def config_show(ctl: Ctl, as_json: bool) -> None:
 queue.add_command(queue_check)
 main.add_command(user_group)
 main.add_command(plugins)
+main.add_command(status)
+main.add_command(reload)
 main.add_command(dkim)
 
 
