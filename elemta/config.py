@@ -28,6 +28,8 @@ TLS_ROLES = ("submissions",)  # implicit TLS from the first byte (RFC 8314 §3.3
 TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
+LOG_TARGETS = ("stderr", "syslog", "file")
+LOG_FACILITIES = ("mail", "daemon", *(f"local{n}" for n in range(8)))
 
 # (minimum, maximum) for numbers; a key absent here may take any value of its type.
 _RANGES: dict[str, tuple[float, float]] = {
@@ -247,6 +249,9 @@ class MonitorConfig:
 class LogConfig:
     level: str = "info"
     format: str = "text"
+    target: str = "stderr"  # "stderr" (the journal under systemd), "syslog" (/dev/log) or "file"
+    file: str = ""  # target "file": this file, reopened on SIGHUP and SIGUSR1 (logrotate)
+    facility: str = "mail"  # target "syslog": mail (as MTAs), daemon or local0-local7
 
 
 @dataclass(frozen=True)
@@ -551,6 +556,12 @@ def _check(config: Config, problems: _Problems) -> None:
         add("log.level", f"log.level: {config.log.level!r} (allowed: {', '.join(LOG_LEVELS)})")
     if config.log.format not in LOG_FORMATS:
         add("log.format", f"log.format: {config.log.format!r} (allowed: {', '.join(LOG_FORMATS)})")
+    if config.log.target not in LOG_TARGETS:
+        add("log.target", f"log.target: {config.log.target!r} (allowed: {', '.join(LOG_TARGETS)})")
+    elif config.log.target == "file" and not os.path.isabs(config.log.file):
+        add("log.file", f"log.file: {config.log.file!r}: target \"file\" needs an absolute path")
+    if config.log.facility not in LOG_FACILITIES:
+        add("log.facility", f"log.facility: {config.log.facility!r} (allowed: {', '.join(LOG_FACILITIES)})")
     _check_networks("smtp.trusted_networks", config.smtp.trusted_networks, "192.0.2.0/24", problems)
     for key in ("local_domains", "relay_domains"):
         for index, domain in enumerate(getattr(config.smtp, key)):

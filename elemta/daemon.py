@@ -81,6 +81,15 @@ def prepare_spool(config: Config) -> str | None:
     return None
 
 
+def open_log(config: Config) -> logmod.Target:
+    """Where this process logs ([log] target); ConfigError naming the key if it cannot."""
+    try:
+        return logmod.open_target(config.log)
+    except OSError as exc:
+        key, where = ("log.file", config.log.file) if config.log.target == "file" else ("log.target", logmod.SYSLOG_PATH)
+        raise ConfigError(f"{key}: cannot log to {where}: {exc.strerror or exc}") from None
+
+
 def build_resolver(config: Config) -> Resolver:
     try:
         return Resolver(config.delivery.resolvers, timeout=config.delivery.dns_timeout)
@@ -170,6 +179,7 @@ class Daemon:
         self._wake = threading.Event()
         self._stop = False
         self._reload = False
+        self._reopen = False
         self.scheduler: Scheduler | None = None
         self.pickup: Pickup | None = None
         self.plugins: Manager | None = None
@@ -185,8 +195,9 @@ class Daemon:
         A child of a Supervisor passes its number (its queue IDs carry it) and `ready`,
         called once it listens; a lone process announces its listeners on stdout instead.
         """
-        writer = logmod.BatchWriter(sys.stderr)
-        events = logmod.EventLog(config.log.level, config.log.format == "json", sink=writer)
+        target = open_log(config)
+        writer = logmod.BatchWriter(target)
+        events = logmod.EventLog(config.log.level, config.log.format == "json", sink=writer, target=target)
         try:
             code = self._serve(config, worker, ready, events)
         finally:
@@ -255,6 +266,9 @@ class Daemon:
             self._wake.clear()
             if self._stop:
                 break
+            if self._reopen or self._reload:  # logrotate moved the file away (SIGUSR1, SIGHUP)
+                self._reopen = False
+                self._reopen_log(events)
             if self._reload:
                 self._reload = False
                 self.notifier.reloading()
@@ -422,6 +436,13 @@ class Daemon:
         self.scheduler = fresh
         fresh.start()
 
+    @staticmethod
+    def _reopen_log(events: logmod.EventLog) -> None:
+        try:
+            events.target.reopen()
+        except OSError as exc:  # keep writing where we were: better than nowhere
+            events("log_reopen_failed", level=logmod.WARNING, error=str(exc)[:200])
+
     def _install_signals(self) -> None:
         def stop(signum, frame):
             self._stop = True
@@ -431,9 +452,14 @@ class Daemon:
             self._reload = True
             self._wake.set()
 
+        def reopen(signum, frame):
+            self._reopen = True
+            self._wake.set()
+
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
         signal.signal(signal.SIGHUP, reload)
+        signal.signal(signal.SIGUSR1, reopen)
 
 
 def _poke(fd: int) -> None:

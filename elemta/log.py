@@ -1,15 +1,19 @@
 """Logging: one grep-able line per event, keyed by queue ID.
 
-Text lines look like `2026-11-24 14:50:35,120 elemta[812]: 01JD3W5K8Q0G8 queued size=5120
-nrcpt=1` or, before a queue ID exists, `... NOQUEUE connect ip=192.0.2.1 conn=7`;
-`format = "json"` gives one JSON object per line.  Values are quoted when they hold spaces or
-quotes, and client-supplied text is cut short by the callers, so a hostile client cannot forge
-or flood log lines.
+Text lines look like `2026-11-24T14:50:35.120+01:00 elemta[812]: 01JD3W5K8Q0G8 queued
+size=5120 nrcpt=1` (ISO 8601, local time with its offset) or, before a queue ID exists,
+`... NOQUEUE connect ip=192.0.2.1 conn=7`; `format = "json"` gives one JSON object per line.
+Values are quoted when they hold spaces or quotes, and client-supplied text is cut short by the
+callers, so a hostile client cannot forge or flood log lines. A traceback follows its event
+line by line, each with the same prefix and `|`, so one grep of the queue ID finds it too.
 
-Lines go to standard error (journald adds the unit under systemd).  When standard error is
-the journal's stream (JOURNAL_STREAM names it, systemd.exec(5)), a text line starts with the
-syslog priority, `<4>` for a warning, instead of the time, which the journal records itself:
-`journalctl -p warning` then finds elemta's warnings, and no line carries two timestamps.  A daemon writes them from
+Where lines go is `log.target`: standard error (the default; journald adds the unit under
+systemd), a file (`log.file`, reopened on SIGHUP and SIGUSR1 for logrotate), or syslog through
+/dev/log with `log.facility` (mail by default, as MTAs log, so fail2ban and logwatch find
+elemta where they look for Postfix). When standard error is the journal's stream
+(JOURNAL_STREAM names it, systemd.exec(5)), a text line starts with the syslog priority, `<4>`
+for a warning, instead of the time, which the journal records itself: `journalctl -p warning`
+then finds elemta's warnings, and no line carries two timestamps.  A daemon writes them from
 one background thread in batches: a session thread only appends a line to a list.  Writing
 each line itself cost a system call, and a fight for the GIL, per line: with info logging
 that was a third of elemta's CPU per message in bench/accept.py.  The price is that a line
@@ -21,6 +25,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import socket
 import sys
 import threading
 import time
@@ -55,26 +60,135 @@ def _quote(value: object) -> str:
     return text
 
 
+FACILITIES = {"mail": 2, "daemon": 3, **{f"local{n}": 16 + n for n in range(8)}}
+SYSLOG_PATH = "/dev/log"
+
+
 class _Clock:
-    """Timestamps like logging's asctime, with the per-second part formatted once a second."""
+    """ISO 8601 timestamps with the offset, the per-second part formatted once a second."""
 
     def __init__(self):
         self._second = -1
         self._text = ""
+        self._zone = ""
 
     def stamp(self, now: float) -> str:
         second = int(now)
         if second != self._second:  # a race here only formats the same second twice
-            self._text = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+            local = time.localtime(second)
+            self._text = time.strftime("%Y-%m-%dT%H:%M:%S", local)
+            offset = local.tm_gmtoff // 60
+            self._zone = f"{'-' if offset < 0 else '+'}{abs(offset) // 60:02d}:{abs(offset) % 60:02d}"
             self._second = second
-        return f"{self._text},{int((now - second) * 1000):03d}"
+        return f"{self._text}.{int((now - second) * 1000):03d}{self._zone}"
+
+
+class Target:
+    """Where lines go, and how each begins: the time (a file, a terminal), the priority (the
+    journal), or a syslog header."""
+
+    name = "stderr"
+
+    def __init__(self, ident: str = "elemta"):
+        self.ident = ident
+        self._clock = _Clock()
+        self._journal = to_journal()
+
+    def prefix(self, level: int, now: float, pid: int) -> str:
+        if self._journal:
+            return f"<{_syslog_priority(level)}>{self.ident}[{pid}]: "
+        return f"{self._clock.stamp(now)} {self.ident}[{pid}]: "
+
+    def write(self, text: str) -> None:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+
+    def reopen(self) -> None:
+        pass
+
+
+class FileTarget(Target):
+    """Appends to a file (0640); reopen() after logrotate moved it away."""
+
+    name = "file"
+
+    def __init__(self, path: str, ident: str = "elemta"):
+        super().__init__(ident)
+        self._journal = False
+        self.path = path
+        self._fd = self._open()
+
+    def _open(self) -> int:
+        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+
+    def write(self, text: str) -> None:
+        data = text.encode("utf-8", "backslashreplace")
+        while data:  # O_APPEND: each write lands whole at the end, whoever else appends
+            data = data[os.write(self._fd, data):]
+
+    def reopen(self) -> None:
+        fd = self._open()  # OSError: the caller logs it and keeps the old file
+        old, self._fd = self._fd, fd
+        os.close(old)
+
+
+class SyslogTarget(Target):
+    """One datagram per line to /dev/log (RFC 3164 framing, as syslog(3) sends it)."""
+
+    name = "syslog"
+
+    def __init__(self, facility: str = "mail", ident: str = "elemta", path: str = SYSLOG_PATH):
+        super().__init__(ident)
+        self.facility = FACILITIES[facility]
+        self.path = path
+        self._sock: socket.socket | None = None
+        self._connect()  # OSError at start: no syslog daemon to talk to
+
+    def _connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sock.connect(self.path)
+        except OSError:
+            sock.close()
+            raise
+        if self._sock is not None:
+            self._sock.close()
+        self._sock = sock
+
+    def prefix(self, level: int, now: float, pid: int) -> str:
+        stamp = time.strftime("%b %e %H:%M:%S", time.localtime(now))
+        return f"<{self.facility * 8 + _syslog_priority(level)}>{stamp} {self.ident}[{pid}]: "
+
+    def write(self, text: str) -> None:
+        for line in text.splitlines():
+            data = line.encode("utf-8", "backslashreplace")
+            try:
+                self._sock.send(data)
+            except OSError:  # the syslog daemon restarted: connect again, once
+                try:
+                    self._connect()
+                    self._sock.send(data)
+                except OSError:
+                    pass  # nowhere left to say it; never take the daemon down for its log
+
+    def reopen(self) -> None:
+        self._connect()
+
+
+def open_target(config, ident: str = "elemta") -> Target:
+    """The Target of a [log] table (config.LogConfig); OSError if it cannot be opened."""
+    if config.target == "file":
+        return FileTarget(config.file, ident)
+    if config.target == "syslog":
+        return SyslogTarget(config.facility, ident)
+    return Target(ident)
 
 
 class BatchWriter:
-    """Writes lines to a stream from one background thread, every FLUSH_INTERVAL."""
+    """Writes lines to a stream (or a Target) from one background thread, every FLUSH_INTERVAL."""
 
     def __init__(self, stream):
-        self.stream = stream
+        self.stream = stream  # anything with write(text); a file object is also flushed
         self._lines: collections.deque[str] = collections.deque()
         self._dropped = 0
         self._stop = threading.Event()
@@ -102,7 +216,8 @@ class BatchWriter:
         if lines:
             try:
                 self.stream.write("".join(lines))
-                self.stream.flush()
+                if hasattr(self.stream, "flush"):
+                    self.stream.flush()
             except (OSError, ValueError):
                 pass  # nowhere left to say it; never take the daemon down for its log
 
@@ -114,22 +229,18 @@ class BatchWriter:
 class EventLog:
     """log(event, qid=..., level=WARNING, key=value...) records one line; cheap to call."""
 
-    def __init__(self, level: str = "info", json_format: bool = False, sink=None):
-        self.sink = sink or self._write_now
-        self._clock = _Clock()
+    def __init__(self, level: str = "info", json_format: bool = False, sink=None, target: Target | None = None):
+        """sink(text) receives the lines (a BatchWriter, or a list's append in tests);
+        without one they go to target at once. target decides how lines begin."""
+        self.target = target or Target()
+        self.sink = sink or self.target.write
         self._pid = os.getpid()
-        self._journal = to_journal()
         self.configure(level, json_format)
 
     def configure(self, level: str, json_format: bool) -> None:
         """Set the threshold and the format (a reload may change them)."""
         self.level = LEVELS[level]
         self.json_format = json_format
-
-    @staticmethod
-    def _write_now(line: str) -> None:
-        sys.stderr.write(line)
-        sys.stderr.flush()
 
     def __call__(self, event: str, qid: str | None = None, level: int = INFO, **fields) -> None:
         if level < self.level:
@@ -140,18 +251,18 @@ class EventLog:
             record.update((k.rstrip("_"), v) for k, v in fields.items())
             line = json.dumps(record, default=str)
         else:
-            name = f"elemta[{self._pid}]:"
-            first = f"<{_syslog_priority(level)}>{name}" if self._journal else f"{self._clock.stamp(now)} {name}"
-            parts = [first, qid or "NOQUEUE", event]
+            parts = [self.target.prefix(level, now, self._pid) + (qid or "NOQUEUE"), event]
             parts += [f"{k.rstrip('_')}={_quote(v)}" for k, v in fields.items()]
             line = " ".join(parts)
         self.sink(line + "\n")
 
-    def exception(self, event: str, **fields) -> None:
-        """An ERROR event for the exception being handled, then its traceback."""
+    def exception(self, event: str, qid: str | None = None, **fields) -> None:
+        """An ERROR event for the exception being handled, then its traceback, each line with
+        the event's prefix and queue ID (one grep finds it; syslog gets it line by line)."""
         if self.json_format:
-            self(event, level=ERROR, traceback=traceback.format_exc(), **fields)
+            self(event, qid=qid, level=ERROR, traceback=traceback.format_exc(), **fields)
             return
-        self(event, level=ERROR, **fields)
+        self(event, qid=qid, level=ERROR, **fields)
         if self.level <= ERROR:
-            self.sink(traceback.format_exc())
+            first = self.target.prefix(ERROR, time.time(), self._pid) + (qid or "NOQUEUE") + " | "
+            self.sink("".join(first + line + "\n" for line in traceback.format_exc().rstrip("\n").split("\n")))

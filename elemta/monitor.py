@@ -445,11 +445,23 @@ def announce_line(host: str, port: int) -> str:
 
 def run_process(config: Config, sockets: list[socket.socket]) -> int:
     """The monitor child of a supervisor: serve on the supervisor's sockets until SIGTERM."""
-    events = logmod.EventLog(config.log.level, config.log.format == "json")
+    try:
+        target = logmod.open_target(config.log)
+    except OSError:
+        target = logmod.Target()  # the supervisor opened it a moment ago; say it here at least
+    events = logmod.EventLog(config.log.level, config.log.format == "json", target=target)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # [monitor] changes need a restart
+
+    def reopen(signum, frame) -> None:  # [monitor] changes need a restart; the log is reopened
+        try:
+            target.reopen()
+        except OSError:
+            pass
+
+    signal.signal(signal.SIGHUP, reopen)
+    signal.signal(signal.SIGUSR1, reopen)
     monitor = Monitor(config, lambda: read_status(config), events)
     monitor.start(sockets)
     while not stop.wait(1.0):

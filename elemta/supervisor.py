@@ -41,6 +41,7 @@ from elemta.daemon import (
     check_startup,
     exit_code,
     listening_line,
+    open_log,
     prepare_spool,
 )
 from elemta.errors import ConfigError
@@ -56,6 +57,7 @@ def main_loop(load_config: Callable[[], Config]) -> int:
     """Run elemta: one process, or a supervisor and server.workers worker processes."""
     announce = lambda line: print(line, flush=True)
     os.umask(filemodes.UMASK)  # whatever we inherited: nothing elemta creates is for others
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # logrotate's signal, before its handler: never fatal
     notifier = sdnotify.Notifier()
     pidfile = None
     if not ipv6_available():
@@ -64,7 +66,7 @@ def main_loop(load_config: Callable[[], Config]) -> int:
         config = load_config()
         pidfile = become_service(config)
         check_startup(config)  # as the service's user, before any child: one error line
-        events = logmod.EventLog(config.log.level, config.log.format == "json")
+        events = logmod.EventLog(config.log.level, config.log.format == "json", target=open_log(config))
         warning = open_files_warning(config)
         if warning:
             events("resource_warning", level=logmod.WARNING, error=warning)
@@ -81,7 +83,7 @@ def main_loop(load_config: Callable[[], Config]) -> int:
             except OSError as exc:
                 raise ConfigError(f"monitor.metrics_dir: {exc}") from None
         if config.server.workers > 1 or config.server.delivery_process:
-            return Supervisor(load_config, announce, notifier, pidfile).run(config)
+            return Supervisor(load_config, announce, notifier, pidfile, events).run(config)
         return Daemon(load_config, announce, notifier=notifier).run()
     except (ConfigError, SpoolError) as exc:
         for line in str(exc).split("\n"):  # a ConfigError's problems: one line each
@@ -187,12 +189,13 @@ def _stop_with_parent(supervisor: int) -> None:
 
 class Supervisor:
     def __init__(self, load_config: Callable[[], Config], announce: Callable[[str], None],
-                 notifier: sdnotify.Notifier | None = None, pidfile: PidFile | None = None):
+                 notifier: sdnotify.Notifier | None = None, pidfile: PidFile | None = None,
+                 events: logmod.EventLog | None = None):
         self._load_config = load_config
         self.announce = announce
         self.notifier = notifier or sdnotify.Notifier({})
         self.pidfile = pidfile
-        self.events = logmod.EventLog()  # writes at once: no thread may exist before a fork
+        self.events = events or logmod.EventLog()  # writes at once: no thread may exist before a fork
         self._reserved: dict[str, socket.socket] = {}  # "host" -> a socket holding its port 0
         self._pinned: dict[str, str] = {}  # listener address with port 0 -> with its real port
         self._children: dict[int, int] = {}  # pid -> worker number (DELIVERY_WORKER: delivery)
@@ -297,6 +300,7 @@ class Supervisor:
                 self.pidfile.close_in_child()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
                 signal.signal(sig, signal.SIG_DFL)
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # until the child's own handler: never fatal
             _stop_with_parent(supervisor)
             if self._roles[worker] == "monitor":
                 code = monitor.run_process(self._config, self._monitor_sockets)
@@ -349,7 +353,7 @@ class Supervisor:
             self._pending.append(signum)
             self._wake.set()
 
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1):
             signal.signal(sig, note)
 
     def _supervise(self, config: Config) -> int:
@@ -367,6 +371,12 @@ class Supervisor:
                     self.notifier.stopping()
                     self.events("stopping", workers=len(self._children))
                     self._signal_all(signal.SIGTERM)
+                elif signum == signal.SIGUSR1:  # logrotate: every process opens its log again
+                    try:
+                        self.events.target.reopen()
+                    except OSError as exc:
+                        self.events("log_reopen_failed", level=logmod.WARNING, error=str(exc)[:200])
+                    self._signal_all(signal.SIGUSR1)
                 elif signum == signal.SIGHUP and not stopping:
                     self.notifier.reloading()
                     config = self._reload(config)
@@ -390,6 +400,10 @@ class Supervisor:
             return config
         if new.server.workers != config.server.workers:
             self.events("reload_warning", level=logmod.WARNING, error="server.workers changes need a restart")
+        try:
+            self.events.target.reopen()  # logrotate may send SIGHUP instead of SIGUSR1
+        except OSError as exc:
+            self.events("log_reopen_failed", level=logmod.WARNING, error=str(exc)[:200])
         self._signal_all(signal.SIGHUP)  # each worker reloads (all or nothing) on its own
         return config
 

@@ -195,6 +195,13 @@ class Daemon:
             lines.append(line.rstrip("\n"))
 
     def log_text(self) -> str:
+        """Standard error, or the log file when the config says log.target = "file"."""
+        match = re.search(r'(?m)^file = "(/[^"]+)"', self.config_path.read_text())
+        if match and re.search(r'(?m)^target = "file"', self.config_path.read_text()):
+            try:
+                return "\n".join(self.stderr) + Path(match.group(1)).read_text(errors="replace")
+            except OSError:
+                pass
         return "\n".join(self.stderr)
 
     @property

@@ -17,7 +17,7 @@ def test_text_line_format_and_quoting():
     events("mail", qid="1K10R229FHC00", sender="<a@b.example>", helo="two words", empty="")
     events("connect", ip="192.0.2.1")
     assert re.fullmatch(
-        r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} elemta\[\d+\]: 1K10R229FHC00 mail "
+        r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d elemta\[\d+\]: 1K10R229FHC00 mail "
         r'sender=<a@b.example> helo="two words" empty=""\n',
         lines[0],
     )
@@ -76,3 +76,113 @@ def test_on_the_journal_stream_lines_carry_the_priority_not_the_time(tmp_path):
     assert lines[2].endswith(": Q1 broken")
     assert not log.to_journal({"JOURNAL_STREAM": "1:2"})  # another stream: the usual lines
     assert not log.to_journal({})
+
+
+def test_timestamps_carry_the_offset_of_local_time(monkeypatch):
+    monkeypatch.setenv("TZ", "Asia/Kolkata")  # +05:30: an offset with minutes
+    import time as time_module
+
+    time_module.tzset()
+    try:
+        lines: list[str] = []
+        log.EventLog(sink=lines.append)("connect")
+        assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+05:30 elemta\[", lines[0]), lines[0]
+    finally:
+        monkeypatch.delenv("TZ")
+        time_module.tzset()
+
+
+def test_a_traceback_keeps_the_prefix_and_queue_id_on_every_line():
+    lines: list[str] = []
+    events = log.EventLog(sink=lines.append)
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        events.exception("internal_error", qid="1K10R229FHC00", conn=3)
+    text = "".join(lines).splitlines()
+    assert len(text) > 3 and all(" elemta[" in line and " 1K10R229FHC00 " in line for line in text)
+    assert text[-1].endswith("1K10R229FHC00 | RuntimeError: boom")
+
+
+def test_the_file_target_appends_and_reopens_after_a_rotation(tmp_path):
+    path = tmp_path / "elemta.log"
+    target = log.FileTarget(str(path))
+    events = log.EventLog(target=target)
+    events("first")
+    path.rename(tmp_path / "elemta.log.1")  # what logrotate does, before it signals
+    events("second")  # still into the moved file, as any daemon until it reopens
+    target.reopen()
+    events("third")
+    assert [l.split()[-1] for l in (tmp_path / "elemta.log.1").read_text().splitlines()] == ["first", "second"]
+    assert path.read_text().endswith("NOQUEUE third\n")
+    assert path.stat().st_mode & 0o777 == 0o640
+
+
+DAEMON_CONFIG = """
+[[listeners]]
+address = "127.0.0.1:0"
+role = "mx"
+
+[server]
+spool_dir = "@SPOOL@"
+hostname = "mx.test.example"
+workers = 2
+
+[smtp]
+local_domains = ["example.com"]
+
+[delivery]
+hold = true
+
+[queue]
+min_free_space = 0
+
+[log]
+target = "file"
+file = "@LOG@"
+"""
+
+
+def test_every_process_reopens_the_file_on_sigusr1(tmp_path):
+    import signal
+    import smtplib
+
+    from tests.support import Daemon, wait_for
+
+    path = tmp_path / "elemta.log"
+    daemon = Daemon(tmp_path, DAEMON_CONFIG.replace("@LOG@", str(path))).start()
+    try:
+        wait_for(lambda: path.exists() and "supervising" in path.read_text(), 10, what="the log file")
+        assert daemon.stderr == []  # nothing on stderr: it all went to the file
+        path.rename(tmp_path / "elemta.log.1")
+        daemon.signal(signal.SIGUSR1)
+        wait_for(path.exists, 10, what="the supervisor to open a new file")
+        for n in range(6):  # connections spread over both workers; each must log to the new file
+            with smtplib.SMTP("127.0.0.1", daemon.port, timeout=30) as client:
+                client.sendmail("a@example.org", ["b@example.com"], f"Subject: {n}\r\n\r\nhi\r\n")
+        wait_for(lambda: path.read_text().count(" queued ") == 6, 10, what="6 queued lines in the new file")
+        pids = {re.search(r"elemta\[(\d+)\]", line).group(1) for line in path.read_text().splitlines()
+                if " queued " in line}
+        assert len(pids) == 2, "both workers write to the new file"
+        assert " queued " not in (tmp_path / "elemta.log.1").read_text()
+    finally:
+        daemon.stop()
+
+
+def test_the_syslog_target_sends_one_datagram_per_line_with_facility_mail(tmp_path):
+    import socket
+
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(str(tmp_path / "dev-log"))
+    server.settimeout(5)
+    try:
+        target = log.SyslogTarget("mail", path=str(tmp_path / "dev-log"))
+        events = log.EventLog(target=target)
+        events("queued", qid="1K10R229FHC00", size=5)
+        events("queue_error", level=log.WARNING, error="disk full")
+        first, second = server.recv(4096).decode(), server.recv(4096).decode()
+    finally:
+        server.close()
+    # PRI = facility mail (2) * 8 + severity: info 6 = <22>, warning 4 = <20>; then an RFC 3164 time.
+    assert re.fullmatch(r"<22>[A-Z][a-z]{2} [ 1-3]\d \d\d:\d\d:\d\d elemta\[\d+\]: 1K10R229FHC00 queued size=5", first)
+    assert second.startswith("<20>") and second.endswith("queue_error error=\"disk full\"")

@@ -16,7 +16,7 @@ import click
 
 from elemta import __version__
 from elemta import config as cfg
-from elemta.cli import ctlbase, tomlconf
+from elemta.cli import audit, ctlbase, tomlconf
 from elemta.cli.ctl_plugins import dkim, plugins
 from elemta.cli.ctl_queue_check import check as queue_check
 from elemta.cli.ctl_status import reload, status
@@ -171,7 +171,9 @@ def _changer(name: str, allow_all: bool, doc: str, what: str) -> click.Command:
 
     def command(ctl: Ctl, words: tuple[str, ...], as_json: bool, yes: bool = False) -> None:
         targets = _targets(words, allow_all, yes, what, ctl.config.queue_path)
-        _report(getattr(ctl.admin, name)(targets), as_json)
+        change = getattr(ctl.admin, name)(targets)
+        audit.log_change(ctl.config, change, None if targets == ALL else list(targets))
+        _report(change, as_json)
 
     command.__doc__ = doc
     decorators = [
@@ -204,7 +206,9 @@ def flush(ctl: Ctl, domain: str | None, as_json: bool) -> None:
 
     Every queued and deferred recipient (of that recipient domain) is tried at once.
     """
-    _report(ctl.admin.flush(domain), as_json)
+    change = ctl.admin.flush(domain)
+    audit.log_change(ctl.config, change, None, **({"domain": domain} if domain else {}))
+    _report(change, as_json)
 
 
 @queue.command()
@@ -214,7 +218,9 @@ def flush(ctl: Ctl, domain: str | None, as_json: bool) -> None:
 @pass_ctl
 def priority(ctl: Ctl, queue_id: str, level: str, as_json: bool) -> None:
     """Set a message's priority (critical, high, normal, low)."""
-    _report(ctl.admin.set_priority(queue_id, level.lower()), as_json)
+    change = ctl.admin.set_priority(queue_id, level.lower())
+    audit.log_change(ctl.config, change, [queue_id], priority=level.lower())
+    _report(change, as_json)
 
 
 @queue.command()
