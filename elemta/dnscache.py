@@ -24,6 +24,7 @@ import dns.rdatatype
 import dns.resolver
 import idna
 
+from elemta import metrics
 from elemta.errors import ElemtaError
 
 MIN_TTL = 1  # a TTL of 0 would mean one query per delivery attempt
@@ -210,10 +211,12 @@ class Resolver:
             if entry is not None and entry[0] > now:
                 self._cache.move_to_end(key)
                 self._hits += 1
+                metrics.DNS_CACHE.labels("hit").inc()
                 return entry[1], entry[2], entry[0]
             if entry is not None:
                 del self._cache[key]  # expired
             self._misses += 1
+        metrics.DNS_CACHE.labels("miss").inc()
         status, records, ttl = self._query(name, rdtype)
         now = self._clock()
         if ttl is None:

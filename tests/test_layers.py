@@ -20,7 +20,7 @@ ALLOWED = {
     "local": {"errors", "config"},
     "passwords": {"errors"},
     "ratelimit": set(),
-    "dnscache": {"errors"},
+    "dnscache": {"errors", "metrics"},
     "log": set(),
     "metrics": set(),
     "filemodes": {"errors"},

@@ -45,6 +45,12 @@ min_free_space = 0
 
 [monitor]
 listen = "127.0.0.1:0"
+
+[[plugins]]
+use = "ratelimit"
+
+[plugins.options]
+rules = [{key = "sender", limit = 1000, window = 3600, count = "messages"}]
 """
 
 MONITOR_LINE = re.compile(r"^elemta: monitor on (http://[0-9.]+:\d+)/$")
@@ -100,6 +106,9 @@ def test_metrics_of_every_worker_are_summed_in_one_scrape(daemon):
     assert samples(text, "elemta_queue_recipients")['{state="held"}'] == 40
     assert samples(text, "elemta_queue_messages")['{priority="normal"}'] == 40
     assert samples(text, "elemta_smtp_replies_total")['{class="2xx",command="RCPT"}'] == 40
+    assert samples(text, "elemta_queue_commit_batch_messages_sum")[""] == 40  # every message committed once
+    calls = samples(text, "elemta_plugin_calls_total")
+    assert calls['{hook="on_mail_from",plugin="ratelimit",verdict="continue"}'] == 40, calls
     # Each worker wrote its own file: the sum above is over processes, not one worker's view.
     pids = {p["pid"] for p in json.loads((daemon.spool / "monitor" / "status.json").read_text())["children"]
             if p["role"] == "smtp"}

@@ -25,6 +25,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from elemta import metrics
 from elemta.config import PluginSpec
 from elemta.errors import ConfigError
 from elemta.plugins import api
@@ -142,6 +143,11 @@ class Loaded:
                 s.verdicts[action] += 1
             if error:
                 self.last_error = error
+        # Names from the configuration, hooks and actions from fixed sets: bounded labels.
+        metrics.PLUGIN_CALLS.labels(self.name, hook, action or "none").inc()
+        metrics.PLUGIN_SECONDS.labels(self.name).observe(seconds)
+        if timeout or error:
+            metrics.PLUGIN_ERRORS.labels(self.name, "timeout" if timeout else "error").inc()
 
 
 def load_class(use: str) -> type:

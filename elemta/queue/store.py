@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from elemta import metrics
 from elemta.errors import QueueError, QueueFullError
 from elemta.queue import db, ids, schema
 from elemta.queue.model import NewMessage
@@ -359,7 +360,10 @@ class Store:
             return
         try:
             try:
+                began = time.monotonic()
                 self._commit(batch)
+                metrics.COMMIT_SECONDS.observe(time.monotonic() - began)
+                metrics.COMMIT_BATCH.observe(len(batch))
             except Exception as exc:  # noqa: BLE001 -- any failure is reported to its sessions
                 if len(batch) == 1:
                     batch[0].finish(self._error_for(batch[0].msg, exc))
