@@ -250,3 +250,28 @@ def test_greylisting_first_450_then_250_after_the_delay(tmp_path, dns_server):
         queued(daemon, 2)
     finally:
         daemon.stop()
+
+
+def test_one_grep_of_the_queue_id_finds_a_message_s_whole_life(tmp_path, dns_server, keys):
+    """issue 17: from MAIL to delivery, the plugins' verdicts included, every line of a message
+    carries its queue ID, so `grep QUEUE-ID` is its whole story."""
+    from tests.mx import Mx
+
+    with Mx() as mx:
+        text = (CONFIG + AUTH).replace("hold = true", f'relayhost = "127.0.0.1:{mx.port}"\n'
+                                                       'relayhost_tls_policy = "none"')
+        d = Daemon(tmp_path, text.replace("@DNS@", dns_server.nameserver).replace("@KEYS@", str(keys)))
+        d.start()
+        try:
+            send(d, message(), rcpt="bob@elsewhere.test")
+            qid = queued(d, 1)["queue_id"]
+            wait_for(lambda: f"{qid} delivered " in d.log_text(), 20, what="the delivery")
+            story = [line.split(": ", 1)[1].split()[1] for line in d.log_text().splitlines()
+                     if f" {qid} " in line]
+        finally:
+            d.stop()
+    for event in ("mail", "rcpt", "queued", "delivered"):
+        assert event in story, story
+    checked = [line for line in d.log_text().splitlines() if " checked " in line]
+    assert {re.search(r"plugin=(\w+)", line).group(1) for line in checked if f" {qid} " in line} >= {"spf", "dmarc"}
+    assert not [line for line in checked if " NOQUEUE checked " in line]
