@@ -51,10 +51,11 @@ def metrics_dir(config: Config) -> str:
     accepting mail cost 7% more (bench/monitor_cost.py), on tmpfs nothing measurable."""
     if config.monitor.metrics_dir:
         return config.monitor.metrics_dir
+    # Else a tmpfs the service may write in; the spool (a disk) only when there is none.
     runtime = os.environ.get("RUNTIME_DIRECTORY")  # systemd's RuntimeDirectory=: /run/elemta
     if runtime:
         return os.path.join(runtime.split(":")[0], "metrics")
-    if os.path.isdir("/dev/shm"):
+    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK | os.X_OK):
         # One directory per user and spool, so two elemtas on one host never share one.
         spool = hashlib.sha256(os.path.abspath(config.server.spool_dir).encode()).hexdigest()[:16]
         return f"/dev/shm/elemta-{os.geteuid()}-{spool}"

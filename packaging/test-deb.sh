@@ -479,6 +479,11 @@ boot_checks() {
         unit_processes_ok "$uid"
     check "the unit answers 220 on port 25" \
         in_boot python3 -c 'import socket, sys; s = socket.create_connection(("127.0.0.1", 25), timeout=10); sys.exit(s.recv(4) != b"220 ")'
+    check "/readyz answers 200 on 127.0.0.1:9525 (the monitor process, under the unit's sandbox)" \
+        in_boot python3 -c 'import sys, urllib.request; sys.exit(urllib.request.urlopen("http://127.0.0.1:9525/readyz", timeout=10).status != 200)'
+    check "/metrics sums the processes' counters kept in RuntimeDirectory /run/elemta/metrics" \
+        in_boot sh -c 'ls /run/elemta/metrics/counter_*.db && python3 -c "import urllib.request; t = urllib.request.urlopen(\"http://127.0.0.1:9525/metrics\", timeout=10).read(); assert b\"elemta_smtp_connections_total\" in t"'
+    check "elemtactl status: running and ready (exit 0)" in_boot elemtactl status
     in_boot id alice >/dev/null 2>&1 || in_boot adduser --quiet --disabled-password --comment "" alice >/dev/null
     if printf 'To: carol@example.com\nSubject: test-deb under systemd\n\nhello\n' |
             in_boot setpriv --reuid=alice --regid=alice --init-groups /usr/sbin/sendmail -t; then
@@ -596,10 +601,12 @@ inside() {
     exec_start=$(unit_value ExecStart)
     uid=$(chroot "$ROOT" id -u "$user")
     start_netns
+    # RuntimeDirectory=elemta, as systemd makes it: the metrics counters' directory.
+    install -d -o "$uid" -g "$(chroot "$ROOT" id -g "$user")" -m 0750 "$ROOT/run/elemta"
     log "starting, as $user:$group with CAP_NET_BIND_SERVICE: $exec_start"
     # shellcheck disable=SC2086  # ExecStart= is a command line
     (umask "$umask_" && exec nsenter -t "$NET_HOLDER" -n chroot "$ROOT" \
-        env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LC_ALL=C.UTF-8 \
+        env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LC_ALL=C.UTF-8 RUNTIME_DIRECTORY=/run/elemta \
         setpriv --reuid="$user" --regid="$group" --init-groups --no-new-privs \
             --inh-caps=-all,+net_bind_service --ambient-caps=-all,+net_bind_service \
             --bounding-set=-all,+net_bind_service \
