@@ -480,10 +480,15 @@ boot_checks() {
     check "the unit answers 220 on port 25" \
         in_boot python3 -c 'import socket, sys; s = socket.create_connection(("127.0.0.1", 25), timeout=10); sys.exit(s.recv(4) != b"220 ")'
     check "/readyz answers 200 on 127.0.0.1:9525 (the monitor process, under the unit's sandbox)" \
-        in_boot python3 -c 'import sys, urllib.request; sys.exit(urllib.request.urlopen("http://127.0.0.1:9525/readyz", timeout=10).status != 200)'
+        in_boot python3 -c '
+import sys, urllib.error, urllib.request
+try:
+    urllib.request.urlopen("http://127.0.0.1:9525/readyz", timeout=10)
+except urllib.error.HTTPError as exc:
+    sys.exit(f"/readyz: {exc.code} {exc.read().decode()}")'
     check "/metrics sums the processes' counters kept in RuntimeDirectory /run/elemta/metrics" \
         in_boot sh -c 'ls /run/elemta/metrics/counter_*.db && python3 -c "import urllib.request; t = urllib.request.urlopen(\"http://127.0.0.1:9525/metrics\", timeout=10).read(); assert b\"elemta_smtp_connections_total\" in t"'
-    check "elemtactl status: running and ready (exit 0)" in_boot elemtactl status
+    check "elemtactl status: running and ready (exit 0)" in_boot sh -c 'elemtactl status >&2'
     in_boot id alice >/dev/null 2>&1 || in_boot adduser --quiet --disabled-password --comment "" alice >/dev/null
     if printf 'To: carol@example.com\nSubject: test-deb under systemd\n\nhello\n' |
             in_boot setpriv --reuid=alice --regid=alice --init-groups /usr/sbin/sendmail -t; then
