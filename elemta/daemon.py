@@ -244,6 +244,11 @@ class Daemon:
                                  events, hold=config.delivery.hold, on_enqueued=self._wake_scheduler)
             self.pickup.start()
         self._install_signals()
+        if server is not None:
+            try:  # /readyz: this process listens on all its listeners
+                monitor.mark_listening(config, [lst.listener.address for lst in server.listeners.values()])
+            except OSError as exc:
+                events("status_failed", level=logmod.WARNING, error=str(exc)[:200])
         if ready is not None:
             ready()
         elif server is not None:
@@ -294,6 +299,8 @@ class Daemon:
         if self.plugins is not None:
             self.plugins.stop()
         statsfile.remove(stats_path)
+        if server is not None:
+            monitor.clear_listening(config, os.getpid())
         store.close()
         events("stopped")
         if not finished:

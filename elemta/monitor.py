@@ -18,6 +18,7 @@ child starts or ends (write_status); a lone process hands its own status over di
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -72,6 +73,24 @@ def write_status(config: Config, status: dict) -> None:
     os.replace(tmp, path)
 
 
+def mark_listening(config: Config, addresses: list[str]) -> None:
+    """An SMTP process bound every listener: listening-<pid> says so (for /readyz)."""
+    directory = monitor_dir(config)
+    os.makedirs(directory, mode=0o750, exist_ok=True)
+    with open(os.path.join(directory, f"listening-{os.getpid()}"), "w", encoding="utf-8") as handle:
+        json.dump(addresses, handle)
+
+
+def clear_listening(config: Config, pid: int | None = None) -> None:
+    """Forget pid's listening mark (it ended); None: every mark (a start)."""
+    pattern = f"listening-{pid}" if pid is not None else "listening-*"
+    for path in glob.glob(os.path.join(monitor_dir(config), pattern)):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
 def read_status(config: Config) -> dict | None:
     try:
         with open(os.path.join(monitor_dir(config), STATUS_FILE), encoding="utf-8") as handle:
@@ -107,27 +126,6 @@ def alive(pid: int) -> bool:
             return handle.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except (OSError, IndexError):
         return False
-
-
-def _listening_ports() -> set[int]:
-    """Ports with a TCP socket in LISTEN state in this network namespace (/proc/net/tcp, tcp6).
-
-    Not "listened on by one of our processes": a process that changed its user (elemta
-    started as root) cannot be inspected in /proc/PID/fd, not even by its own user. The
-    workers bind with SO_REUSEPORT, which the kernel shares only with the same user, and the
-    supervisor keeps the port while no worker listens; /readyz also checks they are alive."""
-    found = set()
-    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(name, encoding="ascii") as handle:
-                next(handle, None)
-                for line in handle:
-                    fields = line.split()
-                    if len(fields) > 3 and fields[3] == "0A":
-                        found.add(int(fields[1].rsplit(":", 1)[1], 16))
-        except OSError:
-            continue
-    return found
 
 
 def _free_bytes(spool: str) -> int:
@@ -193,14 +191,18 @@ class Health:
         return self._answer(problems)
 
     def _listeners(self, status: dict) -> list[str]:
-        problems = []
-        smtp = [c for c in status["children"] if c["role"] in ("smtp", "all")]
-        if status["children"] and not any(alive(c["pid"]) for c in smtp):
-            problems.append("no SMTP worker is running")
-        wanted = {split_host_port(listener.address)[1] for listener in self.config.listeners}
-        listening = _listening_ports()
-        problems += [f"nothing listens on port {port}" for port in sorted(wanted - listening) if port]
-        return problems
+        """Every SMTP process alive has bound all its listeners (it leaves listening-<pid>
+        once it has: /proc/net, which would show the sockets, is hidden by the unit's
+        ProcSubset=pid)."""
+        smtp = [c["pid"] for c in status["children"] if c["role"] in ("smtp", "all")]
+        if not status["children"]:
+            smtp = [status["pid"]]  # a lone process
+        running = [pid for pid in smtp if alive(pid)]
+        if not running:
+            return ["no SMTP worker is running"]
+        directory = monitor_dir(self.config)
+        return [f"SMTP worker {pid} has not bound its listeners" for pid in running
+                if not os.path.exists(os.path.join(directory, f"listening-{pid}"))]
 
     @staticmethod
     def _answer(problems: list[str]) -> tuple[bool, dict]:

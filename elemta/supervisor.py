@@ -251,6 +251,7 @@ class Supervisor:
         # Handlers first, so a SIGTERM that comes while workers start is not lost; they note
         # the signal only, and a child resets them before anything else.
         self._install_signals()
+        monitor.clear_listening(config)  # marks a killed run left behind
         try:
             self._monitor_sockets = monitor.bind(config)
         except OSError as exc:
@@ -414,6 +415,7 @@ class Supervisor:
             if done:
                 gone.append((pid, self._children.pop(pid), os.waitstatus_to_exitcode(status)))
                 metrics.process_dead(pid)  # its open-connections gauge no longer counts
+                monitor.clear_listening(self._config, pid)
         if gone:
             self._write_status()
         return gone

@@ -250,3 +250,18 @@ def test_a_real_prometheus_scrapes_the_sums(daemon, tmp_path):
     finally:
         prometheus.terminate()
         prometheus.wait(30)
+
+
+def test_readiness_needs_every_smtp_worker_to_have_bound_its_listeners(daemon):
+    url = endpoint(daemon)
+    status = json.loads((daemon.spool / "monitor" / "status.json").read_text())
+    worker = next(p["pid"] for p in status["children"] if p["role"] == "smtp")
+    mark = daemon.spool / "monitor" / f"listening-{worker}"
+    assert json.loads(mark.read_text()) == [f"127.0.0.1:{daemon.port}"]
+    mark.rename(mark.with_name("moved"))  # as if the worker were still binding
+    code, body = get(url + "/readyz")
+    assert code == 503 and f"SMTP worker {worker} has not bound its listeners" in body
+    mark.with_name("moved").rename(mark)
+    assert get(url + "/readyz")[0] == 200
+    daemon.stop()
+    assert not list((daemon.spool / "monitor").glob("listening-*")), "each worker removes its mark"
