@@ -593,3 +593,19 @@ def test_conf_has_commented_examples():
 def test_conf_commented_examples_are_valid(table, text):
     """The examples in conf/elemta.toml's comments (`# tls_policies = {...}`) are valid."""
     config.parse(tomllib.loads(f"[{table}]\n{text}"))
+
+
+def test_every_metric_is_documented_in_monitoring_md_and_elemta_8():
+    """A metric elemta exports (a name in metrics.py or monitor.py) that an admin cannot look up
+    is one nobody alerts on."""
+    root = Path(__file__).resolve().parent.parent
+    names = set()
+    for module in ("metrics.py", "monitor.py"):
+        names |= set(re.findall(r'"(elemta_[a-z_]+)"', (root / "elemta" / module).read_text()))
+    assert len(names) > 20
+    counters = set(re.findall(r'counter\("(elemta_[a-z_]+)"', (root / "elemta" / "metrics.py").read_text()))
+    guide, manual = (root / "docs" / "monitoring.md").read_text(), (root / "man" / "elemta.8").read_text()
+    for name in sorted(names):
+        shown = name + "_total" if name in counters else name
+        assert f"`{shown}`" in guide, f"docs/monitoring.md: {shown}"
+        assert f"\n.B {shown}\n" in manual, f"elemta.8 MONITORING: {shown}"

@@ -21,6 +21,7 @@ import struct
 import time
 from dataclasses import dataclass
 
+from elemta import metrics
 from elemta.delivery.smtp_pool import Pool
 from elemta.delivery.smtp_reply import (
     MAX_REPLY_LINE,
@@ -203,12 +204,15 @@ class Connection:
             self._sock = _tls_context(policy, ca_file).wrap_socket(
                 self._sock, server_hostname=tls_name or self.host or None)
         except ssl.SSLCertVerificationError as exc:
+            metrics.TLS_HANDSHAKES.labels("out", "none", "unverified").inc()
             raise self._fail("starttls", f"certificate not verified: {exc.verify_message}",
                              permanent=False, try_next_host=True, enhanced="4.7.5") from exc
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            metrics.TLS_HANDSHAKES.labels("out", "none", "failed").inc()
             # Under 'may' too: the caller retries (Postfix then falls back to plain text).
             raise self._fail("starttls", f"TLS handshake failed: {_why(exc)}",
                              permanent=False, try_next_host=True, enhanced="4.7.5") from exc
+        metrics.TLS_HANDSHAKES.labels("out", self._sock.version() or "unknown", "ok").inc()
         self._kernel = False  # Python's timeout, set above, from here on: see _kernel_timeouts
         cipher = self._sock.cipher()
         self.tls = TlsInfo(self._sock.version() or "", cipher[0] if cipher else "",
