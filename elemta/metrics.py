@@ -159,8 +159,8 @@ def _define() -> None:
                                  buckets=DELAY_BUCKETS, registry=None),
         DNS_CACHE=counter("elemta_dns_cache_lookups", "DNS lookups by the delivery cache: hit or "
                           "miss.", ("result",)),
-        REPORTS=counter("elemta_reports_sent", "Delivery status notifications queued: bounce or "
-                        "delay.", ("kind",)),
+        REPORTS=counter("elemta_reports_sent", "Delivery status notifications queued: bounce, "
+                        "delay or success (NOTIFY=SUCCESS).", ("kind",)),
     )
 
 
@@ -192,6 +192,22 @@ def process_dead(pid: int) -> None:
 # greeting).
 REFUSING = frozenset({"connect", "MAIL", "RCPT", "DATA", "BDAT", "AUTH", "STARTTLS"})
 _replies: dict[tuple[str, int], object] = {}  # (command, code // 100) -> its REPLIES child
+
+
+MAX_DESTINATIONS = 100  # distinct destination labels per process; later ones are "other"
+_destinations: set[str] = set()
+
+
+def destination(key: str) -> str:
+    """The label for a delivery's destination (the next hop as the scheduler keys it: the MX
+    hosts, the relayhost, lmtp, maildir), capped so a queue to 10,000 domains cannot make
+    10,000 series."""
+    if key in _destinations:
+        return key
+    if len(_destinations) >= MAX_DESTINATIONS:
+        return "other"
+    _destinations.add(key)
+    return key
 
 
 def count_reply(command: str, code: int, esc: str) -> None:

@@ -265,3 +265,35 @@ def test_readiness_needs_every_smtp_worker_to_have_bound_its_listeners(daemon):
     assert get(url + "/readyz")[0] == 200
     daemon.stop()
     assert not list((daemon.spool / "monitor").glob("listening-*")), "each worker removes its mark"
+
+
+def test_deliveries_bounces_and_delays_are_counted(tmp_path):
+    from tests.mx import Mx
+
+    with Mx() as mx:
+        mx.handler.script("gone@elsewhere.example", "550 5.1.1 no such user")
+        config = (CONFIG.replace("hold = true", f'relayhost = "127.0.0.1:{mx.port}"\nrelayhost_tls_policy = "none"')
+                  .replace('local_domains = ["example.com"]',
+                           'local_domains = ["example.com"]\nrelay_domains = ["elsewhere.example"]'))
+        d = Daemon(tmp_path, config).start()
+        try:
+            url = endpoint(d)
+            with smtplib.SMTP("127.0.0.1", d.port, timeout=30) as client:
+                client.sendmail("a@example.org", ["ok@elsewhere.example", "gone@elsewhere.example"],
+                                "Subject: two\r\n\r\nhello\r\n")
+
+            def attempts() -> dict:
+                return samples(get(url + "/metrics")[1], "elemta_delivery_attempts_total")
+
+            wait_for(lambda: sum(attempts().values()) >= 2, 30, what="both recipients tried")
+            text = get(url + "/metrics")[1]
+        finally:
+            d.stop()
+    hop = f'destination="smtp:127.0.0.1:{mx.port}"'
+    assert attempts_of(text, "delivered", hop) == 1 and attempts_of(text, "failed", hop) == 1, text
+    assert samples(text, "elemta_delivery_delay_seconds_count")[""] == 1
+    assert samples(text, "elemta_reports_sent_total") == {'{kind="bounce"}': 1.0}
+
+
+def attempts_of(text: str, result: str, hop: str) -> float:
+    return samples(text, "elemta_delivery_attempts_total").get(f'{{{hop},result="{result}"}}', 0)

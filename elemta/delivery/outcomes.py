@@ -14,6 +14,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from elemta import metrics
 from elemta.delivery.attempt import Verdict
 from elemta.queue import bounce
 from elemta.queue.model import NewMessage, NewRecipient
@@ -111,8 +112,9 @@ def _report_message(job: Job, statuses: list[bounce.RecipientStatus], reporting:
         original, statuses, reporting_mta=reporting.hostname, now=now,
         message_id=f"{queue_id}@{reporting.hostname}", postmaster=to if to != job.sender else None,
     )
-    reporting.log("report", qid=job.queue_id, report=queue_id, to=f"<{to}>",
-                  actions=",".join(sorted({s.action for s in statuses})))
+    actions = {s.action for s in statuses}
+    reporting.log("report", qid=job.queue_id, report=queue_id, to=f"<{to}>", actions=",".join(sorted(actions)))
+    metrics.REPORTS.labels("bounce" if "failed" in actions else "delay" if "delayed" in actions else "success").inc()
     return NewMessage(
         queue_id=queue_id, sender="", recipients=(NewRecipient(to, notify=("NEVER",)),), body=data,
         priority="high", smtputf8=job.smtputf8, listener="bounce",

@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from elemta import log as logmod
+from elemta import metrics
 from elemta.config import Config
 from elemta.delivery import hooks
 from elemta.delivery.attempt import Attempter, Outcome, Verdict
@@ -371,7 +372,8 @@ class Scheduler:
                 return
             outcome = self.attempter.run(dl.job, dl.body, dl.recipients, dl.route)
             merged, _ = _merged(dl, outcome, [], self.clock())
-            self._record(dl.job, dl.body, merged, final_hop=dl.route.kind == "lmtp" or dl.route.kind == "maildir")
+            self._record(dl.job, dl.body, merged, final_hop=dl.route.kind == "lmtp" or dl.route.kind == "maildir",
+                         route=dl.route)
             hooks.notices(self.plugins, dl, outcome)
         finally:
             with self._lock:
@@ -382,15 +384,19 @@ class Scheduler:
             self._part_done(dl.job)
 
     def _record(self, job: Job, body: bytes, outcome: Outcome, *, final_hop: bool = False,
-                extra: list[QueueOutcome] | None = None) -> None:
+                extra: list[QueueOutcome] | None = None, route: Route | None = None) -> None:
         now = self.clock()
         result = decide(job, outcome.verdicts, outcome.attempts, schedule=self.schedule,
                         reporting=self.reporting, now=now, final_hop=final_hop, body=body, rng=self.rng)
         result.outcomes.extend(extra or ())
         self.work.submit(job.queue_id, result, self.wake if result.reports else None)
+        destination = metrics.destination(route.describe() if route is not None else "none")
         for v, o in zip(outcome.verdicts, result.outcomes, strict=False):
             self.log(o.state, qid=job.queue_id, rcpt=f"<{v.recipient.address}>", relay=v.host or "-",
                      reply=v.reply[:200], level=logmod.INFO if o.state != "failed" else logmod.WARNING)
+            metrics.DELIVERY_ATTEMPTS.labels(o.state, destination).inc()
+            if o.state == "delivered":
+                metrics.DELIVERY_DELAY.observe(max(0.0, now - job.created))
         addresses = {r.id: r.address for r in job.recipients}
         for o in extra or ():
             if o.state == "held":
