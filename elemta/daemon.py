@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from elemta import config as cfgmod
 from elemta import log as logmod
-from elemta import filemodes, monitor, sdnotify
+from elemta import filemodes, metrics, monitor, sdnotify
 from elemta.config import Config
 from elemta.delivery import attempt, smtp_client
 from elemta.delivery.dns import Resolver
@@ -209,6 +209,7 @@ class Daemon:
 
     def _serve(self, config: Config, worker: int, ready, events: logmod.EventLog) -> int:
         threading.stack_size(THREAD_STACK)
+        metrics.start()  # this process's counts reach the monitor (if metrics are on)
         delivers = self.role != "smtp"
         store = build_store(config, worker)
         try:
@@ -299,6 +300,7 @@ class Daemon:
         if self.plugins is not None:
             self.plugins.stop()
         statsfile.remove(stats_path)
+        metrics.flush()
         if server is not None:
             monitor.clear_listening(config, os.getpid())
         store.close()

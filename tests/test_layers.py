@@ -37,7 +37,7 @@ ALLOWED = {
                  "metrics"},
     "monitor": {"errors", "config", "log", "queue", "metrics", "__init__"},
     "daemon": {"local", "transport", "errors", "config", "log", "queue", "plugins", "smtp", "delivery", "monitor",
-               "passwords", "ratelimit", "dnscache", "filemodes", "sdnotify", "pickup"},
+               "passwords", "ratelimit", "dnscache", "filemodes", "sdnotify", "pickup", "metrics"},
     "supervisor": {"errors", "config", "log", "daemon", "filemodes", "privileges", "sdnotify", "pidfile",
                    "metrics", "monitor"},
     "cli": {"errors", "config", "log", "queue", "daemon", "supervisor", "passwords", "plugins", "__init__",

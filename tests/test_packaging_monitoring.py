@@ -66,9 +66,7 @@ from elemta import config, monitor
 from elemta.queue import db, schema
 
 names = {}
-for value in vars(metrics).values():
-    if not hasattr(value, "describe") or value is metrics.OFF:
-        continue
+for value in metrics.defined().values():
     labels = list(getattr(value, "_labelnames", ()))
     for family in value.describe():
         if family.type == "counter":
