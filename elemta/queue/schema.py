@@ -242,11 +242,15 @@ def insert_messages(conn: sqlite3.Connection, msgs: Iterable[NewMessage], now: f
     return nbytes
 
 
-def release_active(conn: sqlite3.Connection, now: float, *, expired_only: bool) -> int:
-    """Put 'active' recipients back to 'queued' (all, or those whose lease ran out); return how many."""
+def release_active(conn: sqlite3.Connection, now: float, *, expired_only: bool,
+                   keep: frozenset[int] = frozenset()) -> int:
+    """Put 'active' recipients back to 'queued' (all, or those whose lease ran out), but those
+    in keep; return how many."""
+    kept = ",".join(str(int(rid)) for rid in keep)
     cur = conn.execute(
         "UPDATE recipients SET state = 'queued', lease_until = NULL, lease_owner = NULL, updated = ?"
-        " WHERE state = 'active' AND (NOT ? OR lease_until IS NULL OR lease_until < ?)",
+        " WHERE state = 'active' AND (NOT ? OR lease_until IS NULL OR lease_until < ?)"
+        + (f" AND id NOT IN ({kept})" if kept else ""),
         (now, 1 if expired_only else 0, now),
     )
     return cur.rowcount

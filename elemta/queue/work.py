@@ -99,6 +99,13 @@ class Result:
 
 
 _STOP = object()
+# A result that could not be written (a full disk, a damaged or locked database) is kept in
+# memory and written again, first after RETRY_FIRST seconds, then twice as long each time up to
+# RETRY_MAX; at close, for up to CLOSE_RETRY seconds more. Its recipients stay leased meanwhile,
+# and recover_expired() leaves them alone: delivering them again would duplicate the message.
+RETRY_FIRST = 0.5
+RETRY_MAX = 30.0
+CLOSE_RETRY = 10.0
 _BATCH_MAX = 512
 
 
@@ -134,8 +141,12 @@ class WorkQueue:
     """
 
     def __init__(self, path: str, owner: str, *, clock: Callable[[], float] = time.time,
-                 on_error: Callable[[str], None] = lambda text: None) -> None:
+                 on_error: Callable[[str], None] = lambda text: None,
+                 on_written: Callable[[str, int], None] = lambda queue_id, tries: None) -> None:
+        """on_error(text): a result could not be written (it is kept and retried);
+        on_written(queue_id, tries): a kept result was written at last."""
         self.path = path
+        self._on_written = on_written
         self.owner = owner  # lease_owner: host:pid of the scheduler
         self._clock = clock
         self._on_error = on_error
@@ -146,6 +157,11 @@ class WorkQueue:
         self._readers: list[sqlite3.Connection] = []
         self._pending: queue.Queue = queue.Queue()
         self._writer: threading.Thread | None = None
+        # Results that failed to be written: [item, tries]; only the writer thread changes it.
+        self._unwritten: list[list] = []
+        self._held_ids: frozenset[int] = frozenset()  # their recipients, for recover_expired
+        self._retry_at = 0.0
+        self._retry_wait = RETRY_FIRST
 
     def open(self) -> None:
         try:
@@ -302,24 +318,36 @@ class WorkQueue:
         """Wait until everything submitted so far is committed (or has failed)."""
         self._pending.join()
 
+    def unwritten(self) -> int:
+        """Results kept in memory because they could not be written yet."""
+        return len(self._unwritten)
+
     def _write_results(self) -> None:
         while True:
-            batch = [self._pending.get()]
-            while batch[-1] is not _STOP and len(batch) < _BATCH_MAX:
+            try:
+                wait = max(0.0, self._retry_at - time.monotonic()) if self._unwritten else None
+                batch = [self._pending.get(timeout=wait)]
+            except queue.Empty:
+                batch = []
+            while batch and batch[-1] is not _STOP and len(batch) < _BATCH_MAX:
                 try:
                     batch.append(self._pending.get_nowait())
                 except queue.Empty:
                     break
             items = [item for item in batch if item is not _STOP]
             try:
-                self._commit(items)
+                if self._unwritten and time.monotonic() >= self._retry_at:
+                    self._retry()
+                if items:
+                    self._commit(items)
             finally:
                 for _ in batch:
                     self._pending.task_done()
-            if batch[-1] is _STOP:
+            if batch and batch[-1] is _STOP:
+                self._last_tries()
                 return
 
-    def _commit(self, items: list) -> None:
+    def _commit(self, items: list, tries: int = 0) -> bool:
         try:
             with self._writing() as conn:
                 now = self._clock()
@@ -329,13 +357,49 @@ class WorkQueue:
             if len(items) > 1:  # find the culprit: the others are written one by one
                 for item in items:
                     self._commit([item])
-                return
-            # The recipients stay leased; the lease's expiry returns them to the queue.
-            self._on_error(f"could not record results of {items[0][0]}: {exc}")
-            return
+                return False
+            if isinstance(exc.__cause__, (sqlite3.IntegrityError, sqlite3.ProgrammingError)):
+                # Not the disk or the database but this result itself: writing it again cannot
+                # help. The recipients stay leased until the lease's expiry retries them.
+                self._on_error(f"could not record results of {items[0][0]}: {exc}")
+                return False
+            if not tries:  # kept, and tried again until it is written
+                self._unwritten.append([items[0], 0])
+                self._held_ids = self._held_ids | {o.recipient_id for o in items[0][1].outcomes}
+                self._on_error(f"could not record results of {items[0][0]}: {exc}; kept in memory, "
+                               f"{len(self._unwritten)} waiting to be written")
+                if len(self._unwritten) == 1:
+                    self._retry_at, self._retry_wait = time.monotonic() + RETRY_FIRST, RETRY_FIRST
+            return False
         for _, _, on_commit in items:
             if on_commit is not None:
                 on_commit()
+        return True
+
+    def _retry(self) -> None:
+        """Write the kept results again, oldest first; stop at the first that still fails."""
+        while self._unwritten:
+            entry = self._unwritten[0]
+            entry[1] += 1
+            if not self._commit([entry[0]], tries=entry[1]):
+                self._retry_wait = min(self._retry_wait * 2, RETRY_MAX)
+                self._retry_at = time.monotonic() + self._retry_wait
+                return
+            self._unwritten.pop(0)
+            self._held_ids = frozenset(o.recipient_id for e in self._unwritten for o in e[0][1].outcomes)
+            self._on_written(entry[0][0], entry[1] + 1)
+        self._retry_wait = RETRY_FIRST
+
+    def _last_tries(self) -> None:
+        """At close: keep trying the kept results for CLOSE_RETRY seconds, then say which are
+        lost (their recipients stay leased: the next start delivers them again)."""
+        deadline = time.monotonic() + CLOSE_RETRY
+        while self._unwritten and time.monotonic() < deadline:
+            time.sleep(max(0.0, min(self._retry_at, deadline) - time.monotonic()))
+            self._retry()
+        for (queue_id, _, _), tries in self._unwritten:
+            self._on_error(f"results of {queue_id} not written after {tries + 1} tries; its recipients "
+                           f"will be delivered again at the next start")
 
     def _apply(self, conn: sqlite3.Connection, queue_id: str, result: Result, now: float) -> None:
         lost = set()
@@ -434,9 +498,11 @@ class WorkQueue:
         return cur.rowcount
 
     def recover_expired(self) -> int:
-        """Leases that ran out (their process died) go back to the queue."""
+        """Leases that ran out (their process died) go back to the queue; not those of results
+        kept in memory (they were delivered, or tried: only the record is missing)."""
+        held = self._held_ids
         with self._writing() as conn:
-            return schema.release_active(conn, self._clock(), expired_only=True)
+            return schema.release_active(conn, self._clock(), expired_only=True, keep=held)
 
     def purge(self, retention: float, limit: int = 500) -> int:
         """Delete up to `limit` finished messages older than `retention` seconds; return how many."""

@@ -20,6 +20,7 @@ from elemta.queue.work import (
     Result,
     WorkQueue,
 )
+from tests.support import wait_for
 
 T0 = 1_700_000_000.0
 OWNER = "mta1.example:100"
@@ -741,3 +742,65 @@ def test_expand_all_gives_the_other_recipients_back_so_one_claim_takes_them_toge
     assert work.delivered_mailboxes(queue_id) == []  # expanded aliases are no mailboxes
     work.finish(queue_id, Result(outcomes=[Outcome(job.recipients[0].id, "delivered", "250 ok")]))
     assert work.delivered_mailboxes(queue_id) == [(alice.id, "alice@example.org")]
+
+
+def test_a_result_that_cannot_be_written_is_kept_retried_and_never_handed_out_again(
+        store, db_path, clock, raw, monkeypatch):
+    """issue 16, defect 4: a full disk while recording a delivery. The result is in memory: it
+    is written once the disk has room, the recipient is not recovered meanwhile however long it
+    takes (the remote already has the message), and its lease ends as soon as it is written."""
+    from elemta.queue import work as workmod
+
+    monkeypatch.setattr(workmod, "RETRY_FIRST", 0.05)
+    errors, written = [], []
+    wq = WorkQueue(db_path, OWNER, clock=clock, on_error=errors.append,
+                   on_written=lambda qid, tries: written.append((qid, tries)))
+    wq.open()
+    full = {"on": True}
+    real_apply = WorkQueue._apply
+
+    def apply(self, conn, queue_id, result, now):
+        if full["on"]:
+            raise sqlite3.OperationalError("database or disk is full")
+        return real_apply(self, conn, queue_id, result, now)
+
+    monkeypatch.setattr(WorkQueue, "_apply", apply)
+    try:
+        qid = enqueue(store)
+        (job,) = wq.claim(10, 60)
+        (rcpt,) = job.recipients
+        wq.submit(qid, Result([Outcome(rcpt.id, "delivered", "250 2.0.0 taken")]))
+        wait_for(lambda: wq.unwritten() == 1, 5, what="the result kept in memory")
+        assert "kept in memory" in errors[0] and qid in errors[0]
+        clock.advance(7200)  # the lease (60 s) ran out long ago
+        assert wq.recover_expired() == 0, "its recipient must not be delivered twice"
+        assert wq.claim(10, 60) == []
+        wait_for(lambda: len(errors) >= 1 and wq.unwritten() == 1, 5, what="retries")
+        full["on"] = False
+        wait_for(lambda: wq.unwritten() == 0, 10, what="the result written once there is room")
+    finally:
+        wq.close()
+    state = row(raw, rcpt.id)
+    assert (state["state"], state["lease_owner"], state["lease_until"]) == ("delivered", None, None)
+    assert written and written[0][0] == qid and written[0][1] >= 2
+
+
+def test_a_result_still_unwritten_at_close_is_reported_as_lost(store, db_path, clock, raw, monkeypatch):
+    from elemta.queue import work as workmod
+
+    monkeypatch.setattr(workmod, "RETRY_FIRST", 0.05)
+    monkeypatch.setattr(workmod, "CLOSE_RETRY", 0.3)
+    errors = []
+    wq = WorkQueue(db_path, OWNER, clock=clock, on_error=errors.append)
+    wq.open()
+
+    def apply(self, conn, queue_id, result, now):
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(WorkQueue, "_apply", apply)
+    qid = enqueue(store)
+    (job,) = wq.claim(10, 60)
+    wq.submit(qid, Result([Outcome(job.recipients[0].id, "delivered", "250 ok")]))
+    wq.close()
+    assert any(f"results of {qid} not written after" in e and "delivered again" in e for e in errors), errors
+    assert row(raw, job.recipients[0].id)["state"] == "active"  # the next start recovers it
