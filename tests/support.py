@@ -176,7 +176,8 @@ class Daemon:
 
         def up() -> bool:
             announced = sum(1 for line in self.stdout if self.LISTENING.match(line))
-            return announced >= expected and "started" in self.log_text()
+            # " started ": an SMTP process's line, not the delivery process's delivery_started.
+            return announced >= expected and re.search(r' started |"event": "started"', self.log_text())
 
         wait_for(lambda: up() or self.proc.poll() is not None, timeout, what="daemon start")
         if self.proc.poll() is not None:

@@ -10,6 +10,7 @@ to its share, its sessions are cut under stress, and the session threads go away
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
 import resource
@@ -132,10 +133,17 @@ class Flood:
 
 
 def smtp_worker_pid(daemon: Daemon) -> int:
-    for line in daemon.stderr:
-        if " listening " in line and "elemta[" in line:
-            return int(line.split("elemta[", 1)[1].split("]", 1)[0])
-    raise AssertionError("no listening line in the log")
+    """The SMTP worker's PID, from the supervisor's status.json (monitor.py)."""
+    status = daemon.spool / "monitor" / "status.json"
+
+    def worker() -> int | None:
+        try:
+            children = json.loads(status.read_text())["children"]
+        except (OSError, ValueError):
+            return None
+        return next((c["pid"] for c in children if c["role"] == "smtp"), None)
+
+    return wait_for(worker, 10, what="the SMTP worker in status.json")
 
 
 def threads_of(pid: int) -> int:
