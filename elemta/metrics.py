@@ -70,7 +70,7 @@ _pending: collections.deque = collections.deque()
 class _Series:
     """One labelled series: its updates go to the queue."""
 
-    __slots__ = ("_inc", "_dec", "_observe")
+    __slots__ = ("_dec", "_inc", "_observe")
 
     def __init__(self, child) -> None:
         self._inc = getattr(child, "inc", None)
@@ -91,7 +91,7 @@ class _Queued(_Series):
     """A metric whose series are made once per label values (labels() takes a lock and builds
     a key in prometheus_client: once per series here, not once per update)."""
 
-    __slots__ = ("_metric", "_series", "_lock")
+    __slots__ = ("_lock", "_metric", "_series")
 
     def __init__(self, metric) -> None:
         labelled = bool(getattr(metric, "_labelnames", ()))

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from elemta import __version__, metrics
+from elemta import __version__
 from elemta import log as logmod
 from elemta.config import Config, split_host_port
 from elemta.errors import QueueError
@@ -168,7 +168,7 @@ class Health:
         return self._answer(problems)
 
     def ready(self) -> tuple[bool, dict]:
-        ok, answer = self.live()
+        _, answer = self.live()
         problems = list(answer.get("problems", ()))
         status = self.status()
         if status is not None:
@@ -316,7 +316,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.timeout = self.server.owner.timeout  # for reading the request (socket timeout)
         super().setup()
 
-    def do_GET(self) -> None:  # noqa: N802 -- http.server's naming
+    def do_GET(self) -> None:
         owner = self.server.owner
         path = self.path.split("?", 1)[0]
         if path == "/metrics":
@@ -329,7 +329,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(404, b'{"status": "not found", "paths": ["/metrics", "/healthz", "/readyz"]}\n',
                        "application/json")
 
-    def do_HEAD(self) -> None:  # noqa: N802
+    def do_HEAD(self) -> None:
         self.do_GET()
 
     def _send(self, code: int, body: bytes, content_type: str) -> None:
@@ -341,7 +341,7 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
 
-    def log_message(self, format: str, *args) -> None:  # noqa: A002 -- the base class's name
+    def log_message(self, format: str, *args) -> None:
         pass  # a scrape every few seconds is not news; failures are logged by the server
 
 

@@ -18,7 +18,15 @@ import urllib.request
 import click
 
 from elemta import monitor
-from elemta.cli.ctlbase import EX_NOPERM, EX_TEMPFAIL, EX_UNAVAILABLE, Ctl, CtlError, json_option, pass_ctl
+from elemta.cli.ctlbase import (
+    EX_NOPERM,
+    EX_TEMPFAIL,
+    EX_UNAVAILABLE,
+    Ctl,
+    CtlError,
+    json_option,
+    pass_ctl,
+)
 from elemta.cli.render import Output, local_time
 from elemta.errors import QueueError
 from elemta.pidfile import NAME as PID_FILE

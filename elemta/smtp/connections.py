@@ -32,7 +32,7 @@ class Watch:
     The session thread writes the fields without a lock: each is one attribute store, and the
     sweeper only reads them (a stale read costs at most one sweep's delay)."""
 
-    __slots__ = ("sock", "ip", "privileged", "since", "data_bytes", "in_data", "waiting", "expired")
+    __slots__ = ("data_bytes", "expired", "in_data", "ip", "privileged", "since", "sock", "waiting")
 
     def __init__(self, sock: socket.socket, ip: str | None, privileged: bool):
         self.sock = sock

@@ -47,7 +47,8 @@ def test_holds_releases_and_flushes_are_logged_with_the_admin(tmp_path):
 
         def ctl(*args: str) -> None:
             done = subprocess.run([str(ELEMTACTL), "--config", str(daemon.config_path), *args],
-                                  capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
+                                  capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"},
+                                  check=False)
             assert done.returncode == 0, done.stderr
             assert "warning" not in done.stderr
 

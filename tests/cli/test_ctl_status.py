@@ -43,7 +43,7 @@ def ctl(daemon: Daemon, *args: str, wrap=None) -> subprocess.CompletedProcess:
     env = None
     if wrap is not None:
         command, env = wrap(command)
-    return subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, env=env, check=False)
 
 
 @pytest.fixture(params=["127.0.0.1:0", ""], ids=["endpoint", "no-endpoint"])

@@ -89,7 +89,7 @@ def test_kill_9_during_delivery_loses_nothing_and_duplicates_are_few(tmp_path):
                         sent[mid] = round_
                 # Kill while delivering: after some, not all, of this round's mail has arrived.
                 target = before + rng.randrange(per_round // 2, per_round - 5)
-                wait_for(lambda: len(mx.handler.received()) >= target, 30,
+                wait_for(lambda target=target: len(mx.handler.received()) >= target, 30,
                          what=f"deliveries under way; log: {daemon.log_text()[-600:]}")
                 kill_tree(daemon)
             daemon.start()

@@ -186,7 +186,7 @@ def test_under_stress_idle_strangers_are_closed_and_trusted_clients_stay(serve):
 
 
 def test_the_reserved_slots_admit_trusted_and_submission_clients_when_port_25_is_full(serve):
-    server, lines, ports = serve(server={"max_connections": 6, "reserved_connections": 2},
+    _, lines, ports = serve(server={"max_connections": 6, "reserved_connections": 2},
                                  smtp={"stress_timeout": 0})
     clients = [From(ports["mx"]) for _ in range(4)]
     try:
