@@ -147,10 +147,7 @@ def build_scheduler(config: Config, store: Store, events: logmod.EventLog,
                          command_timeout=d.command_timeout, ca_file=d.ca_file or None),
         resolver, pool,
     )
-    work = WorkQueue(config.queue_path, owner=f"{socket.gethostname()}:{os.getpid()}",
-                     on_error=lambda text: events("results_error", level=logmod.ERROR, error=text[:300]),
-                     on_written=lambda qid, tries: events("results_written", qid=qid, tries=tries,
-                                                          level=logmod.WARNING))
+    work = WorkQueue(config.queue_path, owner=f"{socket.gethostname()}:{os.getpid()}", log=events)
     work.open()
     reporting = Reporting(config.hostname, store.new_id, d.double_bounce_to, events)
     return Scheduler(config, work, router, attempter, reporting, events, plugins=plugins)

@@ -96,16 +96,34 @@ class Result:
     outcomes: list[Outcome] = field(default_factory=list)
     attempts: list[Attempt] = field(default_factory=list)
     reports: list[NewMessage] = field(default_factory=list)  # bounces / DSNs to enqueue
+    # Claimed recipients given back untried (release()): written by the same writer, in order,
+    # and retried like the rest when the write fails, so they do not wait for a lease to end.
+    release: list[Recipient | int] = field(default_factory=list)
+
+    def recipient_ids(self) -> set[int]:
+        return {o.recipient_id for o in self.outcomes} | {
+            r.id if isinstance(r, Recipient) else r for r in self.release}
 
 
 _STOP = object()
+# Levels of the events given to `log` (elemta.log's; the queue sits below it, see test_layers).
+WARNING, ERROR = 30, 40
 # A result that could not be written (a full disk, a damaged or locked database) is kept in
 # memory and written again, first after RETRY_FIRST seconds, then twice as long each time up to
-# RETRY_MAX; at close, for up to CLOSE_RETRY seconds more. Its recipients stay leased meanwhile,
-# and recover_expired() leaves them alone: delivering them again would duplicate the message.
+# RETRY_MAX; at close, for up to CLOSE_RETRY seconds more. Its recipients stay leased meanwhile:
+# recover_expired() leaves them alone and each failed retry renews their lease (when the
+# database takes that much), since delivering them again would duplicate the message.
 RETRY_FIRST = 0.5
 RETRY_MAX = 30.0
 CLOSE_RETRY = 10.0
+# Kept results are small (outcomes, attempt rows, at most a report); at this many the scheduler
+# claims nothing more until some are written (backlogged()), so memory stays bounded and no
+# result is ever dropped.
+MAX_UNWRITTEN = 1000
+# A recipient whose delivery ended in an error of elemta's own (a bug, a result the database
+# refuses) is due again this many seconds later: soon, not when its hour-long lease runs out,
+# and not at once, which would turn a deterministic error into a busy loop.
+ERROR_RETRY = 60.0
 _BATCH_MAX = 512
 
 
@@ -141,15 +159,13 @@ class WorkQueue:
     """
 
     def __init__(self, path: str, owner: str, *, clock: Callable[[], float] = time.time,
-                 on_error: Callable[[str], None] = lambda text: None,
-                 on_written: Callable[[str, int], None] = lambda queue_id, tries: None) -> None:
-        """on_error(text): a result could not be written (it is kept and retried);
-        on_written(queue_id, tries): a kept result was written at last."""
+                 log: Callable[..., None] = lambda event, qid=None, level=0, **fields: None) -> None:
+        """log: an EventLog (results_error, results_pending, results_written; see _commit)."""
         self.path = path
-        self._on_written = on_written
         self.owner = owner  # lease_owner: host:pid of the scheduler
         self._clock = clock
-        self._on_error = on_error
+        self._log = log
+        self._lease = 3600.0  # the last claim's lease, for renewing those of kept results
         self._conn: sqlite3.Connection | None = None
         self._data_version = -1
         self._lock = threading.RLock()
@@ -157,7 +173,8 @@ class WorkQueue:
         self._readers: list[sqlite3.Connection] = []
         self._pending: queue.Queue = queue.Queue()
         self._writer: threading.Thread | None = None
-        # Results that failed to be written: [item, tries]; only the writer thread changes it.
+        # Results that failed to be written, oldest first: [item, tries, first failure
+        # (monotonic)]; only the writer thread changes it.
         self._unwritten: list[list] = []
         self._held_ids: frozenset[int] = frozenset()  # their recipients, for recover_expired
         self._retry_at = 0.0
@@ -246,6 +263,7 @@ class WorkQueue:
     def claim(self, limit: int, lease: float) -> list[Job]:
         """Lease up to `limit` due recipients, most urgent and oldest first, grouped by message."""
         now = self._clock()
+        self._lease = lease
         # Chosen on a read connection: this runs after every commit of new mail, and mostly
         # finds nothing to take, which then costs intake no wait for the write lock. The
         # state guard of CLAIM covers a change between the two.
@@ -310,9 +328,14 @@ class WorkQueue:
     def submit(self, queue_id: str, result: Result, on_commit: Callable[[], None] | None = None) -> None:
         """finish() on the writer thread, without waiting; on_commit runs after the commit.
 
-        Until then the recipients stay active (leased), so nothing claims them again.
+        Until then the recipients stay active (leased), so nothing claims them again. A result
+        that cannot be written is kept and written again until it is (see _commit).
         """
         self._pending.put((queue_id, result, on_commit))
+
+    def give_back(self, queue_id: str, recipients: Iterable[Recipient | int]) -> None:
+        """release() on the writer thread: in order with the results, and retried like them."""
+        self.submit(queue_id, Result(release=list(recipients)))
 
     def flush(self) -> None:
         """Wait until everything submitted so far is committed (or has failed)."""
@@ -321,6 +344,10 @@ class WorkQueue:
     def unwritten(self) -> int:
         """Results kept in memory because they could not be written yet."""
         return len(self._unwritten)
+
+    def backlogged(self) -> bool:
+        """Too many results wait to be written: claim nothing more until some are."""
+        return len(self._unwritten) >= MAX_UNWRITTEN
 
     def _write_results(self) -> None:
         while True:
@@ -334,7 +361,16 @@ class WorkQueue:
                     batch.append(self._pending.get_nowait())
                 except queue.Empty:
                     break
-            items = [item for item in batch if item is not _STOP]
+            items = []
+            for item in batch:
+                if item is _STOP:
+                    continue
+                if self._held_ids & item[1].recipient_ids():
+                    # About a recipient whose earlier result waits: written after it, never
+                    # before (a give-back must not overtake the delivery it follows).
+                    self._keep(item, None)
+                else:
+                    items.append(item)
             try:
                 if self._unwritten and time.monotonic() >= self._retry_at:
                     self._retry()
@@ -348,6 +384,14 @@ class WorkQueue:
                 return
 
     def _commit(self, items: list, tries: int = 0) -> bool:
+        """Write items in one transaction; True if written.
+
+        On failure a batch is written again item by item. An item the database refuses for its
+        own content (an integrity error) is salvaged: its delivered outcomes are written alone
+        and its other recipients are due again in ERROR_RETRY seconds. An item that fails for any
+        other reason (a full disk, an I/O error, a locked or damaged database) is kept in memory
+        (tries == 0: first failure) and written again by _retry().
+        """
         try:
             with self._writing() as conn:
                 now = self._clock()
@@ -356,39 +400,86 @@ class WorkQueue:
         except QueueError as exc:
             if len(items) > 1:  # find the culprit: the others are written one by one
                 for item in items:
-                    self._commit([item])
+                    if self._held_ids & item[1].recipient_ids():
+                        self._keep(item, None)  # behind an earlier one of this batch, kept
+                    else:
+                        self._commit([item])
                 return False
             if isinstance(exc.__cause__, (sqlite3.IntegrityError, sqlite3.ProgrammingError)):
-                # Not the disk or the database but this result itself: writing it again cannot
-                # help. The recipients stay leased until the lease's expiry retries them.
-                self._on_error(f"could not record results of {items[0][0]}: {exc}")
-                return False
-            if not tries:  # kept, and tried again until it is written
-                self._unwritten.append([items[0], 0])
-                self._held_ids = self._held_ids | {o.recipient_id for o in items[0][1].outcomes}
-                self._on_error(f"could not record results of {items[0][0]}: {exc}; kept in memory, "
-                               f"{len(self._unwritten)} waiting to be written")
-                if len(self._unwritten) == 1:
-                    self._retry_at, self._retry_wait = time.monotonic() + RETRY_FIRST, RETRY_FIRST
+                # Not the disk or the database but this result itself: writing it again cannot help.
+                return self._salvage(items[0], exc, tries)
+            if not tries:
+                self._keep(items[0], exc)
             return False
         for _, _, on_commit in items:
             if on_commit is not None:
                 on_commit()
         return True
 
+    def _keep(self, item, exc: Exception | None) -> None:
+        """Keep a result that could not be written (exc), or one that must wait behind one (None)."""
+        if not self._unwritten:
+            self._retry_at, self._retry_wait = time.monotonic() + RETRY_FIRST, RETRY_FIRST
+        self._unwritten.append([item, 0 if exc is not None else -1, time.monotonic()])
+        self._held_ids = self._held_ids | item[1].recipient_ids()
+        if exc is not None:
+            self._log("results_error", qid=item[0], level=ERROR, error=str(exc)[:200],
+                      kept="in memory, written again until it is", waiting=len(self._unwritten))
+
+    def _salvage(self, item, exc: Exception, tries: int) -> bool:
+        """A result the database refuses: its delivered outcomes win (written alone, so the
+        message is not sent again); its other recipients are given back, due in ERROR_RETRY."""
+        queue_id, result, on_commit = item
+        due = self._clock() + ERROR_RETRY
+        outcomes = [o if o.state == "delivered" else
+                    Outcome(o.recipient_id, "deferred", f"result not recorded: {exc}"[:300],
+                            next_attempt=due, counted=False)
+                    for o in result.outcomes]
+        released = [r.id if isinstance(r, Recipient) else r for r in result.release]
+        outcomes += [Outcome(rid, "deferred", f"result not recorded: {exc}"[:300], next_attempt=due, counted=False)
+                     for rid in released if rid not in {o.recipient_id for o in outcomes}]
+        self._log("results_error", qid=queue_id, level=ERROR, error=str(exc)[:200],
+                  kept="refused: delivered recipients recorded, the others retried later")
+        if not outcomes or (outcomes == result.outcomes and not (result.attempts or result.reports)):
+            return False  # nothing left to try
+        return self._commit([(queue_id, Result(outcomes), on_commit)], tries)
+
     def _retry(self) -> None:
         """Write the kept results again, oldest first; stop at the first that still fails."""
         while self._unwritten:
             entry = self._unwritten[0]
             entry[1] += 1
-            if not self._commit([entry[0]], tries=entry[1]):
+            if not self._commit([entry[0]], tries=max(1, entry[1])):
                 self._retry_wait = min(self._retry_wait * 2, RETRY_MAX)
                 self._retry_at = time.monotonic() + self._retry_wait
+                self._renew()
+                self._log("results_pending", qid=entry[0][0], level=WARNING,
+                          waiting=len(self._unwritten), tries=entry[1] + 1, retry_in=round(self._retry_wait, 1))
                 return
             self._unwritten.pop(0)
-            self._held_ids = frozenset(o.recipient_id for e in self._unwritten for o in e[0][1].outcomes)
-            self._on_written(entry[0][0], entry[1] + 1)
+            self._held_ids = frozenset(rid for e in self._unwritten for rid in e[0][1].recipient_ids())
+            if entry[1] > 0:  # it had failed (not merely waited behind one that had)
+                self._log("results_written", qid=entry[0][0], level=WARNING, tries=entry[1] + 1,
+                          waited=round(time.monotonic() - entry[2], 1), waiting=len(self._unwritten))
         self._retry_wait = RETRY_FIRST
+
+    def _renew(self) -> None:
+        """Extend the leases of the kept results' recipients (best effort: the database may
+        refuse this write too), so no other process's recovery takes them while they wait."""
+        ids = sorted(self._held_ids)
+        if not ids:
+            return
+        try:
+            with self._writing() as conn:
+                now = self._clock()
+                for start in range(0, len(ids), 500):
+                    chunk = ids[start:start + 500]
+                    conn.execute(
+                        "UPDATE recipients SET lease_until = max(coalesce(lease_until, 0), ?)"
+                        f" WHERE id IN ({','.join('?' * len(chunk))}) AND state = 'active' AND lease_owner = ?",
+                        (now + self._lease, *chunk, self.owner))
+        except QueueError:
+            pass
 
     def _last_tries(self) -> None:
         """At close: keep trying the kept results for CLOSE_RETRY seconds, then say which are
@@ -397,22 +488,28 @@ class WorkQueue:
         while self._unwritten and time.monotonic() < deadline:
             time.sleep(max(0.0, min(self._retry_at, deadline) - time.monotonic()))
             self._retry()
-        for (queue_id, _, _), tries in self._unwritten:
-            self._on_error(f"results of {queue_id} not written after {tries + 1} tries; its recipients "
-                           f"will be delivered again at the next start")
+        for (queue_id, _, _), tries, _ in self._unwritten:
+            self._log("results_error", qid=queue_id, level=ERROR, tries=max(0, tries) + 1,
+                      kept="lost at stop: its recipients are delivered again at the next start")
 
     def _apply(self, conn: sqlite3.Connection, queue_id: str, result: Result, now: float) -> None:
         lost = set()
         for o in result.outcomes:
+            # Delivered wins: the remote has the message, so it is recorded even if the lease
+            # was lost meanwhile (the recipient went back to the queue and waits there), as
+            # long as no other delivery holds it now.
             cur = conn.execute(
                 "UPDATE recipients SET state = ?, last_error = ?, next_attempt = coalesce(?, next_attempt),"
                 " attempts = attempts + ?, warned = warned OR ?, lease_until = NULL, lease_owner = NULL,"
-                " updated = ? WHERE id = ? AND state = 'active' AND lease_owner = ?",
+                " updated = ? WHERE id = ? AND (state = 'active' AND lease_owner = ?"
+                + (" OR state IN ('queued', 'deferred', 'held')" if o.state == "delivered" else "") + ")",
                 (o.state, o.error or None, o.next_attempt, 1 if o.counted else 0, 1 if o.warned else 0, now,
                  o.recipient_id, self.owner),
             )
             if cur.rowcount != 1:
                 lost.add(o.recipient_id)
+        if result.release:
+            self._release(conn, result.release, now)
         # A recipient whose lease was lost (elemtactl held or deleted it, or it expired and was
         # claimed again) belongs to someone else now: none of this result is about it any more.
         _insert_attempts(conn, queue_id, [a for a in result.attempts if a.recipient_id not in lost])

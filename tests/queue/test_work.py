@@ -7,6 +7,7 @@ import pytest
 
 from elemta.errors import QueueError
 from elemta.queue import schema
+from elemta.queue import work as workmod
 from elemta.queue.model import NewMessage, NewRecipient
 from elemta.queue.store import Store
 from elemta.queue.work import (
@@ -57,8 +58,8 @@ def store(db_path, clock):
     s.close()
 
 
-def open_work(db_path, clock, owner=OWNER):
-    wq = WorkQueue(db_path, owner, clock=clock)
+def open_work(db_path, clock, owner=OWNER, log=None):
+    wq = WorkQueue(db_path, owner, clock=clock, **({"log": log} if log is not None else {}))
     wq.open()
     return wq
 
@@ -615,10 +616,22 @@ def test_version_1_database_opened_by_the_store_first_is_migrated(tmp_path, cloc
     conn.close()
 
 
+class Events:
+    """An EventLog that remembers (event, qid, fields)."""
+
+    def __init__(self):
+        self.lines = []
+
+    def __call__(self, event, qid=None, level=0, **fields):
+        self.lines.append((event, qid, fields))
+
+    def named(self, event):
+        return [(qid, fields) for name, qid, fields in self.lines if name == event]
+
+
 def test_submitted_results_are_committed_together_and_a_bad_one_alone_fails(store, db_path, clock, raw):
-    errors, committed = [], []
-    wq = WorkQueue(db_path, OWNER, clock=clock, on_error=errors.append)
-    wq.open()
+    events, committed = Events(), []
+    wq = open_work(db_path, clock, log=events)
     try:
         good, bad = enqueue(store), enqueue(store)
         jobs = {j.queue_id: j for j in wq.claim(10, 60)}
@@ -630,11 +643,33 @@ def test_submitted_results_are_committed_together_and_a_bad_one_alone_fails(stor
         wq.flush()
     finally:
         wq.close()
-    assert committed == [good]
+    assert committed == [good, bad]
     assert row(raw, good_rcpt.id)["state"] == "delivered"
-    # The failed result changed nothing: still leased, so the lease's expiry retries it.
-    assert (row(raw, bad_rcpt.id)["state"], row(raw, bad_rcpt.id)["lease_owner"]) == ("active", OWNER)
-    assert len(errors) == 1 and bad in errors[0]
+    # The refused result (its bounce clashes) is not written, and its recipient is not left
+    # leased for an hour either: it is due again in ERROR_RETRY seconds, that try not counted.
+    got = row(raw, bad_rcpt.id)
+    assert (got["state"], got["lease_owner"], got["next_attempt"], got["attempts"]) == (
+        "deferred", None, T0 + workmod.ERROR_RETRY, 0)
+    assert "result not recorded" in got["last_error"]
+    assert [qid for qid, _ in events.named("results_error")] == [bad]
+
+
+def test_a_refused_result_still_records_what_was_delivered(store, db_path, clock, raw):
+    """Delivered wins: a result the database refuses for its own content is salvaged, its
+    delivered recipients recorded (the remote has the message), the others given back."""
+    wq = open_work(db_path, clock, log=Events())
+    try:
+        qid = enqueue(store, "a@example.org", "b@example.org")
+        (job,) = wq.claim(10, 3600)
+        first, second = job.recipients
+        clash = NewMessage(qid, "", (NewRecipient("alice@example.com"),), b"x\r\n")  # same queue_id: rejected
+        wq.submit(qid, Result([Outcome(first.id, "delivered", "250 ok"),
+                               Outcome(second.id, "failed", "550 no")], reports=[clash]))
+        wq.flush()
+    finally:
+        wq.close()
+    assert row(raw, first.id)["state"] == "delivered"
+    assert (row(raw, second.id)["state"], row(raw, second.id)["lease_owner"]) == ("deferred", None)
 
 
 def test_claim_costs_a_few_index_probes_however_big_the_queue(raw):
@@ -744,63 +779,128 @@ def test_expand_all_gives_the_other_recipients_back_so_one_claim_takes_them_toge
     assert work.delivered_mailboxes(queue_id) == [(alice.id, "alice@example.org")]
 
 
-def test_a_result_that_cannot_be_written_is_kept_retried_and_never_handed_out_again(
-        store, db_path, clock, raw, monkeypatch):
-    """issue 16, defect 4: a full disk while recording a delivery. The result is in memory: it
-    is written once the disk has room, the recipient is not recovered meanwhile however long it
-    takes (the remote already has the message), and its lease ends as soon as it is written."""
-    from elemta.queue import work as workmod
-
-    monkeypatch.setattr(workmod, "RETRY_FIRST", 0.05)
-    errors, written = [], []
-    wq = WorkQueue(db_path, OWNER, clock=clock, on_error=errors.append,
-                   on_written=lambda qid, tries: written.append((qid, tries)))
-    wq.open()
+def disk_full_on_results(monkeypatch, error="database or disk is full"):
+    """WorkQueue._apply (the writing of results) fails, as on a full disk, while full["on"]."""
     full = {"on": True}
     real_apply = WorkQueue._apply
 
     def apply(self, conn, queue_id, result, now):
         if full["on"]:
-            raise sqlite3.OperationalError("database or disk is full")
+            raise sqlite3.OperationalError(error)
         return real_apply(self, conn, queue_id, result, now)
 
     monkeypatch.setattr(WorkQueue, "_apply", apply)
+    monkeypatch.setattr(workmod, "RETRY_FIRST", 0.05)
+    monkeypatch.setattr(workmod, "RETRY_MAX", 0.2)
+    return full
+
+
+def test_a_result_that_cannot_be_written_is_kept_retried_and_never_handed_out_again(
+        store, db_path, clock, raw, monkeypatch):
+    """issue 16, defect 4: a full disk while recording a delivery. The result is in memory: it
+    is written once the disk has room, the recipient is not recovered meanwhile however long it
+    takes (the remote already has the message), and its lease ends as soon as it is written."""
+    full = disk_full_on_results(monkeypatch)
+    events = Events()
+    wq = open_work(db_path, clock, log=events)
     try:
         qid = enqueue(store)
         (job,) = wq.claim(10, 60)
         (rcpt,) = job.recipients
         wq.submit(qid, Result([Outcome(rcpt.id, "delivered", "250 2.0.0 taken")]))
         wait_for(lambda: wq.unwritten() == 1, 5, what="the result kept in memory")
-        assert "kept in memory" in errors[0] and qid in errors[0]
+        ((kept_qid, kept),) = events.named("results_error")
+        assert kept_qid == qid and "disk is full" in kept["error"] and kept["waiting"] == 1
         clock.advance(7200)  # the lease (60 s) ran out long ago
         assert wq.recover_expired() == 0, "its recipient must not be delivered twice"
         assert wq.claim(10, 60) == []
-        wait_for(lambda: len(errors) >= 1 and wq.unwritten() == 1, 5, what="retries")
+        # Each failed retry says so, and renews the lease (that write still works here).
+        wait_for(lambda: len(events.named("results_pending")) >= 2, 5, what="retries")
+        assert events.named("results_pending")[0][0] == qid
+        assert row(raw, rcpt.id)["lease_until"] == T0 + 7200 + 60
         full["on"] = False
         wait_for(lambda: wq.unwritten() == 0, 10, what="the result written once there is room")
     finally:
         wq.close()
     state = row(raw, rcpt.id)
     assert (state["state"], state["lease_owner"], state["lease_until"]) == ("delivered", None, None)
-    assert written and written[0][0] == qid and written[0][1] >= 2
+    ((written_qid, written),) = events.named("results_written")
+    assert written_qid == qid and written["tries"] >= 3
+
+
+def test_a_give_back_waits_behind_the_kept_result_of_its_recipient(store, db_path, clock, raw, monkeypatch):
+    """Results are written in order per recipient: a later give-back (or deferral) of a
+    recipient whose delivered result waits in memory is written after it, so delivered wins."""
+    full = disk_full_on_results(monkeypatch)
+    wq = open_work(db_path, clock, log=Events())
+    try:
+        qid = enqueue(store)
+        (job,) = wq.claim(10, 60)
+        (rcpt,) = job.recipients
+        wq.submit(qid, Result([Outcome(rcpt.id, "delivered", "250 taken")]))
+        wait_for(lambda: wq.unwritten() == 1, 5, what="the result kept")
+        full["on"] = False  # the disk has room again, but the give-back comes before the retry
+        wq.give_back(qid, [rcpt])
+        wq.flush()
+        assert wq.unwritten() in (0, 2)  # written in order, or both still waiting
+        wait_for(lambda: wq.unwritten() == 0, 10, what="both written")
+    finally:
+        wq.close()
+    assert row(raw, rcpt.id)["state"] == "delivered"
+
+
+def test_a_give_back_that_cannot_be_written_is_retried_not_left_for_the_lease(
+        store, db_path, clock, raw, monkeypatch):
+    full = disk_full_on_results(monkeypatch)
+    wq = open_work(db_path, clock, log=Events())
+    try:
+        qid = enqueue(store)
+        (job,) = wq.claim(10, 3600)
+        wq.give_back(qid, job.recipients)
+        wait_for(lambda: wq.unwritten() == 1, 5, what="the give-back kept")
+        full["on"] = False
+        wait_for(lambda: wq.unwritten() == 0, 10, what="the give-back written")
+    finally:
+        wq.close()
+    got = row(raw, job.recipients[0].id)
+    assert (got["state"], got["lease_owner"], got["lease_until"]) == ("queued", None, None)
+
+
+def test_too_many_kept_results_mean_no_more_claims_never_a_dropped_one(store, db_path, clock, raw, monkeypatch):
+    full = disk_full_on_results(monkeypatch)
+    monkeypatch.setattr(workmod, "MAX_UNWRITTEN", 3)
+    wq = open_work(db_path, clock, log=Events())
+    try:
+        for _ in range(4):
+            enqueue(store)
+        jobs = wq.claim(10, 60)
+        for job in jobs[:3]:
+            wq.submit(job.queue_id, Result([Outcome(job.recipients[0].id, "delivered", "250 ok")]))
+        wait_for(lambda: wq.unwritten() == 3, 5, what="three kept")
+        assert wq.backlogged()
+        full["on"] = False
+        wait_for(lambda: wq.unwritten() == 0, 10, what="all written")
+        assert not wq.backlogged()
+    finally:
+        wq.close()
+    assert [row(raw, j.recipients[0].id)["state"] for j in jobs] == ["delivered"] * 3 + ["active"]
 
 
 def test_a_result_still_unwritten_at_close_is_reported_as_lost(store, db_path, clock, raw, monkeypatch):
-    from elemta.queue import work as workmod
-
-    monkeypatch.setattr(workmod, "RETRY_FIRST", 0.05)
+    disk_full_on_results(monkeypatch, "disk I/O error")
     monkeypatch.setattr(workmod, "CLOSE_RETRY", 0.3)
-    errors = []
-    wq = WorkQueue(db_path, OWNER, clock=clock, on_error=errors.append)
-    wq.open()
-
-    def apply(self, conn, queue_id, result, now):
-        raise sqlite3.OperationalError("disk I/O error")
-
-    monkeypatch.setattr(WorkQueue, "_apply", apply)
+    events = Events()
+    wq = open_work(db_path, clock, log=events)
     qid = enqueue(store)
     (job,) = wq.claim(10, 60)
     wq.submit(qid, Result([Outcome(job.recipients[0].id, "delivered", "250 ok")]))
     wq.close()
-    assert any(f"results of {qid} not written after" in e and "delivered again" in e for e in errors), errors
+    lost = [fields for q, fields in events.named("results_error") if q == qid and "lost" in fields.get("kept", "")]
+    assert lost and "delivered again at the next start" in lost[0]["kept"]
     assert row(raw, job.recipients[0].id)["state"] == "active"  # the next start recovers it
+
+
+def test_event_levels_are_the_logs():
+    from elemta import log as logmod
+
+    assert (workmod.WARNING, workmod.ERROR) == (logmod.WARNING, logmod.ERROR)
