@@ -11,6 +11,12 @@ its recipients are grouped by route, and each group is one delivery to one desti
 destination (a set of MX hosts, a relayhost, an LMTP server) has a concurrency limit and an
 optional start rate; a delivery over the limit waits in memory for a slot, holding its lease.
 No network I/O happens inside a database transaction.
+
+Results are written by the queue's writer thread (WorkQueue.submit), which keeps one it cannot
+write (a full disk) in memory and writes it again until it is, its recipients leased meanwhile;
+the scheduler claims nothing more while too many wait (WorkQueue.backlogged). A delivery that
+ends in an error of elemta's own gives its recipients back due in ERROR_RETRY seconds, and one
+given back untried (a stop, no slot) goes back at once: neither waits for its lease to run out.
 """
 
 from __future__ import annotations
@@ -33,11 +39,12 @@ from elemta.delivery.dns import DnsError
 from elemta.delivery.outcomes import Reporting, decide
 from elemta.delivery.router import Route, Router
 from elemta.queue.schedule import RetrySchedule
-from elemta.queue.work import Attempt, Job, Recipient, Result, WorkQueue
+from elemta.queue.work import ERROR_RETRY, Attempt, Job, Recipient, Result, WorkQueue
 from elemta.queue.work import Outcome as QueueOutcome
 
 POLL = 0.25  # seconds between looks at PRAGMA data_version
 LEASE = 3600.0  # longer than any attempt; only a dead process's leases ever run out
+INTERNAL_ERROR = "451 4.3.0 delivery ended in an internal error; tried again later"
 HOUSEKEEPING = 60.0  # seconds between purges of finished messages
 PURGE_BATCH = 500  # messages deleted per transaction, keeping each write short
 PURGE_BATCHES = 100  # at most 50,000 messages a minute
@@ -135,7 +142,7 @@ class Scheduler:
                     return
                 room = self.concurrency * 2 - self._jobs
             try:
-                if room > 0:
+                if room > 0 and not self.work.backlogged():
                     self._claim(room)
                 self._start_waiting()
                 if time.monotonic() - last_housekeeping >= HOUSEKEEPING:
@@ -196,7 +203,7 @@ class Scheduler:
     def _guard(self, fn, *args) -> None:
         try:
             fn(*args)
-        except Exception:  # logged; the lease returns the mail to the queue at the next start
+        except Exception:  # logged; the recipients were given back (_after_error)
             self.log.exception("delivery_error", task=getattr(fn, "__name__", "?"))
 
     def _route_job(self, job: Job) -> None:
@@ -204,7 +211,10 @@ class Scheduler:
         try:
             groups = self._route(job)
         except Exception:
-            self._job_done(job)  # the leases return the recipients at the next housekeeping
+            # Nothing was sent: the recipients are due again soon, not when the lease ends.
+            # (Those already settled by _route are no longer this lease's: left alone.)
+            self._after_error(job, job.recipients)
+            self._job_done(job)
             raise
         if not groups:
             self._job_done(job)
@@ -221,7 +231,7 @@ class Scheduler:
 
     def _route(self, job: Job) -> list[Delivery]:
         if self._stopping:
-            self.work.release(job.recipients)
+            self.work.give_back(job.queue_id, job.recipients)
             return []
         body = self.work.body(job.queue_id)
         if body is None:  # deleted (elemtactl) after the claim
@@ -362,7 +372,13 @@ class Scheduler:
             if self._stopping:
                 self._give_back(dl)
                 return
-            instead = hooks.pre_delivery(self.plugins, dl, self.clock())
+            try:
+                instead = hooks.pre_delivery(self.plugins, dl, self.clock())
+                if instead is None:
+                    outcome = self.attempter.run(dl.job, dl.body, dl.recipients, dl.route)
+            except Exception:  # no verdict: due again soon (ERROR_RETRY)
+                self._after_error(dl.job, [*dl.recipients, *(d for dups in dl.duplicates.values() for d in dups)])
+                raise
             if instead is not None:
                 outcome, extra, action = instead
                 self.log("plugin_verdict", qid=dl.job.queue_id, hook="on_pre_delivery", verdict=action,
@@ -370,7 +386,6 @@ class Scheduler:
                 merged, extra = _merged(dl, outcome, extra, self.clock())
                 self._record(dl.job, dl.body, merged, extra=extra)
                 return
-            outcome = self.attempter.run(dl.job, dl.body, dl.recipients, dl.route)
             merged, _ = _merged(dl, outcome, [], self.clock())
             self._record(dl.job, dl.body, merged, final_hop=dl.route.kind == "lmtp" or dl.route.kind == "maildir",
                          route=dl.route)
@@ -386,8 +401,14 @@ class Scheduler:
     def _record(self, job: Job, body: bytes, outcome: Outcome, *, final_hop: bool = False,
                 extra: list[QueueOutcome] | None = None, route: Route | None = None) -> None:
         now = self.clock()
-        result = decide(job, outcome.verdicts, outcome.attempts, schedule=self.schedule,
-                        reporting=self.reporting, now=now, final_hop=final_hop, body=body, rng=self.rng)
+        try:
+            result = decide(job, outcome.verdicts, outcome.attempts, schedule=self.schedule,
+                            reporting=self.reporting, now=now, final_hop=final_hop, body=body, rng=self.rng)
+        except Exception:
+            # The remote has answered: what it took is recorded as delivered whatever else fails.
+            self._after_error(job, [v.recipient for v in outcome.verdicts if v.status != "ok"],
+                              delivered=[v for v in outcome.verdicts if v.status == "ok"])
+            raise
         result.outcomes.extend(extra or ())
         self.work.submit(job.queue_id, result, self.wake if result.reports else None)
         destination = metrics.destination(route.describe() if route is not None else "none")
@@ -403,8 +424,24 @@ class Scheduler:
                 self.log("held", qid=job.queue_id, rcpt=f"<{addresses.get(o.recipient_id, '?')}>", reply=o.error)
 
     def _give_back(self, dl: Delivery) -> None:
-        self.work.release([*dl.recipients, *(d for dups in dl.duplicates.values() for d in dups)])
+        self.work.give_back(dl.job.queue_id, [*dl.recipients, *(d for dups in dl.duplicates.values() for d in dups)])
         self._part_done(dl.job)
+
+    def _after_error(self, job: Job, recipients, delivered: list[Verdict] = ()) -> None:
+        """A delivery ended in an error of elemta's own (a bug, a database error while routing):
+        its recipients are due again in ERROR_RETRY seconds (no attempt counted), not
+        when their hour-long lease runs out; those in `delivered` (the remote took them) are
+        recorded as delivered. Written like any result: kept and retried if the write fails."""
+        now = self.clock()
+        result = Result()
+        for v in delivered:
+            result.outcomes.append(QueueOutcome(v.recipient.id, "delivered", v.reply, counted=v.recipient.counted))
+            result.attempts.append(Attempt(v.recipient.id, now, "delivered", v.reply, host=v.host))
+        for r in recipients:
+            result.outcomes.append(QueueOutcome(r.id, "deferred", INTERNAL_ERROR, next_attempt=now + ERROR_RETRY,
+                                                counted=False))
+            result.attempts.append(Attempt(r.id, now, "deferred", INTERNAL_ERROR))
+        self.work.submit(job.queue_id, result, self.wake)
 
     def _part_done(self, job: Job) -> None:
         with self._lock:
