@@ -353,9 +353,11 @@ class Daemon:
                 scheduler.wake()
 
     @staticmethod
-    def _stop_scheduler(scheduler: Scheduler, grace: float, events: logmod.EventLog) -> bool:
+    def _stop_scheduler(scheduler: Scheduler, grace: float, events: logmod.EventLog,
+                        successor: Scheduler | None = None) -> bool:
+        """Stop a scheduler; at a reload, the results it could not write yet go to its successor."""
         finished = scheduler.stop(grace)
-        scheduler.work.close()
+        scheduler.work.close(successor.work if successor is not None else None)
         if not finished:
             events("deliveries_abandoned", level=logmod.WARNING,
                    note="still running at the end of the grace period; retried after restart")
@@ -440,7 +442,7 @@ class Daemon:
         except (ConfigError, QueueError) as exc:
             events("reload_warning", level=logmod.WARNING, error=f"delivery keeps its old settings: {exc}")
             return
-        self._stop_scheduler(self.scheduler, old.server.grace_period, events)
+        self._stop_scheduler(self.scheduler, old.server.grace_period, events, successor=fresh)
         self.scheduler = fresh
         fresh.start()
 

@@ -179,6 +179,9 @@ class WorkQueue:
         self._held_ids: frozenset[int] = frozenset()  # their recipients, for recover_expired
         self._retry_at = 0.0
         self._retry_wait = RETRY_FIRST
+        self._successor: WorkQueue | None = None
+        self._submitting = threading.Lock()
+        self._closed = False
 
     def open(self) -> None:
         try:
@@ -192,12 +195,26 @@ class WorkQueue:
         self._writer = threading.Thread(target=self._write_results, name="results-writer", daemon=True)
         self._writer.start()
 
-    def close(self) -> None:
-        """Commit what was submitted, then close every connection."""
+    def close(self, successor: WorkQueue | None = None) -> None:
+        """Commit what was submitted, then close every connection.
+
+        Results still kept then are tried for CLOSE_RETRY seconds, or, given a successor (the
+        WorkQueue of the scheduler that replaces this one at a reload, same owner), handed to it.
+        """
+        self._successor = successor
         if self._writer is not None:
             self._pending.put(_STOP)
             self._writer.join()
             self._writer = None
+        with self._submitting:
+            self._closed = True  # what is submitted from now on goes to the successor
+            late = []
+            while not self._pending.empty():
+                late.append(self._pending.get_nowait())
+                self._pending.task_done()
+        for item in late:
+            if successor is not None and item is not _STOP:
+                successor.submit(*item)
         with self._lock:
             if self._conn is not None:
                 self._conn.close()
@@ -331,7 +348,14 @@ class WorkQueue:
         Until then the recipients stay active (leased), so nothing claims them again. A result
         that cannot be written is kept and written again until it is (see _commit).
         """
-        self._pending.put((queue_id, result, on_commit))
+        with self._submitting:
+            if not self._closed:
+                self._pending.put((queue_id, result, on_commit))
+                return
+        # Closed: a delivery abandoned at a reload ended after all. Its result goes to the new
+        # scheduler's writer (without one it is lost, and the lease's end retries the recipients).
+        if self._successor is not None and self._successor.owner == self.owner:
+            self._successor.submit(queue_id, result, on_commit)
 
     def give_back(self, queue_id: str, recipients: Iterable[Recipient | int]) -> None:
         """release() on the writer thread: in order with the results, and retried like them."""
@@ -380,6 +404,10 @@ class WorkQueue:
                 for _ in batch:
                     self._pending.task_done()
             if batch and batch[-1] is _STOP:
+                if self._successor is not None and self._successor.owner == self.owner:
+                    for entry in self._unwritten:  # in order; kept again there if still refused
+                        self._successor.submit(*entry[0])
+                    self._unwritten, self._held_ids = [], frozenset()
                 self._last_tries()
                 return
 

@@ -904,3 +904,40 @@ def test_event_levels_are_the_logs():
     from elemta import log as logmod
 
     assert (workmod.WARNING, workmod.ERROR) == (logmod.WARNING, logmod.ERROR)
+
+
+def test_at_a_reload_the_kept_results_go_to_the_next_scheduler(store, db_path, clock, raw, monkeypatch):
+    """A reload replaces the scheduler (same process, same lease owner): what the old one could
+    not write is handed to the new one's writer, not dropped after CLOSE_RETRY."""
+    full = disk_full_on_results(monkeypatch)
+    monkeypatch.setattr(workmod, "CLOSE_RETRY", 0.0)
+    old = open_work(db_path, clock, log=Events())
+    new = open_work(db_path, clock, log=Events())
+    try:
+        qid = enqueue(store)
+        (job,) = old.claim(10, 3600)
+        old.submit(qid, Result([Outcome(job.recipients[0].id, "delivered", "250 ok")]))
+        wait_for(lambda: old.unwritten() == 1, 5, what="the result kept")
+        old.close(successor=new)
+        wait_for(lambda: new.unwritten() == 1, 5, what="the result kept by the successor")
+        assert new.recover_expired() == 0
+        full["on"] = False
+        wait_for(lambda: new.unwritten() == 0, 10, what="written by the successor")
+    finally:
+        new.close()
+    assert row(raw, job.recipients[0].id)["state"] == "delivered"
+
+
+def test_a_result_submitted_after_a_reload_closed_the_old_writer_goes_to_the_new_one(store, db_path, clock, raw):
+    """A delivery abandoned at a reload (still running after the grace period) that ends
+    later: its result is written by the new scheduler's writer, not lost for the lease's hour."""
+    old, new = open_work(db_path, clock), open_work(db_path, clock)
+    try:
+        qid = enqueue(store)
+        (job,) = old.claim(10, 3600)
+        old.close(successor=new)
+        old.submit(qid, Result([Outcome(job.recipients[0].id, "delivered", "250 ok")]))
+        new.flush()
+    finally:
+        new.close()
+    assert row(raw, job.recipients[0].id)["state"] == "delivered"
