@@ -11,7 +11,8 @@ set -e
 cd "$(dirname "$0")"
 packaging/ensure-debs.sh python3 python3-venv python3-idna python3-dnspython python3-click python3-rich \
     python3-spf python3-dkim python3-nacl python3-cryptography publicsuffix python3-pytest python3-aiosmtpd \
-    python3-dnslib python3-trustme python3-prometheus-client python3-yaml prometheus swaks libnet-ssleay-perl \
+    python3-dnslib python3-trustme python3-prometheus-client python3-yaml python3-jsonschema python3-kubernetes \
+    prometheus podman runc debootstrap docker-compose dovecot-core swaks libnet-ssleay-perl \
     libio-socket-ssl-perl sqlite3
 
 # Always Debian's interpreter: python3 on PATH may be another one (pyenv).
