@@ -36,6 +36,7 @@ from elemta.queue.store import Store
 from elemta.queue.work import WorkQueue
 from elemta.smtp.server import SmtpServer
 from elemta.smtp.tls import ServerTls
+from elemta.wakeup import Wakeup, poke
 
 # Smaller thread stacks: a thread per connection, and a session needs little stack.
 THREAD_STACK = 512 * 1024
@@ -175,7 +176,7 @@ class Daemon:
         self.role = role
         self.wake_pipe = wake_pipe
         self.notifier = notifier or sdnotify.Notifier({})  # a lone process talks to systemd
-        self._wake = threading.Event()
+        self._wake = Wakeup()  # poked by the signal handlers: never a lock in a handler
         self._stop = False
         self._reload = False
         self._reopen = False
@@ -268,7 +269,6 @@ class Daemon:
             # delivered the signal to another thread (which does not interrupt this wait).
             self.notifier.watchdog()
             self._wake.wait(tick)
-            self._wake.clear()
             if self._stop:
                 break
             if self._reopen or self._reload:  # logrotate moved the file away (SIGUSR1, SIGHUP)
@@ -336,7 +336,7 @@ class Daemon:
         elif self.wake_pipe is None:
             return
         elif self.role == "smtp":
-            store.on_commit = lambda fd=self.wake_pipe[1]: _poke(fd)
+            store.on_commit = lambda fd=self.wake_pipe[1]: poke(fd)
         else:
             threading.Thread(target=self._woken_by, args=(self.wake_pipe[0],),
                              name="wake-pipe", daemon=True).start()
@@ -456,27 +456,20 @@ class Daemon:
     def _install_signals(self) -> None:
         def stop(signum, frame):
             self._stop = True
-            self._wake.set()
+            self._wake.poke()
 
         def reload(signum, frame):
             self._reload = True
-            self._wake.set()
+            self._wake.poke()
 
         def reopen(signum, frame):
             self._reopen = True
-            self._wake.set()
+            self._wake.poke()
 
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
         signal.signal(signal.SIGHUP, reload)
         signal.signal(signal.SIGUSR1, reopen)
-
-
-def _poke(fd: int) -> None:
-    try:
-        os.write(fd, b"!")
-    except (BlockingIOError, BrokenPipeError):
-        pass  # full: a wake-up is pending anyway; gone: the delivery process restarts and polls
 
 
 def _status(config: Config) -> str:

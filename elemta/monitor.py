@@ -35,6 +35,7 @@ from elemta.config import Config, split_host_port
 from elemta.errors import QueueError
 from elemta.queue.admin import QueueAdmin
 from elemta.queue.model import PRIORITIES, STATES
+from elemta.wakeup import Wakeup
 
 QUEUE_CACHE = 1.0  # seconds a queue reading is reused
 STATUS_FILE = "status.json"
@@ -453,21 +454,27 @@ def run_process(config: Config, sockets: list[socket.socket]) -> int:
     except OSError:
         target = logmod.Target()  # the supervisor opened it a moment ago; say it here at least
     events = logmod.EventLog(config.log.level, config.log.format == "json", target=target)
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+    # The handlers only note the signal (see elemta/wakeup.py); this loop acts on it.
+    wake = Wakeup()
+    noted: list[int] = []
 
-    def reopen(signum, frame) -> None:  # [monitor] changes need a restart; the log is reopened
-        try:
-            target.reopen()
-        except OSError:
-            pass
+    def note(signum, frame) -> None:
+        noted.append(signum)
+        wake.poke()
 
-    signal.signal(signal.SIGHUP, reopen)
-    signal.signal(signal.SIGUSR1, reopen)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+        signal.signal(signum, note)
     monitor = Monitor(config, lambda: read_status(config), events)
     monitor.start(sockets)
-    while not stop.wait(1.0):
-        pass
+    while True:
+        wake.wait(1.0)
+        signums, noted[:] = noted[:], []
+        if signal.SIGTERM in signums or signal.SIGINT in signums:
+            break
+        if signums:  # SIGHUP, SIGUSR1: [monitor] changes need a restart; the log is reopened
+            try:
+                target.reopen()
+            except OSError:
+                pass
     monitor.stop()
     return 0

@@ -27,7 +27,6 @@ import resource
 import signal
 import socket
 import sys
-import threading
 import time
 from collections.abc import Callable
 
@@ -46,8 +45,14 @@ from elemta.daemon import (
 )
 from elemta.errors import ConfigError
 from elemta.pidfile import PidFile, PidFileError
+from elemta.wakeup import Wakeup
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1)
+# A child still running this long after SIGTERM is killed: sessions get grace_period, then
+# deliveries grace_period (one after the other in a worker that does both), then 10 s to
+# write results; the margin covers the rest. Under systemd's TimeoutStopSec=90s at the default.
+STOP_MARGIN = 15.0
 MONITOR_WORKER = DELIVERY_WORKER + 1  # the [monitor] process: not a queue writer, no queue IDs
 READY_TIMEOUT = 60.0
 EX_SOFTWARE = 70
@@ -201,7 +206,7 @@ class Supervisor:
         self._children: dict[int, int] = {}  # pid -> worker number (DELIVERY_WORKER: delivery)
         self._roles: dict[int, str] = {}  # worker number -> Daemon role
         self._wake_pipe: tuple[int, int] | None = None  # SMTP workers -> delivery process
-        self._wake = threading.Event()
+        self._wake = Wakeup()  # poked by the signal handlers: never a lock in a handler
         self._pending: list[int] = []  # signals to act on, in order
         self._config: Config | None = None
         self._started = time.time()
@@ -286,8 +291,12 @@ class Supervisor:
 
     def _spawn(self, worker: int, ready_write: int | None) -> None:
         supervisor = os.getpid()
+        # Signals wait until the child has its own handlers: a SIGTERM that reached the child
+        # before it reset the supervisor's (which only note it) would be lost with it.
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
         pid = os.fork()
         if pid:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
             self._children[pid] = worker
             self._write_status()
             return
@@ -296,12 +305,14 @@ class Supervisor:
         try:
             for sock in self._reserved.values():
                 sock.close()
+            self._wake.close()  # the supervisor's; the child makes its own
             self.notifier.forget()
             if self.pidfile is not None:
                 self.pidfile.close_in_child()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
                 signal.signal(sig, signal.SIG_DFL)
             signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # until the child's own handler: never fatal
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
             _stop_with_parent(supervisor)
             if self._roles[worker] == "monitor":
                 code = monitor.run_process(self._config, self._monitor_sockets)
@@ -352,23 +363,32 @@ class Supervisor:
     def _install_signals(self) -> None:
         def note(signum, frame):
             self._pending.append(signum)
-            self._wake.set()
+            self._wake.poke()
 
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1):
+        for sig in HANDLED_SIGNALS:
             signal.signal(sig, note)
 
     def _supervise(self, config: Config) -> int:
         stopping = False
+        kill_at = float("inf")
+        forced = False
         status = 0
         tick = min(1.0, self.notifier.watchdog_interval or 1.0)
         while self._children:
             self.notifier.watchdog()
             self._wake.wait(tick)
-            self._wake.clear()
+            if time.monotonic() >= kill_at:  # a child stuck past its grace: the stop must end
+                for pid, worker in self._children.items():
+                    self.events("stop_forced", level=logmod.WARNING, worker=worker, pid=pid,
+                                role=self._roles[worker])
+                self._signal_all(signal.SIGKILL)
+                kill_at = float("inf")
+                forced = True
             while self._pending:
                 signum = self._pending.pop(0)
                 if signum in (signal.SIGTERM, signal.SIGINT) and not stopping:
                     stopping = True
+                    kill_at = time.monotonic() + 2 * config.server.grace_period + STOP_MARGIN
                     self.notifier.stopping()
                     self.events("stopping", workers=len(self._children))
                     self._signal_all(signal.SIGTERM)
@@ -391,7 +411,7 @@ class Supervisor:
                     self.notifier.status(f"{self._status(config)}; worker {worker} restarted at "
                                          f"{time.strftime('%H:%M:%S')} (exit status {code})")
         self.events("stopped")
-        return max(0, status)
+        return EX_SOFTWARE if forced else max(0, status)
 
     def _reload(self, config: Config) -> Config:
         try:

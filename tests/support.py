@@ -219,6 +219,17 @@ class Daemon:
         self.proc.send_signal(signal.SIGTERM)
         try:
             return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            stuck = _process_tree(self.proc.pid)
+            for pid in stuck:  # leave nothing running; then say what would not stop
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            self.proc.wait(10)
+            tail = "\n".join(self.log_text().splitlines()[-40:])
+            raise AssertionError(f"the daemon did not stop within {timeout} s after SIGTERM; "
+                                 f"still running: {stuck}\n{tail}") from None
         finally:
             self._reap()
 
@@ -306,3 +317,16 @@ class RawClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
+
+def _process_tree(pid: int) -> list[int]:
+    """pid and its descendants, from /proc."""
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            with open(f"/proc/{current}/task/{current}/children", encoding="ascii") as handle:
+                todo += [int(child) for child in handle.read().split()]
+        except OSError:
+            continue
+        found.append(current)
+    return found

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import resource
+import signal
 
 from elemta import supervisor
 from elemta.config import Config, ServerConfig
@@ -74,3 +76,17 @@ def test_without_ipv6_drops_the_ipv6_listeners_and_refuses_to_keep_none():
     assert supervisor.without_ipv6(Config(listeners=(Listener("127.0.0.1:25"),)))[1] == []
     with pytest.raises(ConfigError, match="every listener is an IPv6 address"):
         supervisor.without_ipv6(Config(listeners=(Listener("[::]:25"),)))
+
+
+def test_a_child_that_will_not_stop_is_killed_and_named(tmp_path):
+    daemon = Daemon(tmp_path, CONFIG.replace("max_connections = 1000", "grace_period = 0.5\nworkers = 2")).start()
+    child = int(wait_for(lambda: _child_of(daemon.proc.pid), 10, what="a worker"))
+    os.kill(child, signal.SIGSTOP)  # stuck: it cannot act on SIGTERM
+    assert daemon.stop(timeout=2 * 0.5 + supervisor.STOP_MARGIN + 20) == 70  # EX_SOFTWARE: a bug
+    assert "stop_forced worker=" in daemon.log_text() and f"pid={child} " in daemon.log_text()
+
+
+def _child_of(pid: int) -> int | None:
+    with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as handle:
+        children = handle.read().split()
+    return int(children[0]) if children else None
