@@ -7,6 +7,7 @@ opened and closed to match it and new connections get the new limits.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import socket
@@ -18,7 +19,7 @@ from collections.abc import Callable
 
 from elemta import config as cfgmod
 from elemta import log as logmod
-from elemta import filemodes, metrics, monitor, sdnotify
+from elemta import filemodes, metrics, monitor, sdnotify, shm
 from elemta.config import Config
 from elemta.delivery import attempt, smtp_client
 from elemta.delivery.dns import Resolver
@@ -34,6 +35,9 @@ from elemta.plugins.manager import Manager
 from elemta.queue import db, ids, integrity, schema
 from elemta.queue.store import Store
 from elemta.queue.work import WorkQueue
+from elemta.ratelimit import SharedRateLimit
+from elemta.smtp.connections import new_counts
+from elemta.smtp.limits import size_for as limits_size_for
 from elemta.smtp.server import SmtpServer
 from elemta.smtp.tls import ServerTls
 from elemta.wakeup import Wakeup, poke
@@ -123,7 +127,29 @@ def check_secrets(config: Config) -> None:
         filemodes.check_secret(config.smtp.auth_file, "smtp.auth_file")
 
 
-def build_plugins(config: Config, events: logmod.EventLog, resolver: Resolver) -> Manager | None:
+@dataclasses.dataclass(frozen=True)
+class Shared:
+    """The memory the SMTP workers share (shm.py): made once, before any fork, and kept by the
+    supervisor, so a worker started again finds the counts as they are."""
+
+    region: shm.Region
+    connections: shm.Counts  # open connections, per worker, in all and per client address
+
+
+# Room for the rate-limit plugin's rules (and a reload that resizes a table), on top of what
+# the [limits] and the connection counts take; untouched pages cost no memory.
+PLUGIN_TABLES_SIZE = 32 << 20
+
+
+def new_shared(config: Config) -> Shared:
+    capacity = max(config.server.max_connections, 1024)
+    size = shm.Counts.size_for(capacity) + 2 * limits_size_for(config) + PLUGIN_TABLES_SIZE
+    region = shm.Region(size)
+    return Shared(region, new_counts(region, capacity))
+
+
+def build_plugins(config: Config, events: logmod.EventLog, resolver: Resolver,
+                  shared: Shared | None = None) -> Manager | None:
     """The configured plugins, started (ConfigError if one cannot start); None if there are none."""
     if not any(spec.enabled for spec in config.plugins):
         return None
@@ -131,8 +157,16 @@ def build_plugins(config: Config, events: logmod.EventLog, resolver: Resolver) -
     manager.start(plugin_api.Services(
         hostname=config.hostname, spool_dir=config.server.spool_dir, dns=resolver, log=events,
         authserv_id=config.smtp.authserv_id or config.hostname, workers=config.server.workers,
+        rate_limit=_shared_rate_limit(shared.region) if shared is not None else None,
     ))
     return manager
+
+
+def _shared_rate_limit(region: shm.Region):
+    """Services.rate_limit: a rate limit all SMTP workers count together."""
+    def make(name: str, limit: float, window: float, *, max_keys: int = 100_000, now=time.monotonic):
+        return SharedRateLimit(region, f"plugin.{name}", limit, window, max_keys=max_keys, now=now)
+    return make
 
 
 def build_scheduler(config: Config, store: Store, events: logmod.EventLog,
@@ -163,7 +197,8 @@ DELIVERY_WORKER = ids.MAX_WORKER
 
 class Daemon:
     def __init__(self, load_config: Callable[[], Config], announce=print, *, role: str = "all",
-                 wake_pipe: tuple[int, int] | None = None, notifier: sdnotify.Notifier | None = None):
+                 wake_pipe: tuple[int, int] | None = None, notifier: sdnotify.Notifier | None = None,
+                 shared: Shared | None = None):
         """load_config reads the config (with command-line overrides) afresh on each call.
 
         wake_pipe (read end, write end) links SMTP processes to a delivery process: a byte
@@ -175,6 +210,7 @@ class Daemon:
         self.announce = announce
         self.role = role
         self.wake_pipe = wake_pipe
+        self.shared = shared  # a supervisor's children share its counters; else made at serve()
         self.notifier = notifier or sdnotify.Notifier({})  # a lone process talks to systemd
         self._wake = Wakeup()  # poked by the signal handlers: never a lock in a handler
         self._stop = False
@@ -222,12 +258,16 @@ class Daemon:
             check_secrets(config)
             recipients = LocalRecipients.from_config(config)
             resolver = build_resolver(config)  # one DNS cache for delivery and the plugins
-            self.plugins = build_plugins(config, events, resolver)
+            if self.shared is None:
+                self.shared = new_shared(config)
+            self.plugins = build_plugins(config, events, resolver, self.shared)
             if delivers:
                 self.scheduler = build_scheduler(config, store, events, recipients, self.plugins, resolver)
             if self.role != "delivery":
                 server = SmtpServer(config, store, events, workers=config.server.workers,
-                                    recipients=recipients, reuse_port=ready is not None, plugins=self.plugins)
+                                    recipients=recipients, reuse_port=ready is not None, plugins=self.plugins,
+                                    region=self.shared.region, connection_counts=self.shared.connections,
+                                    worker=worker)
                 try:
                     server.start()
                 except OSError as exc:
@@ -375,7 +415,7 @@ class Daemon:
         (ConfigError from a bad one leaves the old ones in place, and the reload fails)."""
         if (old.plugins, old.smtp.authserv_id) == (config.plugins, config.smtp.authserv_id):
             return
-        fresh = build_plugins(config, events, build_resolver(config))
+        fresh = build_plugins(config, events, build_resolver(config), self.shared)
         stale, self.plugins = self.plugins, fresh
         if server is not None:
             server.plugins = fresh

@@ -1,8 +1,9 @@
 """In-memory rate limits: at most `limit` events (or octets, or ...) per `window` seconds, per key.
 
 Keys are plain strings (a client IP, a sender, a user); what is counted is the caller's choice:
-hit(key) counts one event, hit(key, amount=len(body)) counts octets. The SMTP server uses it
-against floods and the rate-limit plugin reuses it; each process has its own counters.
+hit(key) counts one event, hit(key, amount=len(body)) counts octets. RateLimit keeps its counters in the process;
+SharedRateLimit (below) keeps the same buckets in memory the SMTP workers share, which is what
+the SMTP server's [limits] and the rate-limit plugin use.
 
 The algorithm is a token bucket (the "generic cell rate algorithm" view of it): each key has a
 level that rises by `amount` per allowed hit and drains continuously at limit/window per
@@ -42,9 +43,12 @@ from __future__ import annotations
 
 import heapq
 import math
+import struct
 import threading
 import time
 from collections.abc import Callable
+
+from elemta.shm import Region
 
 # Floats drained over time may miss an exact limit by a rounding error; this much over the
 # limit (a billionth of it) still counts as "at the limit".
@@ -52,6 +56,10 @@ _SLACK = 1e-9
 # Empty keys dropped per hit: more than the one a hit may add, so an idle table shrinks,
 # and few enough that no single hit pays for a mass expiry.
 _DROP_PER_HIT = 2
+# SharedRateLimit: slots per set, and a slot (key hash, level, stamp) as stored.
+WAYS = 8
+_SLOT = struct.Struct("<Qdd")
+_SET = struct.Struct("<" + "Qdd" * WAYS)
 
 
 class _Bucket:
@@ -62,7 +70,36 @@ class _Bucket:
         self.stamp = 0.0
 
 
-class RateLimit:
+class _Limit:
+    """What both kinds share: the settings, checked, and the arithmetic of waiting."""
+
+    def __init__(self, name: str, limit: float, window: float, max_keys: int, now: Callable[[], float]) -> None:
+        if math.isnan(limit) or (limit > 0 and not (math.isfinite(limit) and math.isfinite(window) and window > 0)):
+            raise ValueError(f"rate limit {name}: need a finite limit and a window of more than 0 seconds")
+        if max_keys < 1:
+            raise ValueError(f"rate limit {name}: max_keys must be at least 1")
+        self.name = name
+        self.limit = float(limit)
+        self.window = float(window)
+        self.max_keys = max_keys
+        self._now = now
+        self._rate = self.limit / self.window if self.limit > 0 else 0.0  # units drained per second
+        self._ceiling = self.limit * (1 + _SLACK)
+
+    @property
+    def unlimited(self) -> bool:
+        return self.limit <= 0
+
+    def _wait(self, wanted: float) -> float:
+        """Seconds until a key at level `wanted` (with the amount asked for) is within the limit."""
+        if wanted <= self._ceiling:
+            return 0.0
+        # Measured to the limit itself, not the rounding slack above it, so that waiting
+        # exactly this long is always enough.
+        return (wanted - self.limit) / self._rate
+
+
+class RateLimit(_Limit):
     """At most `limit` units per `window` seconds per key; limit <= 0 means no limit."""
 
     def __init__(
@@ -74,25 +111,11 @@ class RateLimit:
         max_keys: int = 100_000,
         now: Callable[[], float] = time.monotonic,
     ) -> None:
-        if math.isnan(limit) or (limit > 0 and not (math.isfinite(limit) and math.isfinite(window) and window > 0)):
-            raise ValueError(f"rate limit {name}: need a finite limit and a window of more than 0 seconds")
-        if max_keys < 1:
-            raise ValueError(f"rate limit {name}: max_keys must be at least 1")
-        self.name = name
-        self.limit = float(limit)
-        self.window = float(window)
-        self.max_keys = max_keys
+        super().__init__(name, limit, window, max_keys, now)
         self.evicted = 0  # live keys dropped because the table was full
-        self._now = now
-        self._rate = self.limit / self.window if self.limit > 0 else 0.0  # units drained per second
-        self._ceiling = self.limit * (1 + _SLACK)
         self._lock = threading.Lock()
         self._buckets: dict[str, _Bucket] = {}
         self._heap: list[tuple[float, str]] = []  # (empty_at lower bound, key), one per key
-
-    @property
-    def unlimited(self) -> bool:
-        return self.limit <= 0
 
     def hit(self, key: str, amount: float = 1.0) -> bool:
         """Count `amount` for key if that stays within the limit: True. Else False, not counted."""
@@ -150,12 +173,7 @@ class RateLimit:
         if amount > self._ceiling:
             return math.inf
         with self._lock:
-            wanted = self._level(self._buckets.get(key), self._now()) + amount
-        if wanted <= self._ceiling:
-            return 0.0
-        # Measured to the limit itself, not the rounding slack above it, so that waiting
-        # exactly this long is always enough.
-        return (wanted - self.limit) / self._rate
+            return self._wait(self._level(self._buckets.get(key), self._now()) + amount)
 
     def __len__(self) -> int:
         """Keys held (some may have drained and wait to be dropped)."""
@@ -202,6 +220,124 @@ class RateLimit:
         del self._buckets[key]
         if empty_at > now:
             self.evicted += 1
+
+
+class SharedRateLimit(_Limit):
+    """RateLimit's buckets in memory the worker processes share (shm.py), so one limit holds
+    for all of them together: the same methods and the same arithmetic.
+
+    The table cannot keep a heap across processes, so it is set-associative: a key's hash
+    picks a set of WAYS slots, and a new key takes a free or drained slot of its set, or else
+    the slot of that set whose bucket will be empty first (counted in `evicted`). Keys hash
+    with the region's secret, so a flood of fresh keys lands evenly and, as with the heap,
+    only pushes out keys that are less loaded than itself: a key near its limit stays until
+    every other key of its set is at least as loaded."""
+
+    def __init__(
+        self,
+        region: Region,
+        name: str,
+        limit: float,
+        window: float,
+        *,
+        max_keys: int = 100_000,
+        now: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(name, limit, window, max_keys, now)
+        self.region = region
+        self.sets = -(-max_keys // WAYS)
+        # The table is found by name and size: a reload that keeps them keeps the counts.
+        self._base, self._index = region.table(f"rate.{name}", self.size_for(max_keys))
+
+    @staticmethod
+    def size_for(max_keys: int) -> int:
+        """Bytes a table of max_keys keys takes in a region."""
+        return -(-max_keys // WAYS) * _SET.size
+
+    @property
+    def evicted(self) -> int:
+        return self.region.evicted(self._index)
+
+    def hit(self, key: str, amount: float = 1.0) -> bool:
+        _check_amount(amount)
+        if self.unlimited:
+            return True
+        with self.region:
+            now = self._now()
+            at, level = self._find(key, now)
+            if level + amount > self._ceiling:
+                return False
+            if amount:
+                self._store(key, at, level + amount, now)
+            return True
+
+    def charge(self, key: str, amount: float) -> None:
+        _check_amount(amount)
+        if self.unlimited or amount == 0:
+            return
+        with self.region:
+            now = self._now()
+            at, level = self._find(key, now)
+            self._store(key, at, level + amount, now)
+
+    def check(self, key: str, amount: float = 1.0) -> bool:
+        _check_amount(amount)
+        if self.unlimited:
+            return True
+        with self.region:
+            return self._find(key, self._now())[1] + amount <= self._ceiling
+
+    def retry_after(self, key: str, amount: float = 1.0) -> float:
+        _check_amount(amount)
+        if self.unlimited:
+            return 0.0
+        if amount > self._ceiling:
+            return math.inf
+        with self.region:
+            return self._wait(self._find(key, self._now())[1] + amount)
+
+    def __len__(self) -> int:
+        """Keys held, some perhaps drained (a scan of the table: for tests and reports)."""
+        with self.region:
+            view = self.region.mem[self._base:self._base + self.sets * _SET.size]
+        return sum(1 for key_hash, _, _ in _SLOT.iter_unpack(view) if key_hash)
+
+    def __repr__(self) -> str:
+        return f"SharedRateLimit({self.name!r}, {self.limit:g} per {self.window:g}s)"
+
+    # ---- the set of a key (called with the region locked) -----------------------------------
+
+    def _find(self, key: str, now: float) -> tuple[int | None, float]:
+        """(offset of key's slot or None, its level now)."""
+        wanted = self.region.key_hash(key)
+        base = self._base + (wanted % self.sets) * _SET.size
+        values = _SET.unpack_from(self.region.mem, base)
+        for way in range(WAYS):
+            if values[3 * way] == wanted:
+                level, stamp = values[3 * way + 1], values[3 * way + 2]
+                return base + way * _SLOT.size, max(0.0, level - max(0.0, now - stamp) * self._rate)
+        return None, 0.0
+
+    def _store(self, key: str, at: int | None, level: float, now: float) -> None:
+        wanted = self.region.key_hash(key)
+        if at is None:
+            at = self._victim(self._base + (wanted % self.sets) * _SET.size, now)
+        _SLOT.pack_into(self.region.mem, at, wanted, level, now)
+
+    def _victim(self, base: int, now: float) -> int:
+        """The slot a new key takes: a free one, a drained one, else the one empty first."""
+        values = _SET.unpack_from(self.region.mem, base)
+        best, best_empty_at = 0, math.inf
+        for way in range(WAYS):
+            key_hash, level, stamp = values[3 * way:3 * way + 3]
+            if key_hash == 0:
+                return base + way * _SLOT.size
+            empty_at = stamp + level / self._rate
+            if empty_at < best_empty_at:
+                best, best_empty_at = way, empty_at
+        if best_empty_at > now:
+            self.region.add_evicted(self._index)
+        return base + best * _SLOT.size
 
 
 def _check_amount(amount: float) -> None:

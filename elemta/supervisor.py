@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import json
 import os
 import resource
 import signal
@@ -40,6 +41,7 @@ from elemta.daemon import (
     check_startup,
     exit_code,
     listening_line,
+    new_shared,
     open_log,
     prepare_spool,
 )
@@ -211,6 +213,8 @@ class Supervisor:
         self._config: Config | None = None
         self._started = time.time()
         self._monitor_sockets: list[socket.socket] = []
+        self._shared = None  # daemon.Shared, made in run()
+        self._pid = os.getpid()  # the supervisor's: a child runs this object's methods too
 
     # ---- configuration -----------------------------------------------------------------------
 
@@ -219,7 +223,13 @@ class Supervisor:
 
     def _pin_ports(self, config: Config) -> Config:
         """Replace every port 0 by the port reserved for it, so that all workers (and their
-        reloads) listen on the same port."""
+        reloads) listen on the same port.
+
+        The supervisor picks the ports, also for a listener a reload adds: it loads the new
+        config before it signals the workers, and keeps its picks in the shared memory, where
+        each worker's reload finds them (a worker's own copy of `_pinned` is from its fork)."""
+        if self._shared is not None and os.getpid() != self._pid:
+            self._pinned.update(json.loads(self._shared.region.get("pinned-ports") or b"{}"))
         listeners = []
         for listener in config.listeners:
             if listener.port == 0:
@@ -227,6 +237,8 @@ class Supervisor:
                     self._pinned[listener.address] = self._reserve(listener.host)
                 listener = dataclasses.replace(listener, address=self._pinned[listener.address])
             listeners.append(listener)
+        if self._shared is not None and os.getpid() == self._pid:
+            self._shared.region.put("pinned-ports", json.dumps(self._pinned).encode())
         return dataclasses.replace(config, listeners=tuple(listeners))
 
     def _reserve(self, host: str) -> str:
@@ -243,6 +255,9 @@ class Supervisor:
 
     def run(self, config: Config) -> int:
         self.events.configure(config.log.level, config.log.format == "json")
+        # The workers' shared counters (connection caps, [limits]) and the ports picked for
+        # port 0: made before any fork, kept here so that a worker started again sees them.
+        self._shared = new_shared(config)
         config = self._pin_ports(config)
         workers = config.server.workers
         if config.server.delivery_process:
@@ -325,8 +340,9 @@ class Supervisor:
                     os.write(ready_write, b"1")
                     os.close(ready_write)
 
+            self._shared.region.after_fork()
             daemon = Daemon(self.load_config, self.announce, role=self._roles[worker],
-                            wake_pipe=self._wake_pipe)
+                            wake_pipe=self._wake_pipe, shared=self._shared)
             try:
                 code = daemon.serve(self.load_config(), worker=worker, ready=ready)
             except (ConfigError, SpoolError) as exc:
@@ -405,6 +421,8 @@ class Supervisor:
             for pid, worker, code in self._reaped():
                 if code != 0:
                     status = code
+                if self._roles[worker] in ("smtp", "all"):  # its connections closed with it
+                    self._shared.connections.forget_worker(worker)
                 if not stopping:
                     self.events("worker_died", level=logmod.WARNING, worker=worker, pid=pid, status=code)
                     self._spawn(worker, None)

@@ -8,30 +8,39 @@ import threading
 
 import pytest
 
-from elemta.ratelimit import RateLimit
+from elemta.ratelimit import RateLimit, SharedRateLimit
+from elemta.shm import Region
 from tests.support import Clock
 
+# The behaviour both kinds share runs against each: in the process, and in shared memory.
+both = pytest.mark.parametrize("kind", ["memory", "shared"])
 
-def make(limit=5, window=60.0, **kw) -> tuple[RateLimit, Clock]:
+
+def make(limit=5, window=60.0, kind="memory", **kw) -> tuple[RateLimit | SharedRateLimit, Clock]:
     clock = Clock()
+    if kind == "shared":
+        return SharedRateLimit(Region(1 << 22), "test", limit, window, now=clock, **kw), clock
     return RateLimit("test", limit, window, now=clock, **kw), clock
 
 
-def test_allowed_up_to_the_limit_then_refused():
-    rl, _ = make(limit=5)
+@both
+def test_allowed_up_to_the_limit_then_refused(kind):
+    rl, _ = make(kind=kind, limit=5)
     assert [rl.hit("192.0.2.1") for _ in range(7)] == [True] * 5 + [False] * 2
     assert not rl.check("192.0.2.1")
 
 
-def test_keys_are_counted_apart():
-    rl, _ = make(limit=2)
+@both
+def test_keys_are_counted_apart(kind):
+    rl, _ = make(kind=kind, limit=2)
     assert [rl.hit("a"), rl.hit("a"), rl.hit("a")] == [True, True, False]
     assert [rl.hit("b"), rl.hit("b"), rl.hit("b")] == [True, True, False]
     assert len(rl) == 2
 
 
-def test_whole_allowance_back_after_a_quiet_window():
-    rl, clock = make(limit=5, window=60)
+@both
+def test_whole_allowance_back_after_a_quiet_window(kind):
+    rl, clock = make(kind=kind, limit=5, window=60)
     for _ in range(5):
         rl.hit("k")
     clock.advance(59.9)  # 4.99 of the 5 drained: room for 4, not quite 5
@@ -40,8 +49,9 @@ def test_whole_allowance_back_after_a_quiet_window():
     assert [rl.hit("k") for _ in range(6)] == [True] * 5 + [False]
 
 
-def test_allowance_drains_steadily():
-    rl, clock = make(limit=10, window=60)  # one unit per 6 s
+@both
+def test_allowance_drains_steadily(kind):
+    rl, clock = make(kind=kind, limit=10, window=60)  # one unit per 6 s
     for _ in range(10):
         rl.hit("k")
     clock.advance(30)
@@ -50,8 +60,9 @@ def test_allowance_drains_steadily():
     assert [rl.hit("k"), rl.hit("k")] == [True, False]
 
 
-def test_refused_hits_are_not_counted():
-    rl, clock = make(limit=3, window=30)  # one unit per 10 s
+@both
+def test_refused_hits_are_not_counted(kind):
+    rl, clock = make(kind=kind, limit=3, window=30)  # one unit per 10 s
     for _ in range(3):
         rl.hit("k")
     for _ in range(1000):
@@ -60,15 +71,17 @@ def test_refused_hits_are_not_counted():
     assert rl.hit("k")
 
 
-def test_check_counts_nothing():
-    rl, _ = make(limit=3)
+@both
+def test_check_counts_nothing(kind):
+    rl, _ = make(kind=kind, limit=3)
     assert all(rl.check("k") for _ in range(100))
     assert len(rl) == 0
     assert [rl.hit("k") for _ in range(4)] == [True, True, True, False]
 
 
-def test_amounts_such_as_octets():
-    rl, clock = make(limit=1000, window=60)
+@both
+def test_amounts_such_as_octets(kind):
+    rl, clock = make(kind=kind, limit=1000, window=60)
     assert rl.hit("sender@example.org", 600)
     assert not rl.check("sender@example.org", 500)
     assert not rl.hit("sender@example.org", 500)
@@ -79,13 +92,15 @@ def test_amounts_such_as_octets():
     assert rl.hit("sender@example.org", 500)
 
 
-def test_fractional_amounts():
-    rl, _ = make(limit=1, window=1)
+@both
+def test_fractional_amounts(kind):
+    rl, _ = make(kind=kind, limit=1, window=1)
     assert [rl.hit("k", 0.25) for _ in range(5)] == [True] * 4 + [False]
 
 
-def test_amount_over_the_limit_is_never_allowed_and_stores_nothing():
-    rl, clock = make(limit=100)
+@both
+def test_amount_over_the_limit_is_never_allowed_and_stores_nothing(kind):
+    rl, clock = make(kind=kind, limit=100)
     assert not rl.hit("k", 101)
     assert rl.retry_after("k", 101) == math.inf
     clock.advance(10_000)
@@ -93,8 +108,9 @@ def test_amount_over_the_limit_is_never_allowed_and_stores_nothing():
     assert len(rl) == 0
 
 
-def test_zero_amount_is_allowed_and_stores_nothing():
-    rl, _ = make(limit=1)
+@both
+def test_zero_amount_is_allowed_and_stores_nothing(kind):
+    rl, _ = make(kind=kind, limit=1)
     assert rl.hit("k", 0)
     assert len(rl) == 0
     rl.hit("k")
@@ -102,16 +118,18 @@ def test_zero_amount_is_allowed_and_stores_nothing():
     assert not rl.hit("k")
 
 
+@both
 @pytest.mark.parametrize("amount", [-1, -0.5, math.nan, math.inf])
-def test_bad_amounts(amount):
-    rl, _ = make()
+def test_bad_amounts(amount, kind):
+    rl, _ = make(kind=kind)
     for call in (rl.hit, rl.check, rl.retry_after):
         with pytest.raises(ValueError):
             call("k", amount)
 
 
-def test_retry_after():
-    rl, clock = make(limit=4, window=60)  # one unit per 15 s
+@both
+def test_retry_after(kind):
+    rl, clock = make(kind=kind, limit=4, window=60)  # one unit per 15 s
     assert rl.retry_after("k") == 0.0  # unknown key
     for _ in range(4):
         rl.hit("k")
@@ -129,8 +147,9 @@ def test_retry_after():
 
 
 @pytest.mark.parametrize("limit", [0, -1, 0.0])
-def test_no_limit(limit):
-    rl, _ = make(limit=limit, window=0)  # window does not matter then
+@both
+def test_no_limit(limit, kind):
+    rl, _ = make(kind=kind, limit=limit, window=0)  # window does not matter then
     assert rl.unlimited
     assert all(rl.hit(f"k{i % 3}", 10**9) for i in range(1000))
     assert rl.check("k", 10**12)
@@ -146,11 +165,12 @@ def test_bad_settings(limit, window, max_keys):
         RateLimit("bad", limit, window, max_keys=max_keys)
 
 
-def test_exact_counts_at_one_instant_despite_inexact_fractions():
+@both
+def test_exact_counts_at_one_instant_despite_inexact_fractions(kind):
     # 1000 per minute is 0.06 s a unit, which binary floats cannot hold exactly; counting in
     # units keeps the 1000th allowed and the 1001st refused.
     for limit, window in [(1000, 60), (10, 1), (3, 0.3), (7, 0.7)]:
-        rl, clock = make(limit=limit, window=window)
+        rl, clock = make(kind=kind, limit=limit, window=window)
         clock.t = 1_700_000_000.0  # a wall-clock sized value
         allowed = sum(rl.hit("k") for _ in range(limit + 5))
         assert allowed == limit, (limit, window)
@@ -162,8 +182,9 @@ def test_default_clock_is_monotonic_and_needs_no_sleep():
     assert 0 < rl.retry_after("k") <= 1800
 
 
-def test_clock_stepping_back_grants_nothing():
-    rl, clock = make(limit=2, window=60)
+@both
+def test_clock_stepping_back_grants_nothing(kind):
+    rl, clock = make(kind=kind, limit=2, window=60)
     rl.hit("k")
     rl.hit("k")
     clock.advance(-3600)
@@ -261,8 +282,9 @@ def test_evicting_the_whole_table_costs_a_full_table_of_heavy_keys():
 # ---- threads ---------------------------------------------------------------------------------
 
 
-def test_threads_hitting_one_key_count_exactly():
-    rl, _ = make(limit=1000, window=60)
+@both
+def test_threads_hitting_one_key_count_exactly(kind):
+    rl, _ = make(kind=kind, limit=1000, window=60)
     threads, per_thread = 8, 500
     start = threading.Barrier(threads)
     allowed = [0] * threads

@@ -16,6 +16,7 @@ import email.utils
 import functools
 import ipaddress
 import re
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -320,7 +321,11 @@ class Services:
     dns: Resolver | None = None  # the shared cached resolver (delivery.resolvers)
     log: Any = None  # log(event, **fields): one line "plugin=<name> event key=value"
     authserv_id: str = ""  # smtp.authserv_id, the name in Authentication-Results
-    workers: int = 1  # SMTP processes sharing the load (server.workers); per-process limits divide by it
+    workers: int = 1  # SMTP processes sharing the load (server.workers)
+    # rate_limit(name, limit, window, max_keys=..., now=...): a rate limit with RateLimit's
+    # methods whose counts all SMTP workers share; None where there is no shared memory (a
+    # plugin then counts in its process, with an even share of its limit per worker).
+    rate_limit: Callable[..., Any] | None = None
 
 
 class Plugin:

@@ -11,6 +11,11 @@ wakes the sessions past their deadline. Under pressure (three quarters of the sl
 sessions of untrusted, unauthenticated clients get `stress_timeout` instead, as in Postfix's
 stress mode, and the last `reserved` slots are only for trusted networks and submission
 listeners.
+
+The counts behind the caps (all connections, connections per client address) are kept in
+memory the worker processes share (shm.Counts, one column per worker), so
+`server.max_connections` and `server.max_connections_per_ip` hold for all workers together
+whichever worker the kernel hands a connection to. Stress is judged on that total too.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+from elemta.shm import Counts, Region, RegionFull
 from elemta.smtp import replies
 
 if TYPE_CHECKING:
@@ -65,9 +71,12 @@ class Watch:
 class Connections:
     """Counts open connections, globally and per client address, and keeps their sockets."""
 
-    def __init__(self):
+    def __init__(self, counts: Counts | None = None, worker: int = 0):
+        """counts: the workers' shared table (its column `worker` is this process's); None
+        makes a private one, for a process that runs alone."""
         self._lock = threading.Lock()
-        self._per_ip: dict[str, int] = {}
+        self.counts = counts if counts is not None else new_counts(Region(Counts.size_for(1024)), 1024)
+        self.worker = worker
         self._open: dict[int, Watch] = {}
         self._serial = 0
         self.idle = threading.Condition(self._lock)
@@ -82,15 +91,18 @@ class Connections:
         reserved: the client may take the slots kept for trusted networks and submission.
         per_ip=False skips the per-address cap (a proxy's address: rekey() applies it to the
         client the PROXY header names)."""
-        with self._lock:
+        counts = self.counts
+        with self._lock, counts.region:
             cap = limits.max_connections if reserved else limits.max_connections - limits.reserved
-            if len(self._open) >= cap:
+            if counts.total() >= cap:
                 return 0, None, replies.TOO_MANY_CONNECTIONS
-            if per_ip and self._per_ip.get(ip, 0) >= limits.max_connections_per_ip:
+            if per_ip and counts.of(ip) >= limits.max_connections_per_ip:
                 return 0, None, replies.TOO_MANY_FROM_IP
+            try:
+                counts.add(self.worker, ip if per_ip else None, +1)
+            except RegionFull:  # more addresses than the table was sized for at start
+                return 0, None, replies.TOO_MANY_CONNECTIONS
             self._serial += 1
-            if per_ip:
-                self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
             # Not counted per address until rekey() names the client behind the proxy.
             watch = Watch(sock, ip if per_ip else None, privileged)
             self._open[self._serial] = watch
@@ -99,18 +111,23 @@ class Connections:
     def rekey(self, number: int, ip: str, limits: Limits, *, reserved: bool) -> replies.Reply | None:
         """Count connection number under ip (the client a PROXY header names) from now on;
         a client that may not use the reserved slots is refused if it holds one."""
-        with self._lock:
+        counts = self.counts
+        with self._lock, counts.region:
             watch = self._open.get(number)
             if watch is None:
                 return None
-            if not reserved and len(self._open) > limits.max_connections - limits.reserved:
+            if not reserved and counts.total() > limits.max_connections - limits.reserved:
                 return replies.TOO_MANY_CONNECTIONS
             if watch.ip == ip:
                 return None
-            if self._per_ip.get(ip, 0) >= limits.max_connections_per_ip:
+            if counts.of(ip) >= limits.max_connections_per_ip:
                 return replies.TOO_MANY_FROM_IP
-            self._drop(watch.ip)
-            self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
+            try:
+                counts.add(self.worker, ip, +1, total=False)
+            except RegionFull:
+                return replies.TOO_MANY_CONNECTIONS
+            if watch.ip is not None:
+                counts.add(self.worker, watch.ip, -1, total=False)
             watch.ip = ip
             return None
 
@@ -124,22 +141,19 @@ class Connections:
         with self._lock:
             watch = self._open.pop(number, None)
             if watch is not None:
-                self._drop(watch.ip)
+                self.counts.add(self.worker, watch.ip, -1)
             if not self._open:
                 self.idle.notify_all()
 
-    def _drop(self, ip: str | None) -> None:
-        if ip is None:
-            return
-        left = self._per_ip.get(ip, 1) - 1
-        if left:
-            self._per_ip[ip] = left
-        else:
-            self._per_ip.pop(ip, None)
-
     def count(self) -> int:
+        """Connections open in this process."""
         with self._lock:
             return len(self._open)
+
+    def total(self) -> int:
+        """Connections open in all workers."""
+        with self.counts.region:
+            return self.counts.total()
 
     def wait_idle(self, timeout: float) -> bool:
         with self._lock:
@@ -150,7 +164,7 @@ class Connections:
         if it just changed, else None)."""
         with self._lock:
             watches = list(self._open.values())
-        stressed = len(watches) >= limits.stress_at
+        stressed = self.total() >= limits.stress_at
         changed = None if stressed == self.stressed else stressed
         self.stressed = stressed
         now = time.monotonic() if now is None else now
@@ -179,3 +193,9 @@ def _wake(sock: socket.socket) -> None:
         socket.socket.shutdown(sock, socket.SHUT_RD)
     except (OSError, ValueError):
         pass
+
+
+def new_counts(region: Region, capacity: int) -> Counts:
+    """The workers' table of open connections, for up to capacity at once (made once, by the
+    supervisor: a reload that raises max_connections keeps it, at a higher load)."""
+    return Counts(region, "connections", capacity)

@@ -1,10 +1,12 @@
-"""Flood protection for the SMTP listeners: the [limits] of the config over ratelimit.RateLimit.
+"""Flood protection for the SMTP listeners: the [limits] of the config over ratelimit.SharedRateLimit.
 
-One Limiter per process, shared by all its sessions; counters live in memory, bounded by
-limits.max_tracked keys each.  Clients in smtp.trusted_networks are never asked about (the
-callers skip them), as Postfix exempts mynetworks from its anvil limits.  A refusal names the
-limit, so the admin of a legitimate client that hits one can tell which; it is always a 4xx:
-the client keeps its mail and tries again later, and nothing already accepted is touched.
+The counters live in memory all SMTP worker processes share (shm.py), bounded by
+limits.max_tracked keys each, so every limit holds for the workers together: a client whose
+connections the kernel spreads over four workers gets exactly what one worker would give it.
+Clients in smtp.trusted_networks are never asked about (the callers skip them), as Postfix
+exempts mynetworks from its anvil limits.  A refusal names the limit, so the admin of a
+legitimate client that hits one can tell which; it is always a 4xx: the client keeps its mail
+and tries again later, and nothing already accepted is touched.
 """
 
 from __future__ import annotations
@@ -13,23 +15,24 @@ import time
 from collections.abc import Callable
 
 from elemta.config import Config
-from elemta.ratelimit import RateLimit
+from elemta.ratelimit import SharedRateLimit
+from elemta.shm import Region
 from elemta.smtp import replies
 from elemta.smtp.context import Client, Guard
 from elemta.smtp.replies import Reply
 
 MINUTE, HOUR = 60.0, 3600.0
+TABLES = 8  # the SharedRateLimit tables a Limiter makes (for sizing the shared region)
 
 
 class Limiter(Guard):
-    def __init__(self, config: Config, workers: int = 1, now: Callable[[], float] = time.monotonic):
+    def __init__(self, config: Config, region: Region | None = None, now: Callable[[], float] = time.monotonic):
+        """region: the workers' shared memory; None makes a private one (a lone process)."""
         lim, smtp = config.limits, config.smtp
+        self.region = region if region is not None else Region(size_for(config))
 
-        def limit(name: str, count: float, window: float, share: bool = True) -> RateLimit:
-            # With several worker processes the kernel spreads one client's connections over
-            # them, so each keeps an even share, as with server.max_connections_per_ip.
-            per_process = -(-count // workers) if share and count > 0 else count
-            return RateLimit(name, per_process, window, max_keys=lim.max_tracked, now=now)
+        def limit(name: str, count: float, window: float) -> SharedRateLimit:
+            return SharedRateLimit(self.region, name, count, window, max_keys=lim.max_tracked, now=now)
 
         self.connections = limit("ip_connections_per_minute", lim.ip_connections_per_minute, MINUTE)
         self.ip_messages = limit("ip_messages_per_hour", lim.ip_messages_per_hour, HOUR)
@@ -39,11 +42,10 @@ class Limiter(Guard):
         self.user_messages = limit("user_messages_per_hour", lim.user_messages_per_hour, HOUR)
         self.user_recipients = limit("user_recipients_per_hour", lim.user_recipients_per_hour, HOUR)
         # AUTH failures per address over smtp.auth_lockout: past auth_max_failures, the address
-        # may not try again until enough of them have drained (across sessions, so opening a
-        # new connection per guess does not help).  Not shared out: guessing is per process.
+        # may not try again until enough of them have drained (across sessions and workers, so
+        # opening a new connection per guess does not help).
         self.auth_failures = limit(
-            "auth_failures", smtp.auth_max_failures if smtp.auth_lockout else 0,
-            smtp.auth_lockout or 1.0, share=False,
+            "auth_failures", smtp.auth_max_failures if smtp.auth_lockout else 0, smtp.auth_lockout or 1.0,
         )
 
     # ---- the accept thread ------------------------------------------------------------------
@@ -63,7 +65,12 @@ class Limiter(Guard):
 
     def mail(self, client: Client, sender: str, user: str | None, size: int) -> Reply | None:
         """At MAIL: check every limit first and count only when all allow it, so a refused
-        command costs the client nothing against the others."""
+        command costs the client nothing against the others; all under the shared lock, so no
+        other worker counts in between."""
+        with self.region:
+            return self._mail(client, sender, user, size)
+
+    def _mail(self, client: Client, sender: str, user: str | None, size: int) -> Reply | None:
         checks = [(self.ip_messages, client.ip, 1, "messages per hour from your address")]
         if size:
             checks.append((self.ip_bytes, client.ip, size, "octets per hour from your address"))
@@ -82,6 +89,10 @@ class Limiter(Guard):
         return None
 
     def rcpt(self, client: Client, user: str | None) -> Reply | None:
+        with self.region:
+            return self._rcpt(client, user)
+
+    def _rcpt(self, client: Client, user: str | None) -> Reply | None:
         checks = [(self.ip_recipients, client.ip, "recipients per hour from your address")]
         if user is not None:
             checks.append((self.user_recipients, user.lower(), "recipients per hour for your login"))
@@ -94,3 +105,8 @@ class Limiter(Guard):
 
     def message(self, client: Client, size: int) -> None:
         self.ip_bytes.charge(client.ip, size)
+
+
+def size_for(config: Config) -> int:
+    """Bytes of shared memory a Limiter's tables take."""
+    return TABLES * SharedRateLimit.size_for(config.limits.max_tracked)

@@ -26,9 +26,11 @@ from elemta.local import LocalRecipients
 from elemta.log import EventLog
 from elemta.passwords import PasswordFile
 from elemta.queue.store import Store
+from elemta.shm import Counts, Region, RegionFull
 from elemta.smtp import proxy, replies
 from elemta.smtp.connections import Connections, Watch
 from elemta.smtp.limits import Limiter
+from elemta.smtp.limits import size_for as limits_size_for
 from elemta.smtp.session import (
     CLOSED,
     Client,
@@ -95,19 +97,20 @@ def session_settings(
     )
 
 
-def limits_from(config: Config, workers: int = 1) -> Limits:
+def limits_from(config: Config) -> Limits:
+    """The caps hold for all workers together: their counts are shared (smtp/connections.py)."""
     server = config.server
-    max_connections = -(-server.max_connections // workers)
+    max_connections = server.max_connections
     return Limits(
         command_timeout=config.smtp.command_timeout,
         data_timeout=config.smtp.data_timeout,
         greet_pause=config.smtp.greet_pause,
         max_connections=max_connections,
-        max_connections_per_ip=-(-server.max_connections_per_ip // workers),
+        max_connections_per_ip=server.max_connections_per_ip,
         trusted=tuple(ipaddress.ip_network(n, strict=False) for n in config.smtp.trusted_networks),
         proxies=tuple(ipaddress.ip_network(n, strict=False) for n in server.proxy_networks),
         # At most half the slots are kept back, so a small max_connections still serves port 25.
-        reserved=min(-(-server.reserved_connections // workers), max_connections // 2),
+        reserved=min(server.reserved_connections, max_connections // 2),
         min_data_rate=config.smtp.min_data_rate,
         stress_timeout=config.smtp.stress_timeout,
         stress_at=max(1, max_connections * 3 // 4),
@@ -120,16 +123,21 @@ class SmtpServer:
     def __init__(
         self, config: Config, store: Store, log: EventLog, workers: int = 1,
         recipients: LocalRecipients | None = None, *, reuse_port: bool = False, plugins=None,
+        region: Region | None = None, connection_counts: Counts | None = None, worker: int = 0,
     ):
+        """region and connection_counts: the memory the workers share (the supervisor makes
+        them before it forks; None: private ones, for a process that runs alone); worker:
+        this process's column in the counts."""
         self.store = store
         self.log = log
         # With several worker processes each listens on the same ports (SO_REUSEPORT, the
-        # kernel spreads connections) and keeps an even share of the connection caps.
+        # kernel spreads connections); the caps and [limits] count in the shared region.
         # A supervisor's child always uses SO_REUSEPORT: the supervisor holds port 0's pick.
         self.workers = workers
         self.plugins = plugins  # plugins.manager.Manager, started by the daemon; None = none
         self.reuse_port = reuse_port or workers > 1
-        self.connections = Connections()
+        self.region = region if region is not None else Region(limits_size_for(config))
+        self.connections = Connections(connection_counts, worker)
         self.threads = SessionThreads()
         self.stopping = threading.Event()
         self._sweeper: threading.Thread | None = None
@@ -152,12 +160,12 @@ class SmtpServer:
         self.config = config
         self.recipients = recipients
         self.hostname = config.hostname  # resolved once: getfqdn() may ask DNS
-        self.limits = limits_from(config, self.workers)
+        self.limits = limits_from(config)
         # A reload keeps the counters (a SIGHUP must not lift a lockout or reset a flood's
         # count) unless what they count changed; the password file re-reads itself.
         limiter_key = (config.limits, config.smtp.auth_max_failures, config.smtp.auth_lockout)
         if self._limiter_key != limiter_key:
-            self.limiter, self._limiter_key = Limiter(config, self.workers), limiter_key
+            self.limiter, self._limiter_key = self._new_limiter(config), limiter_key
         verifier = self.services.verifier if self.services else None
         if not config.smtp.auth_mechanisms:
             verifier = None
@@ -171,6 +179,17 @@ class SmtpServer:
             lst.address: session_settings(config, lst, self.hostname, recipients, self.tls.available)
             for lst in config.listeners
         }
+
+    def _new_limiter(self, config: Config) -> Limiter | None:
+        """Limiter over the shared tables; a reload whose limits.max_tracked needs tables the
+        region has no room for keeps the old ones (the new size takes a restart)."""
+        try:
+            return Limiter(config, self.region)
+        except RegionFull as exc:
+            if self.limiter is None:
+                raise
+            self.log("reload_warning", level=logmod.WARNING, error=f"{exc}: limits.max_tracked changes need a restart")
+            return self.limiter
 
     def _intake_check(self) -> str | None:
         try:

@@ -16,8 +16,9 @@ All the rules of a command are checked before any is counted, so a command refus
 rule costs the client nothing against the others.  The null sender (bounces) has no sender
 or sender domain, and a client that did not log in has no user: such rules do not apply.
 
-Counters live in each worker process's memory (like the core's [limits]): with N worker
-processes a client spread over them may get up to N times the limit.
+Counters live in the memory the SMTP worker processes share (Services.rate_limit, as the
+core's [limits] do), so a rule holds for all workers together. Where elemta gives no shared
+memory (a plugin run on its own), each process counts alone with an even share of each limit.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class RatelimitPlugin(api.Plugin):
     def __init__(self, name: str, *, now: Callable[[], float] = time.monotonic):
         super().__init__(name)
         self.now = now  # the rules' clock; tests pass a fake one
+        self._make: Callable[..., api.RateLimit] = api.RateLimit  # per process until start()
         self.configure(dict(self.options))
 
     def configure(self, options: dict) -> None:
@@ -75,14 +77,15 @@ class RatelimitPlugin(api.Plugin):
 
     def start(self, services: api.Services) -> None:
         super().start(services)
-        if services.workers > 1:
-            # Each worker process counts alone (the kernel spreads connections over them), so
-            # each keeps an even share of every limit, as the core's [limits] do.
-            self.rules = tuple(
-                self._rule(r.index, {**self._options["rules"][r.index], "limit": -(-r.limit // services.workers)},
-                           self._options["max_keys"])
-                for r in self.rules
-            )
+        if services.rate_limit is not None:
+            self._make, share = services.rate_limit, 1  # the workers count together
+        else:
+            share = services.workers  # each process counts alone: an even share of each limit
+        options = self._options
+        self.rules = tuple(
+            self._rule(r.index, {**options["rules"][r.index], "limit": -(-r.limit // share)}, options["max_keys"])
+            for r in self.rules
+        )
 
     def _rule(self, index: int, table, max_keys: int) -> Rule:
         where = f"rules[{index}]"
@@ -98,7 +101,7 @@ class RatelimitPlugin(api.Plugin):
         if count not in COUNTS:
             raise api.PluginError(f"{where}.count: must be one of {', '.join(COUNTS)}, not {count!r}")
         # The lambda reads self.now at each call, so a clock set after configure() is used.
-        counter = api.RateLimit(f"{self.name}.{where}", limit, window, max_keys=max_keys, now=lambda: self.now())
+        counter = self._make(f"{self.name}.{where}", limit, window, max_keys=max_keys, now=lambda: self.now())
         return Rule(index, key, limit, float(window), count, counter)
 
     # ---- hooks ------------------------------------------------------------------------------

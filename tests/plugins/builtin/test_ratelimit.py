@@ -172,8 +172,24 @@ def test_bad_options_are_refused_by_name(options, name):
         RatelimitPlugin("ratelimit").configure({**RatelimitPlugin.options, **options})
 
 
-def test_each_worker_process_keeps_an_even_share_of_the_limit(tmp_path):
+def test_without_shared_memory_each_worker_keeps_an_even_share_of_the_limit(tmp_path):
     plugin = RatelimitPlugin("ratelimit")
     plugin.configure({"rules": [{"key": "ip", "limit": 5, "window": 3600}]})
     plugin.start(api.Services(hostname="mx.test", spool_dir=str(tmp_path), workers=2))
     assert [r.limit for r in plugin.rules] == [3]
+
+
+def test_with_shared_memory_the_workers_count_together(tmp_path, clock):
+    from elemta.daemon import _shared_rate_limit
+    from elemta.shm import Region
+
+    factory = _shared_rate_limit(Region(1 << 22))  # what the daemon lends each worker
+    workers = []
+    for _ in range(2):  # two workers' instances of the same plugin
+        plugin = RatelimitPlugin("ratelimit", now=clock)
+        plugin.configure({"rules": [{"key": "ip", "limit": 5, "window": 3600}], "max_keys": 1000})
+        plugin.start(api.Services(hostname="mx.test", spool_dir=str(tmp_path), workers=2, rate_limit=factory))
+        workers.append(plugin)
+    assert [r.limit for r in workers[0].rules] == [5]  # the limit as written
+    outcomes = [message(workers[n % 2]) for n in range(6)]
+    assert outcomes[:5] == [None] * 5 and deferred(outcomes[5], "5 messages per 3600 seconds per ip")
