@@ -264,11 +264,11 @@ class SharedRateLimit(_Limit):
             return True
         with self.region:
             now = self._now()
-            at, level = self._find(key, now)
+            wanted, at, level = self._find(key, now)
             if level + amount > self._ceiling:
                 return False
             if amount:
-                self._store(key, at, level + amount, now)
+                self._store(wanted, at, level + amount, now)
             return True
 
     def charge(self, key: str, amount: float) -> None:
@@ -277,15 +277,15 @@ class SharedRateLimit(_Limit):
             return
         with self.region:
             now = self._now()
-            at, level = self._find(key, now)
-            self._store(key, at, level + amount, now)
+            wanted, at, level = self._find(key, now)
+            self._store(wanted, at, level + amount, now)
 
     def check(self, key: str, amount: float = 1.0) -> bool:
         _check_amount(amount)
         if self.unlimited:
             return True
         with self.region:
-            return self._find(key, self._now())[1] + amount <= self._ceiling
+            return self._find(key, self._now())[2] + amount <= self._ceiling
 
     def retry_after(self, key: str, amount: float = 1.0) -> float:
         _check_amount(amount)
@@ -294,7 +294,7 @@ class SharedRateLimit(_Limit):
         if amount > self._ceiling:
             return math.inf
         with self.region:
-            return self._wait(self._find(key, self._now())[1] + amount)
+            return self._wait(self._find(key, self._now())[2] + amount)
 
     def __len__(self) -> int:
         """Keys held, some perhaps drained (a scan of the table: for tests and reports)."""
@@ -307,19 +307,19 @@ class SharedRateLimit(_Limit):
 
     # ---- the set of a key (called with the region locked) -----------------------------------
 
-    def _find(self, key: str, now: float) -> tuple[int | None, float]:
-        """(offset of key's slot or None, its level now)."""
+    def _find(self, key: str, now: float) -> tuple[int, int | None, float]:
+        """(key's hash, offset of its slot or None, its level now)."""
         wanted = self.region.key_hash(key)
         base = self._base + (wanted % self.sets) * _SET.size
         values = _SET.unpack_from(self.region.mem, base)
-        for way in range(WAYS):
-            if values[3 * way] == wanted:
-                level, stamp = values[3 * way + 1], values[3 * way + 2]
-                return base + way * _SLOT.size, max(0.0, level - max(0.0, now - stamp) * self._rate)
-        return None, 0.0
+        try:
+            way = values[0::3].index(wanted)  # the hashes of the set's slots
+        except ValueError:
+            return wanted, None, 0.0
+        level, stamp = values[3 * way + 1], values[3 * way + 2]
+        return wanted, base + way * _SLOT.size, max(0.0, level - max(0.0, now - stamp) * self._rate)
 
-    def _store(self, key: str, at: int | None, level: float, now: float) -> None:
-        wanted = self.region.key_hash(key)
+    def _store(self, wanted: int, at: int | None, level: float, now: float) -> None:
         if at is None:
             at = self._victim(self._base + (wanted % self.sets) * _SET.size, now)
         _SLOT.pack_into(self.region.mem, at, wanted, level, now)
@@ -338,6 +338,31 @@ class SharedRateLimit(_Limit):
         if best_empty_at > now:
             self.region.add_evicted(self._index)
         return base + best * _SLOT.size
+
+
+def count_together(region: Region, items: list[tuple[SharedRateLimit, str, float, float]]) -> int | None:
+    """For each (table, key, amount to check, amount to count) of tables in region: if every
+    key has room for its amount to check, count every amount to count and return None; else
+    return the index of the first that has not, and count nothing. One lookup per key, all
+    under the region's lock, so no other worker counts in between."""
+    found = []
+    with region:
+        for index, (table, key, check, _) in enumerate(items):
+            _check_amount(check)
+            if table.unlimited:
+                found.append(None)
+                continue
+            now = table._now()
+            wanted, at, level = table._find(key, now)
+            if level + check > table._ceiling:
+                return index
+            found.append((wanted, at, level, now))
+        for (table, _, _, count), slot in zip(items, found):
+            if slot is not None and count:
+                _check_amount(count)
+                wanted, at, level, now = slot
+                table._store(wanted, at, level + count, now)
+    return None
 
 
 def _check_amount(amount: float) -> None:

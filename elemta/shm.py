@@ -32,6 +32,7 @@ import os
 import struct
 import tempfile
 import threading
+import weakref
 
 MAGIC = b"elemtashm1\0\0\0\0\0\0"
 PAGE = mmap.PAGESIZE
@@ -62,14 +63,16 @@ class Region:
         self.secret = _HEADER.unpack_from(self.mem, 0)[2]
         self._thread_lock = threading.RLock()
         self._depth = 0
-        self._owner = os.getpid()
+        self._hashes: dict[str, int] = {}  # key -> key_hash(key), a few thousand at most
+        this = weakref.ref(self)
+        # A child forked while a thread of the parent held the lock: that thread is not in the
+        # child, so its thread lock and depth are void there.
+        os.register_at_fork(after_in_child=lambda: (region := this()) is not None and region.after_fork())
 
     # ---- the lock -------------------------------------------------------------------------
 
     def __enter__(self) -> Region:
         self._thread_lock.acquire()
-        if self._owner != os.getpid():  # forked while another thread held it: start afresh
-            self._owner, self._depth = os.getpid(), 0
         self._depth += 1
         if self._depth == 1:
             try:
@@ -89,14 +92,21 @@ class Region:
     def after_fork(self) -> None:
         """In a new child: a thread lock copied from a parent thread that held it is void."""
         self._thread_lock = threading.RLock()
-        self._owner, self._depth = os.getpid(), 0
+        self._depth = 0
 
     # ---- keys and tables ------------------------------------------------------------------
 
     def key_hash(self, key: str) -> int:
-        """A key's 64-bit hash, never 0 (0 marks a free slot)."""
-        digest = hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=8, key=self.secret).digest()
-        return int.from_bytes(digest, "little") or 1
+        """A key's 64-bit hash, never 0 (0 marks a free slot). The same few keys come back
+        many times per message (address, sender, user), so recent ones are remembered."""
+        found = self._hashes.get(key)
+        if found is None:
+            digest = hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=8, key=self.secret).digest()
+            found = int.from_bytes(digest, "little") or 1
+            if len(self._hashes) >= 4096:
+                self._hashes.clear()
+            self._hashes[key] = found
+        return found
 
     def table(self, name: str, size: int) -> tuple[int, int]:
         """(offset, entry index) of the table called name of size bytes, zeroed when new.

@@ -142,3 +142,19 @@ def test_counts_and_limits_survive_a_fork_of_a_new_worker():
         return 0 if Counts(region, "connections", capacity=10).of("192.0.2.7") == 1 else 1
 
     assert in_children(1, work) == [0]
+
+
+def test_count_together_counts_all_or_nothing():
+    from elemta.ratelimit import count_together
+
+    clock = Clock()
+    region = Region(1 << 22)
+    messages = SharedRateLimit(region, "m", 2, 60, max_keys=100, now=clock)
+    octets = SharedRateLimit(region, "o", 1000, 60, max_keys=100, now=clock)
+    assert count_together(region, [(messages, "ip", 1, 1), (octets, "ip", 600, 0)]) is None
+    assert messages.check("ip", 1) and not messages.check("ip", 2)  # one counted
+    assert octets.check("ip", 1000)  # checked, not counted
+    assert count_together(region, [(messages, "ip", 1, 1), (octets, "ip", 1001, 0)]) == 1
+    assert messages.check("ip", 1)  # the refusal counted nothing
+    assert count_together(region, [(messages, "ip", 1, 1)]) is None
+    assert count_together(region, [(octets, "ip", 1, 0), (messages, "ip", 1, 1)]) == 1

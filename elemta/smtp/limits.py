@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 
 from elemta.config import Config
-from elemta.ratelimit import SharedRateLimit
+from elemta.ratelimit import SharedRateLimit, count_together
 from elemta.shm import Region
 from elemta.smtp import replies
 from elemta.smtp.context import Client, Guard
@@ -65,43 +65,25 @@ class Limiter(Guard):
 
     def mail(self, client: Client, sender: str, user: str | None, size: int) -> Reply | None:
         """At MAIL: check every limit first and count only when all allow it, so a refused
-        command costs the client nothing against the others; all under the shared lock, so no
-        other worker counts in between."""
-        with self.region:
-            return self._mail(client, sender, user, size)
-
-    def _mail(self, client: Client, sender: str, user: str | None, size: int) -> Reply | None:
-        checks = [(self.ip_messages, client.ip, 1, "messages per hour from your address")]
-        if size:
-            checks.append((self.ip_bytes, client.ip, size, "octets per hour from your address"))
-        elif not self.ip_bytes.check(client.ip, 1):
-            return replies.RATE_LIMITED.format(limit="octets per hour from your address")
+        command costs the client nothing against the others; in one pass under the shared
+        lock, so no other worker counts in between. Octets are only checked here (the SIZE
+        declared, else whether one more fits) and counted when the message is in."""
+        octets = (self.ip_bytes, client.ip, size or 1, 0, "octets per hour from your address")
+        messages = (self.ip_messages, client.ip, 1, 1, "messages per hour from your address")
+        checks = [messages, octets] if size else [octets, messages]
         if user is not None:
-            checks.append((self.user_messages, user.lower(), 1, "messages per hour for your login"))
+            checks.append((self.user_messages, user.lower(), 1, 1, "messages per hour for your login"))
         elif sender:
-            checks.append((self.sender_messages, sender.lower(), 1, "messages per hour from this sender"))
-        for table, key, amount, what in checks:
-            if not table.check(key, amount):
-                return replies.RATE_LIMITED.format(limit=what)
-        for table, key, amount, _ in checks:
-            if table is not self.ip_bytes:  # octets are counted when the message is in
-                table.hit(key, amount)
-        return None
+            checks.append((self.sender_messages, sender.lower(), 1, 1, "messages per hour from this sender"))
+        refused = count_together(self.region, [check[:4] for check in checks])
+        return None if refused is None else replies.RATE_LIMITED.format(limit=checks[refused][4])
 
     def rcpt(self, client: Client, user: str | None) -> Reply | None:
-        with self.region:
-            return self._rcpt(client, user)
-
-    def _rcpt(self, client: Client, user: str | None) -> Reply | None:
-        checks = [(self.ip_recipients, client.ip, "recipients per hour from your address")]
+        checks = [(self.ip_recipients, client.ip, 1, 1, "recipients per hour from your address")]
         if user is not None:
-            checks.append((self.user_recipients, user.lower(), "recipients per hour for your login"))
-        for table, key, what in checks:
-            if not table.check(key):
-                return replies.RCPT_RATE_LIMITED.format(limit=what)
-        for table, key, _ in checks:
-            table.hit(key)
-        return None
+            checks.append((self.user_recipients, user.lower(), 1, 1, "recipients per hour for your login"))
+        refused = count_together(self.region, [check[:4] for check in checks])
+        return None if refused is None else replies.RCPT_RATE_LIMITED.format(limit=checks[refused][4])
 
     def message(self, client: Client, size: int) -> None:
         self.ip_bytes.charge(client.ip, size)
