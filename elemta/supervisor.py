@@ -340,7 +340,6 @@ class Supervisor:
                     os.write(ready_write, b"1")
                     os.close(ready_write)
 
-            self._shared.region.after_fork()
             daemon = Daemon(self.load_config, self.announce, role=self._roles[worker],
                             wake_pipe=self._wake_pipe, shared=self._shared)
             try:
