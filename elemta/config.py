@@ -19,7 +19,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
-from elemta import transport
+from elemta import cpus, transport
 from elemta.errors import ConfigError
 
 DEFAULT_PATH = "/etc/elemta/elemta.toml"
@@ -117,9 +117,16 @@ class ServerConfig:
     # a flood on port 25 cannot lock out the admin's own clients.
     reserved_connections: int = 100
     grace_period: float = 30.0
-    workers: int = 1  # processes sharing the listeners (SO_REUSEPORT)
+    # SMTP processes sharing the listeners (SO_REUSEPORT): "auto" (one per CPU this process
+    # may use, see cpus.py) or a number; worker_count is what it comes to.
+    workers: int | str = "auto"
     delivery_process: bool = True  # delivery in a process of its own (its own core, crash isolation)
     proxy_networks: tuple[str, ...] = ()  # who may send PROXY headers (HAProxy's addresses)
+
+    @property
+    def worker_count(self) -> int:
+        """How many SMTP worker processes run: `workers`, with "auto" worked out now."""
+        return cpus.auto_workers() if self.workers == "auto" else int(self.workers)
 
 
 @dataclass(frozen=True)
@@ -195,8 +202,10 @@ class DeliveryConfig:
     mx_port: int = 25  # port of MX hosts (tests and unusual setups only)
     dns_timeout: float = 10.0
     helo_name: str = ""  # "" = server.hostname
-    concurrency: int = 20  # deliveries in parallel, all destinations together
-    destination_concurrency: int = 10  # ... to one destination (one set of MX hosts)
+    # Postfix's defaults (default_process_limit, default_destination_concurrency_limit): one
+    # busy destination cannot take every slot, and a queue built up in an outage drains in parallel.
+    concurrency: int = 100  # deliveries in parallel, all destinations together
+    destination_concurrency: int = 20  # ... to one destination (one set of MX hosts)
     destination_rate: float = 0.0  # deliveries per second started to one destination; 0 = no cap
     domain_concurrency: dict = field(default_factory=dict)  # recipient domain -> concurrency
     domain_rate: dict = field(default_factory=dict)  # recipient domain -> deliveries per second
@@ -381,6 +390,12 @@ def _coerce(path: str, value: Any, default: Any, problems: _Problems) -> Any:
         return _certificates(value, problems)
     if path == "monitor.listen" and isinstance(value, str):  # one address, or "" for none
         value = [value] if value else []
+    if path == "server.workers":
+        if value == "auto":
+            return value
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f'{path}: expected "auto" or an integer, got {type(value).__name__} {value!r}')
+        default = 1
     kind = type(default)
     if kind is bool:
         ok = isinstance(value, bool)

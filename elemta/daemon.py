@@ -156,7 +156,7 @@ def build_plugins(config: Config, events: logmod.EventLog, resolver: Resolver,
     manager = Manager(config.plugins)
     manager.start(plugin_api.Services(
         hostname=config.hostname, spool_dir=config.server.spool_dir, dns=resolver, log=events,
-        authserv_id=config.smtp.authserv_id or config.hostname, workers=config.server.workers,
+        authserv_id=config.smtp.authserv_id or config.hostname, workers=config.server.worker_count,
         rate_limit=_shared_rate_limit(shared.region) if shared is not None else None,
     ))
     return manager
@@ -264,7 +264,7 @@ class Daemon:
             if delivers:
                 self.scheduler = build_scheduler(config, store, events, recipients, self.plugins, resolver)
             if self.role != "delivery":
-                server = SmtpServer(config, store, events, workers=config.server.workers,
+                server = SmtpServer(config, store, events, workers=config.server.worker_count,
                                     recipients=recipients, reuse_port=ready is not None, plugins=self.plugins,
                                     region=self.shared.region, connection_counts=self.shared.connections,
                                     worker=worker)

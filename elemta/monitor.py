@@ -106,7 +106,7 @@ def process_status(children: dict[int, str], started: float, config: Config,
     (pid -> role: smtp, delivery, all, monitor), the listeners as bound (a port 0 made real)
     and the monitor's addresses."""
     return {"pid": os.getpid(), "started": started, "version": __version__,
-            "workers": config.server.workers,
+            "workers": config.server.worker_count,
             "listeners": [{"address": lst.address, "role": lst.role} for lst in config.listeners],
             "monitor": list(monitor),
             "children": [{"pid": pid, "role": role} for pid, role in sorted(children.items())]}

@@ -89,7 +89,7 @@ def main_loop(load_config: Callable[[], Config]) -> int:
                 metrics.enable(monitor.metrics_dir(config))
             except OSError as exc:
                 raise ConfigError(f"monitor.metrics_dir: {exc}") from None
-        if config.server.workers > 1 or config.server.delivery_process:
+        if config.server.worker_count > 1 or config.server.delivery_process:
             return Supervisor(load_config, announce, notifier, pidfile, events).run(config)
         return Daemon(load_config, announce, notifier=notifier).run()
     except (ConfigError, SpoolError) as exc:
@@ -259,7 +259,7 @@ class Supervisor:
         # port 0: made before any fork, kept here so that a worker started again sees them.
         self._shared = new_shared(config)
         config = self._pin_ports(config)
-        workers = config.server.workers
+        workers = config.server.worker_count
         if config.server.delivery_process:
             self._roles = dict.fromkeys(range(workers), "smtp")
             self._roles[DELIVERY_WORKER] = "delivery"
@@ -302,7 +302,7 @@ class Supervisor:
     def _status(self, config: Config) -> str:
         ports = ", ".join(str(listener.port) for listener in config.listeners)
         delivery = "a delivery process" if config.server.delivery_process else "delivery in worker 0"
-        return f"{config.server.workers} SMTP worker(s) on port(s) {ports}, {delivery}"
+        return f"{config.server.worker_count} SMTP worker(s) on port(s) {ports}, {delivery}"
 
     def _spawn(self, worker: int, ready_write: int | None) -> None:
         supervisor = os.getpid()
@@ -436,7 +436,7 @@ class Supervisor:
         except ConfigError as exc:
             self.events("reload_failed", level=logmod.WARNING, error=str(exc))
             return config
-        if new.server.workers != config.server.workers:
+        if new.server.worker_count != config.server.worker_count:
             self.events("reload_warning", level=logmod.WARNING, error="server.workers changes need a restart")
         try:
             self.events.target.reopen()  # logrotate may send SIGHUP instead of SIGUSR1

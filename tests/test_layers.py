@@ -15,7 +15,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "elemta"
 # What each part of elemta may import from elemta (besides itself).
 ALLOWED = {
     "errors": set(),
-    "config": {"errors", "transport"},
+    "config": {"errors", "transport", "cpus"},
+    "cpus": set(),
     "transport": set(),
     "local": {"errors", "config"},
     "passwords": {"errors"},

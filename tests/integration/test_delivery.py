@@ -290,7 +290,7 @@ def test_a_killed_delivery_process_is_restarted_and_retries_what_it_held(start, 
 
 
 def test_one_process_receives_and_delivers_without_a_supervisor(start, mx):
-    daemon = start(server_extra="delivery_process = false")
+    daemon = start(server_extra="delivery_process = false\nworkers = 1")
     qid = send(daemon, "single@remote.test")
     wait_for(lambda: states(daemon, qid) == {"single@remote.test": "delivered"}, 10, what="delivered state")
     assert "supervising" not in daemon.log_text() and "delivery_started" not in daemon.log_text()
