@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import hmac
 import mmap
 import os
 import struct
@@ -95,6 +96,11 @@ class Region:
         self._depth = 0
 
     # ---- keys and tables ------------------------------------------------------------------
+
+    def derive(self, label: str) -> bytes:
+        """A 32-byte secret for label, the same in every process of this region, new at
+        each start (HMAC-SHA256 of the label under the region's secret)."""
+        return hmac.new(self.secret, label.encode(), hashlib.sha256).digest()
 
     def key_hash(self, key: str) -> int:
         """A key's 64-bit hash, never 0 (0 marks a free slot). The same few keys come back

@@ -142,7 +142,9 @@ class SmtpServer:
         self.stopping = threading.Event()
         self._sweeper: threading.Thread | None = None
         self._sweeper_stop = threading.Event()
-        self.tls = ServerTls(config.tls, log)  # ConfigError if a certificate cannot be loaded
+        # ConfigError if a certificate cannot be loaded. The ticket keys come from the workers'
+        # shared secret, so a session resumes on whichever worker the client reaches.
+        self.tls = ServerTls(config.tls, log, ticket_secret=self.region.derive("tls session tickets"))
         self.services: Services | None = None
         self.limiter: Limiter | None = None
         self._limiter_key: tuple | None = None

@@ -23,6 +23,7 @@ from elemta import log as logmod
 from elemta.config import Certificate, TlsConfig
 from elemta import filemodes
 from elemta.errors import ConfigError
+from elemta.smtp import tickets
 
 # The TLS 1.2 suites offered when tls.ciphers is "": Mozilla's "intermediate" list (server side
 # TLS guidelines, version 5.7), the suites RFC 9325 §4.2 recommends: ephemeral (EC)DHE key
@@ -86,14 +87,22 @@ def name_matches(pattern: str, name: str) -> bool:
 class ServerTls:
     """The current contexts; thread-safe to read while a reload swaps them."""
 
-    def __init__(self, config: TlsConfig, log: Callable[..., None] = lambda event, **fields: None):
+    def __init__(self, config: TlsConfig, log: Callable[..., None] = lambda event, **fields: None, *,
+                 ticket_secret: bytes | None = None, clock: Callable[[], float] = time.time):
+        """ticket_secret: the SMTP workers' shared secret for session-ticket keys (tickets.py);
+        None leaves each context OpenSSL's own random keys."""
         self.config = config
         self.log = log
         self._lock = threading.Lock()
         self._default: ssl.SSLContext | None = None
         self._by_name: list[tuple[str, ssl.SSLContext]] = []
+        self._contexts: list[ssl.SSLContext] = []
         self._stamps: tuple = ()
         self._checked = time.monotonic()
+        self._ticket_secret = ticket_secret
+        self._clock = clock
+        self._period: int | None = None  # the ticket keys' rotation period in force
+        self._ticket_warned = False
         if config.certificates:
             self._install(*self._build(config))  # ConfigError at start-up: refuse to start
 
@@ -128,7 +137,12 @@ class ServerTls:
         return True
 
     def check(self) -> None:
-        """Reload if a file changed; stats the files at most every reload_interval seconds."""
+        """Reload if a file changed; stats the files at most every reload_interval seconds.
+        Called about once a second: also moves the ticket keys on at each rotation."""
+        if self._ticket_secret is not None and tickets.period(self._clock()) != self._period:
+            with self._lock:
+                contexts = list(self._contexts)
+            self._set_ticket_keys(contexts)
         interval = self.config.reload_interval
         now = time.monotonic()
         if not interval or not self.config.certificates or now - self._checked < interval:
@@ -162,8 +176,23 @@ class ServerTls:
         default = contexts[0][0]
         by_name = [(name, context) for context, names in contexts for name in names]
         default.sni_callback = self._choose
+        self._set_ticket_keys([context for context, _ in contexts])
         with self._lock:
             self._default, self._by_name, self._stamps = default, by_name, stamps
+            self._contexts = [context for context, _ in contexts]
+
+    def _set_ticket_keys(self, contexts: list[ssl.SSLContext]) -> None:
+        """Give contexts this period's shared ticket keys, so any worker resumes any other's
+        sessions; if that cannot be done here, say so once and keep OpenSSL's own keys."""
+        if self._ticket_secret is None:
+            return
+        self._period = tickets.period(self._clock())
+        keys = tickets.keys_for(self._ticket_secret, self._period)
+        if not all([tickets.install(context, keys) for context in contexts]) and not self._ticket_warned:
+            self._ticket_warned = True
+            self.log("tls_tickets_unshared", level=logmod.WARNING,
+                     error="cannot set TLS ticket keys here: each worker keeps its own, so a "
+                           "session resumes only on the worker that made it")
 
     def _choose(self, sock: ssl.SSLObject, server_name: str | None, _context) -> None:
         """sni_callback: switch to the certificate for the name asked for; no SNI or no

@@ -344,3 +344,36 @@ def test_a_port_0_listener_added_by_a_reload_gets_one_port_for_all_workers(tmp_p
         c.sock.close()
     finally:
         assert daemon.stop() == 0
+
+
+# ---- TLS session resumption -------------------------------------------------------------------------
+
+
+def starttls_session(daemon: Daemon, source: str, context: ssl.SSLContext, session=None):
+    """A STARTTLS session from source; (resumed?, the session to keep)."""
+    c = Client(daemon.ports["mx"], source)
+    assert c.cmd("EHLO c.example")[0] == 250 and c.cmd("STARTTLS")[0] == 220
+    tls = context.wrap_socket(c.sock, server_hostname="mx.test.example", session=session)
+    c.sock = tls
+    assert c.cmd("EHLO c.example")[0] == 250  # the TLS 1.3 ticket comes with the first reply
+    c.cmd("QUIT")
+    resumed, kept = tls.session_reused, tls.session
+    tls.close()
+    return resumed, kept
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+def test_a_tls_session_resumes_on_any_worker(limited, version):
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    limited.ca.configure_trust(context)
+    context.minimum_version = context.maximum_version = version
+    base = 10 if version == ssl.TLSVersion.TLSv1_2 else 40
+    first = f"127.0.9.{base}"
+    resumed, session = starttls_session(limited, first, context)
+    assert not resumed
+    sources = [f"127.0.9.{base + n}" for n in range(1, 13)]  # an address each: the log names the worker
+    assert all(starttls_session(limited, source, context, session)[0] for source in sources)
+    wait_for(lambda: all(served_by(limited, s) for s in [first, *sources]), 10, what="the connect lines")
+    issuer = served_by(limited, first)[0]
+    others = [s for s in sources if served_by(limited, s)[0] != issuer]
+    assert others, "every connection went to the worker that made the ticket: nothing was tested"
