@@ -365,7 +365,7 @@ class Postfix:
 class Elemta:
     name = "elemta"
 
-    def __init__(self, log_level: str = "warning", max_connections: int = 10000, workers: int = 1,
+    def __init__(self, log_level: str = "warning", max_connections: int = 10000, workers: int | str = "auto",
                  monitor: bool = True):
         self.monitor = monitor  # the [monitor] endpoint and its metrics, on by default
         self.log_level = log_level
@@ -388,7 +388,7 @@ spool_dir = "{spool}"
 user = "{SERVICE_USER}"
 max_connections = {self.max_connections}
 max_connections_per_ip = {self.max_connections}
-workers = {self.workers}
+workers = {self.workers if isinstance(self.workers, int) else '"' + self.workers + '"'}
 
 [smtp]
 relay_domains = ["example.net"]
@@ -877,8 +877,8 @@ def main(argv=None) -> int:
     p.add_argument("--sessions", type=int_list, default=SESSIONS, metavar="S,S", help="parallel sessions (-s)")
     p.add_argument("--reuse", choices=("both", "no", "yes"), default="both",
                    help="one message per connection (no), -d connection reuse (yes), or both")
-    p.add_argument("--workers", type=int, default=1, metavar="N",
-                   help="elemta's server.workers (processes sharing the port; default 1)")
+    p.add_argument("--workers", type=lambda v: v if v == "auto" else int(v), default="auto", metavar="N",
+                   help="elemta's server.workers (processes sharing the port; default auto, elemta's own)")
     p.add_argument("--log-level", choices=("info", "warning"), default="info",
                    help="elemta's log.level: info (its default, like Postfix, logs every message) or warning")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
