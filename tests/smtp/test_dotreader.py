@@ -30,3 +30,18 @@ def test_limit_is_the_same_for_every_split(size, too_big):
     splits += [[len(stream) - k] for k in range(1, 6)]  # the terminator cut anywhere
     for cuts in splits:
         assert feed_all(stream, cuts) == (too_big, b"" if too_big else text), cuts
+
+
+def test_the_line_length_check_agrees_with_splitting_every_line():
+    """check_text finds a long line by jumping through the text; it must say what splitting
+    it into lines says, at every length around the limit, with or without a final CRLF."""
+    import random
+
+    from elemta.smtp.dotreader import MAX_TEXT_LINE, _lines_fit
+
+    rng = random.Random(3)
+    for _ in range(20_000):
+        sizes = [rng.choice([0, 1, 2, 500, 997, 998, 999, 1000, 1001, rng.randrange(3000)])
+                 for _ in range(rng.randrange(1, 8))]
+        text = b"\r\n".join(b"x" * size for size in sizes) + (b"\r\n" if rng.random() < 0.7 else b"")
+        assert _lines_fit(text) == (max(map(len, text.split(b"\r\n"))) <= MAX_TEXT_LINE), sizes
