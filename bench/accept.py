@@ -145,7 +145,45 @@ def proc_status(pid: int) -> dict[str, str]:
 
 
 def rss_kb(pid: int) -> int:
-    return int(proc_status(pid)["VmRSS"].split()[0])
+    """The resident memory of elemta's whole process tree (supervisor, workers, delivery,
+    monitor): the sum of their RSS, which counts pages they share after fork once per process."""
+    return sum(_memory(p)[0] for p in _tree(pid))
+
+
+def pss_kb(pid: int) -> int:
+    """The same tree's proportional set size: each shared page divided among its sharers."""
+    return sum(_memory(p)[1] for p in _tree(pid))
+
+
+def tree_threads(pid: int) -> int:
+    return sum(int(proc_status(p)["Threads"]) for p in _tree(pid))
+
+
+def _tree(root: int) -> list[int]:
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        try:
+            with open(f"/proc/{pid}/task/{pid}/children") as f:
+                todo += [int(c) for c in f.read().split()]
+        except OSError:
+            continue
+        found.append(pid)
+    return found
+
+
+def _memory(pid: int) -> tuple[int, int]:
+    """(Rss, Pss) in KiB from /proc/PID/smaps_rollup; (0, 0) if it is gone."""
+    values = {}
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("Rss", "Pss"):
+                    values[key] = int(rest.split()[0])
+    except OSError:
+        return 0, 0
+    return values.get("Rss", 0), values.get("Pss", 0)
 
 
 def pid_alive(pid: int) -> bool:
@@ -794,7 +832,8 @@ def idle(args) -> int:
         time.sleep(1)
         st = proc_status(pid)
         result["rss_before_kb"] = rss_kb(pid)
-        result["threads_before"] = int(st["Threads"])
+        result["pss_before_kb"] = pss_kb(pid)
+        result["threads_before"] = tree_threads(pid)
         t0 = time.monotonic()
         for i in range(n):
             s = socket.create_connection(("127.0.0.1", elemta.port), timeout=30)
@@ -807,7 +846,8 @@ def idle(args) -> int:
         time.sleep(2)
         st = proc_status(pid)
         result["rss_with_kb"] = rss_kb(pid)
-        result["threads_with"] = int(st["Threads"])
+        result["pss_with_kb"] = pss_kb(pid)
+        result["threads_with"] = tree_threads(pid)
         result["fds_with"] = len(os.listdir(f"/proc/{pid}/fd"))
         result["opened"] = len(socks)
         # Are they all still served?  NOOP on each, expect 250.
@@ -832,7 +872,7 @@ def idle(args) -> int:
         socks = []
         time.sleep(2)
         result["rss_after_close_kb"] = rss_kb(pid)
-        result["threads_after_close"] = int(proc_status(pid)["Threads"])
+        result["threads_after_close"] = tree_threads(pid)
     except (BenchError, OSError) as exc:
         problems.append(f"{type(exc).__name__}: {exc}")
     finally:
@@ -845,7 +885,9 @@ def idle(args) -> int:
     if "rss_with_kb" in result:
         delta = result["rss_with_kb"] - result["rss_before_kb"]
         result["rss_per_connection_kb"] = round(delta / max(1, result["opened"]), 1)
-        print(f"elemta RSS: {result['rss_before_kb'] / 1024:.1f} MiB idle, "
+        print(f"elemta process tree PSS: {result['pss_before_kb'] / 1024:.1f} MiB idle, "
+              f"{result['pss_with_kb'] / 1024:.1f} MiB with {result['opened']} idle connections")
+        print(f"elemta process tree RSS: {result['rss_before_kb'] / 1024:.1f} MiB idle, "
               f"{result['rss_with_kb'] / 1024:.1f} MiB with {result['opened']} idle connections "
               f"(+{delta / 1024:.1f} MiB, {result['rss_per_connection_kb']} KiB each); "
               f"threads {result['threads_before']} -> {result['threads_with']}; "

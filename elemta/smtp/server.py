@@ -218,7 +218,7 @@ class SmtpServer:
                 continue
             if stressed is not None:
                 self.log("stress", level=logmod.WARNING if stressed else logmod.INFO,
-                         state="on" if stressed else "off", connections=self.connections.count(),
+                         state="on" if stressed else "off", connections=self.connections.total(),
                          max_connections=self.limits.max_connections)
 
     def reload(self, config: Config, recipients: LocalRecipients | None = None) -> None:
