@@ -10,8 +10,9 @@ Run as root (see bench/README.md):
 smtp-source sends every message on its own connection to the server under test, which relays
 everything to one `smtp-sink` on loopback (Postfix through relayhost = [127.0.0.1]:SINK,
 elemta through delivery.relayhost). A run is timed from the start of smtp-source until the
-sink has counted every message. Both systems run without TLS to the sink and with a
-concurrency of 20 to it (Postfix's default_destination_concurrency_limit). Reported: median
+sink has counted every message. Both systems run without TLS to the sink and otherwise at
+their own defaults (since issue 18 the same concurrency: 20 per destination, Postfix's
+default_destination_concurrency_limit, and elemta's SMTP workers "auto"). Reported: median
 msgs/s and CPU seconds (user+sys of the server's process tree) per 1,000 messages; the runs
 alternate between the systems, the first of each pair rotating.
 
@@ -86,15 +87,14 @@ class RelayPostfix(accept.Postfix):
 
     def main_cf(self) -> list[str]:
         settings = [s for s in super().main_cf() if not s.startswith(("relayhost", "defer_transports"))]
-        return [*settings, f"relayhost = [127.0.0.1]:{self.sink.port}", "smtp_tls_security_level = none",
-                "default_destination_concurrency_limit = 20"]
+        return [*settings, f"relayhost = [127.0.0.1]:{self.sink.port}", "smtp_tls_security_level = none"]
 
     def queued(self) -> int:
         return sum(self.queue_count(q) for q in ("maildrop", "incoming", "active", "deferred", "hold"))
 
 
 class RelayElemta(accept.Elemta):
-    def __init__(self, sink: Sink, log_level: str = "info", workers: int = 1) -> None:
+    def __init__(self, sink: Sink, log_level: str = "info", workers: int | str = "auto") -> None:
         super().__init__(log_level=log_level, workers=workers)
         self.sink = sink
 
@@ -104,8 +104,6 @@ class RelayElemta(accept.Elemta):
 [delivery]
 relayhost = "127.0.0.1:{self.sink.port}"
 relayhost_tls_policy = "none"
-concurrency = 20
-destination_concurrency = 20
 """
 
 
@@ -169,7 +167,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--latency", type=int, default=0, metavar="N")
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--workers", type=lambda v: v if v == "auto" else int(v), default="auto")
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--only", choices=("elemta", "postfix"))
     parser.add_argument("--json", action="store_true")
