@@ -585,7 +585,8 @@ def main(argv=None) -> int:
     p.add_argument("--client-nodelay", action="store_true",
                    help="diagnostic: the load generator sets TCP_NODELAY and TCP_QUICKACK in every mode, "
                         "so elemta's Nagle/delayed-ACK stall after a TLS handshake does not show")
-    p.add_argument("--workers", type=int, default=1, metavar="N", help="elemta's server.workers")
+    p.add_argument("--workers", type=lambda v: v if v == "auto" else int(v), default="auto", metavar="N",
+                   help="elemta's server.workers (default auto, elemta's own)")
     p.add_argument("--log-level", choices=("info", "warning"), default="info")
     p.add_argument("--profile", type=int, metavar="SECONDS",
                    help="also py-spy record elemta for this long under smtps load (one message per connection)")
