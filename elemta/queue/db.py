@@ -43,6 +43,7 @@ class Connection(sqlite3.Connection):
     """
 
     writer_lock: int | None = None
+    in_turn = False  # writers_turn() holds the lock: write() does not take it again
 
     def close(self) -> None:
         super().close()
@@ -151,7 +152,8 @@ def write(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
 
     Under the writers' lock (see the module docstring) when the connection has one.
     """
-    with _writers_lock(getattr(conn, "writer_lock", None)):
+    lock = None if getattr(conn, "in_turn", False) else getattr(conn, "writer_lock", None)
+    with _writers_lock(lock):
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield conn
@@ -164,6 +166,27 @@ def write(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
             raise
+
+
+@contextlib.contextmanager
+def writers_turn(conn: sqlite3.Connection) -> Iterator[None]:
+    """Hold the writers' lock across several write() transactions of conn and what comes
+    between them.
+
+    For a group commit: what arrives while a writer waits for its turn can still join its
+    batch if the batch is gathered once the turn has come.  Under contention batches then
+    grow instead of transactions queueing up behind each other, each with its own fsync.
+    Only one thread may use conn meanwhile (the caller's own lock sees to that).
+    """
+    if getattr(conn, "in_turn", False) or getattr(conn, "writer_lock", None) is None:
+        yield
+        return
+    with _writers_lock(conn.writer_lock):
+        conn.in_turn = True
+        try:
+            yield
+        finally:
+            conn.in_turn = False
 
 
 @contextlib.contextmanager

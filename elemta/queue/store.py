@@ -322,21 +322,25 @@ class Store:
                 if first is _STOP:
                     break
                 batch = [first]
-                # Take what is already waiting, without waiting for more: under
-                # light load a message is written at once, under heavy load the
-                # batch grows by itself while the previous fsync runs.
-                while len(batch) < self._batch_max:
-                    try:
-                        item = self._requests.get_nowait()
-                    except queue.Empty:
-                        break
-                    if item is _STOP:
-                        stop = True
-                        break
-                    batch.append(item)
-                batch = [req for req in batch if req.take()]
-                if batch:
-                    self._write_batch(batch)
+                assert self._wconn is not None
+                # The batch is gathered once this writer's turn has come (db.writers_turn):
+                # what arrived while another process committed joins it.
+                with db.writers_turn(self._wconn):
+                    # Take what is already waiting, without waiting for more: under light
+                    # load a message is written at once, under heavy load the batch grows
+                    # by itself while the previous fsync, or another writer's, runs.
+                    while len(batch) < self._batch_max:
+                        try:
+                            item = self._requests.get_nowait()
+                        except queue.Empty:
+                            break
+                        if item is _STOP:
+                            stop = True
+                            break
+                        batch.append(item)
+                    batch = [req for req in batch if req.take()]
+                    if batch:
+                        self._write_batch(batch)
                 batch = []
         except BaseException as exc:  # noqa: BLE001 -- a bug or a broken connection: stop, but strand nobody
             self._writer_error = exc

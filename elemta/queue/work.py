@@ -380,29 +380,8 @@ class WorkQueue:
                 batch = [self._pending.get(timeout=wait)]
             except queue.Empty:
                 batch = []
-            while batch and batch[-1] is not _STOP and len(batch) < _BATCH_MAX:
-                try:
-                    batch.append(self._pending.get_nowait())
-                except queue.Empty:
-                    break
-            items = []
-            for item in batch:
-                if item is _STOP:
-                    continue
-                if self._held_ids & item[1].recipient_ids():
-                    # About a recipient whose earlier result waits: written after it, never
-                    # before (a give-back must not overtake the delivery it follows).
-                    self._keep(item, None)
-                else:
-                    items.append(item)
-            try:
-                if self._unwritten and time.monotonic() >= self._retry_at:
-                    self._retry()
-                if items:
-                    self._commit(items)
-            finally:
-                for _ in batch:
-                    self._pending.task_done()
+            with self._turn():
+                self._write_batch(batch)
             if batch and batch[-1] is _STOP:
                 if self._successor is not None and self._successor.owner == self.owner:
                     for entry in self._unwritten:  # in order; kept again there if still refused
@@ -410,6 +389,44 @@ class WorkQueue:
                     self._unwritten, self._held_ids = [], frozenset()
                 self._last_tries()
                 return
+
+    @contextlib.contextmanager
+    def _turn(self):
+        """The writers' lock for a whole batch (db.writers_turn), taken after this object's
+        own lock as every write here takes them."""
+        with self._lock:
+            if self._conn is None:
+                yield
+                return
+            with db.writers_turn(self._conn):
+                yield
+
+    def _write_batch(self, batch: list) -> None:
+        """Add what waits to batch (in the writers' turn: what came while waiting for it
+        joins), then write the batch's results and retry the kept ones when due."""
+        while batch and batch[-1] is not _STOP and len(batch) < _BATCH_MAX:
+            try:
+                batch.append(self._pending.get_nowait())
+            except queue.Empty:
+                break
+        items = []
+        for item in batch:
+            if item is _STOP:
+                continue
+            if self._held_ids & item[1].recipient_ids():
+                # About a recipient whose earlier result waits: written after it, never
+                # before (a give-back must not overtake the delivery it follows).
+                self._keep(item, None)
+            else:
+                items.append(item)
+        try:
+            if self._unwritten and time.monotonic() >= self._retry_at:
+                self._retry()
+            if items:
+                self._commit(items)
+        finally:
+            for _ in batch:
+                self._pending.task_done()
 
     def _commit(self, items: list, tries: int = 0) -> bool:
         """Write items in one transaction; True if written.

@@ -157,3 +157,39 @@ def test_root_gives_a_new_lock_file_to_the_database_owner(path):
     st = os.stat(path + db.LOCK_SUFFIX)
     assert (st.st_uid, st.st_gid) == (65534, 65534)
     conn.close()
+
+
+def test_writers_turn_holds_the_lock_across_transactions_without_taking_it_twice(path):
+    conn = db.connect(path)
+    with db.writers_turn(conn):
+        assert not lock_is_free(path)
+        with db.write(conn):
+            conn.execute("INSERT INTO t VALUES ('one')")
+        # Still this writer's turn between its transactions: nobody else got in.
+        assert not lock_is_free(path)
+        with db.write(conn):
+            conn.execute("INSERT INTO t VALUES ('two')")
+    assert lock_is_free(path)
+    assert conn.execute("SELECT count(*) FROM t").fetchone()[0] == 2
+    conn.close()
+
+
+def test_writers_turn_ends_when_its_body_raises(path):
+    conn = db.connect(path)
+    with pytest.raises(RuntimeError), db.writers_turn(conn):
+        raise RuntimeError("boom")
+    assert lock_is_free(path)
+    assert not conn.in_turn
+    with db.write(conn):  # and write() takes the lock itself again
+        assert not lock_is_free(path)
+    conn.close()
+
+
+def test_writers_turn_without_a_lock_file_is_a_no_op(path):
+    os.unlink(path + db.LOCK_SUFFIX)
+    os.mkdir(path + db.LOCK_SUFFIX)
+    conn = db.connect(path)
+    assert conn.writer_lock is None
+    with db.writers_turn(conn), db.write(conn):
+        conn.execute("INSERT INTO t VALUES ('fine')")
+    conn.close()

@@ -1,4 +1,6 @@
 import contextlib
+import fcntl
+import os
 import sqlite3
 import threading
 import time
@@ -6,7 +8,7 @@ import time
 import pytest
 
 from elemta.errors import QueueError, QueueFullError
-from elemta.queue import ids, schema
+from elemta.queue import db, ids, schema
 from elemta.queue.model import NewMessage, NewRecipient
 from elemta.queue.store import Store
 
@@ -181,6 +183,42 @@ def test_group_commit_batches_concurrent_sessions(store, db_path):
     assert stats["commits"] < total
     assert stats["largest_batch"] > 1
     assert conn.execute("SELECT value FROM meta").fetchone()[0] == max(all_ids)
+
+
+@contextlib.contextmanager
+def writers_lock_held(path):
+    """Hold the writers' lock (db.writers_turn's flock) as another process's commit would."""
+    fd = os.open(path + db.LOCK_SUFFIX, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def test_a_batch_is_gathered_when_the_writers_turn_comes(store, db_path):
+    # While another process commits, this writer waits for the lock; what reaches it
+    # meanwhile joins the batch it is about to write: one commit, not one for the first
+    # message and another for the rest.
+    done = []
+
+    def session():
+        done.append(store.enqueue(make(store)))
+
+    with writers_lock_held(db_path):
+        first = threading.Thread(target=session)
+        first.start()
+        wait_for(lambda: store._requests.qsize() == 0, what="the writer to take the first request")
+        rest = [threading.Thread(target=session) for _ in range(4)]
+        for t in rest:
+            t.start()
+        wait_for(lambda: store._requests.qsize() == 4, what="four more requests to wait")
+        assert not done
+    for t in [first, *rest]:
+        t.join(10)
+    assert len(done) == 5
+    assert store.stats["commits"] == 1
+    assert store.stats["largest_batch"] == 5
 
 
 def test_failing_message_does_not_sink_its_batch(store, db_path):

@@ -1,12 +1,14 @@
 """elemta.queue.work: claiming due recipients and recording outcomes, on a real SQLite file."""
 
+import fcntl
+import os
 import sqlite3
 import time
 
 import pytest
 
 from elemta.errors import QueueError
-from elemta.queue import schema
+from elemta.queue import db, schema
 from elemta.queue import work as workmod
 from elemta.queue.model import NewMessage, NewRecipient
 from elemta.queue.store import Store
@@ -229,6 +231,29 @@ def test_finish_all_delivered_closes_the_message_and_drops_the_body(store, work,
     assert message(raw, queue_id)["done_at"] == T0 + 5
     assert work.body(queue_id) is None
     assert work.next_due() is None
+
+
+def test_results_that_come_while_the_writer_waits_for_its_turn_join_its_batch(store, work, raw, db_path):
+    # The writer thread takes one result, then waits for the writers' lock (another
+    # process commits); results submitted meanwhile are written in the same transaction.
+    queue_ids = [enqueue(store, "a@example.org") for _ in range(5)]
+    jobs = {job.queue_id: job for job in work.claim(100, 600.0)}
+    commits = []
+    work._conn.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
+    fd = os.open(db_path + db.LOCK_SUFFIX, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        first, *rest = queue_ids
+        work.submit(first, Result([Outcome(jobs[first].recipients[0].id, "delivered")]))
+        wait_for(lambda: work._pending.unfinished_tasks == 1 and work._pending.qsize() == 0,
+                 what="the writer to take the first result")
+        for queue_id in rest:
+            work.submit(queue_id, Result([Outcome(jobs[queue_id].recipients[0].id, "delivered")]))
+    finally:
+        os.close(fd)
+    work.flush()
+    assert commits == ["COMMIT"]
+    assert all(message(raw, q)["done_at"] is not None for q in queue_ids)
 
 
 def test_finish_with_a_deferred_recipient_keeps_the_message_open(store, work, raw, clock):
