@@ -21,7 +21,7 @@ from elemta import config as cfgmod
 from elemta import log as logmod
 from elemta import filemodes, metrics, monitor, sdnotify, shm
 from elemta.config import Config
-from elemta.delivery import attempt, smtp_client
+from elemta.delivery import attempt, smtp_pool
 from elemta.delivery.dns import Resolver
 from elemta.delivery.outcomes import Reporting
 from elemta.delivery.router import Router
@@ -176,7 +176,7 @@ def build_scheduler(config: Config, store: Store, events: logmod.EventLog,
     d = config.delivery
     resolver = resolver or build_resolver(config)
     router = Router(config, resolver, recipients)
-    pool = smtp_client.Pool(idle_timeout=d.reuse_idle_timeout, max_messages=d.reuse_max_messages)
+    pool: smtp_pool.Pool = smtp_pool.Pool(idle_timeout=d.reuse_idle_timeout, max_messages=d.reuse_max_messages)
     attempter = attempt.Attempter(
         attempt.Settings(helo_name=d.helo_name or config.hostname, connect_timeout=d.connect_timeout,
                          command_timeout=d.command_timeout, ca_file=d.ca_file or None),

@@ -9,7 +9,7 @@ import sys
 
 from elemta import config as cfg
 from elemta import maildrop, pidfile
-from elemta.cli.sendmail import (
+from elemta.cli.sendmail_base import (
     EX_NOPERM,
     EX_UNAVAILABLE,
     Failure,

@@ -19,9 +19,9 @@ from elemta.delivery.smtp_client import (
     Connection,
     OutMessage,
     OutRecipient,
-    Pool,
     SmtpClientError,
 )
+from elemta.delivery.smtp_pool import Pool
 from elemta.queue.work import Attempt, Job, Recipient
 from elemta.transport import is_ip
 
@@ -56,7 +56,7 @@ class Settings:
 
 
 class Attempter:
-    def __init__(self, settings: Settings, resolver: Resolver, pool: Pool,
+    def __init__(self, settings: Settings, resolver: Resolver, pool: Pool[Connection],
                  clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
         self.resolver = resolver

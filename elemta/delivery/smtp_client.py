@@ -22,7 +22,6 @@ import time
 from dataclasses import dataclass
 
 from elemta import metrics
-from elemta.delivery.smtp_pool import Pool
 from elemta.delivery.smtp_reply import (
     MAX_REPLY_LINE,
     MAX_REPLY_LINES,
@@ -38,7 +37,7 @@ from elemta.delivery.smtp_reply import (
     xtext,
 )
 
-__all__ = ["TLS_POLICIES", "Connection", "OutMessage", "OutRecipient", "Pool", "RecipientResult", "Reply",
+__all__ = ["TLS_POLICIES", "Connection", "OutMessage", "OutRecipient", "RecipientResult", "Reply",
            "SmtpClientError", "TlsInfo", "dot_stuff"]
 
 TLS_POLICIES = ("none", "may", "encrypt", "verify")

@@ -1,6 +1,6 @@
 """Connection caching for the outbound client: idle sessions kept per next hop.
 
-Re-exported by smtp_client; callers import Pool from there.
+Knows a connection only by what it asks of it (Pooled), so it does not import the client.
 """
 
 from __future__ import annotations
@@ -8,13 +8,23 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Hashable
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from elemta.delivery.smtp_client import Connection
+from typing import Generic, Protocol, TypeVar
 
 
-class Pool:
+class Pooled(Protocol):
+    """What the pool needs of a connection (smtp_client.Connection)."""
+
+    messages_sent: int
+
+    def usable(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+C = TypeVar("C", bound=Pooled)
+
+
+class Pool(Generic[C]):
     """Idle connections kept for reuse per next hop: several transactions in one session
     (RFC 5321 §3.3) save the connect, EHLO and TLS handshake."""
 
@@ -24,11 +34,11 @@ class Pool:
         self.max_messages = max_messages
         self.max_idle = max_idle
         self._clock = clock
-        self._idle: dict[Hashable, list[tuple[float, Connection]]] = {}
+        self._idle: dict[Hashable, list[tuple[float, C]]] = {}
         self._lock = threading.Lock()  # workers share the pool
         self._counts = {"reused": 0, "kept": 0, "closed": 0}
 
-    def get(self, key: Hashable) -> Connection | None:
+    def get(self, key: Hashable) -> C | None:
         """An idle usable connection for key, newest first; expired ones are closed."""
         found, stale = None, []
         with self._lock:
@@ -45,7 +55,7 @@ class Pool:
         self._close(stale)
         return found
 
-    def put(self, key: Hashable, conn: Connection) -> None:
+    def put(self, key: Hashable, conn: C) -> None:
         """Give a connection back after send(); closed instead when it has sent
         max_messages, is not usable or the pool holds max_idle already."""
         with self._lock:
@@ -82,7 +92,7 @@ class Pool:
         with self._lock:
             return {**self._counts, "idle": sum(map(len, self._idle.values()))}
 
-    def _close(self, conns: list[Connection]) -> None:
+    def _close(self, conns: list[C]) -> None:
         # Outside the lock: QUIT waits for the network.
         for conn in conns:
             conn.close()

@@ -20,16 +20,35 @@ whichever worker the kernel hands a connection to. Stress is judged on that tota
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 from elemta.shm import Counts, Region, RegionFull
 from elemta.smtp import replies
 
-if TYPE_CHECKING:
-    from elemta.smtp.server import Limits
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-connection settings that a reload (SIGHUP) may change; read once per connection."""
+
+    command_timeout: float
+    data_timeout: float
+    greet_pause: float
+    max_connections: int
+    max_connections_per_ip: int
+    trusted: tuple  # ipaddress networks
+    proxies: tuple = ()  # ipaddress networks allowed to send PROXY headers
+    reserved: int = 0  # of max_connections, only for trusted clients and submission listeners
+    min_data_rate: int = 0  # octets/s; each one received extends the DATA deadline
+    stress_timeout: float = 0.0  # deadline under stress for untrusted, unauthenticated sessions
+    stress_at: int = 1  # open connections from which the listener process is under stress
+
+    def is_trusted(self, ip: str) -> bool:
+        address = ipaddress.ip_address(ip)
+        return any(address in net for net in self.trusted)
 
 
 class Watch:

@@ -16,7 +16,6 @@ import ssl
 import struct
 import threading
 import time
-from dataclasses import dataclass
 
 from elemta import log as logmod
 from elemta import metrics
@@ -28,7 +27,7 @@ from elemta.passwords import PasswordFile
 from elemta.queue.store import Store
 from elemta.shm import Counts, Region, RegionFull
 from elemta.smtp import proxy, replies
-from elemta.smtp.connections import Connections, Watch
+from elemta.smtp.connections import Connections, Limits, Watch
 from elemta.smtp.limits import Limiter
 from elemta.smtp.limits import size_for as limits_size_for
 from elemta.smtp.session import (
@@ -47,27 +46,6 @@ RECV_SIZE = 65536
 PROXY_TIMEOUT = 10.0  # seconds for a PROXY header to arrive
 SWEEP_INTERVAL = 1.0  # seconds between deadline sweeps: a deadline is kept to within this
 SUBMISSION_ROLES = ("submission", "submissions")  # may use server.reserved_connections
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Per-connection settings that a reload (SIGHUP) may change; read once per connection."""
-
-    command_timeout: float
-    data_timeout: float
-    greet_pause: float
-    max_connections: int
-    max_connections_per_ip: int
-    trusted: tuple  # ipaddress networks
-    proxies: tuple = ()  # ipaddress networks allowed to send PROXY headers
-    reserved: int = 0  # of max_connections, only for trusted clients and submission listeners
-    min_data_rate: int = 0  # octets/s; each one received extends the DATA deadline
-    stress_timeout: float = 0.0  # deadline under stress for untrusted, unauthenticated sessions
-    stress_at: int = 1  # open connections from which the listener process is under stress
-
-    def is_trusted(self, ip: str) -> bool:
-        address = ipaddress.ip_address(ip)
-        return any(address in net for net in self.trusted)
 
 
 def session_settings(

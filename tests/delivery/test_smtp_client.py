@@ -19,11 +19,11 @@ from elemta.delivery.smtp_client import (
     Connection,
     OutMessage,
     OutRecipient,
-    Pool,
     Reply,
     SmtpClientError,
     dot_stuff,
 )
+from elemta.delivery.smtp_pool import Pool
 from elemta.delivery.smtp_reply import ProtocolError, build_reply, parse_line, xtext
 from tests.mx import Mx
 from tests.support import wait_for

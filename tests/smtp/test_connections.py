@@ -9,8 +9,7 @@ import socket
 import pytest
 
 from elemta.smtp import replies
-from elemta.smtp.connections import Connections
-from elemta.smtp.server import Limits
+from elemta.smtp.connections import Connections, Limits
 
 
 def limits(**overrides) -> Limits:
