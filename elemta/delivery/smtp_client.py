@@ -17,7 +17,6 @@ import functools
 import select
 import socket
 import ssl
-import struct
 import time
 from dataclasses import dataclass
 
@@ -36,6 +35,7 @@ from elemta.delivery.smtp_reply import (
     parse_line,
     xtext,
 )
+from elemta.sockopts import set_kernel_timeout
 
 __all__ = ["TLS_POLICIES", "Connection", "OutMessage", "OutRecipient", "RecipientResult", "Reply",
            "SmtpClientError", "TlsInfo", "dot_stuff"]
@@ -43,7 +43,6 @@ __all__ = ["TLS_POLICIES", "Connection", "OutMessage", "OutRecipient", "Recipien
 TLS_POLICIES = ("none", "may", "encrypt", "verify")
 NOTIFY_KEYWORDS = ("NEVER", "SUCCESS", "FAILURE", "DELAY")  # RFC 3461 §4.1
 QUIT_TIMEOUT = 5.0
-_TIMEVAL = struct.Struct("@ll")  # struct timeval, for SO_RCVTIMEO/SO_SNDTIMEO
 # RFC 5321 §4.5.3.2.5 times each block of data, not the whole message: a large message
 # on a slow link is sent in blocks, each with the command timeout.
 SEND_BLOCK = 65536
@@ -433,24 +432,15 @@ class Connection:
         return self._read_reply(stage)
 
     def _kernel_timeouts(self) -> None:
-        """Blocking socket, timeouts kept by the kernel (SO_RCVTIMEO/SO_SNDTIMEO).
-
-        Python's own socket timeouts cost a poll() before every send and recv and an
-        ioctl() for every settimeout(): most of a reused connection's system calls. Not
-        after STARTTLS: on a blocking SSLSocket, Python's ssl module reads again when the
-        kernel's timeout ends a read (OpenSSL's SSL_ERROR_WANT_READ), so only its own
-        timeout ends a wait for a silent server there.
-        """
+        """Blocking socket, timeouts kept by the kernel (sockopts.py); not after STARTTLS,
+        where only Python's own timeout ends a wait for a silent server."""
         self._sock.settimeout(None)
         self._kernel = True
         self._rcv_timeout = self._set_timeout(socket.SO_RCVTIMEO, self.command_timeout)
         self._snd_timeout = self._set_timeout(socket.SO_SNDTIMEO, self.command_timeout)
 
     def _set_timeout(self, option: int, seconds: float) -> float:
-        seconds = max(seconds, 0.001)  # 0 would mean no timeout at all
-        whole = int(seconds)
-        self._sock.setsockopt(socket.SOL_SOCKET, option, _TIMEVAL.pack(whole, int((seconds - whole) * 1e6)))
-        return seconds
+        return set_kernel_timeout(self._sock, option, seconds)
 
     def _write(self, data: bytes | memoryview, stage: str) -> None:
         if self._sock is None:

@@ -13,7 +13,6 @@ import select
 import socket
 import socketserver
 import ssl
-import struct
 import threading
 import time
 
@@ -41,6 +40,7 @@ from elemta.smtp.session import (
 )
 from elemta.smtp.threads import SessionThreads
 from elemta.smtp.tls import ServerTls, TlsInfo
+from elemta.sockopts import set_kernel_timeout
 
 RECV_SIZE = 65536
 PROXY_TIMEOUT = 10.0  # seconds for a PROXY header to arrive
@@ -440,7 +440,6 @@ class _Conn:
     """
 
     __slots__ = ("sock",)
-    _TIMEVAL = struct.Struct("@ll")
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
@@ -449,9 +448,7 @@ class _Conn:
         if isinstance(self.sock, ssl.SSLSocket):
             self.sock.settimeout(seconds)  # one timeout for both directions
             return
-        whole = int(seconds)
-        value = self._TIMEVAL.pack(whole, int((seconds - whole) * 1_000_000))
-        self.sock.setsockopt(socket.SOL_SOCKET, option, value)
+        set_kernel_timeout(self.sock, option, seconds)
 
     def send(self, items: list) -> None:
         if items:
