@@ -154,19 +154,6 @@ def build_report(
     return "".join(header).encode("utf-8") + b"\r\n" + body
 
 
-def is_report(body: bytes) -> bool:
-    """True if the message is itself a delivery report (multipart/report with
-    report-type delivery-status), so the caller can avoid reporting on a report."""
-    content_type = _header_value(_header_section(body), "content-type")
-    if content_type is None:
-        return False
-    kind, _, params = content_type.partition(";")
-    if kind.strip().lower() != "multipart/report":
-        return False
-    match = re.search(r'(?:^|;)\s*report-type\s*=\s*"?([^";\s]+)', params, re.IGNORECASE)
-    return match is not None and match[1].lower() in ("delivery-status", "global-delivery-status")
-
-
 # --- the three parts -----------------------------------------------------------
 
 
@@ -486,15 +473,3 @@ def _header_section(message: bytes) -> bytes:
         return b""
     end = message.find(b"\r\n\r\n")
     return message if end < 0 else message[: end + 2]
-
-
-def _header_value(header: bytes, name: str) -> str | None:
-    """The unfolded value of the first field called `name` (lower case), or None."""
-    text = header.decode("latin-1")
-    # RFC 5322 §2.2.3: unfolding removes each CRLF that is followed by white space.
-    text = re.sub(r"\r\n(?=[ \t])", "", text)
-    for line in text.split("\r\n"):
-        field, colon, value = line.partition(":")
-        if colon and field.strip().lower() == name:
-            return value.strip()
-    return None

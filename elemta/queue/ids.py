@@ -64,15 +64,6 @@ def is_valid(qid: object) -> bool:
     return True
 
 
-def id_time(qid: str) -> float:
-    """The Unix time (seconds, microsecond resolution) at which the ID was issued."""
-    return (decode(qid) >> (SEQ_BITS + WORKER_BITS)) / 1_000_000
-
-
-def id_worker(qid: str) -> int:
-    return decode(qid) & MAX_WORKER
-
-
 class IdGenerator:
     """Issues strictly increasing IDs; safe to share between threads.
 

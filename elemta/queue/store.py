@@ -489,26 +489,3 @@ class Store:
                         conn = None
                 if conn is not None:
                     conn.close()
-
-    def get_message(self, queue_id: str) -> dict | None:
-        """The messages row as stored (priority as its integer), without the body."""
-        with self._reader() as conn:
-            rows = conn.execute("SELECT * FROM messages WHERE queue_id = ?", (queue_id,)).fetchall()
-        return dict(rows[0]) if rows else None
-
-    def get_body(self, queue_id: str) -> bytes | None:
-        with self._reader() as conn:
-            rows = conn.execute("SELECT data FROM bodies WHERE queue_id = ?", (queue_id,)).fetchall()
-        return bytes(rows[0][0]) if rows else None
-
-    def recipients(self, queue_id: str) -> list[dict]:
-        with self._reader() as conn:
-            rows = conn.execute(
-                "SELECT * FROM recipients WHERE queue_id = ? ORDER BY id", (queue_id,)
-            ).fetchall()
-        return [dict(row) for row in rows]
-
-    def count_messages(self) -> int:
-        """All messages in the database, delivered or not."""
-        with self._reader() as conn:
-            return conn.execute("SELECT count(*) FROM messages").fetchall()[0][0]

@@ -286,7 +286,7 @@ def test_reload_that_cannot_bind_changes_nothing(tmp_path):
 
 
 def test_two_workers_share_the_port_and_the_queue(tmp_path):
-    from elemta.queue import ids
+    from tests.queue.idparts import id_worker
 
     daemon = Daemon(tmp_path, config().replace("[server]", "[server]\nworkers = 2")).start()
     try:
@@ -297,7 +297,7 @@ def test_two_workers_share_the_port_and_the_queue(tmp_path):
                 client.sendmail("a@example.org", ["u@example.com"], b"Subject: %d\r\n\r\nx\r\n" % n)
         stored = [row["queue_id"] for row in daemon.messages()]
         assert len(stored) == 24 and len(set(stored)) == 24
-        assert {ids.id_worker(queue_id) for queue_id in stored} == {0, 1}
+        assert {id_worker(queue_id) for queue_id in stored} == {0, 1}
         daemon.signal(signal.SIGHUP)
         # Both workers and the delivery process.
         wait_for(lambda: daemon.log_text().count("NOQUEUE reloaded") == 3, 10, what="all reloaded")

@@ -5,7 +5,8 @@ import time
 import pytest
 
 from elemta.queue import ids
-from elemta.queue.ids import IdGenerator, id_time
+from elemta.queue.ids import IdGenerator
+from tests.queue.idparts import id_time, id_worker
 
 
 class SteppingClock:
@@ -95,7 +96,7 @@ def test_worker_bits_differ_for_the_same_instant():
     a = IdGenerator(worker=3, clock=clock).next()
     b = IdGenerator(worker=5, clock=clock).next()
     assert a != b
-    assert ids.id_worker(a) == 3 and ids.id_worker(b) == 5
+    assert id_worker(a) == 3 and id_worker(b) == 5
     assert id_time(a) == id_time(b) == 1_700_000_000.0
 
 

@@ -23,6 +23,7 @@ from elemta.queue.work import (
     Result,
     WorkQueue,
 )
+from tests.queue import stored
 from tests.support import wait_for
 
 T0 = 1_700_000_000.0
@@ -622,7 +623,7 @@ def test_version_1_database_is_migrated_with_its_data(tmp_path, clock):
         wq.close()
     # and a Store opens it too, keeping the ID high-water mark
     with Store(path, clock=clock) as s:
-        assert s.get_message("0ABCDEFGHJKMN")["done_at"] == T0
+        assert stored.message(s.path, "0ABCDEFGHJKMN")["done_at"] == T0
         assert s.new_id() > "0ABCDEFGHJKMN"
 
 
@@ -630,7 +631,7 @@ def test_version_1_database_opened_by_the_store_first_is_migrated(tmp_path, cloc
     path = str(tmp_path / "queue.db")
     build_v1(path)
     with Store(path, clock=clock) as s:
-        assert [r["warned"] for r in s.recipients("0ABCDEFGHJKMN")] == [0, 0]
+        assert [r["warned"] for r in stored.recipients(s.path, "0ABCDEFGHJKMN")] == [0, 0]
         wq = open_work(path, clock)
         try:
             assert wq.next_due() == T0 - 50
