@@ -404,7 +404,8 @@ class Elemta:
     name = "elemta"
 
     def __init__(self, log_level: str = "warning", max_connections: int = 10000, workers: int | str = "auto",
-                 monitor: bool = True):
+                 monitor: bool = True, binary: str = ELEMTA):
+        self.binary = binary  # bin/elemta of this checkout, or of another tree to compare with
         self.monitor = monitor  # the [monitor] endpoint and its metrics, on by default
         self.log_level = log_level
         self.workers = workers
@@ -456,7 +457,7 @@ listen = "{'127.0.0.1:0' if self.monitor else ''}"
         self.stdout_lines: list[str] = []
         with open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(
-                [ELEMTA, "--config", conf], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                [self.binary, "--config", conf], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                 stderr=err, cwd=self.workdir, text=True,
             )
         got_port = threading.Event()
