@@ -609,3 +609,39 @@ def test_every_metric_is_documented_in_monitoring_md_and_elemta_8():
         shown = name + "_total" if name in counters else name
         assert f"`{shown}`" in guide, f"docs/monitoring.md: {shown}"
         assert f"\n.B {shown}\n" in manual, f"elemta.8 MONITORING: {shown}"
+
+
+# -- docs/architecture.md: the map of the modules ----------------------------------------------
+
+
+def architecture_map() -> set[str]:
+    """The modules the table of docs/architecture.md names (paths under elemta/). In a cell
+    listing several, a bare file name is in the folder of the name before it."""
+    text = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    table = text[text.index("| module | owns | state |"):]
+    listed = set()
+    for line in table.splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        folder = ""
+        for name in re.findall(r"`([^`]+)`", line.split("|")[1]):
+            name = name.removeprefix("elemta/")
+            if "/" in name:
+                folder = name.rsplit("/", 1)[0] + "/"
+            else:
+                name = folder + name
+            listed.add(name)
+    return listed
+
+
+def test_the_architecture_map_lists_every_module_and_only_modules():
+    package = ROOT / "elemta"
+    modules = {str(p.relative_to(package)) for p in package.rglob("*.py") if p.name != "__init__.py"}
+    listed = architecture_map()
+    assert sorted(modules - listed) == [], "modules docs/architecture.md does not list"
+    assert sorted(listed - modules) == [], "docs/architecture.md lists modules that do not exist"
+
+
+def test_the_architecture_map_calls_nothing_built_planned():
+    text = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    assert not re.search(r"\|\s*planned\s*\|", text)
