@@ -23,8 +23,10 @@ from elemta import cpus, transport
 from elemta.errors import ConfigError
 
 DEFAULT_PATH = "/etc/elemta/elemta.toml"
-ROLES = ("mx", "submission", "submissions")
+LISTENER_ROLES = ("mx", "submission", "submissions")
 TLS_ROLES = ("submissions",)  # implicit TLS from the first byte (RFC 8314 §3.3), port 465
+# Mail submission (RFC 6409): AUTH required, the submission rules, reserved connection slots.
+SUBMISSION_ROLES = frozenset({"submission", "submissions"})
 TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
@@ -543,8 +545,8 @@ def _listeners(raw: Any, problems: _Problems) -> tuple[Listener, ...]:
             split_host_port(listener.address)
         except ValueError as exc:
             problems.add(path, f"{path}.address: {listener.address!r}: {exc}")
-        if listener.role not in ROLES:
-            problems.add(path, f"{path}.role: {listener.role!r} is not a role (allowed: {', '.join(ROLES)})")
+        if listener.role not in LISTENER_ROLES:
+            problems.add(path, f"{path}.role: {listener.role!r} is not a role (allowed: {', '.join(LISTENER_ROLES)})")
         if len(problems.lines) == before:
             result.append(listener)
         if not problems.bad(f"{path}.address"):

@@ -190,7 +190,7 @@ def build_scheduler(config: Config, store: Store, events: logmod.EventLog,
 
 # What one process runs: listeners and sessions ("smtp"), the delivery scheduler ("delivery"),
 # or both ("all": a lone process, or worker 0 when server.delivery_process is off).
-ROLES = ("all", "smtp", "delivery")
+PROCESS_ROLES = ("all", "smtp", "delivery")
 # The delivery process's number in queue IDs (its bounces); SMTP workers use 0..14.
 DELIVERY_WORKER = ids.MAX_WORKER
 
@@ -204,8 +204,8 @@ class Daemon:
         wake_pipe (read end, write end) links SMTP processes to a delivery process: a byte
         written after each commit of new mail wakes the scheduler at once.
         """
-        if role not in ROLES:
-            raise ValueError(f"role must be one of {ROLES}")
+        if role not in PROCESS_ROLES:
+            raise ValueError(f"role must be one of {PROCESS_ROLES}")
         self.load_config = load_config
         self.announce = announce
         self.role = role

@@ -502,7 +502,7 @@ ENUMERATED = [
     ("delivery.relayhost_tls_policy", config.TLS_POLICIES),
     ("log.level", config.LOG_LEVELS),
     ("log.format", config.LOG_FORMATS),
-    ("listeners.role", config.ROLES),
+    ("listeners.role", config.LISTENER_ROLES),
 ]
 
 

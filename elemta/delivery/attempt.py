@@ -16,10 +16,10 @@ from elemta.delivery import maildir
 from elemta.delivery.dns import DnsError, Resolver
 from elemta.delivery.router import Route
 from elemta.delivery.smtp_client import (
-    Connection,
     OutMessage,
     OutRecipient,
     SmtpClientError,
+    SmtpConnection,
 )
 from elemta.delivery.smtp_pool import Pool
 from elemta.queue.work import Attempt, Job, Recipient
@@ -42,7 +42,9 @@ class Verdict:
 
 
 @dataclass
-class Outcome:
+class AttemptResult:
+    """What one delivery run decided: a verdict per recipient, and the attempts made."""
+
     verdicts: list[Verdict] = field(default_factory=list)
     attempts: list[Attempt] = field(default_factory=list)
 
@@ -56,22 +58,22 @@ class Settings:
 
 
 class Attempter:
-    def __init__(self, settings: Settings, resolver: Resolver, pool: Pool[Connection],
+    def __init__(self, settings: Settings, resolver: Resolver, pool: Pool[SmtpConnection],
                  clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
         self.resolver = resolver
         self.pool = pool
         self.clock = clock
 
-    def run(self, job: Job, body: bytes, recipients: Sequence[Recipient], route: Route) -> Outcome:
+    def run(self, job: Job, body: bytes, recipients: Sequence[Recipient], route: Route) -> AttemptResult:
         if route.kind == "maildir":
             return self._maildir(job, body, recipients, route)
         return self._smtp(job, body, recipients, route)
 
     # -- SMTP / LMTP -----------------------------------------------------------
 
-    def _smtp(self, job: Job, body: bytes, recipients: Sequence[Recipient], route: Route) -> Outcome:
-        out = Outcome()
+    def _smtp(self, job: Job, body: bytes, recipients: Sequence[Recipient], route: Route) -> AttemptResult:
+        out = AttemptResult()
         remaining = list(recipients)
         last: dict[int, Verdict] = {}
         for host, ip in self._addresses(route, remaining, out, last):
@@ -117,7 +119,7 @@ class Attempter:
                 r, "transient", "no next hop could be reached", "4.4.1"))
         return out
 
-    def _addresses(self, route: Route, remaining: list[Recipient], out: Outcome, last: dict[int, Verdict]):
+    def _addresses(self, route: Route, remaining: list[Recipient], out: AttemptResult, last: dict[int, Verdict]):
         """(host, ip) pairs to try, resolving each host only when it is reached."""
         if route.path:  # LMTP over a unix socket
             yield "localhost", ""
@@ -143,9 +145,9 @@ class Attempter:
                 if not remaining:
                     return
 
-    def _open(self, route: Route, host: str, ip: str) -> Connection:
+    def _open(self, route: Route, host: str, ip: str) -> SmtpConnection:
         s = self.settings
-        return Connection.open(
+        return SmtpConnection.open(
             host, ip, route.port, helo_name=s.helo_name, lmtp=route.kind == "lmtp",
             tls_policy=route.tls_policy, tls_name=host, ca_file=s.ca_file or None, auth=route.auth,
             connect_timeout=s.connect_timeout, command_timeout=s.command_timeout,
@@ -159,8 +161,8 @@ class Attempter:
 
     # -- Maildir -----------------------------------------------------------------
 
-    def _maildir(self, job: Job, body: bytes, recipients: Sequence[Recipient], route: Route) -> Outcome:
-        out = Outcome()
+    def _maildir(self, job: Job, body: bytes, recipients: Sequence[Recipient], route: Route) -> AttemptResult:
+        out = AttemptResult()
         for r in recipients:
             started = time.monotonic()
             try:

@@ -4,10 +4,9 @@ the queue themselves."""
 
 from __future__ import annotations
 
-from elemta.delivery.attempt import Outcome, Verdict
+from elemta.delivery.attempt import AttemptResult, Verdict
 from elemta.plugins import api
-from elemta.queue.work import Attempt
-from elemta.queue.work import Outcome as QueueOutcome
+from elemta.queue.work import Attempt, Outcome
 
 
 def _context(hook: str, dl, **fields) -> api.Context:
@@ -19,7 +18,7 @@ def _context(hook: str, dl, **fields) -> api.Context:
     ))
 
 
-def pre_delivery(plugins, dl, now: float) -> tuple[Outcome, list[QueueOutcome], str] | None:
+def pre_delivery(plugins, dl, now: float) -> tuple[AttemptResult, list[Outcome], str] | None:
     """None to go on with the attempt; else what to record instead, and the verdict's name.
 
     reject bounces the recipients (permanent), defer retries them on the usual schedule,
@@ -32,19 +31,19 @@ def pre_delivery(plugins, dl, now: float) -> tuple[Outcome, list[QueueOutcome], 
     if v.action in ("reject", "defer"):
         status, state = ("permanent", "failed") if v.action == "reject" else ("transient", "deferred")
         reply = f"{v.code} {v.esc} {v.text}"
-        return (Outcome([Verdict(r, status, reply, v.esc) for r in dl.recipients],
+        return (AttemptResult([Verdict(r, status, reply, v.esc) for r in dl.recipients],
                         [Attempt(r.id, now, state, reply, host=who) for r in dl.recipients]), [], v.action)
     if v.action == "discard":
         text = f"discarded by {who}"
-        return (Outcome([], [Attempt(r.id, now, "discarded", text, host=who) for r in dl.recipients]),
-                [QueueOutcome(r.id, "delivered", text) for r in dl.recipients], v.action)
+        return (AttemptResult([], [Attempt(r.id, now, "discarded", text, host=who) for r in dl.recipients]),
+                [Outcome(r.id, "delivered", text) for r in dl.recipients], v.action)
     if v.action == "quarantine":
         text = f"held by {who}: {v.reason or 'quarantine'}"
-        return Outcome(), [QueueOutcome(r.id, "held", text) for r in dl.recipients], v.action
+        return AttemptResult(), [Outcome(r.id, "held", text) for r in dl.recipients], v.action
     return None
 
 
-def notices(plugins, dl, outcome: Outcome) -> None:
+def notices(plugins, dl, outcome: AttemptResult) -> None:
     """on_delivery_success for the recipients that arrived, on_delivery_failure for the rest."""
     if plugins is None:
         return

@@ -34,13 +34,12 @@ from elemta import log as logmod
 from elemta import metrics
 from elemta.config import Config
 from elemta.delivery import hooks
-from elemta.delivery.attempt import Attempter, Outcome, Verdict
+from elemta.delivery.attempt import Attempter, AttemptResult, Verdict
 from elemta.delivery.dns import DnsError
 from elemta.delivery.outcomes import Reporting, decide
 from elemta.delivery.router import Route, Router
 from elemta.queue.schedule import RetrySchedule
-from elemta.queue.work import ERROR_RETRY, Attempt, Job, Recipient, Result, WorkQueue
-from elemta.queue.work import Outcome as QueueOutcome
+from elemta.queue.work import ERROR_RETRY, Attempt, Job, Outcome, Recipient, Result, WorkQueue
 
 POLL = 0.25  # seconds between looks at PRAGMA data_version
 LEASE = 3600.0  # longer than any attempt; only a dead process's leases ever run out
@@ -252,9 +251,9 @@ class Scheduler:
             if route.kind == "expand":
                 expansions.append((r, route.targets))
             elif route.kind == "hold":
-                result.outcomes.append(QueueOutcome(r.id, "held", "held by transport map"))
+                result.outcomes.append(Outcome(r.id, "held", "held by transport map"))
             elif route.kind == "discard":
-                result.outcomes.append(QueueOutcome(r.id, "delivered", "discarded by transport map"))
+                result.outcomes.append(Outcome(r.id, "delivered", "discarded by transport map"))
                 result.attempts.append(Attempt(r.id, now, "discarded", "discarded by transport map"))
                 self.log("discarded", qid=job.queue_id, rcpt=f"<{r.address}>")
             elif route.kind == "error":
@@ -276,7 +275,7 @@ class Scheduler:
                 self.log("expanded", qid=job.queue_id, rcpt=f"<{r.address}>", to=",".join(targets))
             self.wake()
         if verdicts or result.outcomes:
-            self._record(job, body, Outcome(verdicts, result.attempts), extra=result.outcomes)
+            self._record(job, body, AttemptResult(verdicts, result.attempts), extra=result.outcomes)
         if any(r.parent is not None for rcpts in groups.values() for r in rcpts):
             groups = self._drop_delivered(job, body, groups)
         return [self._one_copy(job, body, route, rcpts) for route, rcpts in groups.items()]
@@ -301,7 +300,7 @@ class Scheduler:
                 attempts.append(Attempt(r.id, self.clock(), "duplicate", reply))
                 self.log("duplicate", qid=job.queue_id, rcpt=f"<{r.address}>", same_as=f"<{first[1]}>")
             if verdicts:
-                self._record(job, body, Outcome(verdicts, attempts), final_hop=route.kind in ("lmtp", "maildir"))
+                self._record(job, body, AttemptResult(verdicts, attempts), final_hop=route.kind in ("lmtp", "maildir"))
         return left
 
     def _one_copy(self, job: Job, body: bytes, route: Route, rcpts: list[Recipient]) -> Delivery:
@@ -398,8 +397,8 @@ class Scheduler:
             self._start_waiting()
             self._part_done(dl.job)
 
-    def _record(self, job: Job, body: bytes, outcome: Outcome, *, final_hop: bool = False,
-                extra: list[QueueOutcome] | None = None, route: Route | None = None) -> None:
+    def _record(self, job: Job, body: bytes, outcome: AttemptResult, *, final_hop: bool = False,
+                extra: list[Outcome] | None = None, route: Route | None = None) -> None:
         now = self.clock()
         try:
             result = decide(job, outcome.verdicts, outcome.attempts, schedule=self.schedule,
@@ -435,10 +434,10 @@ class Scheduler:
         now = self.clock()
         result = Result()
         for v in delivered:
-            result.outcomes.append(QueueOutcome(v.recipient.id, "delivered", v.reply, counted=v.recipient.counted))
+            result.outcomes.append(Outcome(v.recipient.id, "delivered", v.reply, counted=v.recipient.counted))
             result.attempts.append(Attempt(v.recipient.id, now, "delivered", v.reply, host=v.host))
         for r in recipients:
-            result.outcomes.append(QueueOutcome(r.id, "deferred", INTERNAL_ERROR, next_attempt=now + ERROR_RETRY,
+            result.outcomes.append(Outcome(r.id, "deferred", INTERNAL_ERROR, next_attempt=now + ERROR_RETRY,
                                                 counted=False))
             result.attempts.append(Attempt(r.id, now, "deferred", INTERNAL_ERROR))
         self.work.submit(job.queue_id, result, self.wake)
@@ -459,8 +458,8 @@ class Scheduler:
         self._wake.set()
 
 
-def _merged(dl: Delivery, outcome: Outcome, extra: list[QueueOutcome],
-            now: float) -> tuple[Outcome, list[QueueOutcome]]:
+def _merged(dl: Delivery, outcome: AttemptResult, extra: list[Outcome],
+            now: float) -> tuple[AttemptResult, list[Outcome]]:
     """The outcome with each duplicate given the verdict of the recipient it duplicates.
 
     Its attempt record says so ("duplicate"), so `queue trace` shows it was not sent twice.
@@ -478,10 +477,10 @@ def _merged(dl: Delivery, outcome: Outcome, extra: list[QueueOutcome],
             more.append(dataclasses.replace(o, recipient_id=dup.id))
             attempts.append(Attempt(dup.id, _ended_at(outcome, o.recipient_id, now), "duplicate",
                                     f"same mailbox as recipient {o.recipient_id}: {o.error}"))
-    return Outcome(verdicts, attempts), more
+    return AttemptResult(verdicts, attempts), more
 
 
-def _ended_at(outcome: Outcome, recipient_id: int, now: float) -> float:
+def _ended_at(outcome: AttemptResult, recipient_id: int, now: float) -> float:
     """When the recipient's own attempt ended (its last record), for its duplicates' records."""
     times = [a.at for a in outcome.attempts if a.recipient_id == recipient_id]
     return max(times) if times else now

@@ -21,14 +21,15 @@ import time
 from dataclasses import dataclass
 
 from elemta import metrics
+from elemta.config import TLS_POLICIES
 from elemta.delivery.smtp_reply import (
     MAX_REPLY_LINE,
     MAX_REPLY_LINES,
+    OutboundTls,
     ProtocolError,
     RecipientResult,
     Reply,
     SmtpClientError,
-    TlsInfo,
     build_reply,
     dot_stuff,
     parse_ehlo,
@@ -37,10 +38,9 @@ from elemta.delivery.smtp_reply import (
 )
 from elemta.sockopts import set_kernel_timeout
 
-__all__ = ["TLS_POLICIES", "Connection", "OutMessage", "OutRecipient", "RecipientResult", "Reply",
-           "SmtpClientError", "TlsInfo", "dot_stuff"]
+__all__ = ["TLS_POLICIES", "SmtpConnection", "OutMessage", "OutRecipient", "RecipientResult", "Reply",
+           "SmtpClientError", "OutboundTls", "dot_stuff"]
 
-TLS_POLICIES = ("none", "may", "encrypt", "verify")
 NOTIFY_KEYWORDS = ("NEVER", "SUCCESS", "FAILURE", "DELAY")  # RFC 3461 §4.1
 QUIT_TIMEOUT = 5.0
 # RFC 5321 §4.5.3.2.5 times each block of data, not the whole message: a large message
@@ -101,8 +101,8 @@ def _unsafe(address: str) -> bool:
     return any(c in "<>" or ord(c) < 32 or ord(c) == 127 for c in address)
 
 
-class Connection:
-    """One SMTP or LMTP session, open after Connection.open(); reusable for many send()."""
+class SmtpConnection:
+    """One SMTP or LMTP session, open after SmtpConnection.open(); reusable for many send()."""
 
     def __init__(self, host: str, ip: str, port: int, *, lmtp: bool, command_timeout: float):
         self.host = host
@@ -111,7 +111,7 @@ class Connection:
         self.lmtp = lmtp
         self.command_timeout = command_timeout
         self.extensions: dict[str, str] = {}  # EHLO keyword (upper case) -> parameters
-        self.tls: TlsInfo | None = None
+        self.tls: OutboundTls | None = None
         self.messages_sent = 0
         self.opened_at = time.monotonic()
         self._sock: socket.socket | None = None
@@ -126,7 +126,7 @@ class Connection:
         tls_policy: str = "may", tls_name: str | None = None, ca_file: str | None = None,
         auth: tuple[str, str] | None = None, connect_timeout: float = 30.0,
         command_timeout: float = 300.0, unix_path: str | None = None,
-    ) -> Connection:
+    ) -> SmtpConnection:
         """Connect, read the greeting, EHLO/LHLO, STARTTLS per tls_policy, AUTH."""
         if tls_policy not in TLS_POLICIES:
             raise ValueError(f"tls_policy must be one of {TLS_POLICIES}")
@@ -213,7 +213,7 @@ class Connection:
         metrics.TLS_HANDSHAKES.labels("out", self._sock.version() or "unknown", "ok").inc()
         self._kernel = False  # Python's timeout, set above, from here on: see _kernel_timeouts
         cipher = self._sock.cipher()
-        self.tls = TlsInfo(self._sock.version() or "", cipher[0] if cipher else "",
+        self.tls = OutboundTls(self._sock.version() or "", cipher[0] if cipher else "",
                            verified=policy == "verify")
         # RFC 3207 §4.2: forget what the server said before TLS and ask again.
         self.extensions = {}

@@ -12,7 +12,7 @@ from typing import Generic, Protocol, TypeVar
 
 
 class Pooled(Protocol):
-    """What the pool needs of a connection (smtp_client.Connection)."""
+    """What the pool needs of a connection (smtp_client.SmtpConnection)."""
 
     messages_sent: int
 

@@ -67,7 +67,7 @@ class RecipientResult:
 
 
 @dataclass(frozen=True)
-class TlsInfo:
+class OutboundTls:
     version: str
     cipher: str
     verified: bool

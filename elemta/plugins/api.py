@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from elemta.dnscache import DnsError, Resolver
+from elemta.priorities import PRIORITIES
 from elemta.ratelimit import RateLimit
 
 __all__ = [
@@ -43,7 +44,6 @@ HOOKS = SMTP_HOOKS + DELIVERY_HOOKS + NOTICE_HOOKS
 MESSAGE_HOOKS = ("on_mail_from", "on_rcpt_to", "on_data", "on_message")
 
 ACTIONS = ("continue", "accept", "reject", "defer", "discard", "quarantine")
-PRIORITIES = ("critical", "high", "normal", "low")
 
 
 class PluginError(Exception):

@@ -52,7 +52,7 @@ FAIL_CLOSED = api.defer(451, "4.3.0", "Temporary local problem, please try again
 
 
 @dataclass
-class Outcome:
+class HookResult:
     """What the plugins of one hook decided together.
 
     verdict is the first final verdict (or CONTINUE); plugin names who gave it.  Headers, auth
@@ -81,7 +81,7 @@ class Outcome:
             self.verdict, self.plugin = verdict, name
 
 
-NOTHING = Outcome()  # for hooks no plugin has; never changed
+NOTHING = HookResult()  # for hooks no plugin has; never changed
 
 
 class HookStats:
@@ -241,12 +241,12 @@ class Manager:
     def wants(self, hook: str) -> bool:
         return bool(self._by_hook[hook])
 
-    def run(self, hook: str, ctx: api.Context) -> Outcome:
+    def run(self, hook: str, ctx: api.Context) -> HookResult:
         """Call hook on every plugin that has it, in config order, until one decides."""
         plugins = self._by_hook[hook]
         if not plugins:
             return NOTHING
-        outcome = Outcome()
+        outcome = HookResult()
         i = 0
         while i < len(plugins) and not outcome.verdict.final:
             if not plugins[i].isolated:
@@ -282,7 +282,7 @@ class Manager:
                              loaded.timeout, timeout=True)
                 return job.index + 1
 
-    def _call(self, loaded: Loaded, hook: str, ctx: api.Context, outcome: Outcome, job: _Job | None) -> None:
+    def _call(self, loaded: Loaded, hook: str, ctx: api.Context, outcome: HookResult, job: _Job | None) -> None:
         """Call one plugin's hook and settle its result into outcome (under the job's lock
         when it runs in a job, so that a caller who gave up on it never sees it land)."""
         if not loaded.enter():
@@ -386,7 +386,7 @@ def _verdict_error(hook: str, verdict: Any) -> str:
 class _Job:
     """Consecutive isolated plugins of one hook, run in order by one pool thread."""
 
-    def __init__(self, manager: Manager, hook: str, ctx: api.Context, plugins: list[Loaded], outcome: Outcome):
+    def __init__(self, manager: Manager, hook: str, ctx: api.Context, plugins: list[Loaded], outcome: HookResult):
         self.manager, self.hook, self.ctx, self.plugins, self.outcome = manager, hook, ctx, plugins, outcome
         self.lock = threading.Lock()
         self.done = threading.Event()

@@ -34,7 +34,7 @@ BUSY_TIMEOUT_MS = 5000
 LOCK_SUFFIX = "-lock"  # the writers' lock file: queue.db-lock beside queue.db-wal and -shm
 
 
-class Connection(sqlite3.Connection):
+class LockingConnection(sqlite3.Connection):
     """A connection that may hold the file descriptor of its database's writers' lock.
 
     Each connection opens the lock file itself: flock() locks belong to an open file
@@ -115,7 +115,7 @@ def connect(
         check_same_thread=check_same_thread,
         timeout=BUSY_TIMEOUT_MS / 1000,  # also covers the pragmas below
         uri=uri,
-        factory=Connection,
+        factory=LockingConnection,
     )
     try:
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Stored as the index (0 = critical) so that ORDER BY priority puts urgent mail first.
-PRIORITIES = ("critical", "high", "normal", "low")
+from elemta.priorities import PRIORITIES
+
+__all__ = ["PRIORITIES", "STATES", "UNDELIVERED_STATES", "NewMessage", "NewRecipient", "priority_value",
+           "recipient_domain"]
 
 # Per-recipient delivery states, stored as these exact TEXT values (see schema.py).
 STATES = ("queued", "active", "deferred", "held", "delivered", "failed")

@@ -19,14 +19,16 @@ from dataclasses import dataclass
 
 from elemta.config import DeliveryConfig
 
+_DEFAULTS = DeliveryConfig()  # the defaults have one home: config.py
+
 
 @dataclass(frozen=True)
 class RetrySchedule:
-    first: float = 300.0
-    maximum: float = 3600.0
-    jitter: float = 0.1
-    lifetime: float = 432_000.0
-    delay_warning: float = 14_400.0  # 0 = never
+    first: float = _DEFAULTS.retry_first
+    maximum: float = _DEFAULTS.retry_max
+    jitter: float = _DEFAULTS.retry_jitter
+    lifetime: float = _DEFAULTS.max_lifetime
+    delay_warning: float = _DEFAULTS.delay_warning  # 0 = never
 
     @classmethod
     def from_config(cls, d: DeliveryConfig) -> RetrySchedule:

@@ -30,9 +30,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from elemta.config import AUTH_MECHANISMS
 from elemta.errors import ElemtaError
 
-MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5")
+MECHANISMS = AUTH_MECHANISMS  # the ones config.py allows, each implemented below
 # These send the password itself (base64 is no protection): offered only over TLS
 # (RFC 4954 §4, RFC 4616 §6), or in dev mode.
 PLAINTEXT_MECHANISMS = frozenset({"PLAIN", "LOGIN"})
@@ -76,7 +77,7 @@ class Failure:
     reason: str = ""  # for the log: what was wrong; never a password
 
 
-Outcome = Challenge | Success | Failure
+Step = Challenge | Success | Failure
 
 FAILURE_KINDS = ("bad_base64", "cancelled", "malformed", "invalid", "unavailable")
 
@@ -128,12 +129,12 @@ class Exchange:
         self.attempted_user: str | None = None  # for the log, never the password
         self.done = False
         self._started = False
-        self._step: Callable[[bytes], Outcome] | None = None  # what the next line is for
+        self._step: Callable[[bytes], Step] | None = None  # what the next line is for
         self._challenge = b""  # CRAM-MD5: the challenge sent
 
     # ---- entry points ----------------------------------------------------------------------
 
-    def start(self, initial: str | None) -> Outcome:
+    def start(self, initial: str | None) -> Step:
         """`AUTH <mechanism> [initial]`: initial is the argument after the name, None when the
         client sent none, "=" for an empty one (RFC 4954 §4)."""
         if self._started:
@@ -159,7 +160,7 @@ class Exchange:
             return self._end(data)
         return self._outcome(first(data))
 
-    def step(self, line: str) -> Outcome:
+    def step(self, line: str) -> Step:
         """One client line after a 334 (without its CRLF)."""
         if self._step is None or self.done:
             raise RuntimeError("Exchange.step() with no challenge outstanding")
@@ -172,7 +173,7 @@ class Exchange:
 
     # ---- PLAIN (RFC 4616) ------------------------------------------------------------------
 
-    def _plain(self, data: bytes) -> Outcome:
+    def _plain(self, data: bytes) -> Step:
         # message = [authzid] UTF8NUL authcid UTF8NUL passwd (RFC 4616 §2); a NUL inside a
         # field makes a fourth part.
         parts = data.split(b"\0")
@@ -193,7 +194,7 @@ class Exchange:
 
     # ---- LOGIN (draft-murchison-sasl-login) ------------------------------------------------
 
-    def _login_user(self, data: bytes) -> Outcome:
+    def _login_user(self, data: bytes) -> Step:
         user = _text(data)
         if not user:
             return Failure("malformed", "LOGIN: empty user name" if user == "" else "LOGIN: user name not UTF-8")
@@ -201,7 +202,7 @@ class Exchange:
         self._step = self._login_password
         return Challenge(LOGIN_PASSWORD_PROMPT)
 
-    def _login_password(self, data: bytes) -> Outcome:
+    def _login_password(self, data: bytes) -> Step:
         password = _text(data)
         if not password:
             return Failure("malformed", "LOGIN: empty password" if password == "" else "LOGIN: password not UTF-8")
@@ -210,13 +211,13 @@ class Exchange:
 
     # ---- CRAM-MD5 (RFC 2195) ---------------------------------------------------------------
 
-    def _cram_challenge(self) -> Outcome:
+    def _cram_challenge(self) -> Step:
         # RFC 2195 §2: a msg-id-like challenge, <random.timestamp@hostname>.
         self._challenge = f"<{self.nonce()}@{self.hostname}>".encode()
         self._step = self._cram_response
         return Challenge(base64.b64encode(self._challenge).decode("ascii"))
 
-    def _cram_response(self, data: bytes) -> Outcome:
+    def _cram_response(self, data: bytes) -> Step:
         # The response is "user SP digest", the digest 32 lower-case hex digits of
         # HMAC-MD5(secret, challenge) (RFC 2195 §2).  The user is what comes before the last
         # space, so a name with a space in it is looked up as sent.
@@ -241,7 +242,7 @@ class Exchange:
 
     # ---- common ----------------------------------------------------------------------------
 
-    def _check(self, user: str, password: str) -> Outcome:
+    def _check(self, user: str, password: str) -> Step:
         try:
             verdict = self.verifier.check_password(user, password)
         except (ElemtaError, OSError) as exc:
@@ -255,12 +256,12 @@ class Exchange:
             return Success(user)
         return Failure("invalid", "wrong user name or password")
 
-    def _outcome(self, outcome: Outcome) -> Outcome:
+    def _outcome(self, outcome: Step) -> Step:
         if not isinstance(outcome, Challenge):
             return self._end(outcome)
         return outcome
 
-    def _end(self, outcome: Outcome) -> Outcome:
+    def _end(self, outcome: Step) -> Step:
         self.done = True
         self._step = None
         return outcome

@@ -7,11 +7,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from elemta.config import SUBMISSION_ROLES
 from elemta.local import LocalRecipients
 from elemta.queue.model import NewMessage
 from elemta.smtp.replies import Reply
-
-SUBMISSION_ROLES = frozenset({"submission", "submissions"})
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from elemta import log as logmod
 from elemta.plugins import api
-from elemta.plugins.manager import NOTHING, Outcome
+from elemta.plugins.manager import NOTHING, HookResult
 from elemta.smtp import headers
 from elemta.smtp.replies import Reply
 
@@ -39,7 +39,7 @@ class PluginHooks:
         pc.tls = str(self.tls) if self.tls is not None else None
         return pc
 
-    def _hook(self, hook: str, **parts) -> Outcome:
+    def _hook(self, hook: str, **parts) -> HookResult:
         """Run hook's plugins; the outcome's auth results and headers are kept for the message."""
         plugins = self.services.plugins
         if plugins is None or not plugins.wants(hook):
@@ -83,7 +83,7 @@ class PluginHooks:
                 self._pnotes.auth_results += results
 
     @staticmethod
-    def _refusal(outcome: Outcome) -> Reply | None:
+    def _refusal(outcome: HookResult) -> Reply | None:
         """The reply for a reject or defer, else None."""
         v = outcome.verdict
         return Reply(v.code, v.esc, v.text) if v.action in ("reject", "defer") else None

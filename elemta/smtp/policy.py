@@ -17,12 +17,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from elemta.config import SUBMISSION_ROLES
 from elemta.smtp.address import Address
 
 # Listener roles whose clients are the site's own users: they must authenticate (unless
 # smtp.auth_required is off) and may then send anywhere. "submissions" is the implicit-TLS
 # port (RFC 8314 §3.3), the same policy as STARTTLS submission.
-SUBMISSION_ROLES = frozenset({"submission", "submissions"})
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import time
 
 from elemta import log as logmod
 from elemta import metrics
-from elemta.config import TLS_ROLES, Config, Listener, split_host_port
+from elemta.config import SUBMISSION_ROLES, TLS_ROLES, Config, Listener, split_host_port
 from elemta.errors import QueueError
 from elemta.local import LocalRecipients
 from elemta.log import EventLog
@@ -45,7 +45,6 @@ from elemta.sockopts import set_kernel_timeout
 RECV_SIZE = 65536
 PROXY_TIMEOUT = 10.0  # seconds for a PROXY header to arrive
 SWEEP_INTERVAL = 1.0  # seconds between deadline sweeps: a deadline is kept to within this
-SUBMISSION_ROLES = ("submission", "submissions")  # may use server.reserved_connections
 
 
 def session_settings(

@@ -16,11 +16,11 @@ from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import AuthResult
 
 from elemta.delivery.smtp_client import (
-    Connection,
     OutMessage,
     OutRecipient,
     Reply,
     SmtpClientError,
+    SmtpConnection,
     dot_stuff,
 )
 from elemta.delivery.smtp_pool import Pool
@@ -108,12 +108,12 @@ def aiosmtpd():
         controller.stop()
 
 
-def connect(port, **kwargs) -> Connection:
+def connect(port, **kwargs) -> SmtpConnection:
     kwargs.setdefault("helo_name", "client.test")
     kwargs.setdefault("tls_policy", "none")
     kwargs.setdefault("connect_timeout", 5.0)
     kwargs.setdefault("command_timeout", 10.0)
-    return Connection.open("mx.test", "127.0.0.1", port, **kwargs)
+    return SmtpConnection.open("mx.test", "127.0.0.1", port, **kwargs)
 
 
 def message(*recipients, **kwargs) -> OutMessage:
@@ -468,7 +468,7 @@ def test_lmtp_over_a_unix_socket(tmp_path):
     controller = UnixLmtpController(handler, unix_socket=path)
     controller.start()
     try:
-        conn = Connection.open("localhost", "", 0, helo_name="client.test", lmtp=True,
+        conn = SmtpConnection.open("localhost", "", 0, helo_name="client.test", lmtp=True,
                                unix_path=str(path), command_timeout=10.0)
         results = conn.send(message("bob@example.org"))
         conn.close()
