@@ -385,7 +385,7 @@ class Postfix:
                 self._log_offset = f.tell()
         except OSError:
             return []
-        lines = [l for l in text.splitlines() if re.search(r"\b(warning|error|fatal|panic):", l)]
+        lines = [ln for ln in text.splitlines() if re.search(r"\b(warning|error|fatal|panic):", ln)]
         return lines[:20] + ([f"... and {len(lines) - 20} more"] if len(lines) > 20 else [])
 
     # Postfix runs for the whole benchmark; a "round" is one measured run in it.
@@ -485,7 +485,7 @@ listen = "{'127.0.0.1:0' if self.monitor else ''}"
     def _stderr_tail(self, n: int = 10) -> list[str]:
         try:
             with open(self.stderr_path, errors="replace") as f:
-                return [l.rstrip() for l in f.readlines()[-n:]]
+                return [ln.rstrip() for ln in f.readlines()[-n:]]
         except OSError:
             return []
 
@@ -510,8 +510,8 @@ listen = "{'127.0.0.1:0' if self.monitor else ''}"
             if self.log_level == "warning":
                 lines = self._stderr_tail(10000)
             else:
-                lines = [l for l in self._stderr_tail(10000)
-                         if re.search(r"\b(WARNING|ERROR|CRITICAL|Traceback|error)\b", l)]
+                lines = [ln for ln in self._stderr_tail(10000)
+                         if re.search(r"\b(WARNING|ERROR|CRITICAL|Traceback|error)\b", ln)]
             self.notes += lines[:20] + ([f"... and {len(lines) - 20} more"] if len(lines) > 20 else [])
             self.proc = None
         if self.workdir and not keep:
@@ -778,7 +778,7 @@ def machine_info() -> dict:
     model = ""
     try:
         with open("/proc/cpuinfo") as f:
-            model = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
     except OSError:
         pass
     return {
@@ -831,7 +831,6 @@ def idle(args) -> int:
         if r and (r["exit"] or r["stderr"]):
             problems.append(f"warm-up smtp-source exit {r['exit']}: {r['stderr'][:5]}")
         time.sleep(1)
-        st = proc_status(pid)
         result["rss_before_kb"] = rss_kb(pid)
         result["pss_before_kb"] = pss_kb(pid)
         result["threads_before"] = tree_threads(pid)
@@ -845,7 +844,6 @@ def idle(args) -> int:
                 break
         result["open_seconds"] = round(time.monotonic() - t0, 2)
         time.sleep(2)
-        st = proc_status(pid)
         result["rss_with_kb"] = rss_kb(pid)
         result["pss_with_kb"] = pss_kb(pid)
         result["threads_with"] = tree_threads(pid)

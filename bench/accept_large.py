@@ -112,7 +112,7 @@ def format_table(cells: list[dict], labels: list[str]) -> str:
     lines.append("CPU per extra KB (growth of the median CPU per message / KB between sizes), us/KB")
     for label in labels:
         parts = []
-        for a, b in zip(cells, cells[1:]):
+        for a, b in zip(cells, cells[1:], strict=False):
             kb = (b["size"] - a["size"]) / 1024
             slope = (b["median"][label]["cpu_ms"] - a["median"][label]["cpu_ms"]) * 1000 / kb
             parts.append(f"{accept.fmt_size(a['size'])}->{accept.fmt_size(b['size'])} {slope:6.2f}")
@@ -141,7 +141,7 @@ def main(argv=None) -> int:
         p.error("run as root: Postfix is configured, started and stopped")
     if args.quick:
         args.repeat = 1
-    counts = dict(zip(args.sizes, args.count)) if args.count else {
+    counts = dict(zip(args.sizes, args.count, strict=True)) if args.count else {
         s: (QUICK_COUNTS if args.quick else COUNTS).get(s, max(30, 100_000_000 // s)) for s in args.sizes}
 
     def on_term(signum, frame):

@@ -93,7 +93,7 @@ def time_session(size: int, chunk: int, count: int, rounds: int) -> float:
 def time_store(size: int, count: int, rounds: int, where: str) -> float:
     message = receive(dialogue(size, 65536))
     per = []
-    for r in range(rounds):
+    for _ in range(rounds):
         spool = tempfile.mkdtemp(prefix="elemta-datapath-", dir=where)
         try:
             with Store(os.path.join(spool, "queue.db")) as store:

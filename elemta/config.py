@@ -240,7 +240,8 @@ class PluginSpec:
     use: str = ""  # a built-in (spf, dkim, ...), "package.module:Class", or an entry point's name
     name: str = ""  # in logs, statistics and elemtactl plugins; "" = use (its class, lower case)
     enabled: bool = True
-    timeout: float | None = None  # seconds a call may take in a pool thread; 0 = inline; None = the plugin's default_timeout
+    # Seconds a call may take in a pool thread; 0 = inline; None = the plugin's default_timeout.
+    timeout: float | None = None
     fail_closed: bool = False  # a failed or overrunning call answers 451 4.3.0 (else: skipped)
     max_concurrency: int = 64  # calls in flight at once; more fail at once (as a timeout)
     options: dict = field(default_factory=dict)  # [plugins.options], the plugin's own keys

@@ -18,8 +18,8 @@ import time
 from collections.abc import Callable
 
 from elemta import config as cfgmod
-from elemta import log as logmod
 from elemta import filemodes, metrics, monitor, sdnotify, shm
+from elemta import log as logmod
 from elemta.config import Config
 from elemta.delivery import attempt, smtp_pool
 from elemta.delivery.dns import Resolver
@@ -91,7 +91,8 @@ def open_log(config: Config) -> logmod.Target:
     try:
         return logmod.open_target(config.log)
     except OSError as exc:
-        key, where = ("log.file", config.log.file) if config.log.target == "file" else ("log.target", logmod.SYSLOG_PATH)
+        to_file = config.log.target == "file"
+        key, where = ("log.file", config.log.file) if to_file else ("log.target", logmod.SYSLOG_PATH)
         raise ConfigError(f"{key}: cannot log to {where}: {exc.strerror or exc}") from None
 
 

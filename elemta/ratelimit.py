@@ -357,7 +357,7 @@ def count_together(region: Region, items: list[tuple[SharedRateLimit, str, float
             if level + check > table._ceiling:
                 return index
             found.append((wanted, at, level, now))
-        for (table, _, _, count), slot in zip(items, found):
+        for (table, _, _, count), slot in zip(items, found, strict=True):
             if slot is not None and count:
                 _check_amount(count)
                 wanted, at, level, now = slot

@@ -62,7 +62,9 @@ EX_SOFTWARE = 70
 
 def main_loop(load_config: Callable[[], Config]) -> int:
     """Run elemta: one process, or a supervisor and server.workers worker processes."""
-    announce = lambda line: print(line, flush=True)
+    def announce(line: str) -> None:
+        print(line, flush=True)
+
     os.umask(filemodes.UMASK)  # whatever we inherited: nothing elemta creates is for others
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # logrotate's signal, before its handler: never fatal
     notifier = sdnotify.Notifier()

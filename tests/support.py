@@ -293,7 +293,7 @@ class RawClient:
             line, self._buf = self._buf.split(b"\r\n", 1)
             lines.append(line.decode())
             if len(line) < 4 or line[3:4] != b"-":
-                return int(line[:3]), "\n".join(l[4:] for l in lines)
+                return int(line[:3]), "\n".join(ln[4:] for ln in lines)
 
     def cmd(self, data: bytes | str) -> tuple[int, str]:
         if isinstance(data, str):

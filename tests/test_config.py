@@ -193,7 +193,7 @@ def test_bad_config_case(case):
     problems = caught.value.problems
     assert all("\n" not in problem for problem in problems), f"{case.name}: not one line each: {problems!r}"
     assert len(problems) == len(expected), f"{case.name}: {problems!r}, expected {len(expected)}"
-    for problem, pattern in zip(problems, expected):
+    for problem, pattern in zip(problems, expected, strict=True):
         assert re.search(pattern, problem), f"{case.name}: {problem!r} does not match {pattern!r}"
     assert str(caught.value) == "\n".join(problems)
 
@@ -270,7 +270,7 @@ def test_elemtactl_config_check_reports_every_problem(tmp_path):
     assert (ctl.returncode, ctl.stdout) == (EX_CONFIG, "")
     lines = ctl.stderr.splitlines()
     assert len(lines) == len(_expected(case)) and all(line.startswith("elemtactl: ") for line in lines)
-    for line, pattern in zip(lines, _expected(case)):
+    for line, pattern in zip(lines, _expected(case), strict=True):
         assert re.search(pattern, line[len("elemtactl: "):]), (line, pattern)
 
 

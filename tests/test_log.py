@@ -113,7 +113,7 @@ def test_the_file_target_appends_and_reopens_after_a_rotation(tmp_path):
     events("second")  # still into the moved file, as any daemon until it reopens
     target.reopen()
     events("third")
-    assert [l.split()[-1] for l in (tmp_path / "elemta.log.1").read_text().splitlines()] == ["first", "second"]
+    assert [ln.split()[-1] for ln in (tmp_path / "elemta.log.1").read_text().splitlines()] == ["first", "second"]
     assert path.read_text().endswith("NOQUEUE third\n")
     assert path.stat().st_mode & 0o777 == 0o640
 

@@ -38,7 +38,7 @@ class Systemd:
         while True:
             try:
                 data = self.sock.recv(4096)
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 return self.messages
             self.messages.append(dict(line.split("=", 1) for line in data.decode().split("\n")))
 

@@ -41,8 +41,9 @@ def plugins(ctl: Ctl, as_json: bool) -> None:
         click.echo(json.dumps({"configured": configured, "processes": sources, "plugins": loaded}, indent=2))
         return
     if not sources:
-        out.note("elemta is not running (no statistics from a live process under "
-                 f"{config.server.spool_dir}/plugins)." + (f" Configured: {', '.join(configured)}." if configured else ""))
+        known = f" Configured: {', '.join(configured)}." if configured else ""
+        out.note(f"elemta is not running (no statistics from a live process under {config.server.spool_dir}/plugins)."
+                 + known)
         return
     if not loaded:
         out.note("No plugins are loaded.")
@@ -60,7 +61,8 @@ def plugins(ctl: Ctl, as_json: bool) -> None:
         return
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     for title in ("Plugin", "Hook", "Calls", "Verdicts", "Errors", "Timeouts", "Mean ms", "Max ms", "Health"):
-        table.add_column(title, justify="right" if title in ("Calls", "Errors", "Timeouts", "Mean ms", "Max ms") else "left")
+        numeric = title in ("Calls", "Errors", "Timeouts", "Mean ms", "Max ms")
+        table.add_column(title, justify="right" if numeric else "left")
     for row in rows:
         table.add_row(*(str(x) for x in row))
     out.console.print(table)

@@ -99,11 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         report(exc)
         return EX_CONFIG
     if args.check_config:
+        from elemta import privileges
         from elemta.daemon import (
             check_startup,  # imported late: the plain start needs it later
         )
-
-        from elemta import privileges
 
         try:
             privileges.target(config)  # as root: server.user and server.group must exist

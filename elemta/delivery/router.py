@@ -18,7 +18,6 @@ from elemta import filemodes
 from elemta import transport as tmod
 from elemta.config import Config
 from elemta.delivery.dns import Resolver
-
 from elemta.errors import ConfigError
 from elemta.local import LocalRecipients
 

@@ -397,7 +397,7 @@ def stats(conn: sqlite3.Connection, now: float) -> Stats:
     by_state, shapes = _shape(conn, now)
     totals = [0] * (len(BUCKET_MINUTES) + 1)
     for shape in shapes:
-        totals = [a + b for a, b in zip(totals, shape.buckets)]
+        totals = [a + b for a, b in zip(totals, shape.buckets, strict=True)]
     shapes.sort(key=lambda s: (-s.total, s.domain))
     return Stats(row[0], row[1], oldest, by_state, by_priority, BUCKET_MINUTES, tuple(totals),
                  len(shapes), tuple(shapes))

@@ -19,9 +19,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from elemta import filemodes
 from elemta import log as logmod
 from elemta.config import Certificate, TlsConfig
-from elemta import filemodes
 from elemta.errors import ConfigError
 from elemta.smtp import tickets
 

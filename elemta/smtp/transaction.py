@@ -208,7 +208,8 @@ class MailTransaction:
         parts = arg.split(" ")
         # RFC 3030 §2: chunk-size = 1*DIGIT, and DIGIT is 0-9 only (RFC 5234 Appendix B.1);
         # str.isdigit() alone also takes "²" (which int() refuses) and "٣" (which it reads as 3).
-        if not (parts[0].isascii() and parts[0].isdigit()) or len(parts) > 2 or (len(parts) == 2 and parts[1].upper() != "LAST"):
+        size_ok = parts[0].isascii() and parts[0].isdigit()
+        if not size_ok or len(parts) > 2 or (len(parts) == 2 and parts[1].upper() != "LAST"):
             return self._syntax("BDAT size [LAST]")
         size, problem = int(parts[0]), self._transaction_problem()
         refusal = replies.BAD_SEQUENCE.format(why=problem) if problem else None
@@ -295,7 +296,8 @@ class MailTransaction:
         if not dotreader.has_field(text, b"date"):
             added += b"Date: " + email.utils.formatdate(self.services.now(), localtime=True).encode() + b"\r\n"
         if not dotreader.has_field(text, b"message-id"):
-            added += f"Message-ID: <{self.envelope.queue_id}.{secrets.token_hex(6)}@{self.settings.hostname}>\r\n".encode()
+            unique = f"{self.envelope.queue_id}.{secrets.token_hex(6)}"
+            added += f"Message-ID: <{unique}@{self.settings.hostname}>\r\n".encode()
         return added + text
 
     def _log_refusal(self, reply: str, **fields) -> None:

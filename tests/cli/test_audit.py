@@ -64,5 +64,5 @@ def test_holds_releases_and_flushes_are_logged_with_the_admin(tmp_path):
     assert re.search(rf"elemtactl\[\d+\]: {second} admin_priority user=root priority=high\n", text)
     assert re.search(r"elemtactl\[\d+\]: NOQUEUE admin_flush user=root messages=\d+ recipients=\d+ domain=example.com\n", text)
     # One grep of the queue ID: the daemon's lines and the admin's, in one place.
-    events = [l.split(": ", 1)[1].split()[1] for l in text.splitlines() if f" {first} " in l]
+    events = [ln.split(": ", 1)[1].split()[1] for ln in text.splitlines() if f" {first} " in ln]
     assert events[0] == "mail" and events.index("admin_release") < events.index("admin_hold"), events

@@ -138,8 +138,8 @@ def test_a_command_sent_a_byte_at_a_time_ends_at_its_whole_deadline(serve):
         code, text = c.reply()
         assert (code, text.split()[0]) == (421, "4.4.2")
         assert c.closed_by_server()
-    wait_for(lambda: any(" timeout " in l and "limit=deadline" in l for l in lines), 5, what="the log line")
-    assert any("phase=command" in l for l in lines if " timeout " in l)
+    wait_for(lambda: any(" timeout " in ln and "limit=deadline" in ln for ln in lines), 5, what="the log line")
+    assert any("phase=command" in ln for ln in lines if " timeout " in ln)
 
 
 def test_message_text_slower_than_the_minimum_rate_ends_and_faster_text_is_taken(serve):
@@ -152,7 +152,7 @@ def test_message_text_slower_than_the_minimum_rate_ends_and_faster_text_is_taken
         sent = c.dribble(b"Subject: slow\r\n\r\n" + b"y" * 100, every=0.25)
         assert sent < 117
         assert c.reply()[:1] == (421,)
-    assert any(" timeout " in l and "phase=data" in l and "limit=deadline" in l for l in lines)
+    assert any(" timeout " in ln and "phase=data" in ln and "limit=deadline" in ln for ln in lines)
     with From(ports["mx"]) as c:
         for command in ("EHLO c.example", "MAIL FROM:<a@example.org>", "RCPT TO:<b@example.com>"):
             assert c.cmd(command)[0] == 250
@@ -180,9 +180,9 @@ def test_under_stress_idle_strangers_are_closed_and_trusted_clients_stay(serve):
     finally:
         for c in [*strangers, trusted]:
             c.close()
-    wait_for(lambda: any(" stress state=off" in l for l in lines), 10, what="stress to end")
-    assert any(" stress state=on connections=6 max_connections=8" in l for l in lines)
-    assert any("limit=stress" in l for l in lines)
+    wait_for(lambda: any(" stress state=off" in ln for ln in lines), 10, what="stress to end")
+    assert any(" stress state=on connections=6 max_connections=8" in ln for ln in lines)
+    assert any("limit=stress" in ln for ln in lines)
 
 
 def test_the_reserved_slots_admit_trusted_and_submission_clients_when_port_25_is_full(serve):
@@ -202,4 +202,4 @@ def test_the_reserved_slots_admit_trusted_and_submission_clients_when_port_25_is
     finally:
         for c in clients:
             c.close()
-    assert any("reason=connection_limit" in l for l in lines)
+    assert any("reason=connection_limit" in ln for ln in lines)

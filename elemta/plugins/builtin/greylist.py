@@ -189,7 +189,8 @@ class GreylistPlugin(api.Plugin):
                 return None
             tx.notes[f"{self.name}.header"] = True
             host = self.services.hostname if self.services else ""
-            return api.proceed(add_headers=(("X-Greylist", f"passed after {round(seconds)} seconds at {host} ({network})"),))
+            passed = f"passed after {round(seconds)} seconds at {host} ({network})"
+            return api.proceed(add_headers=(("X-Greylist", passed),))
         wait = max(1, math.ceil(seconds))
         self.log("greylisted", wait=wait, first=state == "new", **where)
         # RFC 3463 4.7.1: delivery not authorized, for now.

@@ -96,7 +96,8 @@ class _Query(pyspf.query):
 
 
 class SpfPlugin(api.Plugin):
-    default_timeout: ClassVar[float] = 0.0  # in the session's thread: its DNS waits end at the resolver's lifetime and at options.timeout
+    # In the session's thread: its DNS waits end at the resolver's lifetime and at options.timeout.
+    default_timeout: ClassVar[float] = 0.0
     options: ClassVar[dict[str, Any]] = {
         "on_fail": "reject",  # "reject" (550 5.7.23) or "tag"
         "on_softfail": "tag",  # "tag" or "reject" (550 5.7.23)
