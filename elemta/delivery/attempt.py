@@ -101,8 +101,7 @@ class Attempter:
             self.pool.put(key, conn)
             still = []
             for r, res in zip(remaining, results, strict=True):
-                code = res.reply.code
-                status = "ok" if code < 400 else "permanent" if code >= 500 else "transient"
+                status = "ok" if res.is_positive else "permanent" if res.is_permanent else "transient"
                 verdict = Verdict(r, status, str(res.reply), res.reply.enhanced or _default_status(status),
                                   host, relayed=res.relayed)
                 out.attempts.append(self._attempt(r, status, str(res.reply), host, ip, route, tls, started))

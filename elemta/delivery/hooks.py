@@ -28,10 +28,10 @@ def pre_delivery(plugins, dl, now: float) -> tuple[AttemptResult, list[Outcome],
         return None
     out = plugins.run("on_pre_delivery", _context("on_pre_delivery", dl))
     v, who = out.verdict, f"plugin {out.plugin}"
-    if v.action in ("reject", "defer"):
-        status, state = ("permanent", "failed") if v.action == "reject" else ("transient", "deferred")
-        reply = f"{v.code} {v.esc} {v.text}"
-        return (AttemptResult([Verdict(r, status, reply, v.esc) for r in dl.recipients],
+    if v.reply is not None:
+        status, state = ("permanent", "failed") if v.reply.is_permanent else ("transient", "deferred")
+        reply = str(v.reply)
+        return (AttemptResult([Verdict(r, status, reply, v.reply.enhanced) for r in dl.recipients],
                         [Attempt(r.id, now, state, reply, host=who) for r in dl.recipients]), [], v.action)
     if v.action == "discard":
         text = f"discarded by {who}"

@@ -164,7 +164,7 @@ class SmtpConnection:
         if reply.code == 250:
             self.extensions = parse_ehlo(lines)
             return
-        if reply.permanent and not self.lmtp:
+        if reply.is_permanent and not self.lmtp:
             # RFC 5321 §3.2: a server that does not know EHLO gets HELO (no extensions).
             # LMTP has no such fallback (RFC 2033 §4.1).
             reply = self._command(f"HELO {helo_name}", "ehlo")
@@ -271,17 +271,17 @@ class SmtpConnection:
             mail, rcpts, data = self._pipelined(commands)
         else:
             mail, rcpts, data = self._lockstep(commands)
-        if not mail.ok:
+        if not mail.is_positive:
             self._abandon(data)
-            if not mail.permanent:
+            if not mail.is_permanent:
                 raise self._fail("mail", "sender refused", mail, try_next_host=True)
             return [RecipientResult(r.address, mail) for r in message.recipients]
-        accepted = [i for i, reply in enumerate(rcpts) if reply.ok]
+        accepted = [i for i, reply in enumerate(rcpts) if reply.is_positive]
         if not accepted:
             self._abandon(data)
             finals: list[Reply] = []
         elif data is None or data.code != 354:
-            if data is None or data.ok:
+            if data is None or data.is_positive:
                 raise self._fail("data", "unexpected reply to DATA", data,
                                  try_next_host=True, enhanced="4.5.0")
             self._abandon(data)
@@ -348,7 +348,7 @@ class SmtpConnection:
         # RFC 3461 §5.2.2: delivered to a server without DSN, NOTIFY=SUCCESS gets a
         # "relayed" DSN from us.  (For LMTP the caller may report "delivered", §5.2.3.)
         wanted = any(k.upper() == "SUCCESS" for k in rcpt.notify)
-        return bool(reply and reply.ok and wanted and not dsn)
+        return bool(reply and reply.is_positive and wanted and not dsn)
 
     def _pipelined(self, commands: list[str]) -> tuple[Reply, list[Reply], Reply]:
         # RFC 2920 §3.1: MAIL, every RCPT and DATA in one write; DATA ends the group.
@@ -360,10 +360,10 @@ class SmtpConnection:
 
     def _lockstep(self, commands: list[str]) -> tuple[Reply, list[Reply], Reply | None]:
         mail = self._command(commands[0], "mail")
-        if not mail.ok:
+        if not mail.is_positive:
             return mail, [], None
         rcpts = [self._command(command, "rcpt") for command in commands[1:]]
-        data = self._command("DATA", "data") if any(r.ok for r in rcpts) else None
+        data = self._command("DATA", "data") if any(r.is_positive for r in rcpts) else None
         return mail, rcpts, data
 
     def _send_body(self, body: bytes, accepted: int) -> list[Reply]:
@@ -400,7 +400,7 @@ class SmtpConnection:
     def reset(self) -> None:
         """RSET (RFC 5321 §4.1.1.5): abort the current transaction."""
         reply = self._command("RSET", "rset")
-        if not reply.ok:
+        if not reply.is_positive:
             raise self._fail("rset", "RSET refused", reply, permanent=False,
                              try_next_host=True)
 

@@ -1,7 +1,8 @@
 """The wire format of the outbound SMTP/LMTP client: replies, EHLO keywords, errors, DATA text.
 
-Kept apart from smtp_client.py so the parsing rules can be tested with plain bytes; the
-client re-exports Reply and SmtpClientError, so callers import everything from there.
+Kept apart from smtp_client.py so the parsing rules can be tested with plain bytes.  A
+remote's reply becomes elemta.reply.Reply, the type the server's own replies and the plugins'
+refusals have too; the client re-exports it and SmtpClientError.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import re
 from dataclasses import dataclass
 
 from elemta.errors import ElemtaError
+from elemta.reply import Reply
 
 # RFC 5321 §4.5.3.1.5 allows 512 octets per reply line; real servers send longer text, so
 # the limit is generous, but it stays a limit: a hostile server must not fill our memory.
@@ -24,46 +26,23 @@ _ENHANCED = re.compile(r"([245])\.([0-9]{1,3})\.([0-9]{1,3})(?: +|$)")
 
 
 @dataclass(frozen=True)
-class Reply:
-    """One SMTP reply.  `text` is the remote text of all lines, joined with a space."""
-
-    code: int
-    enhanced: str  # "5.1.1", or "" when the remote gave none
-    text: str
-
-    def __str__(self) -> str:
-        return " ".join(part for part in (str(self.code), self.enhanced, self.text) if part)
-
-    @property
-    def ok(self) -> bool:
-        return 200 <= self.code < 300
-
-    @property
-    def transient(self) -> bool:
-        return 400 <= self.code < 500
-
-    @property
-    def permanent(self) -> bool:
-        return 500 <= self.code < 600
-
-
-@dataclass(frozen=True)
 class RecipientResult:
     address: str
     reply: Reply  # the RCPT reply if refused there, else the MAIL, DATA or LMTP reply
     relayed: bool = False  # NOTIFY=SUCCESS asked, remote has no DSN (RFC 3461 §5.2.2)
 
     @property
-    def ok(self) -> bool:
-        return self.reply.ok
+    def is_positive(self) -> bool:
+        return self.reply.is_positive
 
     @property
-    def permanent(self) -> bool:
-        return self.reply.permanent
+    def is_permanent(self) -> bool:
+        return self.reply.is_permanent
 
     @property
-    def transient(self) -> bool:
-        return not (self.reply.ok or self.reply.permanent)
+    def is_transient(self) -> bool:
+        """Anything neither positive nor permanent is tried again (a 3yz here is no answer)."""
+        return not (self.reply.is_positive or self.reply.is_permanent)
 
 
 @dataclass(frozen=True)
@@ -162,7 +141,7 @@ class SmtpClientError(ElemtaError):
         self.reason = reason
         self.stage = stage
         self.reply = reply
-        self.permanent = reply.permanent if permanent is None and reply else bool(permanent)
+        self.permanent = reply.is_permanent if permanent is None and reply else bool(permanent)
         self.try_next_host = try_next_host
         default = "5.0.0" if self.permanent else "4.0.0"
         self.enhanced = enhanced or (reply.enhanced if reply else "") or default

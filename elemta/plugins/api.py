@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 from elemta.dnscache import DnsError, Resolver
 from elemta.priorities import PRIORITIES
 from elemta.ratelimit import RateLimit
+from elemta.reply import Reply
 
 __all__ = [
     "ACCEPT", "CONTINUE", "DISCARD", "HOOKS", "MESSAGE_HOOKS", "NOTICE_HOOKS", "SMTP_HOOKS",
@@ -101,6 +102,16 @@ class Verdict:
     def final(self) -> bool:
         """True when the later plugins of the hook do not run."""
         return self.action != "continue"
+
+    @property
+    def reply(self) -> Reply | None:
+        """The refusal as the core sends or records it (reject and defer), else None.
+
+        A plugin gives code, esc and text as three values (api.reject(), api.defer()), the
+        way plugins.md documents them; the core only ever reads this one reply."""
+        if self.action not in ("reject", "defer"):
+            return None
+        return Reply(self.code, self.esc, self.text)
 
 
 def _verdict_problem(v: Verdict) -> str | None:

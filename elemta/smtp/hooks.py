@@ -85,18 +85,17 @@ class PluginHooks:
     @staticmethod
     def _refusal(outcome: HookResult) -> Reply | None:
         """The reply for a reject or defer, else None."""
-        v = outcome.verdict
-        return Reply(v.code, v.esc, v.text) if v.action in ("reject", "defer") else None
+        return outcome.verdict.reply
 
     def _connect_refusal(self) -> Reply | None:
         outcome = self._hook("on_connect")
-        v = outcome.verdict
-        if v.action == "defer":  # RFC 5321 §3.1: 421 and close
-            return Reply(421, v.esc, f"{self.settings.hostname} {v.text}", close=True)
-        if v.action == "reject":  # RFC 5321 §3.1: 554, then wait for QUIT
-            self.refused = True
-            return Reply(554, v.esc, v.text)
-        return None
+        refusal = outcome.verdict.reply
+        if refusal is None:
+            return None
+        if refusal.is_transient:  # RFC 5321 §3.1: 421 and close
+            return Reply(421, refusal.enhanced, f"{self.settings.hostname} {refusal.text}", close=True)
+        self.refused = True  # RFC 5321 §3.1: 554, then wait for QUIT
+        return Reply(554, refusal.enhanced, refusal.text)
 
     def _message_edits(self, text: bytes) -> bytes:
         """The message with the plugins' header edits and our Authentication-Results, and with
@@ -122,6 +121,6 @@ class PluginHooks:
 
 
 def _reply_fields(v: api.Verdict) -> dict:
-    if v.action in ("reject", "defer"):
-        return {"reply": f"{v.code} {v.esc}", "text": v.text[:120]}
+    if v.reply is not None:
+        return {"reply": f"{v.reply.code} {v.reply.enhanced}", "text": v.reply.text[:120]}
     return {"reason": v.reason} if v.reason else {}

@@ -7,25 +7,9 @@ are fixed here so operators can grep for them; `{name}` fields are filled per us
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from elemta.reply import Reply
 
-
-@dataclass(frozen=True)
-class Reply:
-    code: int
-    esc: str  # enhanced status code "X.Y.Z", or "" where RFC 2034 puts none
-    text: str
-    close: bool = False  # the server closes the connection after sending this reply
-
-    def format(self, **fields: object) -> Reply:
-        return Reply(self.code, self.esc, self.text.format(**fields), self.close)
-
-    def to_bytes(self) -> bytes:
-        lines = self.text.split("\n")
-        prefix = f"{self.esc} " if self.esc else ""
-        out = [f"{self.code}-{prefix}{line}\r\n" for line in lines[:-1]]
-        out.append(f"{self.code} {prefix}{lines[-1]}\r\n")
-        return "".join(out).encode("utf-8", "replace")
+__all__ = ["Reply"]  # and the replies below
 
 
 # Connection level

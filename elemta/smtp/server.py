@@ -335,7 +335,7 @@ class SmtpServer:
         if refusal is not None:
             metrics.CONNECTIONS.labels(listener.address, reason).inc()
             self.log("reject", ip=client[0], conn=number, reason=reason, proxy=ip,
-                     reply=f"{refusal.code} {refusal.esc}")
+                     reply=f"{refusal.code} {refusal.enhanced}")
             with contextlib.suppress(OSError):
                 conn.send([refusal.format(host=self.hostname)])
             return None, b""

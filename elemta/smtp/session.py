@@ -88,7 +88,7 @@ class Session(PluginHooks, MailTransaction):
         if refusal is not None:
             if refusal.close:
                 self.state = CLOSED
-            metrics.count_reply("connect", refusal.code, refusal.esc)
+            metrics.count_reply("connect", refusal.code, refusal.enhanced)
             return refusal
         metrics.count_reply("connect", 220, "")
         return replies.GREETING.format(host=self.settings.hostname)
@@ -171,7 +171,7 @@ class Session(PluginHooks, MailTransaction):
         """Count the replies to command (metrics.py); return them."""
         for item in items:
             if isinstance(item, Reply):
-                metrics.count_reply(command, item.code, item.esc)
+                metrics.count_reply(command, item.code, item.enhanced)
         return items
 
     def _next_line(self, out: list) -> bytes | None:

@@ -39,7 +39,7 @@ class MailTransaction:
         self.services.log(
             "queue_error", qid=qid, level=logmod.WARNING, error=str(error) or type(error).__name__
         )
-        metrics.count_reply(self._verb, reply.code, reply.esc)
+        metrics.count_reply(self._verb, reply.code, reply.enhanced)
         return self._after_queue(reply)
 
     def _mail(self, arg: str) -> list:
@@ -102,7 +102,7 @@ class MailTransaction:
 
     def _log_mail_refusal(self, sender: addr.Address, refusal: Reply) -> None:
         self.services.log("reject", ip=self.client.ip, conn=self.client.conn, sender=f"<{sender}>",
-                          user=self.user or "-", reply=f"{refusal.code} {refusal.esc}")
+                          user=self.user or "-", reply=f"{refusal.code} {refusal.enhanced}")
 
     def _address_error(self, exc: addr.AddressError, syntax_reply: Reply) -> list:
         if exc.kind == "utf8":
@@ -139,7 +139,7 @@ class MailTransaction:
             refusal = self._refusal(self._hook("on_rcpt_to", recipient=str(rcpt)))
         if refusal is not None:
             self.services.log("reject", qid=self.envelope.queue_id, ip=self.client.ip, conn=self.client.conn,
-                              rcpt=f"<{rcpt}>", reply=f"{refusal.code} {refusal.esc}")
+                              rcpt=f"<{rcpt}>", reply=f"{refusal.code} {refusal.enhanced}")
             return self._error(refusal)
         self.envelope.add_recipient(new_rcpt)
         if self._pnotes is not None:
@@ -245,7 +245,7 @@ class MailTransaction:
             if hops >= self.settings.max_received_headers:
                 refusal = replies.LOOP.format(count=hops)
         if refusal is not None:
-            self._log_refusal(f"{refusal.code} {refusal.esc}")
+            self._log_refusal(f"{refusal.code} {refusal.enhanced}")
             self._reset()
             return self._error(refusal)
         envelope, notes = self.envelope, self._pnotes
@@ -254,7 +254,7 @@ class MailTransaction:
         if notes is not None:
             refusal = self._refusal(self._hook("on_message", message=api.Message(text)))
             if refusal is not None:
-                self._log_refusal(f"{refusal.code} {refusal.esc}", plugin="yes")
+                self._log_refusal(f"{refusal.code} {refusal.enhanced}", plugin="yes")
                 self._reset()
                 return self._error(refusal)
         text = self._message_edits(text)

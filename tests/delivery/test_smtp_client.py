@@ -281,7 +281,7 @@ def test_delivers_the_exact_bytes_with_dot_stuffing(aiosmtpd):
     conn = connect(server.port)
     results = conn.send(message("bob@example.org", body=body))
     conn.close()
-    assert [r.ok for r in results] == [True]
+    assert [r.is_positive for r in results] == [True]
     assert str(results[0].reply) == "250 2.0.0 queued"
     assert handler.messages[0]["content"] == body
     assert handler.messages[0]["rcpts"] == ["bob@example.org"]
@@ -293,8 +293,8 @@ def test_one_refused_recipient_gets_its_own_result(aiosmtpd):
     results = conn.send(message("bob@example.org", "nobody@example.org", "carol@example.org"))
     assert [r.address for r in results] == [
         "bob@example.org", "nobody@example.org", "carol@example.org"]
-    assert [r.ok for r in results] == [True, False, True]
-    assert results[1].permanent
+    assert [r.is_positive for r in results] == [True, False, True]
+    assert results[1].is_permanent
     assert results[1].reply == Reply(550, "5.1.1", "no such user")
     assert handler.messages[0]["rcpts"] == ["bob@example.org", "carol@example.org"]
     assert conn.usable()
@@ -313,7 +313,7 @@ def test_too_big_for_the_advertised_size_fails_without_mail(aiosmtpd):
     handler = Recorder()
     conn = connect(aiosmtpd(handler, data_size_limit=100).port)
     results = conn.send(message("bob@example.org", "carol@example.org", body=b"x" * 101))
-    assert [(r.reply.code, r.reply.enhanced, r.permanent) for r in results] == [
+    assert [(r.reply.code, r.reply.enhanced, r.is_permanent) for r in results] == [
         (552, "5.3.4", True)] * 2
     assert handler.mails == []
     conn.send(message("bob@example.org"))  # the connection is still good
@@ -326,9 +326,9 @@ def test_smtputf8_needed_but_not_offered_is_permanent(aiosmtpd):
     conn = connect(aiosmtpd(handler, enable_SMTPUTF8=False).port)
     results = conn.send(message("j\u00f6rg@example.org", "bob@example.org"))
     assert [(r.reply.code, r.reply.enhanced) for r in results] == [(553, "5.6.7")] * 2
-    assert all(r.permanent for r in results)
+    assert all(r.is_permanent for r in results)
     results = conn.send(message("bob@example.org", smtputf8=True))
-    assert results[0].permanent
+    assert results[0].is_permanent
     assert results[0].reply.enhanced == "5.6.9"  # only the header needs UTF-8
     conn.close()
     assert handler.mails == []
@@ -339,7 +339,7 @@ def test_smtputf8_is_used_when_offered(aiosmtpd):
     conn = connect(aiosmtpd(handler).port)
     results = conn.send(message("j\u00f6rg@example.org"))
     conn.close()
-    assert results[0].ok
+    assert results[0].is_positive
     assert "SMTPUTF8" in handler.mails[0][1]
     assert handler.messages[0]["rcpts"] == ["j\u00f6rg@example.org"]
 
@@ -350,7 +350,7 @@ def test_two_messages_on_one_connection(aiosmtpd):
     first = conn.send(message("bob@example.org", body=b"one\r\n"))
     second = conn.send(message("carol@example.org", body=b"two\r\n"))
     conn.close()
-    assert first[0].ok and second[0].ok
+    assert first[0].is_positive and second[0].is_positive
     assert conn.messages_sent == 2
     assert [m["content"] for m in handler.messages] == [b"one\r\n", b"two\r\n"]
     assert handler.messages[0]["peer"] == handler.messages[1]["peer"]  # one connection
@@ -367,14 +367,14 @@ def test_starttls_may_fills_tls_info_and_asks_ehlo_again(aiosmtpd, server_tls):
     assert not conn.tls.verified
     assert str(conn.tls).startswith("TLSv1.")
     assert "STARTTLS" not in conn.extensions  # extensions are from the EHLO after TLS
-    assert conn.send(message("bob@example.org"))[0].ok
+    assert conn.send(message("bob@example.org"))[0].is_positive
     conn.close()
 
 
 def test_starttls_may_without_offer_goes_on_in_clear(aiosmtpd):
     conn = connect(aiosmtpd(Recorder()).port, tls_policy="may")
     assert conn.tls is None
-    assert conn.send(message("bob@example.org"))[0].ok
+    assert conn.send(message("bob@example.org"))[0].is_positive
     conn.close()
 
 
@@ -419,7 +419,7 @@ def test_auth_over_tls(aiosmtpd, server_tls, exclude, mechanism):
     server = aiosmtpd(Recorder(), tls_context=server_tls, authenticator=authenticator(seen),
                       auth_require_tls=True, auth_exclude_mechanism=exclude)
     conn = connect(server.port, tls_policy="encrypt", auth=("user", "secret"))
-    assert conn.send(message("bob@example.org"))[0].ok
+    assert conn.send(message("bob@example.org"))[0].is_positive
     conn.close()
     assert seen == [(mechanism, b"user", b"secret")]
 
@@ -459,7 +459,7 @@ def test_lmtp_gives_one_reply_per_recipient(aiosmtpd):
         "550 5.1.1 no such user",
         "552 5.2.2 mailbox full",
     ]
-    assert [r.ok for r in results] == [True, False, False]
+    assert [r.is_positive for r in results] == [True, False, False]
 
 
 def test_lmtp_over_a_unix_socket(tmp_path):
@@ -474,7 +474,7 @@ def test_lmtp_over_a_unix_socket(tmp_path):
         conn.close()
     finally:
         controller.stop()
-    assert results[0].ok
+    assert results[0].is_positive
     assert handler.messages[0]["content"] == BODY
 
 
@@ -492,8 +492,8 @@ def test_lmtp_connection_lost_after_some_replies_keeps_those(scripted):
     server = scripted(script)
     conn = connect(server.port, lmtp=True)
     results = conn.send(message("bob@example.org", "carol@example.org"))
-    assert results[0].ok
-    assert results[1].transient
+    assert results[0].is_positive
+    assert results[1].is_transient
     assert not conn.usable()
 
 
@@ -528,10 +528,10 @@ def test_pipelining_with_no_recipient_accepted(scripted):
     server = scripted(esmtp(rcpt={"bob@example.org": "450 4.2.1 try later"}))
     conn = connect(server.port)
     results = conn.send(message("bob@example.org"))
-    assert results[0].transient
+    assert results[0].is_transient
     assert results[0].reply == Reply(450, "4.2.1", "try later")
     assert server.received[-1] == "RSET"  # after the DATA that got 554
-    assert conn.send(message("carol@example.org"))[0].ok
+    assert conn.send(message("carol@example.org"))[0].is_positive
     conn.close()
 
 
@@ -574,7 +574,7 @@ def test_multi_line_greeting_and_replies(scripted):
     results = conn.send(message("bob@example.org", "carol@example.org"))
     conn.close()
     assert results[0].reply == Reply(550, "5.1.1", "first second third")
-    assert results[1].ok
+    assert results[1].is_positive
 
 
 def test_helo_fallback_when_ehlo_is_refused(scripted):

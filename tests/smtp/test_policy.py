@@ -338,7 +338,7 @@ def session_for(role="mx", trusted=False, **overrides) -> Session:
 
 def reply(outputs) -> str:
     assert len(outputs) == 1 and not isinstance(outputs[0], Enqueue), outputs
-    return f"{outputs[0].code} {outputs[0].esc}".strip()
+    return f"{outputs[0].code} {outputs[0].enhanced}".strip()
 
 
 def rcpt_reply(session: Session, line: str, smtputf8: bool) -> str:

@@ -42,7 +42,7 @@ def codes(outputs) -> list[str]:
         if isinstance(item, Enqueue):
             result.append("enqueue")
         else:
-            result.append(f"{item.code} {item.esc}".strip())
+            result.append(f"{item.code} {item.enhanced}".strip())
             if item.close:
                 result.append("close")
     return result
@@ -310,5 +310,5 @@ def test_log_lines_keyed_by_queue_id():
 def test_every_reply_code_matches_its_enhanced_class():
     """RFC 3463 §2: the enhanced code's class digit is the reply's first digit."""
     for name, value in vars(replies).items():
-        if isinstance(value, replies.Reply) and value.esc:
-            assert value.esc[0] == str(value.code)[0], name
+        if isinstance(value, replies.Reply) and value.enhanced:
+            assert value.enhanced[0] == str(value.code)[0], name
