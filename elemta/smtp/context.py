@@ -1,8 +1,10 @@
 """What a session is given and what it gives back: its settings, client and services, the
-outputs it asks the server to act on, and its state numbers.  Plain data, no behaviour."""
+outputs it asks the server to act on, and its states with the moves between them.  Plain
+data, no behaviour."""
 
 from __future__ import annotations
 
+import enum
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -97,5 +99,32 @@ class Guard:
         return None
 
 
-# Session states
-COMMAND, DATA, BDAT_CHUNK, WAIT_QUEUE, CLOSED, AUTH, TLS_WAIT = range(7)
+class State(enum.Enum):
+    """Where a session is.  The moves it may make are TRANSITIONS; Session._to() keeps to them."""
+
+    COMMAND = "command"  # waiting for a command line
+    DATA = "data"  # reading message text up to CRLF.CRLF (after the 354)
+    BDAT_CHUNK = "bdat chunk"  # reading the octets a BDAT announced (RFC 3030 §2)
+    WAIT_QUEUE = "wait queue"  # the message is being stored: input waits for enqueued()
+    AUTH = "auth"  # an AUTH exchange waits for the client's next line (RFC 4954 §4)
+    TLS_WAIT = "tls wait"  # the 220 to STARTTLS went out: the handshake comes next (RFC 3207 §4)
+    CLOSED = "closed"  # the last reply went out; the server closes the connection
+
+
+COMMAND, DATA, BDAT_CHUNK, WAIT_QUEUE = State.COMMAND, State.DATA, State.BDAT_CHUNK, State.WAIT_QUEUE
+AUTH, TLS_WAIT, CLOSED = State.AUTH, State.TLS_WAIT, State.CLOSED
+
+# From each state, the states a session may go to.  CLOSED is reachable from every state but
+# itself is the end (a 421, QUIT, too many errors, a refused connection).
+TRANSITIONS: dict[State, frozenset[State]] = {
+    # DATA and BDAT start a message, and a message is stored from here: the end of its text
+    # (or of its LAST chunk) comes back to COMMAND first, then the transaction is finished.
+    # AUTH with an initial response may end at once (COMMAND again); STARTTLS.
+    COMMAND: frozenset({COMMAND, DATA, BDAT_CHUNK, WAIT_QUEUE, AUTH, TLS_WAIT, CLOSED}),
+    DATA: frozenset({COMMAND, CLOSED}),
+    BDAT_CHUNK: frozenset({COMMAND, CLOSED}),
+    WAIT_QUEUE: frozenset({COMMAND, CLOSED}),
+    AUTH: frozenset({AUTH, COMMAND, CLOSED}),
+    TLS_WAIT: frozenset({COMMAND, CLOSED}),
+    CLOSED: frozenset(),
+}

@@ -21,12 +21,14 @@ from elemta.smtp.context import (
     COMMAND,
     DATA,
     TLS_WAIT,
+    TRANSITIONS,
     WAIT_QUEUE,
     Client,
     Enqueue,
     Services,
     Settings,
     StartTls,
+    State,
 )
 from elemta.smtp.hooks import PluginHooks
 from elemta.smtp.replies import Reply
@@ -83,11 +85,18 @@ class Session(PluginHooks, MailTransaction):
 
     # ---- entry points ----------------------------------------------------------------------
 
+    def _to(self, state: State) -> None:
+        """Move to state, if TRANSITIONS allows it from here: a move it does not list is a bug
+        in elemta, never the client's doing, and ends the session (451, logged)."""
+        if state not in TRANSITIONS[self.state]:
+            raise RuntimeError(f"SMTP session: no move from {self.state.name} to {state.name}")
+        self.state = state
+
     def greeting(self) -> Reply:
         refusal = self._connect_refusal()
         if refusal is not None:
             if refusal.close:
-                self.state = CLOSED
+                self._to(CLOSED)
             metrics.count_reply("connect", refusal.code, refusal.enhanced)
             return refusal
         metrics.count_reply("connect", 220, "")
@@ -123,7 +132,7 @@ class Session(PluginHooks, MailTransaction):
         self._conn_auth_results.pop("on_helo", None)  # RFC 3207 §4.2: what was said before TLS is gone
         self._conn_auth_results.pop("on_auth", None)
         self._reset()
-        self.state = COMMAND
+        self._to(COMMAND)
         self.services.log("tls", ip=self.client.ip, conn=self.client.conn, tls=str(info))
         return []
 
@@ -243,7 +252,7 @@ class Session(PluginHooks, MailTransaction):
         return [reply]
 
     def _close_with(self, reply: Reply) -> list:
-        self.state = CLOSED
+        self._to(CLOSED)
         self._buf.clear()
         self._auth = None
         return [reply]
@@ -256,7 +265,7 @@ class Session(PluginHooks, MailTransaction):
 
     def _after_queue(self, reply: Reply) -> list:
         self._reset()
-        self.state = COMMAND
+        self._to(COMMAND)
         return [reply] + self._run()
 
     def _sequence(self, why: str) -> list:
@@ -315,7 +324,7 @@ class Session(PluginHooks, MailTransaction):
             self.services.log("starttls_pipelined", ip=self.client.ip, conn=self.client.conn,
                               discarded=len(self._buf))
             self._buf.clear()
-        self.state = TLS_WAIT
+        self._to(TLS_WAIT)
         return [replies.TLS_READY, StartTls()]
 
     # ---- AUTH (RFC 4954) -------------------------------------------------------------------
@@ -358,9 +367,9 @@ class Session(PluginHooks, MailTransaction):
 
     def _auth_outcome(self, outcome) -> list:
         if isinstance(outcome, auth.Challenge):
-            self.state = AUTH
+            self._to(AUTH)
             return [replies.AUTH_CHALLENGE.format(text=outcome.text)]
-        self.state = COMMAND
+        self._to(COMMAND)
         exchange, self._auth = self._auth, None
         fields = {"ip": self.client.ip, "conn": self.client.conn, "mechanism": exchange.mechanism}
         metrics.AUTH.labels(exchange.mechanism, "ok" if isinstance(outcome, auth.Success) else outcome.kind).inc()

@@ -181,7 +181,7 @@ class MailTransaction:
         refusal = self._refusal(self._hook("on_data"))
         if refusal is not None:
             return self._error(refusal)
-        self.state = DATA
+        self._to(DATA)
         self._data = dotreader.DataReader(self.settings.max_message_size)
         return [replies.START_DATA]
 
@@ -195,7 +195,7 @@ class MailTransaction:
         return None
 
     def _end_of_data(self, text: bytes) -> list:
-        self.state = COMMAND
+        self._to(COMMAND)
         if self._data.too_big:
             self._log_refusal("552 5.3.4", size=self._data.received)
             self._reset()
@@ -219,11 +219,11 @@ class MailTransaction:
             refusal = self._refusal(self._hook("on_data"))
             self._pnotes.data_seen = refusal is None  # passed once: not asked again per chunk
         self._chunk = dotreader.Chunk(size, last=len(parts) == 2, refusal=refusal)
-        self.state = BDAT_CHUNK
+        self._to(BDAT_CHUNK)
         return []
 
     def _end_of_chunk(self) -> list:
-        self.state = COMMAND
+        self._to(COMMAND)
         chunk, self._chunk = self._chunk, None
         if chunk.refusal is not None:
             if chunk.refusal.code == 552:
@@ -286,7 +286,7 @@ class MailTransaction:
         )
         if notes is not None and notes.quarantine:
             self.services.log("quarantined", qid=envelope.queue_id, reason=notes.quarantine)
-        self.state = WAIT_QUEUE
+        self._to(WAIT_QUEUE)
         return [Enqueue(message)]
 
     def _complete_header(self, text: bytes) -> bytes:
