@@ -18,7 +18,6 @@ import select
 import socket
 import ssl
 import time
-from dataclasses import dataclass
 
 from elemta import metrics
 from elemta.config import TLS_POLICIES
@@ -34,36 +33,17 @@ from elemta.delivery.smtp_reply import (
     dot_stuff,
     parse_ehlo,
     parse_line,
-    xtext,
 )
+from elemta.delivery.smtp_transaction import OutboundTransaction, OutMessage, OutRecipient
 from elemta.sockopts import set_kernel_timeout
 
 __all__ = ["TLS_POLICIES", "SmtpConnection", "OutMessage", "OutRecipient", "RecipientResult", "Reply",
            "SmtpClientError", "OutboundTls", "dot_stuff"]
 
-NOTIFY_KEYWORDS = ("NEVER", "SUCCESS", "FAILURE", "DELAY")  # RFC 3461 §4.1
 QUIT_TIMEOUT = 5.0
 # RFC 5321 §4.5.3.2.5 times each block of data, not the whole message: a large message
 # on a slow link is sent in blocks, each with the command timeout.
 SEND_BLOCK = 65536
-
-
-@dataclass(frozen=True)
-class OutRecipient:
-    address: str
-    notify: tuple[str, ...] = ()  # RFC 3461 NOTIFY keywords as given; () = not given
-    orcpt: str | None = None  # "rfc822;bob@example.org", already xtext-decoded
-
-
-@dataclass(frozen=True)
-class OutMessage:
-    sender: str  # "" = null reverse-path
-    recipients: tuple[OutRecipient, ...]
-    body: bytes
-    envid: str | None = None
-    ret: str | None = None  # "FULL" | "HDRS" | None
-    body_type: str = "7BIT"  # "7BIT" | "8BITMIME" | "BINARYMIME"
-    smtputf8: bool = False
 
 
 @functools.lru_cache(maxsize=16)
@@ -94,11 +74,6 @@ def _why(exc: BaseException) -> str:
 
 def _b64(text: str) -> str:
     return base64.b64encode(text.encode("utf-8")).decode("ascii")
-
-
-def _unsafe(address: str) -> bool:
-    # An address goes between <> on a command line: no controls, no brackets, no CRLF.
-    return any(c in "<>" or ord(c) < 32 or ord(c) == 127 for c in address)
 
 
 class SmtpConnection:
@@ -252,103 +227,32 @@ class SmtpConnection:
         """One transaction; results in the order of message.recipients.
 
         Refusals known before MAIL (SIZE, SMTPUTF8, BINARYMIME, unsafe address) are
-        returned as permanent results for every recipient; nothing is sent.
+        returned as permanent results for every recipient; nothing is sent.  What to send
+        and what the replies mean is smtp_transaction.OutboundTransaction's; this is the I/O.
         """
         if not self.usable():
             raise SmtpClientError("connection is not usable", stage="mail",
                                   try_next_host=True, enhanced="4.4.2", host=self.host,
                                   ip=self.ip)
-        addresses = [message.sender, *(r.address for r in message.recipients)]
-        utf8 = message.smtputf8 or not all(a.isascii() for a in addresses)
-        refusal = self._refusal(message, addresses, utf8)
-        if refusal is not None:
-            return [RecipientResult(r.address, refusal) for r in message.recipients]
+        transaction = OutboundTransaction(message, self.extensions, self.host)
+        if transaction.refusal is not None:
+            return transaction.refused()
         self.messages_sent += 1
-        dsn = "DSN" in self.extensions
-        commands = [self._mail_command(message, utf8, dsn)]
-        commands += [self._rcpt_command(r, dsn) for r in message.recipients]
-        if "PIPELINING" in self.extensions:
+        commands = transaction.commands()
+        if transaction.pipelining:
             mail, rcpts, data = self._pipelined(commands)
         else:
             mail, rcpts, data = self._lockstep(commands)
-        if not mail.is_positive:
+        after = transaction.after_data(mail, rcpts, data)
+        if after.abandon:
             self._abandon(data)
-            if not mail.is_permanent:
-                raise self._fail("mail", "sender refused", mail, try_next_host=True)
-            return [RecipientResult(r.address, mail) for r in message.recipients]
-        accepted = [i for i, reply in enumerate(rcpts) if reply.is_positive]
-        if not accepted:
-            self._abandon(data)
-            finals: list[Reply] = []
-        elif data is None or data.code != 354:
-            if data is None or data.is_positive:
-                raise self._fail("data", "unexpected reply to DATA", data,
-                                 try_next_host=True, enhanced="4.5.0")
-            self._abandon(data)
-            finals = [data] * len(accepted)  # DATA refused: for every accepted recipient
-        else:
-            finals = self._send_body(message.body, len(accepted))
-        decided = dict(zip(accepted, finals, strict=True))
-        return [
-            RecipientResult(r.address, decided.get(i, rcpts[i]),
-                            self._relayed(r, decided.get(i), dsn))
-            for i, r in enumerate(message.recipients)
-        ]
-
-    def _refusal(self, message: OutMessage, addresses: list[str], utf8: bool) -> Reply | None:
-        if any(_unsafe(a) for a in addresses):
-            return Reply(553, "5.1.3", "address with control characters or brackets")
-        if message.body_type.upper() == "BINARYMIME":
-            # RFC 3030 §3: BINARYMIME goes only with BDAT, which this client does not send.
-            return Reply(554, "5.6.3", "BINARYMIME content cannot be relayed")
-        size = self.extensions.get("SIZE", "")
-        limit = int(size) if size.isascii() and size.isdigit() else 0  # RFC 1870: 0 or none = no limit; DIGIT is ASCII
-        if limit and len(message.body) > limit:
-            # RFC 1870: the server would refuse it with 552; a bounce, as in Postfix.
-            return Reply(552, "5.3.4", f"message size {len(message.body)} exceeds size "
-                         f"limit {limit} of server {self.host}")
-        if utf8 and "SMTPUTF8" not in self.extensions:
-            # RFC 6531 §3.5: no downgrade here, so a non-delivery report.  Codes from the
-            # RFC 5248 registry (added by RFC 6531): X.6.7 for non-ASCII addresses, X.6.9
-            # "UTF-8 header message cannot be transferred" when only the message needs it.
-            ascii_only = all(a.isascii() for a in addresses)
-            return Reply(553, "5.6.9" if ascii_only else "5.6.7",
-                         f"SMTPUTF8 is required, but was not offered by {self.host}")
-        return None
-
-    def _mail_command(self, message: OutMessage, utf8: bool, dsn: bool) -> str:
-        params = []
-        if "SIZE" in self.extensions:
-            # RFC 1870: the octets of the message, not counting dot-stuffing.
-            params.append(f"SIZE={len(message.body)}")
-        if message.body_type.upper() == "8BITMIME" and "8BITMIME" in self.extensions:
-            # RFC 6152.  8-bit data to a server without 8BITMIME goes as is, without
-            # BODY= (no MIME downgrade here; what Postfix and Exim do in practice).
-            params.append("BODY=8BITMIME")
-        if utf8:
-            params.append("SMTPUTF8")  # RFC 6531
-        if dsn and (message.ret or "").upper() in ("FULL", "HDRS"):
-            params.append(f"RET={message.ret.upper()}")  # RFC 3461 §4.3
-        if dsn and message.envid:
-            params.append(f"ENVID={xtext(message.envid)}")  # RFC 3461 §4.4
-        return " ".join([f"MAIL FROM:<{message.sender}>", *params])
-
-    def _rcpt_command(self, rcpt: OutRecipient, dsn: bool) -> str:
-        params = []
-        if dsn:  # RFC 3461 §4: only to a server that offers DSN
-            notify = [k.upper() for k in rcpt.notify if k.upper() in NOTIFY_KEYWORDS]
-            if notify:
-                params.append("NOTIFY=" + ",".join(notify))  # §4.1
-            kind, sep, original = (rcpt.orcpt or "").partition(";")
-            if sep and kind and original:
-                params.append(f"ORCPT={xtext(kind.strip())};{xtext(original)}")  # §4.2
-        return " ".join([f"RCPT TO:<{rcpt.address}>", *params])
-
-    def _relayed(self, rcpt: OutRecipient, reply: Reply | None, dsn: bool) -> bool:
-        # RFC 3461 §5.2.2: delivered to a server without DSN, NOTIFY=SUCCESS gets a
-        # "relayed" DSN from us.  (For LMTP the caller may report "delivered", §5.2.3.)
-        wanted = any(k.upper() == "SUCCESS" for k in rcpt.notify)
-        return bool(reply and reply.is_positive and wanted and not dsn)
+        if after.failure is not None:
+            f = after.failure
+            raise self._fail(f.stage, f.reason, f.reply, try_next_host=True, enhanced=f.enhanced)
+        finals = after.finals
+        if after.send_body:
+            finals = self._send_body(message.body, sum(1 for r in rcpts if r.is_positive))
+        return transaction.results(mail, rcpts, finals)
 
     def _pipelined(self, commands: list[str]) -> tuple[Reply, list[Reply], Reply]:
         # RFC 2920 §3.1: MAIL, every RCPT and DATA in one write; DATA ends the group.
