@@ -33,58 +33,23 @@ LOG_FORMATS = ("text", "json")
 LOG_TARGETS = ("stderr", "syslog", "file")
 LOG_FACILITIES = ("mail", "daemon", *(f"local{n}" for n in range(8)))
 
-# (minimum, maximum) for numbers; a key absent here may take any value of its type.
-_RANGES: dict[str, tuple[float, float]] = {
-    "server.max_connections": (1, 1_000_000),
-    "server.max_connections_per_ip": (1, 1_000_000),
-    "server.reserved_connections": (0, 1_000_000),
-    "server.grace_period": (0, 3600),
-    "server.workers": (1, 15),  # queue IDs carry 4 bits of process number; 15 is delivery's
-    "smtp.max_message_size": (1024, 2**40),
-    "smtp.max_recipients": (1, 100_000),
-    "smtp.max_errors": (1, 10_000),
-    "smtp.command_timeout": (1, 3600),
-    "smtp.data_timeout": (1, 3600),
-    "smtp.greet_pause": (0, 60),
-    "smtp.min_data_rate": (0, 1_000_000_000),
-    "smtp.stress_timeout": (0, 3600),
-    "smtp.max_received_headers": (1, 1000),
-    "smtp.auth_max_failures": (1, 100),
-    "smtp.auth_lockout": (0, 86400),
-    "tls.reload_interval": (0, 86400),
-    "monitor.max_connections": (1, 10_000),
-    "monitor.timeout": (1, 3600),
-    "limits.ip_connections_per_minute": (0, 1_000_000),
-    "limits.ip_messages_per_hour": (0, 10_000_000),
-    "limits.ip_recipients_per_hour": (0, 100_000_000),
-    "limits.ip_bytes_per_hour": (0, 2**50),
-    "limits.sender_messages_per_hour": (0, 10_000_000),
-    "limits.user_messages_per_hour": (0, 10_000_000),
-    "limits.user_recipients_per_hour": (0, 100_000_000),
-    "limits.max_tracked": (100, 10_000_000),
-    "queue.min_free_space": (0, 2**50),
-    "queue.max_messages": (0, 2**40),
-    "queue.max_bytes": (0, 2**60),
-    "queue.batch_max": (1, 100_000),
-    "delivery.mx_port": (1, 65535),
-    "delivery.concurrency": (1, 1000),
-    "delivery.destination_concurrency": (1, 1000),
-    "delivery.destination_rate": (0, 100_000),
-    "delivery.connect_timeout": (1, 3600),
-    "delivery.command_timeout": (1, 3600),
-    "delivery.dns_timeout": (0.1, 300),
-    "delivery.reuse_idle_timeout": (0, 3600),
-    "delivery.reuse_max_messages": (1, 100_000),
-    "delivery.retry_first": (1, 86400 * 30),
-    "delivery.retry_max": (1, 86400 * 30),
-    "delivery.retry_jitter": (0, 1),
-    "delivery.max_lifetime": (0, 86400 * 365),
-    "delivery.delay_warning": (0, 86400 * 365),
-    "delivery.retention": (0, 86400 * 365),
-}
 
 TLS_POLICIES = ("none", "may", "encrypt", "verify")
 AUTH_MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5")
+
+
+def key(default: Any, *, range: tuple[float, float] | None = None,
+        choices: tuple[str, ...] | None = None, what: str = "") -> Any:
+    """A config key's default with its rules, declared once beside its type: range (minimum,
+    maximum) for a number, or the choices a string may take (what: "a TLS policy", for the
+    message).  The checks, and the tests of the man page and conf/elemta.toml, read them
+    from the dataclass fields (_RANGES, _CHOICES)."""
+    metadata: dict[str, Any] = {}
+    if range is not None:
+        metadata["range"] = range
+    if choices is not None:
+        metadata["choices"], metadata["what"] = choices, what
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
@@ -113,15 +78,16 @@ class ServerConfig:
     maildrop_dir: str = ""  # where sendmail leaves local mail; "" = <spool_dir>-maildrop
     user: str = "elemta"  # started as root: run as this user (only CAP_NET_BIND_SERVICE kept)
     group: str = ""  # ... and this group; "" = the user's primary group
-    max_connections: int = 1000
-    max_connections_per_ip: int = 20
+    max_connections: int = key(1000, range=(1, 1_000_000))
+    max_connections_per_ip: int = key(20, range=(1, 1_000_000))
     # Of max_connections, kept for trusted networks and submission listeners (at most half):
     # a flood on port 25 cannot lock out the admin's own clients.
-    reserved_connections: int = 100
-    grace_period: float = 30.0
+    reserved_connections: int = key(100, range=(0, 1_000_000))
+    grace_period: float = key(30.0, range=(0, 3600))
     # SMTP processes sharing the listeners (SO_REUSEPORT): "auto" (one per CPU this process
-    # may use, see cpus.py) or a number; worker_count is what it comes to.
-    workers: int | str = "auto"
+    # may use, see cpus.py) or a number up to 15 (queue IDs carry 4 bits of process number,
+    # and 15 is delivery's); worker_count is what it comes to.
+    workers: int | str = key("auto", range=(1, 15))
     delivery_process: bool = True  # delivery in a process of its own (its own core, crash isolation)
     proxy_networks: tuple[str, ...] = ()  # who may send PROXY headers (HAProxy's addresses)
 
@@ -133,23 +99,26 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class SmtpConfig:
-    max_message_size: int = 26_214_400  # 25 MiB; advertised in EHLO SIZE
-    max_recipients: int = 100  # RFC 5321 §4.5.3.1.8: at least 100 must be accepted
-    max_errors: int = 20  # 5xx replies (unknown commands, bad syntax...) before 421 and close
-    command_timeout: float = 300.0  # RFC 5321 §4.5.3.2.7: 5 minutes for a whole command line
-    data_timeout: float = 180.0  # RFC 5321 §4.5.3.2.5-6: 3 minutes, plus min_data_rate's allowance
-    min_data_rate: int = 500  # octets/s a DATA or BDAT transfer must average (as Postfix's smtpd_min_data_rate)
-    stress_timeout: float = 10.0  # under pressure, for untrusted clients that have not authenticated; 0 = never
-    greet_pause: float = 0.0  # wait this long before the banner; input in it is refused
-    max_received_headers: int = 50  # a message arriving with this many Received headers loops
+    max_message_size: int = key(26_214_400, range=(1024, 2**40))  # 25 MiB; advertised in EHLO SIZE
+    max_recipients: int = key(100, range=(1, 100_000))  # RFC 5321 §4.5.3.1.8: at least 100 must be accepted
+    max_errors: int = key(20, range=(1, 10_000))  # 5xx replies (unknown commands, bad syntax...) before 421 and close
+    command_timeout: float = key(300.0, range=(1, 3600))  # RFC 5321 §4.5.3.2.7: 5 minutes for a whole command line
+    # RFC 5321 §4.5.3.2.5-6: 3 minutes, plus min_data_rate's allowance.
+    data_timeout: float = key(180.0, range=(1, 3600))
+    # Octets/s a DATA or BDAT transfer must average (as Postfix's smtpd_min_data_rate).
+    min_data_rate: int = key(500, range=(0, 1_000_000_000))
+    # Under pressure, for untrusted clients that have not authenticated; 0 = never.
+    stress_timeout: float = key(10.0, range=(0, 3600))
+    greet_pause: float = key(0.0, range=(0, 60))  # wait this long before the banner; input in it is refused
+    max_received_headers: int = key(50, range=(1, 1000))  # a message arriving with this many Received headers loops
     local_domains: tuple[str, ...] = ()
     relay_domains: tuple[str, ...] = ()
     trusted_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
     auth_required: bool = True  # submission listeners: AUTH (or a trusted network) before MAIL
     auth_file: str = "/etc/elemta/passwd"  # users and password hashes; see elemtactl user
     auth_mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")  # CRAM-MD5 needs stored secrets
-    auth_max_failures: int = 3  # failed AUTH in one session, then 421 4.7.0 and close
-    auth_lockout: float = 300.0  # seconds AUTH is refused to an address after that
+    auth_max_failures: int = key(3, range=(1, 100))  # failed AUTH in one session, then 421 4.7.0 and close
+    auth_lockout: float = key(300.0, range=(0, 86400))  # seconds AUTH is refused to an address after that
     sender_logins: dict = field(default_factory=dict)  # user -> senders it may use ("a@d, @d, *")
     authserv_id: str = ""  # the name in Authentication-Results (RFC 8601 §2.5); "" = hostname
 
@@ -163,31 +132,31 @@ class Certificate:
 @dataclass(frozen=True)
 class TlsConfig:
     certificates: tuple = ()  # [[tls.certificates]]: the first is the default, others by SNI
-    min_version: str = "TLSv1.2"
+    min_version: str = key("TLSv1.2", choices=TLS_VERSIONS)
     ciphers: str = ""  # OpenSSL cipher list for TLS 1.2; "" = the system's default
-    reload_interval: float = 60.0  # check the files for changes this often; 0 = SIGHUP only
+    reload_interval: float = key(60.0, range=(0, 86400))  # check the files for changes this often; 0 = SIGHUP only
 
 
 @dataclass(frozen=True)
 class LimitsConfig:
     """Flood protection; 0 = no limit.  Clients in smtp.trusted_networks are exempt."""
 
-    ip_connections_per_minute: int = 60
-    ip_messages_per_hour: int = 500
-    ip_recipients_per_hour: int = 2000
-    ip_bytes_per_hour: int = 1_073_741_824
-    sender_messages_per_hour: int = 500
-    user_messages_per_hour: int = 1000
-    user_recipients_per_hour: int = 5000
-    max_tracked: int = 100_000  # keys (addresses, senders, users) each limit remembers
+    ip_connections_per_minute: int = key(60, range=(0, 1_000_000))
+    ip_messages_per_hour: int = key(500, range=(0, 10_000_000))
+    ip_recipients_per_hour: int = key(2000, range=(0, 100_000_000))
+    ip_bytes_per_hour: int = key(1_073_741_824, range=(0, 2**50))
+    sender_messages_per_hour: int = key(500, range=(0, 10_000_000))
+    user_messages_per_hour: int = key(1000, range=(0, 10_000_000))
+    user_recipients_per_hour: int = key(5000, range=(0, 100_000_000))
+    max_tracked: int = key(100_000, range=(100, 10_000_000))  # keys (addresses, senders, users) each limit remembers
 
 
 @dataclass(frozen=True)
 class QueueConfig:
-    min_free_space: int = 104_857_600  # refuse mail (452 4.3.1) below 100 MiB free on the spool
-    max_messages: int = 0  # refuse mail above this many undelivered messages; 0 = no limit
-    max_bytes: int = 0  # ... or above this many bytes of them; 0 = no limit
-    batch_max: int = 256  # most messages committed in one group-commit transaction
+    min_free_space: int = key(104_857_600, range=(0, 2**50))  # refuse mail (452 4.3.1) below 100 MiB free on the spool
+    max_messages: int = key(0, range=(0, 2**40))  # refuse mail above this many undelivered messages; 0 = no limit
+    max_bytes: int = key(0, range=(0, 2**60))  # ... or above this many bytes of them; 0 = no limit
+    batch_max: int = key(256, range=(1, 100_000))  # most messages committed in one group-commit transaction
 
 
 @dataclass(frozen=True)
@@ -195,32 +164,36 @@ class DeliveryConfig:
     hold: bool = False  # keep new mail held in the queue instead of delivering it
     relayhost: str = ""  # host[:port] (IPv6 as [addr]:port) for all outbound mail, no MX lookup; "" = MX
     relayhost_auth_file: str = ""  # file with one line "user:password" for AUTH at the relayhost
-    relayhost_tls_policy: str = "may"
-    tls_policy: str = "may"  # none | may | encrypt | verify, for MX delivery
+    relayhost_tls_policy: str = key("may", choices=TLS_POLICIES, what="a TLS policy")
+    # None | may | encrypt | verify, for MX delivery.
+    tls_policy: str = key("may", choices=TLS_POLICIES, what="a TLS policy")
     tls_policies: dict = field(default_factory=dict)  # recipient domain -> policy
     ca_file: str = ""  # CA bundle for "verify"; "" = the system's store
     transport: dict = field(default_factory=dict)  # recipient domain -> transport (see docs)
     resolvers: tuple[str, ...] = ()  # "ip" or "ip:port"; () = /etc/resolv.conf
-    mx_port: int = 25  # port of MX hosts (tests and unusual setups only)
-    dns_timeout: float = 10.0
+    mx_port: int = key(25, range=(1, 65535))  # port of MX hosts (tests and unusual setups only)
+    dns_timeout: float = key(10.0, range=(0.1, 300))
     helo_name: str = ""  # "" = server.hostname
     # Postfix's defaults (default_process_limit, default_destination_concurrency_limit): one
     # busy destination cannot take every slot, and a queue built up in an outage drains in parallel.
-    concurrency: int = 100  # deliveries in parallel, all destinations together
-    destination_concurrency: int = 20  # ... to one destination (one set of MX hosts)
-    destination_rate: float = 0.0  # deliveries per second started to one destination; 0 = no cap
+    concurrency: int = key(100, range=(1, 1000))  # deliveries in parallel, all destinations together
+    destination_concurrency: int = key(20, range=(1, 1000))  # ... to one destination (one set of MX hosts)
+    # Deliveries per second started to one destination; 0 = no cap.
+    destination_rate: float = key(0.0, range=(0, 100_000))
     domain_concurrency: dict = field(default_factory=dict)  # recipient domain -> concurrency
     domain_rate: dict = field(default_factory=dict)  # recipient domain -> deliveries per second
-    connect_timeout: float = 30.0
-    command_timeout: float = 300.0  # for each reply, also the one after the data (RFC 5321 §4.5.3.2)
-    reuse_idle_timeout: float = 10.0  # keep a connection this long for the next message
-    reuse_max_messages: int = 100  # ... and for at most this many messages
-    retry_first: float = 300.0  # seconds; see the retry formula in docs/delivery.md
-    retry_max: float = 3600.0
-    retry_jitter: float = 0.1
-    max_lifetime: float = 432_000.0  # 5 days, then the message bounces (0 = first failure)
-    delay_warning: float = 14_400.0  # 4 hours: tell the sender mail is delayed; 0 = never
-    retention: float = 86_400.0  # keep delivered/failed messages' records this long for trace
+    connect_timeout: float = key(30.0, range=(1, 3600))
+    # For each reply, also the one after the data (RFC 5321 §4.5.3.2).
+    command_timeout: float = key(300.0, range=(1, 3600))
+    reuse_idle_timeout: float = key(10.0, range=(0, 3600))  # keep a connection this long for the next message
+    reuse_max_messages: int = key(100, range=(1, 100_000))  # ... and for at most this many messages
+    retry_first: float = key(300.0, range=(1, 86400 * 30))  # seconds; see the retry formula in docs/delivery.md
+    retry_max: float = key(3600.0, range=(1, 86400 * 30))
+    retry_jitter: float = key(0.1, range=(0, 1))
+    max_lifetime: float = key(432_000.0, range=(0, 86400 * 365))  # 5 days, then the message bounces (0 = first failure)
+    delay_warning: float = key(14_400.0, range=(0, 86400 * 365))  # 4 hours: tell the sender mail is delayed; 0 = never
+    # Keep delivered/failed messages' records this long for trace.
+    retention: float = key(86_400.0, range=(0, 86400 * 365))
     double_bounce_to: str = ""  # where undeliverable bounces go; "" = log them only
 
 
@@ -253,17 +226,18 @@ class MonitorConfig:
 
     listen: tuple[str, ...] = ("127.0.0.1:9525",)  # host:port each; [] or "" = no endpoint
     metrics_dir: str = ""  # the processes' counter files; "" = $RUNTIME_DIRECTORY/metrics, else under /dev/shm
-    max_connections: int = 16  # HTTP connections open at once; more are closed at once
-    timeout: float = 10.0  # seconds a request may take to arrive, and its answer to go out
+    max_connections: int = key(16, range=(1, 10_000))  # HTTP connections open at once; more are closed at once
+    timeout: float = key(10.0, range=(1, 3600))  # seconds a request may take to arrive, and its answer to go out
 
 
 @dataclass(frozen=True)
 class LogConfig:
-    level: str = "info"
-    format: str = "text"
-    target: str = "stderr"  # "stderr" (the journal under systemd), "syslog" (/dev/log) or "file"
+    level: str = key("info", choices=LOG_LEVELS)
+    format: str = key("text", choices=LOG_FORMATS)
+    # "stderr" (the journal under systemd), "syslog" (/dev/log) or "file".
+    target: str = key("stderr", choices=LOG_TARGETS)
     file: str = ""  # target "file": this file, reopened on SIGHUP and SIGUSR1 (logrotate)
-    facility: str = "mail"  # target "syslog": mail (as MTAs), daemon or local0-local7
+    facility: str = key("mail", choices=LOG_FACILITIES)  # target "syslog": mail (as MTAs), daemon or local0-local7
 
 
 @dataclass(frozen=True)
@@ -321,6 +295,17 @@ _SECTIONS = {
     "log": LogConfig,
     "monitor": MonitorConfig,
 }
+
+
+def _rules(rule: str) -> dict[str, Any]:
+    """"section.key" -> the key's rule (range or choices) as its field declares it."""
+    return {f"{name}.{f.name}": f.metadata[rule]
+            for name, cls in _SECTIONS.items() for f in dataclasses.fields(cls) if rule in f.metadata}
+
+
+_RANGES: dict[str, tuple[float, float]] = _rules("range")  # (minimum, maximum) of a number
+_CHOICES: dict[str, tuple[str, ...]] = _rules("choices")  # what a string key may be
+_WHAT: dict[str, str] = _rules("what")
 
 
 class _Problems:
@@ -570,16 +555,14 @@ def _check(config: Config, problems: _Problems) -> None:
     next one runs.  A check relating two keys is skipped if either is already a problem (its
     value is then the default, not what the file says)."""
     add = problems.add
-    if config.log.level not in LOG_LEVELS:
-        add("log.level", f"log.level: {config.log.level!r} (allowed: {', '.join(LOG_LEVELS)})")
-    if config.log.format not in LOG_FORMATS:
-        add("log.format", f"log.format: {config.log.format!r} (allowed: {', '.join(LOG_FORMATS)})")
-    if config.log.target not in LOG_TARGETS:
-        add("log.target", f"log.target: {config.log.target!r} (allowed: {', '.join(LOG_TARGETS)})")
-    elif config.log.target == "file" and not os.path.isabs(config.log.file):
+    for path, allowed in _CHOICES.items():
+        section, name = path.split(".")
+        value = getattr(getattr(config, section), name)
+        if value not in allowed:
+            what = f" is not {_WHAT[path]}" if _WHAT[path] else ""
+            add(path, f"{path}: {value!r}{what} (allowed: {', '.join(allowed)})")
+    if config.log.target == "file" and not os.path.isabs(config.log.file):
         add("log.file", f"log.file: {config.log.file!r}: target \"file\" needs an absolute path")
-    if config.log.facility not in LOG_FACILITIES:
-        add("log.facility", f"log.facility: {config.log.facility!r} (allowed: {', '.join(LOG_FACILITIES)})")
     _check_networks("smtp.trusted_networks", config.smtp.trusted_networks, "192.0.2.0/24", problems)
     for key in ("local_domains", "relay_domains"):
         for index, domain in enumerate(getattr(config.smtp, key)):
@@ -600,9 +583,7 @@ def _check(config: Config, problems: _Problems) -> None:
         if not targets.strip() or any(not t.strip() or " " in t.strip() for t in targets.split(",")):
             add("local.aliases", f"local.aliases.{key}: expected addresses separated by commas, got {targets!r}")
     d = config.delivery
-    for path, policy in [("delivery.tls_policy", d.tls_policy),
-                         ("delivery.relayhost_tls_policy", d.relayhost_tls_policy),
-                         *((f"delivery.tls_policies.{k}", v) for k, v in d.tls_policies.items())]:
+    for path, policy in ((f"delivery.tls_policies.{k}", v) for k, v in d.tls_policies.items()):
         if policy not in TLS_POLICIES:
             add(path, f"{path}: {policy!r} is not a TLS policy (allowed: {', '.join(TLS_POLICIES)})")
     for key, count in d.domain_concurrency.items():
@@ -624,8 +605,6 @@ def _check(config: Config, problems: _Problems) -> None:
             if listener.role in TLS_ROLES and not config.tls.certificates and not problems.bad("tls.certificates"):
                 add(f"listeners[{index}]",
                     f"listeners[{index}].role: {listener.role!r} needs a certificate in [[tls.certificates]]")
-    if config.tls.min_version not in TLS_VERSIONS:
-        add("tls.min_version", f"tls.min_version: {config.tls.min_version!r} (allowed: {', '.join(TLS_VERSIONS)})")
     for index, mechanism in enumerate(config.smtp.auth_mechanisms):
         if mechanism not in AUTH_MECHANISMS:
             add("smtp.auth_mechanisms",

@@ -344,3 +344,23 @@ def test_a_bad_key_makes_up_no_second_problem(tmp_path, text, problem):
         config.load(write(tmp_path, text))
     assert len(caught.value.problems) == 1, caught.value.problems
     assert re.search(problem, str(caught.value))
+
+
+def test_each_key_declares_its_rules_once_and_its_default_keeps_them():
+    # The ranges and choices live on the fields (config.key); the checks read them from there.
+    assert config._RANGES and config._CHOICES
+    for name, cls in config._SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            path, default = f"{name}.{f.name}", getattr(cls(), f.name)
+            if "range" in f.metadata:
+                low, high = f.metadata["range"]
+                assert default == "auto" or low <= default <= high, path
+            if "choices" in f.metadata:
+                assert default in f.metadata["choices"], path
+
+
+@pytest.mark.parametrize("path", sorted(config._CHOICES))
+def test_a_value_outside_a_key_s_choices_is_refused(path, tmp_path):
+    section, name = path.split(".")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(path)}: 'nonsense'( is not [\w ]+)? \(allowed: "):
+        config.load(write(tmp_path, f'[{section}]\n{name} = "nonsense"\n'))
