@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import os
 import socket
@@ -68,7 +69,7 @@ def build_config(args: argparse.Namespace, dev_port: int | None = None) -> cfg.C
             delivery={"hold": config.delivery.hold or not config.delivery.relayhost},
         )
         config = _with_listener(config, cfg.Listener(f"127.0.0.1:{port}", "submission"))
-        config = cfg.dataclasses.replace(config, dev=True)
+        config = dataclasses.replace(config, dev=True)
     elif args.port is not None:
         first = config.listeners[0]
         host = first.host
@@ -80,7 +81,7 @@ def build_config(args: argparse.Namespace, dev_port: int | None = None) -> cfg.C
 
 
 def _with_listener(config: cfg.Config, listener: cfg.Listener) -> cfg.Config:
-    return cfg.dataclasses.replace(config, listeners=(listener,))
+    return dataclasses.replace(config, listeners=(listener,))
 
 
 def report(exc: ConfigError) -> None:

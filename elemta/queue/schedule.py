@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from elemta.config import DeliveryConfig
 
-_DEFAULTS = DeliveryConfig()  # the defaults have one home: config.py
+_DEFAULTS = DeliveryConfig()  # the defaults have one home: config/keys.py
 
 
 @dataclass(frozen=True)

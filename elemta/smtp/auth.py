@@ -33,7 +33,7 @@ from typing import Protocol
 from elemta.config import AUTH_MECHANISMS
 from elemta.errors import ElemtaError
 
-MECHANISMS = AUTH_MECHANISMS  # the ones config.py allows, each implemented below
+MECHANISMS = AUTH_MECHANISMS  # the ones config/keys.py allows, each implemented below
 # These send the password itself (base64 is no protection): offered only over TLS
 # (RFC 4954 §4, RFC 4616 §6), or in dev mode.
 PLAINTEXT_MECHANISMS = frozenset({"PLAIN", "LOGIN"})
