@@ -11,7 +11,6 @@ the next MX or address now.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import functools
 import select
@@ -21,6 +20,7 @@ import time
 
 from elemta import metrics
 from elemta.config import TLS_POLICIES
+from elemta.delivery import smtp_setup as setup
 from elemta.delivery.smtp_reply import (
     MAX_REPLY_LINE,
     MAX_REPLY_LINES,
@@ -34,7 +34,7 @@ from elemta.delivery.smtp_reply import (
     parse_ehlo,
     parse_line,
 )
-from elemta.delivery.smtp_transaction import OutboundTransaction, OutMessage, OutRecipient
+from elemta.delivery.smtp_transaction import Failure, OutboundTransaction, OutMessage, OutRecipient
 from elemta.sockopts import set_kernel_timeout
 
 __all__ = ["TLS_POLICIES", "SmtpConnection", "OutMessage", "OutRecipient", "RecipientResult", "Reply",
@@ -70,10 +70,6 @@ def _tls_context(policy: str, ca_file: str | None) -> ssl.SSLContext:
 
 def _why(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
-
-
-def _b64(text: str) -> str:
-    return base64.b64encode(text.encode("utf-8")).decode("ascii")
 
 
 class SmtpConnection:
@@ -120,10 +116,7 @@ class SmtpConnection:
                 f"cannot connect: {_why(exc)}", stage="connect", try_next_host=True,
                 enhanced="4.4.1", host=host, ip=ip or (unix_path or ""),
             ) from exc
-        reply = conn._read("greeting")[0]
-        if reply.code != 220:
-            # RFC 5321 §3.1: a 554 greeting means "not here"; another MX may take it.
-            raise conn._fail("greeting", "greeting refused", reply, try_next_host=True)
+        conn._check(setup.greeting(conn._read("greeting")[0]))
         conn._hello(helo_name)
         conn._starttls(tls_policy, tls_name, ca_file, helo_name)
         if auth is not None:
@@ -136,42 +129,19 @@ class SmtpConnection:
         verb = "LHLO" if self.lmtp else "EHLO"
         self._write(f"{verb} {helo_name}\r\n".encode(), "ehlo")
         reply, lines = self._read("ehlo")
-        if reply.code == 250:
+        if self._check(setup.after_ehlo(reply, verb, self.lmtp)) == "ok":
             self.extensions = parse_ehlo(lines)
             return
-        if reply.is_permanent and not self.lmtp:
-            # RFC 5321 §3.2: a server that does not know EHLO gets HELO (no extensions).
-            # LMTP has no such fallback (RFC 2033 §4.1).
-            reply = self._command(f"HELO {helo_name}", "ehlo")
-            if reply.code == 250:
-                self.extensions = {}
-                return
-        raise self._fail("ehlo", f"{verb} refused", reply, try_next_host=True)
+        self._check(setup.after_helo(self._command(f"HELO {helo_name}", "ehlo"), verb))
+        self.extensions = {}
 
     def _starttls(self, policy: str, tls_name: str | None, ca_file: str | None,
                   helo_name: str) -> None:
-        if policy == "none":
+        if self._check(setup.before_starttls(policy, self.extensions)) != "starttls":
             return
-        required = policy in ("encrypt", "verify")
-        # TLS policy failures are transient (4.7.x): the remote or our configuration may
-        # change while the message waits, and a bounce for that would be premature.
-        if "STARTTLS" not in self.extensions:
-            if not required:
-                return
-            raise self._fail("tls-policy", f"TLS is required ({policy}) but STARTTLS "
-                             "is not offered", permanent=False, try_next_host=True,
-                             enhanced="4.7.4")
         reply = self._command("STARTTLS", "starttls")
-        if reply.code != 220:
-            if not required:
-                return  # RFC 3207 §4: the client decides; 'may' goes on in clear
-            raise self._fail("starttls", "STARTTLS refused", reply, permanent=False,
-                             try_next_host=True, enhanced="4.7.4")
-        if self._buf:
-            # Bytes read before the handshake would survive RFC 3207 §4.2's "forget what
-            # came before TLS" and be trusted (the STARTTLS response injection attack).
-            raise self._fail("starttls", "data sent before the TLS handshake",
-                             try_next_host=True, enhanced="4.5.0")
+        if self._check(setup.after_starttls(policy, reply, bool(self._buf))) != "handshake":
+            return
         try:
             self._sock.settimeout(self.command_timeout)
             self._sock = _tls_context(policy, ca_file).wrap_socket(
@@ -189,37 +159,24 @@ class SmtpConnection:
         self._kernel = False  # Python's timeout, set above, from here on: see _kernel_timeouts
         cipher = self._sock.cipher()
         self.tls = OutboundTls(self._sock.version() or "", cipher[0] if cipher else "",
-                           verified=policy == "verify")
+                               verified=policy == "verify")
         # RFC 3207 §4.2: forget what the server said before TLS and ask again.
         self.extensions = {}
         self._hello(helo_name)
 
     def _auth(self, user: str, password: str) -> None:
-        if self.tls is None:
-            # Never a password in clear text, whatever the policy (the security
-            # considerations of RFC 4954 and RFC 4616).
-            raise self._fail("auth", "refusing to authenticate without TLS",
-                             permanent=False, try_next_host=True, enhanced="4.7.10")
-        mechanisms = self.extensions.get("AUTH", "").upper().split()
-        if "PLAIN" in mechanisms:
-            # RFC 4616 §2 message as the initial response (RFC 4954 §4).
-            reply = self._command(f"AUTH PLAIN {_b64(chr(0) + user + chr(0) + password)}",
-                                  "auth")
-        elif "LOGIN" in mechanisms:
-            reply = self._command("AUTH LOGIN", "auth")
-            for answer in (user, password):
-                if reply.code != 334:
-                    break
-                reply = self._command(_b64(answer), "auth")
-        else:
-            raise self._fail("auth", "no AUTH PLAIN or LOGIN offered", permanent=False,
-                             try_next_host=True, enhanced="4.7.4")
-        if reply.code != 235:
-            # A refused login is a configuration problem: mail waits in the queue (like
-            # Postfix's smtp_sasl_auth_soft_bounce) instead of bouncing.
-            enhanced = "4" + reply.enhanced[1:] if reply.enhanced else "4.7.0"
-            raise self._fail("auth", "authentication failed", reply, permanent=False,
-                             try_next_host=True, enhanced=enhanced)
+        login = setup.Login(user, password, self.extensions, tls=self.tls is not None)
+        line = self._check(login.first())
+        while line != "done":
+            line = self._check(login.next(self._command(line, "auth")))
+
+    def _check(self, decision):
+        """A setup decision (smtp_setup.py): a Failure is raised, as the next MX's business;
+        anything else is handed back."""
+        if isinstance(decision, Failure):
+            raise self._fail(decision.stage, decision.reason, decision.reply, permanent=decision.permanent,
+                             try_next_host=True, enhanced=decision.enhanced)
+        return decision
 
     # -- transactions -------------------------------------------------------------------
 
@@ -246,9 +203,7 @@ class SmtpConnection:
         after = transaction.after_data(mail, rcpts, data)
         if after.abandon:
             self._abandon(data)
-        if after.failure is not None:
-            f = after.failure
-            raise self._fail(f.stage, f.reason, f.reply, try_next_host=True, enhanced=f.enhanced)
+        self._check(after.failure)
         finals = after.finals
         if after.send_body:
             finals = self._send_body(message.body, sum(1 for r in rcpts if r.is_positive))

@@ -44,6 +44,7 @@ class Failure:
     reason: str
     reply: Reply | None
     enhanced: str = ""
+    permanent: bool | None = None  # None: as the reply says (a 5yz is permanent)
 
 
 @dataclass(frozen=True)
