@@ -1,6 +1,7 @@
 """The session's side of the plugins: builds each hook's context, asks the manager, and turns
 the outcome into a reply or into changes the core makes itself (plugins never touch the
-envelope).  A mixin of smtp/session.py's Session, like transaction.py.
+envelope).  A part of smtp/session.py's Session, like transaction.py; what it shares with the
+session is declared in parts.py.
 
 With no plugins configured every call here returns at once, so the plain path costs a branch.
 """
@@ -11,24 +12,11 @@ from elemta import log as logmod
 from elemta.plugins import api
 from elemta.plugins.manager import NOTHING, HookResult
 from elemta.smtp import headers
+from elemta.smtp.parts import SessionParts, TransactionNotes
 from elemta.smtp.replies import Reply
 
 
-class TransactionNotes:
-    """What the plugins decided about the message being received, for the core to apply."""
-
-    def __init__(self, transaction: api.Transaction):
-        self.transaction = transaction
-        self.add_headers: list[tuple[str, str]] = []
-        self.remove_headers: list[str] = []
-        self.auth_results: list[str] = []
-        self.priority: str | None = None
-        self.discard = ""  # the plugin that discarded the message, if one did
-        self.quarantine = ""  # the reason it is held, if it is
-        self.data_seen = False  # on_data has run (BDAT: at the first chunk)
-
-
-class PluginHooks:
+class PluginHooks(SessionParts):
     def _plugin_connection(self) -> api.Connection:
         if self._pconn is None:
             c = self.client

@@ -1,7 +1,8 @@
 """The mail transaction of a session: MAIL, RCPT, DATA and BDAT up to the queue's answer.
 
-A mixin of smtp/session.py's Session, which owns the input loop, the session-level commands
-and the state these methods read and change; split out so each file stays readable.
+A part of smtp/session.py's Session, which owns the input loop and the session-level commands;
+the state these methods read and change, and the session's methods they call, are declared in
+parts.py (SessionParts), so a reader (and a type checker) sees the contract.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from elemta.smtp import address as addr
 from elemta.smtp import dotreader, policy, replies
 from elemta.smtp import envelope as env
 from elemta.smtp.context import BDAT_CHUNK, COMMAND, DATA, WAIT_QUEUE, Enqueue
+from elemta.smtp.parts import SessionParts
 from elemta.smtp.replies import Reply
 
 
-class MailTransaction:
+class MailTransaction(SessionParts):
     def enqueued(self, message: NewMessage) -> list:
         """The queue committed message: the 250 that promises it."""
         queue_id = message.queue_id
