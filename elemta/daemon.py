@@ -295,7 +295,8 @@ class Daemon:
             ready()
         elif server is not None:
             for listener in server.listeners.values():
-                self.announce(listening_line(listener.server_address[0], listener.port, listener.listener.role))
+                self.announce(listening_line(str(listener.server_address[0]), listener.port,
+                                             listener.listener.role))
             self._start_monitor(config, events)
         if server is not None:
             events("started", spool=config.server.spool_dir, listeners=len(server.listeners), worker=worker)
@@ -355,7 +356,8 @@ class Daemon:
         """A lone process serves [monitor] from a thread (a supervisor forks a process)."""
         if not config.monitor.listen:
             return
-        started, bound = time.time(), []
+        started = time.time()
+        bound: list[str] = []  # "host:port" each
         self.monitor = monitor.Monitor(
             config, lambda: monitor.process_status({}, started, config, bound), events)
         try:
@@ -373,7 +375,7 @@ class Daemon:
         """Wake the scheduler when new mail is committed: directly in one process, through the
         wake pipe between processes (a lost byte only delays mail until the next poll)."""
         if self.role == "all":
-            store.on_commit = lambda: self.scheduler.wake()
+            store.on_commit = self._wake_scheduler
         elif self.wake_pipe is None:
             return
         elif self.role == "smtp":
@@ -473,17 +475,19 @@ class Daemon:
                          recipients: LocalRecipients) -> None:
         """A new scheduler when delivery settings changed; else only the new recipient table
         (local.recipients_file may have new contents)."""
+        scheduler = self.scheduler
+        assert scheduler is not None  # only a process that delivers reloads delivery
         if (old.delivery, old.local, old.smtp.local_domains) == (
             config.delivery, config.local, config.smtp.local_domains
         ):
-            self.scheduler.router.recipients = recipients
+            scheduler.router.recipients = recipients
             return
         try:
             fresh = build_scheduler(config, store, events, recipients, self.plugins)
         except (ConfigError, QueueError) as exc:
             events("reload_warning", level=logmod.WARNING, error=f"delivery keeps its old settings: {exc}")
             return
-        self._stop_scheduler(self.scheduler, old.server.grace_period, events, successor=fresh)
+        self._stop_scheduler(scheduler, old.server.grace_period, events, successor=fresh)
         self.scheduler = fresh
         fresh.start()
 

@@ -190,7 +190,7 @@ class Resolver:
 
     # -- lookups -----------------------------------------------------------------
 
-    def lookup(self, name: str, rdtype: int) -> tuple[str, tuple]:
+    def lookup(self, name: str, rdtype: dns.rdatatype.RdataType) -> tuple[str, tuple]:
         """(status, records) from the cache or the nameservers; DnsError 4.4.3 on failure.
 
         status is OK, NXDOMAIN or NODATA.  A record is (preference, host) for MX, the
@@ -200,7 +200,7 @@ class Resolver:
         status, records, _until = self.lookup_until(name, rdtype)
         return status, records
 
-    def lookup_until(self, name: str, rdtype: int) -> tuple[str, tuple, float]:
+    def lookup_until(self, name: str, rdtype: dns.rdatatype.RdataType) -> tuple[str, tuple, float]:
         """lookup(), and until when (on now()'s clock) the answer stays valid: a result
         computed from answers may be kept as long as the earliest of them (an answer
         not cached is valid only now)."""
@@ -232,7 +232,7 @@ class Resolver:
         """The clock lookup_until() answers on."""
         return self._clock()
 
-    def _query(self, name: str, rdtype: int) -> tuple[str, tuple, float | None]:
+    def _query(self, name: str, rdtype: dns.rdatatype.RdataType) -> tuple[str, tuple, float | None]:
         """Ask the nameservers: (status, records, seconds to cache or None).
 
         Failures are not cached: the scheduler already backs off per message,

@@ -141,18 +141,21 @@ class SyslogTarget(Target):
         super().__init__(ident)
         self.facility = FACILITIES[facility]
         self.path = path
-        self._sock: socket.socket | None = None
-        self._connect()  # OSError at start: no syslog daemon to talk to
+        self._sock = self._connected()  # OSError at start: no syslog daemon to talk to
 
-    def _connect(self) -> None:
+    def _connected(self) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
             sock.connect(self.path)
         except OSError:
             sock.close()
             raise
-        if self._sock is not None:
-            self._sock.close()
+        return sock
+
+    def _connect(self) -> None:
+        """Connect again (the syslog daemon restarted, or logrotate's reopen)."""
+        sock = self._connected()
+        self._sock.close()
         self._sock = sock
 
     def prefix(self, level: int, now: float, pid: int) -> str:

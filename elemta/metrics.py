@@ -293,7 +293,7 @@ def process_dead(pid: int) -> None:
 # Commands whose 4xx/5xx replies are refusals worth telling apart by reply ("connect" is the
 # greeting).
 REFUSING = frozenset({"connect", "MAIL", "RCPT", "DATA", "BDAT", "AUTH", "STARTTLS"})
-_replies: dict[tuple[str, int], object] = {}  # (command, code // 100) -> its REPLIES child
+_replies: dict[tuple[str, int], _Off | _Series] = {}  # (command, code // 100) -> its REPLIES child
 
 
 MAX_DESTINATIONS = 100  # distinct destination labels per process; later ones are "other"

@@ -28,6 +28,7 @@ import threading
 import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING
 
 from elemta import __version__
 from elemta import log as logmod
@@ -36,6 +37,9 @@ from elemta.errors import QueueError
 from elemta.queue.admin import QueueAdmin
 from elemta.queue.model import PRIORITIES, STATES
 from elemta.wakeup import Wakeup
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 QUEUE_CACHE = 1.0  # seconds a queue reading is reused
 STATUS_FILE = "status.json"
@@ -314,8 +318,8 @@ class _Handler(BaseHTTPRequestHandler):
         return "elemta"  # not the Python version: nothing for a stranger to fingerprint
 
     def setup(self) -> None:
-        self.timeout = self.server.owner.timeout  # for reading the request (socket timeout)
         super().setup()
+        self.connection.settimeout(self.server.owner.timeout)  # for reading the request
 
     def do_GET(self) -> None:
         owner = self.server.owner
@@ -409,12 +413,14 @@ class Monitor:
         self.slots = threading.BoundedSemaphore(config.monitor.max_connections)
         self.health = Health(config, status)
         self.servers: list[MonitorHttp] = []
-        self._registry = None
+        self._registry: CollectorRegistry | None = None  # made by serve()
 
     def exposition(self) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-        return generate_latest(self._registry), CONTENT_TYPE_LATEST
+        registry = self._registry
+        assert registry is not None  # serve() made it before the first request
+        return generate_latest(registry), CONTENT_TYPE_LATEST
 
     def start(self, sockets: list[socket.socket] | None = None) -> list[tuple[str, int]]:
         """Serve on sockets (else bind monitor.listen: OSError if an address cannot be
@@ -422,17 +428,19 @@ class Monitor:
         from prometheus_client import CollectorRegistry
         from prometheus_client.multiprocess import MultiProcessCollector
 
-        self._registry = CollectorRegistry()
-        MultiProcessCollector(self._registry, path=metrics_dir(self.config))
-        self._registry.register(QueueCollector(self.config.queue_path))
-        self._registry.register(HealthCollector(self.health))
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=metrics_dir(self.config))
+        registry.register(QueueCollector(self.config.queue_path))
+        registry.register(HealthCollector(self.health))
+        self._registry = registry
         for sock in bind(self.config) if sockets is None else sockets:
             self.servers.append(MonitorHttp(self, sock))
         bound = []
         for server in self.servers:
             threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5},
                              name="monitor-http", daemon=True).start()
-            bound.append(server.server_address[:2])
+            host, port = server.server_address[:2]
+            bound.append((str(host), port))
         return bound
 
     def stop(self) -> None:

@@ -330,7 +330,8 @@ class PasswordFile:
                 raise NoSuchUser(f"no such user: {name}")
             if exists is False and index is not None:
                 raise UserExists(f"user {name} exists (use passwd to change its password)")
-            had_cram = index is not None and _parse_line(lines[index]).cram is not None
+            entry = _parse_line(lines[index]) if index is not None else None
+            had_cram = isinstance(entry, _Entry) and entry.cram is not None
             keep = had_cram if cram_md5 is None else cram_md5
             line = _format(_Entry(name, hashed, password.encode("utf-8") if keep else None))
             if index is None:

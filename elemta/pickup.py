@@ -185,7 +185,8 @@ class Pickup:
 
 def _read_all(fd: int, limit: int) -> bytes | None:
     """The file's bytes; None if there are more than limit (its owner may still be writing)."""
-    chunks, total = [], 0
+    chunks: list[bytes] = []
+    total = 0
     while True:
         chunk = os.read(fd, 1 << 20)
         if not chunk:

@@ -345,7 +345,7 @@ def count_together(region: Region, items: list[tuple[SharedRateLimit, str, float
     key has room for its amount to check, count every amount to count and return None; else
     return the index of the first that has not, and count nothing. One lookup per key, all
     under the region's lock, so no other worker counts in between."""
-    found = []
+    found: list[tuple[int, int | None, float, float] | None] = []
     with region:
         for index, (table, key, check, _) in enumerate(items):
             _check_amount(check)

@@ -66,9 +66,15 @@ class Region:
         self._depth = 0
         self._hashes: dict[str, int] = {}  # key -> key_hash(key), a few thousand at most
         this = weakref.ref(self)
-        # A child forked while a thread of the parent held the lock: that thread is not in the
-        # child, so its thread lock and depth are void there.
-        os.register_at_fork(after_in_child=lambda: (region := this()) is not None and region.after_fork())
+
+        def in_child() -> None:
+            # A child forked while a thread of the parent held the lock: that thread is not in
+            # the child, so its thread lock and depth are void there.
+            region = this()
+            if region is not None:
+                region.after_fork()
+
+        os.register_at_fork(after_in_child=in_child)
 
     # ---- the lock -------------------------------------------------------------------------
 
@@ -230,6 +236,7 @@ class Counts:
                 self._total.pack_into(mem, self._base, *totals)
             if values is None:
                 return
+            assert at is not None  # found or given a slot together with values
             values[1 + worker] = max(0, values[1 + worker] + delta)
             if any(values[1:]):
                 self._entry.pack_into(mem, at, *values)

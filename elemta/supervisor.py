@@ -37,6 +37,7 @@ from elemta.config import Config
 from elemta.daemon import (
     DELIVERY_WORKER,
     Daemon,
+    Shared,
     SpoolError,
     check_startup,
     exit_code,
@@ -70,7 +71,7 @@ def main_loop(load_config: Callable[[], Config]) -> int:
     notifier = sdnotify.Notifier()
     pidfile = None
     if not ipv6_available():
-        load_config = _without_ipv6(load_config)
+        load_config = _WithoutIpv6(load_config)
     try:
         config = load_config()
         pidfile = become_service(config)
@@ -97,7 +98,7 @@ def main_loop(load_config: Callable[[], Config]) -> int:
     except (ConfigError, SpoolError) as exc:
         for line in str(exc).split("\n"):  # a ConfigError's problems: one line each
             print(f"elemta: {line}", file=sys.stderr)
-        return exit_code(exc)
+        return exit_code(exc) or EX_SOFTWARE  # 78 or 73 for these two
     finally:
         notifier.stopping()
         metrics.remove()  # counters live in memory: nothing is left of them after a stop
@@ -125,13 +126,16 @@ def without_ipv6(config: Config) -> tuple[Config, list[str]]:
     return dataclasses.replace(config, listeners=kept), dropped
 
 
-def _without_ipv6(load_config: Callable[[], Config]) -> Callable[[], Config]:
-    def load() -> Config:
-        config, load.skipped = without_ipv6(load_config())
-        return config
+class _WithoutIpv6:
+    """load_config with the IPv6 listeners left out; skipped: the ones left out last time."""
 
-    load.skipped = []
-    return load
+    def __init__(self, load_config: Callable[[], Config]) -> None:
+        self.load_config = load_config
+        self.skipped: list[str] = []
+
+    def __call__(self) -> Config:
+        config, self.skipped = without_ipv6(self.load_config())
+        return config
 
 
 def become_service(config: Config) -> PidFile:
@@ -215,7 +219,7 @@ class Supervisor:
         self._config: Config | None = None
         self._started = time.time()
         self._monitor_sockets: list[socket.socket] = []
-        self._shared = None  # daemon.Shared, made in run()
+        self._shared: Shared | None = None  # made in run()
         self._pid = os.getpid()  # the supervisor's: a child runs this object's methods too
 
     # ---- configuration -----------------------------------------------------------------------
@@ -332,6 +336,7 @@ class Supervisor:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
             _stop_with_parent(supervisor)
             if self._roles[worker] == "monitor":
+                assert self._config is not None  # run() keeps it before any fork
                 code = monitor.run_process(self._config, self._monitor_sockets)
                 return
             for sock in self._monitor_sockets:
@@ -349,7 +354,7 @@ class Supervisor:
             except (ConfigError, SpoolError) as exc:
                 for line in str(exc).split("\n"):  # a ConfigError's problems: one line each
                     print(f"elemta: {line}", file=sys.stderr, flush=True)
-                code = exit_code(exc)
+                code = exit_code(exc) or EX_SOFTWARE  # 78 or 73 for these two
             except Exception as exc:  # noqa: BLE001 -- a child must always end in os._exit
                 print(f"elemta: worker {worker}: {exc}", file=sys.stderr, flush=True)
                 code = exit_code(exc) or EX_SOFTWARE
@@ -422,8 +427,8 @@ class Supervisor:
             for pid, worker, code in self._reaped():
                 if code != 0:
                     status = code
-                if self._roles[worker] in ("smtp", "all"):  # its connections closed with it
-                    self._shared.connections.forget_worker(worker)
+                if self._roles[worker] in ("smtp", "all") and self._shared is not None:
+                    self._shared.connections.forget_worker(worker)  # its connections closed with it
                 if not stopping:
                     self.events("worker_died", level=logmod.WARNING, worker=worker, pid=pid, status=code)
                     self._spawn(worker, None)
@@ -454,7 +459,8 @@ class Supervisor:
             if done:
                 gone.append((pid, self._children.pop(pid), os.waitstatus_to_exitcode(status)))
                 metrics.process_dead(pid)  # its open-connections gauge no longer counts
-                monitor.clear_listening(self._config, pid)
+                if self._config is not None:
+                    monitor.clear_listening(self._config, pid)
         if gone:
             self._write_status()
         return gone

@@ -85,7 +85,8 @@ def split_next_hop(text: str, default_port: int = 25) -> tuple[str, int]:
         port_text = tail[1:]
         has_port = bool(tail)
     else:
-        host, has_port, port_text = text.partition(":")
+        host, colon, port_text = text.partition(":")
+        has_port = bool(colon)
         if ":" in port_text:
             raise ValueError(f"{text!r}: write IPv6 addresses in brackets, [2001:db8::1]:25")
     if not host:

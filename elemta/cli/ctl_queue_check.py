@@ -34,7 +34,8 @@ def check(ctl: Ctl, full: bool, as_json: bool) -> None:
     except sqlite3.Error as exc:
         raise CtlError(f"{path}: cannot open the queue: {exc}", EX_UNAVAILABLE) from None
     try:
-        problems = integrity.quick_check(conn, seconds=float("inf"), full=full)
+        # Without a time limit the check always finishes (None would mean it did not).
+        problems = integrity.quick_check(conn, seconds=float("inf"), full=full) or []
         counts: dict[str, int] = {}
         if not problems:
             try:

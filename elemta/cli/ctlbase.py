@@ -51,7 +51,8 @@ class CtlError(click.ClickException):
 
     def __init__(self, message: str, exit_code: int, prefix: str = "elemtactl") -> None:
         super().__init__(" ".join(message.split()))  # one line, whatever the cause said
-        self.exit_code = exit_code
+        # click declares exit_code on the class; each CtlError carries its own sysexits status.
+        self.exit_code = exit_code  # type: ignore[misc]
         self.prefix = prefix
 
     def show(self, file=None) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import Any
 
 import click
 
@@ -184,9 +185,11 @@ def _changer(name: str, allow_all: bool, doc: str, what: str) -> click.Command:
     if allow_all:
         decorators.append(click.option("--yes", "-y", is_flag=True, help="Change ALL without asking."))
     decorators.append(pass_ctl)
+    decorated: Any = command  # each decorator changes what it is; click.Command at the end
     for decorate in reversed(decorators):
-        command = decorate(command)
-    return command
+        decorated = decorate(decorated)
+    assert isinstance(decorated, click.Command)
+    return decorated
 
 
 _changer("hold", True, "Hold messages until released.\n\nTheir queued and deferred recipients are held;"

@@ -13,6 +13,7 @@ import dataclasses
 import datetime
 import json
 import sys
+from typing import Any, Literal
 
 import click
 from rich import box
@@ -62,7 +63,7 @@ def relative(when: float | None, now: float) -> str:
     return "in " + human_duration(when - now)
 
 
-def human_size(n: int) -> str:
+def human_size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -108,7 +109,7 @@ class Output:
         return self._console
 
     def json(self, value: object) -> None:
-        if dataclasses.is_dataclass(value):
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
             value = dataclasses.asdict(value)
         click.echo(json.dumps(value, indent=2))
 
@@ -134,9 +135,10 @@ class Output:
                           plain_time(m.next_attempt), m.last_error)
             return None
         table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
-        for name, justify in (("ID", "left"), ("Age", "right"), ("Size", "right"), ("Sender", "left"),
-                              ("Priority", "left"), ("Recipients", "left"), ("Next", "left"),
-                              ("Last error", "left")):
+        columns: tuple[tuple[str, Literal["left", "right"]], ...] = (
+            ("ID", "left"), ("Age", "right"), ("Size", "right"), ("Sender", "left"), ("Priority", "left"),
+            ("Recipients", "left"), ("Next", "left"), ("Last error", "left"))
+        for name, justify in columns:
             table.add_column(name, justify=justify, overflow="fold")
         for m in page.messages:
             shown = [f"{r.address} ({r.state})" for r in m.recipients[:_RECIPIENTS_SHOWN]]
@@ -155,7 +157,7 @@ class Output:
     def detail(self, d: MessageDetail, now: float) -> None:
         if self.as_json:
             return self.json(d)
-        envelope = [
+        envelope: list[tuple[str, Any]] = [
             ("queue_id", d.queue_id), ("created", d.created), ("age", d.age), ("size", d.size),
             ("sender", sender_text(d.sender)), ("priority", d.priority), ("client_ip", d.client_ip),
             ("client_helo", d.client_helo), ("listener", d.listener), ("envid", d.envid), ("ret", d.ret),

@@ -31,14 +31,18 @@ _NOT_IN_FILE = ("dev", "source")
 def dumps(config: Config) -> str:
     lines = [f"# elemta configuration in effect: {config.source or 'built-in defaults'},",
              "# with the default of every key not set there.", ""]
-    lines += _table((), _plain(config))
+    plain = _plain(config)
+    assert isinstance(plain, dict)  # a dataclass becomes a dict
+    lines += _table((), plain)
     return "\n".join(lines) + "\n"
 
 
 def as_dict(config: Config) -> dict:
     """The same keys as dumps() writes, as plain JSON-able values (a plugin's timeout that is
     not set is null: the plugin's own default)."""
-    return _plain(config, keep_none=True, dates_as_text=True)
+    plain = _plain(config, keep_none=True, dates_as_text=True)
+    assert isinstance(plain, dict)  # a dataclass becomes a dict
+    return plain
 
 
 def _plain(v: object, keep_none: bool = False, dates_as_text: bool = False) -> object:

@@ -53,5 +53,6 @@ def notices(plugins, dl, outcome: AttemptResult) -> None:
         if verdicts and plugins.wants(hook):
             ctx = _context(hook, dl, reply=verdicts[0].reply[:500],
                            permanent=any(v.status == "permanent" for v in verdicts))
+            assert ctx.delivery is not None  # _context() always gives one
             ctx.delivery.recipients = tuple(v.recipient.address for v in verdicts)
             plugins.run(hook, ctx)

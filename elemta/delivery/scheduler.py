@@ -26,7 +26,7 @@ import dataclasses
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -426,7 +426,7 @@ class Scheduler:
         self.work.give_back(dl.job.queue_id, [*dl.recipients, *(d for dups in dl.duplicates.values() for d in dups)])
         self._part_done(dl.job)
 
-    def _after_error(self, job: Job, recipients, delivered: list[Verdict] = ()) -> None:
+    def _after_error(self, job: Job, recipients, delivered: Sequence[Verdict] = ()) -> None:
         """A delivery ended in an error of elemta's own (a bug, a database error while routing):
         its recipients are due again in ERROR_RETRY seconds (no attempt counted), not
         when their hour-long lease runs out; those in `delivered` (the remote took them) are

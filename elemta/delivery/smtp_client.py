@@ -142,6 +142,7 @@ class SmtpConnection:
         reply = self._command("STARTTLS", "starttls")
         if self._check(setup.after_starttls(policy, reply, bool(self._buf))) != "handshake":
             return
+        assert self._sock is not None  # connected: STARTTLS was just answered
         try:
             self._sock.settimeout(self.command_timeout)
             self._sock = _tls_context(policy, ca_file).wrap_socket(
@@ -209,7 +210,7 @@ class SmtpConnection:
             finals = self._send_body(message.body, sum(1 for r in rcpts if r.is_positive))
         return transaction.results(mail, rcpts, finals)
 
-    def _pipelined(self, commands: list[str]) -> tuple[Reply, list[Reply], Reply]:
+    def _pipelined(self, commands: list[str]) -> tuple[Reply, list[Reply], Reply | None]:
         # RFC 2920 §3.1: MAIL, every RCPT and DATA in one write; DATA ends the group.
         # Replies come in order, each checked.
         self._write("".join(f"{c}\r\n" for c in [*commands, "DATA"]).encode(), "mail")
@@ -293,12 +294,14 @@ class SmtpConnection:
     def _kernel_timeouts(self) -> None:
         """Blocking socket, timeouts kept by the kernel (sockopts.py); not after STARTTLS,
         where only Python's own timeout ends a wait for a silent server."""
+        assert self._sock is not None  # called right after the connect
         self._sock.settimeout(None)
         self._kernel = True
         self._rcv_timeout = self._set_timeout(socket.SO_RCVTIMEO, self.command_timeout)
         self._snd_timeout = self._set_timeout(socket.SO_SNDTIMEO, self.command_timeout)
 
     def _set_timeout(self, option: int, seconds: float) -> float:
+        assert self._sock is not None  # only while the connection is open
         return set_kernel_timeout(self._sock, option, seconds)
 
     def _write(self, data: bytes | memoryview, stage: str) -> None:

@@ -228,7 +228,8 @@ class QueueAdmin:
         if _is_all(which):
             return self._delete_all()
         wanted = _unique(which)
-        deleted, recipients, skipped, seen = 0, 0, [], set()
+        deleted, recipients, skipped = 0, 0, []
+        seen: set[str] = set()
         for chunk in _chunks(wanted, _IDS_PER_STATEMENT):
             marks = ",".join("?" * len(chunk))
             with self._writing() as conn:
@@ -269,7 +270,9 @@ class QueueAdmin:
             return dataclasses.replace(change, skipped=self._active_messages()) if action == "hold" else change
         wanted = _unique(which)
         now = self._clock()
-        changed, recipients, skipped, seen = set(), 0, [], set()
+        changed: set[str] = set()
+        seen: set[str] = set()
+        recipients, skipped = 0, []
         for chunk in _chunks(wanted, _IDS_PER_STATEMENT):
             names = {f"q{i}": qid for i, qid in enumerate(chunk)}
             marks = ",".join(f":{name}" for name in names)

@@ -178,7 +178,7 @@ def writers_turn(conn: sqlite3.Connection) -> Iterator[None]:
     grow instead of transactions queueing up behind each other, each with its own fsync.
     Only one thread may use conn meanwhile (the caller's own lock sees to that).
     """
-    if getattr(conn, "in_turn", False) or getattr(conn, "writer_lock", None) is None:
+    if not isinstance(conn, LockingConnection) or conn.in_turn or conn.writer_lock is None:
         yield
         return
     with _writers_lock(conn.writer_lock):

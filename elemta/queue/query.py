@@ -242,7 +242,8 @@ def _id_at(when: float) -> str:
 def _summaries(conn: sqlite3.Connection, queue_ids: list[str], now: float) -> list[MessageSummary]:
     if not queue_ids:
         return []
-    messages, recipients = {}, {}
+    messages: dict[str, sqlite3.Row] = {}
+    recipients: dict[str, list[sqlite3.Row]] = {}
     # In slices: SQLite caps the number of variables in one statement.
     for start in range(0, len(queue_ids), 500):
         chunk = queue_ids[start : start + 500]

@@ -227,7 +227,7 @@ def _parse_quoted_string(text: str) -> tuple[str, int]:
 
     Returns the semantic value and the index just past the closing quote.
     """
-    out = []
+    out: list[str] = []
     i = 1
     while i < len(text):
         c = text[i]

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 from elemta.config import SUBMISSION_ROLES
 from elemta.local import LocalRecipients
+from elemta.plugins.manager import Manager
 from elemta.queue.model import NewMessage
+from elemta.smtp.auth import Verifier
 from elemta.smtp.replies import Reply
 
 
@@ -71,9 +73,9 @@ class Services:
     intake_check: Callable[[], str | None] = lambda: None  # None, or why mail can't be taken now
     log: Callable[..., None] = lambda event, **fields: None  # log(event, qid=..., key=value)
     now: Callable[[], float] = time.time
-    verifier: object | None = None  # checks passwords (passwords.PasswordFile); None = no AUTH
+    verifier: Verifier | None = None  # checks passwords (passwords.PasswordFile); None = no AUTH
     guard: Guard | None = None  # flood protection (smtp/limits.py); None = no limits
-    plugins: object | None = None  # plugins.manager.Manager; None = no plugins
+    plugins: Manager | None = None  # None = no plugins
 
 
 class Guard:

@@ -30,7 +30,7 @@ class DataReader:
         self.received = 0  # octets seen, including any that were dropped
         self.too_big = False
 
-    def feed(self, data: bytes) -> tuple[bytes, bytes] | None:
+    def feed(self, data: bytes | bytearray) -> tuple[bytes, bytes] | None:
         """Add input; return (message text, input after the terminator) once it is found.
 
         The message text is still dot-stuffed and ends with the CRLF of its last line.

@@ -82,7 +82,8 @@ def from_mail(sender: addr.Address, params: dict, *, max_size: int, trusted: boo
 
 def recipient(rcpt: addr.Address, params: dict) -> NewRecipient:
     """A queue recipient from RCPT's DSN parameters (RFC 3461 §4.1-4.2)."""
-    orcpt, notify = None, ()
+    orcpt: str | None = None
+    notify: tuple[str, ...] = ()
     for name, value in params.items():
         if name == "NOTIFY":
             notify = addr.parse_notify(value)

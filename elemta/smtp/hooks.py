@@ -94,7 +94,8 @@ class PluginHooks(SessionParts):
         if removed or forged:
             def drop(name: bytes, value: bytes) -> bool:
                 if name == headers.AUTH_RESULTS and headers.claims_authserv_id(value, authserv_id):
-                    self.services.log("auth_results_removed", qid=self.envelope.queue_id, level=logmod.INFO)
+                    qid = self.envelope.queue_id if self.envelope else None
+                    self.services.log("auth_results_removed", qid=qid, level=logmod.INFO)
                     return True
                 return name in removed
             text = headers.remove_fields(text, drop)

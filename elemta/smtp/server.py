@@ -148,7 +148,7 @@ class SmtpServer:
         verifier = self.services.verifier if self.services else None
         if not config.smtp.auth_mechanisms:
             verifier = None
-        elif verifier is None or verifier.path != config.smtp.auth_file:
+        elif not isinstance(verifier, PasswordFile) or verifier.path != config.smtp.auth_file:
             verifier = PasswordFile(config.smtp.auth_file)
         self.services = Services(
             new_id=self.store.new_id, intake_check=self._intake_check, log=self.log,
@@ -264,6 +264,7 @@ class SmtpServer:
             if peer is None:
                 return
         services, started = self.services, time.monotonic()
+        assert services is not None  # configure() runs before the listeners start
         session = Session(settings, Client(peer[0], peer[1], limits.is_trusted(peer[0]), number), services)
         self.log("connect", ip=peer[0], port=peer[1], listener=listener.address, conn=number,
                  **({"proxy": ip} if listener.proxy_protocol else {}))
@@ -331,6 +332,7 @@ class SmtpServer:
         refusal = self.connections.rekey(number, client[0], limits, reserved=reserved)
         reason = "connection_limit"
         if refusal is None and not trusted:
+            assert self.limiter is not None  # configure() runs before the listeners start
             refusal, reason = self.limiter.connect(client[0]), "connection_rate"
         if refusal is not None:
             metrics.CONNECTIONS.labels(listener.address, reason).inc()
@@ -496,6 +498,7 @@ class ListenerServer(socketserver.ThreadingTCPServer):
         )
         reason = "connection_limit"
         if refusal is None and not proxied and not trusted:
+            assert owner.limiter is not None  # configure() runs before the listeners start
             refusal = owner.limiter.connect(ip)
             if refusal is not None:
                 owner.connections.release(number)

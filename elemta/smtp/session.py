@@ -151,6 +151,7 @@ class Session(PluginHooks, MailTransaction):
         out: list = []
         while self.state not in (WAIT_QUEUE, CLOSED):
             if self.state == DATA:
+                assert self._data is not None  # set with the move to DATA
                 done = self._data.feed(self._buf)
                 self._buf.clear()
                 if done is None:
@@ -159,6 +160,7 @@ class Session(PluginHooks, MailTransaction):
                 self._buf += rest
                 out += self._tally("DATA", self._end_of_data(text))
             elif self.state == BDAT_CHUNK:
+                assert self._chunk is not None  # set with the move to BDAT_CHUNK
                 if not self._chunk.take(self._buf):
                     break
                 out += self._tally("BDAT", self._end_of_chunk())
@@ -359,10 +361,13 @@ class Session(PluginHooks, MailTransaction):
             if mechanism in self.settings.auth_mechanisms and mechanism in auth.PLAINTEXT_MECHANISMS:
                 return self._error(replies.AUTH_NEEDS_TLS)
             return self._error(replies.AUTH_UNKNOWN_MECHANISM)
-        self._auth = auth.Exchange(mechanism, self.services.verifier, hostname=self.settings.hostname)
+        verifier = self.services.verifier
+        assert verifier is not None  # no mechanism is offered without a password file
+        self._auth = auth.Exchange(mechanism, verifier, hostname=self.settings.hostname)
         return self._auth_outcome(self._auth.start(words[1] if len(words) == 2 else None))
 
     def _auth_line(self, line: bytes) -> list:
+        assert self._auth is not None  # the AUTH state has its exchange
         return self._auth_outcome(self._auth.step(line.decode("ascii", "replace")))
 
     def _auth_outcome(self, outcome) -> list:
@@ -371,6 +376,7 @@ class Session(PluginHooks, MailTransaction):
             return [replies.AUTH_CHALLENGE.format(text=outcome.text)]
         self._to(COMMAND)
         exchange, self._auth = self._auth, None
+        assert exchange is not None  # started by _auth_cmd
         fields = {"ip": self.client.ip, "conn": self.client.conn, "mechanism": exchange.mechanism}
         metrics.AUTH.labels(exchange.mechanism, "ok" if isinstance(outcome, auth.Success) else outcome.kind).inc()
         if isinstance(outcome, auth.Success):

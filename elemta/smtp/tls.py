@@ -63,7 +63,7 @@ def certificate_names(path: str) -> list[str]:
     The ssl module decodes certificates only through this long-standing helper that CPython's
     own tests use; without it, SNI selection falls back to the default certificate.
     """
-    decode = getattr(ssl._ssl, "_test_decode_cert", None)
+    decode = getattr(getattr(ssl, "_ssl", None), "_test_decode_cert", None)
     if decode is None:
         return []
     cert = decode(path)
@@ -233,7 +233,7 @@ def _context(config: TlsConfig, cert: Certificate, path: str) -> ssl.SSLContext:
 
 def _stamps(certificates: tuple[Certificate, ...]) -> tuple:
     """What changes when a file is replaced or rewritten: (mtime_ns, size, inode) of each."""
-    stamps = []
+    stamps: list[tuple[int, int, int] | None] = []
     for cert in certificates:
         for path in (cert.cert_file, cert.key_file):
             if not path:

@@ -198,8 +198,10 @@ class MailTransaction(SessionParts):
 
     def _end_of_data(self, text: bytes) -> list:
         self._to(COMMAND)
-        if self._data.too_big:
-            self._log_refusal("552 5.3.4", size=self._data.received)
+        data = self._data
+        assert data is not None  # DATA was being read
+        if data.too_big:
+            self._log_refusal("552 5.3.4", size=data.received)
             self._reset()
             return self._error(replies.SIZE_EXCEEDED.format(limit=self.settings.max_message_size))
         return self._finish(dotreader.unstuff(text))
@@ -227,6 +229,7 @@ class MailTransaction(SessionParts):
     def _end_of_chunk(self) -> list:
         self._to(COMMAND)
         chunk, self._chunk = self._chunk, None
+        assert chunk is not None  # a BDAT chunk was being read
         if chunk.refusal is not None:
             if chunk.refusal.code == 552:
                 self._log_refusal("552 5.3.4")
@@ -251,6 +254,7 @@ class MailTransaction(SessionParts):
             self._reset()
             return self._error(refusal)
         envelope, notes = self.envelope, self._pnotes
+        assert envelope is not None  # the text ends a transaction that MAIL began
         if self.settings.submission:
             text = self._complete_header(text)
         if notes is not None:
@@ -298,6 +302,7 @@ class MailTransaction(SessionParts):
         if not dotreader.has_field(text, b"date"):
             added += b"Date: " + email.utils.formatdate(self.services.now(), localtime=True).encode() + b"\r\n"
         if not dotreader.has_field(text, b"message-id"):
+            assert self.envelope is not None  # called by _finish, inside a transaction
             unique = f"{self.envelope.queue_id}.{secrets.token_hex(6)}"
             added += f"Message-ID: <{unique}@{self.settings.hostname}>\r\n".encode()
         return added + text
