@@ -355,10 +355,15 @@ def test_timed_out_enqueue_is_never_written(store, db_path):
     assert stored.message_count(store.path) == 2
 
 
-def test_dead_writer_fails_sessions_instead_of_hanging(store, db_path):
+def test_dead_writer_fails_sessions_instead_of_hanging(db_path):
+    # One request per batch: the writer holds the blocker alone, whenever it took it, so the
+    # poison and the victim are still queued behind it (batches are gathered in the writer's
+    # turn, and a larger batch could take them in with the blocker).
+    store = Store(db_path, batch_max=1)
+    store.open()
     lock, blocker = stall_writer(store, db_path)
     store._requests.put(object())  # not a request: the writer thread dies on it
-    victim = Enqueuer(store, make(store), timeout=None)  # in the same batch as the poison
+    victim = Enqueuer(store, make(store), timeout=None)  # queued behind the poison
     wait_for(lambda: store._requests.qsize() == 2)
     lock.__exit__(None, None, None)
     assert isinstance(blocker.outcome(), str)
