@@ -16,7 +16,6 @@ class Reply:
     code: int
     enhanced: str = ""  # "X.Y.Z", or "" (the 220 greeting, EHLO, 354; a remote that gave none)
     text: str = ""  # lines joined by "\n" (a remote's: joined by a space)
-    close: bool = False  # the server closes the connection after sending it
 
     @property
     def is_positive(self) -> bool:
@@ -40,7 +39,7 @@ class Reply:
 
     def format(self, **fields: object) -> Reply:
         """The reply with its text's {name} fields filled."""
-        return Reply(self.code, self.enhanced, self.text.format(**fields), self.close)
+        return Reply(self.code, self.enhanced, self.text.format(**fields))
 
     def to_bytes(self) -> bytes:
         """As a server sends it: one line per text line, "-" after the code on all but the

@@ -18,7 +18,8 @@ from elemta.cli.sendmail_base import (
     write_drop,
 )
 from elemta.errors import QueueError
-from elemta.smtp.session import CLOSED, Client, Enqueue, Services, Session, Settings
+from elemta.smtp.replies import Reply
+from elemta.smtp.session import Client, Close, Enqueue, Output, Services, Session, Settings
 
 
 def run(opts: Options, config: cfg.Config, program: str) -> int:
@@ -47,22 +48,26 @@ def smtp_on_stdio(config: cfg.Config, stdin, stdout) -> int:
     )
     session = Session(settings, Client("127.0.0.1", trusted=True), Services(new_id=maildrop.new_name))
 
-    def send(outputs: list) -> None:
+    def send(outputs: list[Output]) -> bool:
+        """Write the replies; True when the session asked to close."""
+        closing = False
         for out in outputs:
             if isinstance(out, Enqueue):
-                send(_store(session, config, out))
-            else:
+                closing = send(_store(session, config, out)) or closing
+            elif isinstance(out, Close):
+                closing = True
+            elif isinstance(out, Reply):
                 stdout.write(out.to_bytes())
         stdout.flush()
+        return closing
 
-    send([session.greeting()])
+    send(session.greeting())
     # Line by line, bare LF taken as CRLF: a script piping a whole dialogue into sendmail -bs
     # is no pipelining client that broke the rules (RFC 2920 §3.1 guards the network).
     for line in stdin:
         if line.endswith(b"\n") and not line.endswith(b"\r\n"):
             line = line[:-1] + b"\r\n"
-        send(session.feed(line))
-        if session.state == CLOSED:
+        if send(session.feed(line)):
             break
     session.disconnected()
     return 0

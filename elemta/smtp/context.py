@@ -8,6 +8,7 @@ import enum
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from elemta.config import SUBMISSION_ROLES
 from elemta.local import LocalRecipients
@@ -15,6 +16,7 @@ from elemta.plugins.manager import Manager
 from elemta.queue.model import NewMessage
 from elemta.smtp.auth import Verifier
 from elemta.smtp.replies import Reply
+from elemta.smtp.tls import TlsInfo
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,15 @@ class Enqueue:
 @dataclass(frozen=True)
 class StartTls:
     """Output, after the 220 to STARTTLS: start the TLS handshake, then call tls_started()."""
+
+
+@dataclass(frozen=True)
+class Close:
+    """Output, after the last reply: close the connection (QUIT, a 421, too many errors)."""
+
+
+# What feed() and the other entry points give back, in the order the server acts on them.
+Output = Reply | Enqueue | StartTls | Close
 
 
 @dataclass(frozen=True)
@@ -78,6 +89,18 @@ class Services:
     plugins: Manager | None = None  # None = no plugins
 
 
+class SessionFacts(Protocol):
+    """What the session knows of its client, as its parts read it (smtp/parts.py)."""
+
+    settings: Settings
+    client: Client
+    services: Services
+    tls: TlsInfo | None  # once TLS is up
+    user: str | None  # the authenticated user
+    helo: str | None  # the name given in HELO/EHLO; None before it
+    esmtp: bool  # EHLO rather than HELO
+
+
 class Guard:
     """The rate limits a session asks about; this base class limits nothing.
 
@@ -102,7 +125,7 @@ class Guard:
 
 
 class State(enum.Enum):
-    """Where a session is.  The moves it may make are TRANSITIONS; Session._to() keeps to them."""
+    """Where a session is.  The moves it may make are TRANSITIONS; Session.enter() keeps to them."""
 
     COMMAND = "command"  # waiting for a command line
     DATA = "data"  # reading message text up to CRLF.CRLF (after the 354)

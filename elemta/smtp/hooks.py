@@ -1,7 +1,7 @@
 """The session's side of the plugins: builds each hook's context, asks the manager, and turns
 the outcome into a reply or into changes the core makes itself (plugins never touch the
-envelope).  A part of smtp/session.py's Session, like transaction.py; what it shares with the
-session is declared in parts.py.
+envelope).  A part of smtp/session.py's Session, held as session.hooks; what it reads of the
+session is context.SessionFacts.
 
 With no plugins configured every call here returns at once, so the plain path costs a branch.
 """
@@ -12,27 +12,48 @@ from elemta import log as logmod
 from elemta.plugins import api
 from elemta.plugins.manager import NOTHING, HookResult
 from elemta.smtp import headers
-from elemta.smtp.parts import SessionParts, TransactionNotes
+from elemta.smtp.context import SessionFacts
 from elemta.smtp.replies import Reply
 
 
-class PluginHooks(SessionParts):
+class TransactionNotes:
+    """What the plugins decided about the message being received, for the core to apply."""
+
+    def __init__(self, transaction: api.Transaction):
+        self.transaction = transaction
+        self.add_headers: list[tuple[str, str]] = []
+        self.remove_headers: list[str] = []
+        self.auth_results: list[str] = []
+        self.priority: str | None = None
+        self.discard = ""  # the plugin that discarded the message, if one did
+        self.quarantine = ""  # the reason it is held, if it is
+        self.data_seen = False  # on_data has run (BDAT: at the first chunk)
+
+
+class PluginHooks:
+    def __init__(self, session: SessionFacts):
+        self.session = session
+        self.notes: TransactionNotes | None = None  # the transaction's, from MAIL on (with plugins)
+        self._connection: api.Connection | None = None  # the plugins' view of the connection
+        self._conn_auth_results: dict[str, list[str]] = {}  # hook -> its latest auth results
+
     def _plugin_connection(self) -> api.Connection:
-        if self._pconn is None:
-            c = self.client
-            self._pconn = api.Connection(ip=c.ip, port=c.port, listener=self.settings.listener,
-                                         role=self.settings.role, trusted=c.trusted, id=c.conn)
-        pc = self._pconn
-        pc.helo, pc.user = self.helo, self.user
-        pc.tls = str(self.tls) if self.tls is not None else None
+        s = self.session
+        if self._connection is None:
+            c = s.client
+            self._connection = api.Connection(ip=c.ip, port=c.port, listener=s.settings.listener,
+                                              role=s.settings.role, trusted=c.trusted, id=c.conn)
+        pc = self._connection
+        pc.helo, pc.user = s.helo, s.user
+        pc.tls = str(s.tls) if s.tls is not None else None
         return pc
 
-    def _hook(self, hook: str, **parts) -> HookResult:
+    def run(self, hook: str, **parts) -> HookResult:
         """Run hook's plugins; the outcome's auth results and headers are kept for the message."""
-        plugins = self.services.plugins
+        plugins = self.session.services.plugins
         if plugins is None or not plugins.wants(hook):
             return NOTHING
-        notes: TransactionNotes | None = self._pnotes
+        notes = self.notes
         ctx = api.Context(hook, self._plugin_connection(), notes.transaction if notes else None, **parts)
         if notes is not None:
             ctx.auth_results = list(notes.auth_results)
@@ -51,51 +72,59 @@ class PluginHooks(SessionParts):
         elif outcome.auth_results:
             self._conn_auth_results[hook] = list(outcome.auth_results)  # a second EHLO replaces the first
         if outcome.verdict.final:
-            self.services.log("plugin_verdict", qid=notes.transaction.queue_id if notes else None,
-                              ip=self.client.ip, conn=self.client.conn, hook=hook, plugin=outcome.plugin,
-                              verdict=outcome.action, **_reply_fields(outcome.verdict))
+            s = self.session
+            s.services.log("plugin_verdict", qid=notes.transaction.queue_id if notes else None,
+                           ip=s.client.ip, conn=s.client.conn, hook=hook, plugin=outcome.plugin,
+                           verdict=outcome.action, **_reply_fields(outcome.verdict))
         return outcome
 
-    def _notice(self, hook: str, **parts) -> None:
+    def refusal(self, hook: str, **parts) -> Reply | None:
+        """Run hook's plugins: the reply for a reject or defer, else None."""
+        return self.run(hook, **parts).verdict.reply
+
+    def notice(self, hook: str, **parts) -> None:
         """A hook for something that has happened; what it returns changes nothing."""
-        plugins = self.services.plugins
+        plugins = self.session.services.plugins
         if plugins is not None and plugins.wants(hook):
-            notes = self._pnotes
+            notes = self.notes
             plugins.run(hook, api.Context(hook, self._plugin_connection(), notes.transaction if notes else None,
                                           **parts))
 
-    def _begin_transaction(self, queue_id: str, sender: str) -> None:
-        self._pnotes = TransactionNotes(api.Transaction(queue_id, sender)) if self.services.plugins else None
-        if self._pnotes is not None:
+    def begin_transaction(self, queue_id: str, sender: str) -> None:
+        self.notes = TransactionNotes(api.Transaction(queue_id, sender)) if self.session.services.plugins else None
+        if self.notes is not None:
             for results in self._conn_auth_results.values():
-                self._pnotes.auth_results += results
+                self.notes.auth_results += results
 
-    @staticmethod
-    def _refusal(outcome: HookResult) -> Reply | None:
-        """The reply for a reject or defer, else None."""
-        return outcome.verdict.reply
+    def end_transaction(self) -> None:
+        self.notes = None
 
-    def _connect_refusal(self) -> Reply | None:
-        outcome = self._hook("on_connect")
-        refusal = outcome.verdict.reply
+    def tls_started(self) -> None:
+        """RFC 3207 §4.2: what the plugins made of HELO and AUTH before TLS is gone with them."""
+        self._conn_auth_results.pop("on_helo", None)
+        self._conn_auth_results.pop("on_auth", None)
+
+    def connect_refusal(self) -> Reply | None:
+        """on_connect's refusal as the greeting gives it (RFC 5321 §3.1): a transient one as 421
+        (then close), a permanent one as 554 (then only QUIT is served)."""
+        refusal = self.refusal("on_connect")
         if refusal is None:
             return None
-        if refusal.is_transient:  # RFC 5321 §3.1: 421 and close
-            return Reply(421, refusal.enhanced, f"{self.settings.hostname} {refusal.text}", close=True)
-        self.refused = True  # RFC 5321 §3.1: 554, then wait for QUIT
+        if refusal.is_transient:
+            return Reply(421, refusal.enhanced, f"{self.session.settings.hostname} {refusal.text}")
         return Reply(554, refusal.enhanced, refusal.text)
 
-    def _message_edits(self, text: bytes) -> bytes:
+    def message_edits(self, text: bytes, queue_id: str) -> bytes:
         """The message with the plugins' header edits and our Authentication-Results, and with
         any arriving Authentication-Results that claim our authserv-id removed (RFC 8601 §5)."""
-        notes, authserv_id = self._pnotes, self.settings.authserv_id or self.settings.hostname
+        settings, services = self.session.settings, self.session.services
+        notes, authserv_id = self.notes, settings.authserv_id or settings.hostname
         removed = {name.lower().encode() for name in notes.remove_headers} if notes else set()
         forged = headers.has_auth_results(text)
         if removed or forged:
             def drop(name: bytes, value: bytes) -> bool:
                 if name == headers.AUTH_RESULTS and headers.claims_authserv_id(value, authserv_id):
-                    qid = self.envelope.queue_id if self.envelope else None
-                    self.services.log("auth_results_removed", qid=qid, level=logmod.INFO)
+                    services.log("auth_results_removed", qid=queue_id, level=logmod.INFO)
                     return True
                 return name in removed
             text = headers.remove_fields(text, drop)

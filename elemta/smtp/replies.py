@@ -14,16 +14,16 @@ __all__ = ["Reply"]  # and the replies below
 
 # Connection level
 GREETING = Reply(220, "", "{host} ESMTP elemta")
-BYE = Reply(221, "2.0.0", "Bye", close=True)
-TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "{host} Too many connections, try again later", True)
-TOO_MANY_FROM_IP = Reply(421, "4.7.0", "{host} Too many connections from your address", True)
-TOO_MANY_ERRORS = Reply(421, "4.7.0", "{host} Too many errors, closing connection", True)
-TIMEOUT = Reply(421, "4.4.2", "{host} Timeout exceeded, closing connection", True)
-SHUTTING_DOWN = Reply(421, "4.3.2", "{host} Service shutting down, closing connection", True)
+BYE = Reply(221, "2.0.0", "Bye")
+TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "{host} Too many connections, try again later")
+TOO_MANY_FROM_IP = Reply(421, "4.7.0", "{host} Too many connections from your address")
+TOO_MANY_ERRORS = Reply(421, "4.7.0", "{host} Too many errors, closing connection")
+TIMEOUT = Reply(421, "4.4.2", "{host} Timeout exceeded, closing connection")
+SHUTTING_DOWN = Reply(421, "4.3.2", "{host} Service shutting down, closing connection")
 # RFC 2920 §3.1 and RFC 5321 §4.3.1: input the server has not asked for yet.
-SYNC_ERROR = Reply(554, "5.5.0", "SMTP synchronization error: input before reply", True)
+SYNC_ERROR = Reply(554, "5.5.0", "SMTP synchronization error: input before reply")
 # Cross-protocol attacks: an HTTP request sent to an SMTP port.
-NOT_HTTP = Reply(502, "5.5.1", "This is an SMTP server, not an HTTP proxy", True)
+NOT_HTTP = Reply(502, "5.5.1", "This is an SMTP server, not an HTTP proxy")
 
 # Greeting and simple commands
 EHLO = Reply(250, "", "{lines}")
@@ -78,15 +78,15 @@ AUTH_CANCELLED = Reply(501, "5.0.0", "Authentication cancelled")
 AUTH_UNKNOWN_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication type")
 AUTH_ALREADY = Reply(503, "5.5.1", "Already authenticated")
 AUTH_UNAVAILABLE = Reply(454, "4.7.0", "Temporary authentication failure")
-AUTH_TOO_MANY = Reply(421, "4.7.0", "{host} Too many failed authentications, try again later", True)
+AUTH_TOO_MANY = Reply(421, "4.7.0", "{host} Too many failed authentications, try again later")
 SENDER_NOT_OWNED = Reply(553, "5.7.1", "Sender address rejected: not owned by user {user}")
 
 # Flood protection: which limit, so the client's admin can tell (nothing accepted is lost)
-CONNECTION_RATE = Reply(421, "4.7.0", "{host} Too many connections from your address per minute", True)
+CONNECTION_RATE = Reply(421, "4.7.0", "{host} Too many connections from your address per minute")
 RATE_LIMITED = Reply(450, "4.7.1", "Rate limit reached: {limit}, try again later")
 RCPT_RATE_LIMITED = Reply(452, "4.7.1", "Rate limit reached: {limit}, try again later")
 
 # Storage
 NO_STORAGE = Reply(452, "4.3.1", "Insufficient system storage, try again later")
 QUEUE_FAILED = Reply(451, "4.3.0", "Local error in processing, try again later")
-INTERNAL_ERROR = Reply(451, "4.3.0", "Local error in processing, try again later", close=True)
+INTERNAL_ERROR = Reply(451, "4.3.0", "Local error in processing, try again later")

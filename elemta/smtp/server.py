@@ -29,10 +29,12 @@ from elemta.smtp import proxy, replies
 from elemta.smtp.connections import Connections, Limits, Watch
 from elemta.smtp.limits import Limiter
 from elemta.smtp.limits import size_for as limits_size_for
+from elemta.smtp.replies import Reply
 from elemta.smtp.session import (
-    CLOSED,
     Client,
+    Close,
     Enqueue,
+    Output,
     Services,
     Session,
     Settings,
@@ -275,7 +277,10 @@ class SmtpServer:
             elif limits.greet_pause and not early and conn.readable(limits.greet_pause):
                 conn.send(session.input_before_reply())
                 return
-            conn.send([session.greeting()])
+            greeting = session.greeting()
+            conn.send(greeting)
+            if any(isinstance(item, Close) for item in greeting):  # a plugin's on_connect said 421
+                return
             watch.asked(False)
             self._converse(conn, session, limits, watch, early)
         except OSError as exc:
@@ -366,7 +371,7 @@ class SmtpServer:
     def _converse(self, conn: _Conn, session: Session, limits: Limits, watch: Watch,
                   early: bytes = b"") -> None:
         timeout = limits.command_timeout  # as handle() set it
-        while session.state != CLOSED:
+        while True:
             wanted = limits.data_timeout if session.in_data else limits.command_timeout
             if wanted != timeout:
                 conn.set_timeout(socket.SO_RCVTIMEO, wanted)
@@ -388,7 +393,7 @@ class SmtpServer:
                     conn.send(session.shutting_down())
                 return
             outputs = session.feed(data)
-            pending: list = []
+            pending: list[Output] = []  # replies to send in one write, and a Close after the last
             while outputs:
                 item = outputs.pop(0)
                 if isinstance(item, Enqueue):
@@ -404,6 +409,8 @@ class SmtpServer:
                 # RFC 2920 §3.1: the client sent message text before our 354.
                 pending[-1:] = session.input_before_reply()
             conn.send(pending)
+            if any(isinstance(item, Close) for item in pending):
+                return
             if pending:  # a request was answered: the client's time for the next one starts
                 watch.asked(session.in_data)
                 if session.user is not None:
@@ -451,9 +458,12 @@ class _Conn:
             return
         set_kernel_timeout(self.sock, option, seconds)
 
-    def send(self, items: list) -> None:
-        if items:
-            self.sock.sendall(b"".join(r.to_bytes() for r in items))
+    def send(self, items: list[Output]) -> None:
+        """Send the replies among a session's outputs, in one write.  The other outputs are the
+        caller's to act on (a Close ends the conversation after this send)."""
+        data = b"".join(item.to_bytes() for item in items if isinstance(item, Reply))
+        if data:
+            self.sock.sendall(data)
 
     def readable(self, timeout: float) -> bool:
         if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():

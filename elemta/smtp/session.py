@@ -1,18 +1,23 @@
 """The SMTP server session as a pure state machine (sans-IO).
 
-Bytes go in through feed(); a list of outputs comes back: Reply objects to send in order and,
-at the end of a message, one Enqueue.  The caller (smtp/server.py) stores the message and hands
+Bytes go in through feed(); a list of typed outputs (context.Output) comes back, in the order
+the server acts on them: Reply to send, StartTls after STARTTLS's 220, Enqueue at the end of a
+message, Close after the last reply.  The caller (smtp/server.py) stores the message and hands
 the outcome back with enqueued() / enqueue_failed(), which gives the final reply.  Nothing here
 touches a socket or the disk, so every rule is unit-testable with plain bytes.
+
+The session owns the input loop, its state (context.State, moves checked against
+context.TRANSITIONS) and the session-level commands; its parts are objects with state of
+their own (parts.py): the mail transaction, the AUTH command and the plugins' hooks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from elemta import log as logmod
 from elemta import metrics
-from elemta.smtp import auth, dotreader, replies
+from elemta.queue.model import NewMessage
+from elemta.smtp import auth, replies
 from elemta.smtp import envelope as env
 from elemta.smtp.context import (
     AUTH,
@@ -24,18 +29,22 @@ from elemta.smtp.context import (
     TRANSITIONS,
     WAIT_QUEUE,
     Client,
+    Close,
     Enqueue,
+    Output,
     Services,
     Settings,
     StartTls,
     State,
 )
 from elemta.smtp.hooks import PluginHooks
+from elemta.smtp.login import Login
 from elemta.smtp.replies import Reply
+from elemta.smtp.tls import TlsInfo
 from elemta.smtp.transaction import MailTransaction
 
 # The server and the tests take the session's data types from here, beside Session.
-__all__ = ["CLOSED", "Client", "Enqueue", "Services", "Session", "Settings", "StartTls"]
+__all__ = ["CLOSED", "Client", "Close", "Enqueue", "Output", "Services", "Session", "Settings", "StartTls"]
 
 # RFC 5321 §4.5.3.1.4: a command line is at most 512 octets including CRLF.  MAIL and RCPT
 # may be longer by what their extensions add (RFC 1870 §3: SIZE +26; RFC 3461 §4: +100 on
@@ -47,94 +56,92 @@ HTTP_VERBS = frozenset({"GET", "POST", "CONNECT", "HEAD", "PUT"})
 COMMANDS = ("EHLO", "HELO", "STARTTLS", "AUTH", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "NOOP", "QUIT",
             "VRFY", "HELP")
 
-# AUTH failures and their replies (RFC 4954 §4, §6).
-_AUTH_FAILURES = {
-    "bad_base64": replies.AUTH_BAD_BASE64,
-    "malformed": replies.AUTH_BAD_BASE64,
-    "cancelled": replies.AUTH_CANCELLED,
-    "invalid": replies.AUTH_INVALID,
-    "unavailable": replies.AUTH_UNAVAILABLE,
-}
 
-
-class Session(PluginHooks, MailTransaction):
-    def __init__(self, settings: Settings, client: Client, services: Services, tls=None):
+class Session:
+    def __init__(self, settings: Settings, client: Client, services: Services, tls: TlsInfo | None = None):
         self.settings = settings
         self.client = client
         self.services = services
         self.tls = tls  # a tls.TlsInfo once TLS is up (from the start on implicit TLS)
         self.user: str | None = None  # the authenticated user
-        self.auth_failures = 0
-        self._auth: auth.Exchange | None = None
         self.state = COMMAND
         self.helo: str | None = None
         self.esmtp = False
-        self.envelope: env.Envelope | None = None
         self.errors = 0
         self.commands_seen = 0
-        self._verb = "unknown"  # the command being answered, for metrics
+        self.verb = "unknown"  # the command being answered, for metrics
+        self.refused = False  # a plugin refused the connection: only QUIT is served (554)
         self._buf = bytearray()
         self._draining = False  # discarding an overlong command line up to its end
-        self._data: dotreader.DataReader | None = None
-        self._chunks: list[bytes] = []  # BDAT chunks of the current message
-        self._chunk: dotreader.Chunk | None = None  # the one being read
-        self.refused = False  # a plugin refused the connection: only QUIT is served (554)
-        self._pconn = None  # the plugins' view of this connection (smtp/hooks.py)
-        self._pnotes = None  # ... and of the transaction, with what they decided about it
-        self._conn_auth_results: dict[str, list[str]] = {}  # hook -> its latest auth results
+        self.hooks: PluginHooks = PluginHooks(self)
+        self.mail: MailTransaction = MailTransaction(self)
+        self.login: Login = Login(self)
 
     # ---- entry points ----------------------------------------------------------------------
 
-    def _to(self, state: State) -> None:
+    def enter(self, state: State) -> None:
         """Move to state, if TRANSITIONS allows it from here: a move it does not list is a bug
         in elemta, never the client's doing, and ends the session (451, logged)."""
         if state not in TRANSITIONS[self.state]:
             raise RuntimeError(f"SMTP session: no move from {self.state.name} to {state.name}")
         self.state = state
 
-    def greeting(self) -> Reply:
-        refusal = self._connect_refusal()
-        if refusal is not None:
-            if refusal.close:
-                self._to(CLOSED)
-            metrics.count_reply("connect", refusal.code, refusal.enhanced)
-            return refusal
-        metrics.count_reply("connect", 220, "")
-        return replies.GREETING.format(host=self.settings.hostname)
+    def greeting(self) -> list[Output]:
+        refusal = self.hooks.connect_refusal()
+        if refusal is None:
+            metrics.count_reply("connect", 220, "")
+            return [replies.GREETING.format(host=self.settings.hostname)]
+        metrics.count_reply("connect", refusal.code, refusal.enhanced)
+        if refusal.is_transient:  # RFC 5321 §3.1: 421, then close
+            return self.close_with(refusal)
+        self.refused = True  # RFC 5321 §3.1: 554, then only QUIT is served
+        return [refusal]
 
     def disconnected(self) -> None:
         """The connection is gone (the server calls this last, whatever happened)."""
-        self._notice("on_disconnect")
+        self.hooks.notice("on_disconnect")
 
-    def feed(self, data: bytes) -> list:
-        """Take input from the client; return replies (and maybe an Enqueue) in order."""
+    def feed(self, data: bytes) -> list[Output]:
+        """Take input from the client; return the outputs, in order."""
         if self.state == CLOSED:
             return []
         self._buf += data
         return self._run()
 
-    def input_before_reply(self) -> list:
+    def enqueued(self, message: NewMessage) -> list[Output]:
+        """The queue committed the message an Enqueue asked for."""
+        return self.mail.enqueued(message)
+
+    def enqueue_failed(self, error: Exception) -> list[Output]:
+        """The queue could not take the message an Enqueue asked for."""
+        return self.mail.enqueue_failed(error)
+
+    def input_before_reply(self) -> list[Output]:
         """The client sent input before the greeting or before the 354 (RFC 2920 §3.1)."""
         self.services.log("sync_error", ip=self.client.ip, conn=self.client.conn)
-        return self._close_with(replies.SYNC_ERROR)
+        return self.close_with(replies.SYNC_ERROR)
 
-    def timed_out(self) -> list:
-        return self._close_with(replies.TIMEOUT.format(host=self.settings.hostname))
+    def timed_out(self) -> list[Output]:
+        return self.close_with(replies.TIMEOUT.format(host=self.settings.hostname))
 
-    def shutting_down(self) -> list:
-        return self._close_with(replies.SHUTTING_DOWN.format(host=self.settings.hostname))
+    def shutting_down(self) -> list[Output]:
+        return self.close_with(replies.SHUTTING_DOWN.format(host=self.settings.hostname))
 
-    def tls_started(self, info) -> list:
+    def tls_started(self, info: TlsInfo) -> list[Output]:
         """The handshake after our 220 succeeded.  RFC 3207 §4.2: forget all the client said
         before it; EHLO must come again.  Nothing pipelined after STARTTLS was kept."""
         self.tls = info
         self.helo, self.esmtp, self.user = None, False, None
-        self._conn_auth_results.pop("on_helo", None)  # RFC 3207 §4.2: what was said before TLS is gone
-        self._conn_auth_results.pop("on_auth", None)
-        self._reset()
-        self._to(COMMAND)
+        self.hooks.tls_started()
+        self.mail.reset()
+        self.enter(COMMAND)
         self.services.log("tls", ip=self.client.ip, conn=self.client.conn, tls=str(info))
         return []
+
+    @property
+    def envelope(self) -> env.Envelope | None:
+        """The transaction's envelope, from MAIL on."""
+        return self.mail.envelope
 
     @property
     def in_data(self) -> bool:
@@ -143,27 +150,27 @@ class Session(PluginHooks, MailTransaction):
     @property
     def awaiting_data(self) -> bool:
         """True right after a 354: nothing may have arrived yet (checked by the server)."""
-        return self.state == DATA and self._data is not None and self._data.received == 0
+        return self.state == DATA and self.mail.data is not None and self.mail.data.received == 0
 
     # ---- the input loop --------------------------------------------------------------------
 
-    def _run(self) -> list:
-        out: list = []
+    def _run(self) -> list[Output]:
+        out: list[Output] = []
         while self.state not in (WAIT_QUEUE, CLOSED):
             if self.state == DATA:
-                assert self._data is not None  # set with the move to DATA
-                done = self._data.feed(self._buf)
+                assert self.mail.data is not None  # set with the move to DATA
+                done = self.mail.data.feed(self._buf)
                 self._buf.clear()
                 if done is None:
                     break
                 text, rest = done
                 self._buf += rest
-                out += self._tally("DATA", self._end_of_data(text))
+                out += self._tally("DATA", self.mail.end_of_data(text))
             elif self.state == BDAT_CHUNK:
-                assert self._chunk is not None  # set with the move to BDAT_CHUNK
-                if not self._chunk.take(self._buf):
+                assert self.mail.chunk is not None  # set with the move to BDAT_CHUNK
+                if not self.mail.chunk.take(self._buf):
                     break
-                out += self._tally("BDAT", self._end_of_chunk())
+                out += self._tally("BDAT", self.mail.end_of_chunk())
             elif self.state == TLS_WAIT:
                 break
             else:
@@ -171,21 +178,21 @@ class Session(PluginHooks, MailTransaction):
                 if line is None:
                     break
                 if self.state == AUTH:
-                    out += self._tally("AUTH", self._auth_line(line))
+                    out += self._tally("AUTH", self.login.line(line))
                 else:
                     items = self._command(line)
-                    out += self._tally(self._verb, items)
+                    out += self._tally(self.verb, items)
         return out
 
     @staticmethod
-    def _tally(command: str, items: list) -> list:
+    def _tally(command: str, items: list[Output]) -> list[Output]:
         """Count the replies to command (metrics.py); return them."""
         for item in items:
             if isinstance(item, Reply):
                 metrics.count_reply(command, item.code, item.enhanced)
         return items
 
-    def _next_line(self, out: list) -> bytes | None:
+    def _next_line(self, out: list[Output]) -> bytes | None:
         """The next complete command line without its line ending, or None if none yet."""
         while True:
             end = self._buf.find(b"\n")
@@ -195,7 +202,7 @@ class Session(PluginHooks, MailTransaction):
                     return None
                 del self._buf[: end + 1]
                 self._draining = False
-                out += self._error(replies.COMMAND_TOO_LONG)
+                out += self.error(replies.COMMAND_TOO_LONG)
                 if self.state == CLOSED:
                     return None
                 continue
@@ -212,7 +219,7 @@ class Session(PluginHooks, MailTransaction):
                 return None
             if end + 1 > limit:
                 del self._buf[: end + 1]
-                out += self._error(replies.COMMAND_TOO_LONG)
+                out += self.error(replies.COMMAND_TOO_LONG)
                 if self.state == CLOSED:
                     return None
                 continue
@@ -222,73 +229,73 @@ class Session(PluginHooks, MailTransaction):
             # command line cannot smuggle anything: it is one line either way.
             return line[:-1] if line.endswith(b"\r") else line
 
-    def _command(self, line: bytes) -> list:
+    def _command(self, line: bytes) -> list[Output]:
         text = line.decode("utf-8", "surrogateescape")
         verb, _, arg = text.partition(" ")
         verb = verb.upper()
-        self._verb = verb if verb in _HANDLERS else "unknown"  # a bounded metrics label
+        self.verb = verb if verb in _HANDLERS else "unknown"  # a bounded metrics label
         self.commands_seen += 1
         if self.commands_seen == 1 and verb in HTTP_VERBS:
             self.services.log("reject", ip=self.client.ip, conn=self.client.conn, reason="http", verb=verb)
-            return self._close_with(replies.NOT_HTTP)
+            return self.close_with(replies.NOT_HTTP)
         if self.refused and verb not in ("QUIT", "NOOP"):
             # RFC 5321 §3.1: after a 554 greeting, 503 to everything but QUIT.
-            return self._sequence("connection refused, send QUIT")
+            return self.out_of_sequence("connection refused, send QUIT")
         handler = _HANDLERS.get(verb)
         if handler is None:
             self.services.log("unknown_command", ip=self.client.ip, conn=self.client.conn, verb=verb[:16])
-            return self._error(replies.UNKNOWN_COMMAND)
+            return self.error(replies.UNKNOWN_COMMAND)
         return handler(self, arg.strip(" "))
 
-    # ---- helpers ---------------------------------------------------------------------------
+    # ---- the answers the parts share (parts.SessionView) -----------------------------------
 
-    def _error(self, reply: Reply) -> list:
+    def error(self, reply: Reply) -> list[Output]:
         """Send an error reply; past the error budget, close with 421 after it."""
         if reply.code >= 500:
             self.errors += 1
             if self.errors >= self.settings.max_errors:
                 self.services.log("too_many_errors", ip=self.client.ip, conn=self.client.conn, errors=self.errors)
-                return [reply] + self._close_with(
+                return [reply] + self.close_with(
                     replies.TOO_MANY_ERRORS.format(host=self.settings.hostname)
                 )
         return [reply]
 
-    def _close_with(self, reply: Reply) -> list:
-        self._to(CLOSED)
+    def close_with(self, reply: Reply) -> list[Output]:
+        self.enter(CLOSED)
         self._buf.clear()
-        self._auth = None
-        return [reply]
+        self.login.exchange = None
+        return [reply, Close()]
 
-    def _reset(self) -> None:
-        self.envelope = None
-        self._pnotes = None
-        self._data = None
-        self._chunks = []
+    def in_transaction(self) -> bool:
+        return self.mail.envelope is not None
 
-    def _after_queue(self, reply: Reply) -> list:
-        self._reset()
-        self._to(COMMAND)
+    def input_pending(self) -> bool:
+        return bool(self._buf)
+
+    def after_queue(self, reply: Reply) -> list[Output]:
+        self.mail.reset()
+        self.enter(COMMAND)
         return [reply] + self._run()
 
-    def _sequence(self, why: str) -> list:
-        return self._error(replies.BAD_SEQUENCE.format(why=why))
+    def out_of_sequence(self, why: str) -> list[Output]:
+        return self.error(replies.BAD_SEQUENCE.format(why=why))
 
-    def _syntax(self, usage: str) -> list:
-        return self._error(replies.SYNTAX.format(usage=usage))
+    def syntax_error(self, usage: str) -> list[Output]:
+        return self.error(replies.SYNTAX.format(usage=usage))
 
     # ---- commands --------------------------------------------------------------------------
 
-    def _hello(self, arg: str, esmtp: bool) -> list:
+    def _hello(self, arg: str, esmtp: bool) -> list[Output]:
         if not arg or " " in arg:
-            return self._syntax("EHLO hostname" if esmtp else "HELO hostname")
+            return self.syntax_error("EHLO hostname" if esmtp else "HELO hostname")
         # RFC 5321 §4.1.4: a second EHLO/HELO resets the transaction like RSET.
-        self._reset()
+        self.mail.reset()
         self.helo = arg
         self.esmtp = esmtp
-        refusal = self._refusal(self._hook("on_helo"))
+        refusal = self.hooks.refusal("on_helo")
         if refusal is not None:
             self.helo, self.esmtp = None, False
-            return self._error(refusal)
+            return self.error(refusal)
         self.services.log("helo", ip=self.client.ip, conn=self.client.conn, helo=arg[:64], esmtp=esmtp)
         if not esmtp:
             return [replies.HELO.format(host=self.settings.hostname)]
@@ -304,137 +311,66 @@ class Session(PluginHooks, MailTransaction):
         ]
         if self.settings.starttls and self.tls is None:
             lines.append("STARTTLS")
-        mechanisms = self._auth_mechanisms()
+        mechanisms = self.login.mechanisms()
         if mechanisms and self.user is None:
             lines.append("AUTH " + " ".join(mechanisms))
         if self.client.trusted:
             lines.append("MT-PRIORITY MIXER")  # RFC 6710 §7: the policy the levels follow
         return [replies.EHLO.format(lines="\n".join(lines))]
 
-    def _starttls(self, arg: str) -> list:
+    def _starttls(self, arg: str) -> list[Output]:
         if arg:
-            return self._syntax("STARTTLS")
+            return self.syntax_error("STARTTLS")
         if self.tls is not None:
-            return self._error(replies.TLS_ACTIVE)
+            return self.error(replies.TLS_ACTIVE)
         if not self.settings.starttls:
-            return self._error(replies.TLS_UNAVAILABLE)
-        if self.envelope is not None:
-            return self._sequence("MAIL transaction in progress")
+            return self.error(replies.TLS_UNAVAILABLE)
+        if self.mail.envelope is not None:
+            return self.out_of_sequence("MAIL transaction in progress")
         if self._buf:
             # RFC 3207 §6 (the STARTTLS command injection of CVE-2011-0411): what came after
             # STARTTLS in the clear must never run after the handshake as if encrypted.
             self.services.log("starttls_pipelined", ip=self.client.ip, conn=self.client.conn,
                               discarded=len(self._buf))
             self._buf.clear()
-        self._to(TLS_WAIT)
+        self.enter(TLS_WAIT)
         return [replies.TLS_READY, StartTls()]
 
-    # ---- AUTH (RFC 4954) -------------------------------------------------------------------
-
-    def _auth_mechanisms(self) -> tuple[str, ...]:
-        """What AUTH offers now: nothing on mx listeners (users log in on submission ports,
-        which keeps password guessing off port 25) or without a password file; PLAIN and LOGIN
-        only under TLS (RFC 4954 §4), except from trusted networks in dev mode."""
-        if self.services.verifier is None or not self.settings.submission:
-            return ()
-        clear_ok = self.tls is not None or (self.settings.accept_all and self.client.trusted)
-        return tuple(m for m in self.settings.auth_mechanisms
-                     if clear_ok or m not in auth.PLAINTEXT_MECHANISMS)
-
-    def _auth_cmd(self, arg: str) -> list:
-        words = arg.split(" ")
-        if not arg or len(words) > 2:
-            return self._syntax("AUTH mechanism [initial-response]")
-        if self.helo is None or not self.esmtp:
-            return self._sequence("send EHLO first")
-        if self.user is not None:
-            return self._error(replies.AUTH_ALREADY)
-        if self.envelope is not None:
-            return self._sequence("MAIL transaction in progress")
-        guard = self.services.guard
-        if guard is not None and guard.auth_locked(self.client.ip):
-            self.services.log("reject", ip=self.client.ip, conn=self.client.conn, reason="auth_lockout",
-                              reply="421 4.7.0")
-            return self._close_with(replies.AUTH_TOO_MANY.format(host=self.settings.hostname))
-        mechanism = words[0].upper()
-        if mechanism not in self._auth_mechanisms():
-            if mechanism in self.settings.auth_mechanisms and mechanism in auth.PLAINTEXT_MECHANISMS:
-                return self._error(replies.AUTH_NEEDS_TLS)
-            return self._error(replies.AUTH_UNKNOWN_MECHANISM)
-        verifier = self.services.verifier
-        assert verifier is not None  # no mechanism is offered without a password file
-        self._auth = auth.Exchange(mechanism, verifier, hostname=self.settings.hostname)
-        return self._auth_outcome(self._auth.start(words[1] if len(words) == 2 else None))
-
-    def _auth_line(self, line: bytes) -> list:
-        assert self._auth is not None  # the AUTH state has its exchange
-        return self._auth_outcome(self._auth.step(line.decode("ascii", "replace")))
-
-    def _auth_outcome(self, outcome) -> list:
-        if isinstance(outcome, auth.Challenge):
-            self._to(AUTH)
-            return [replies.AUTH_CHALLENGE.format(text=outcome.text)]
-        self._to(COMMAND)
-        exchange, self._auth = self._auth, None
-        assert exchange is not None  # started by _auth_cmd
-        fields = {"ip": self.client.ip, "conn": self.client.conn, "mechanism": exchange.mechanism}
-        metrics.AUTH.labels(exchange.mechanism, "ok" if isinstance(outcome, auth.Success) else outcome.kind).inc()
-        if isinstance(outcome, auth.Success):
-            self.user = outcome.user.lower()  # as the password file compares names
-            refusal = self._refusal(self._hook("on_auth"))
-            if refusal is not None:
-                self.user = None
-                return self._error(refusal)
-            self.services.log("auth", user=outcome.user, **fields)
-            return [replies.AUTH_OK]
-        # Never the password; the name tried helps an admin see a guessing attack.
-        tried = (exchange.attempted_user or "-")[:64]
-        self.services.log("auth_failed", level=logmod.WARNING, user=tried, reason=outcome.kind, **fields)
-        reply = _AUTH_FAILURES[outcome.kind]
-        if outcome.kind != "invalid":
-            return self._error(reply)
-        self.auth_failures += 1
-        if self.services.guard is not None:
-            self.services.guard.auth_failed(self.client.ip)
-        if self.auth_failures >= self.settings.auth_max_failures:
-            return [reply] + self._close_with(replies.AUTH_TOO_MANY.format(host=self.settings.hostname))
-        return self._error(reply)
-
-    def _rset(self, arg: str) -> list:
+    def _rset(self, arg: str) -> list[Output]:
         if arg:
-            return self._syntax("RSET")
-        self._reset()
+            return self.syntax_error("RSET")
+        self.mail.reset()
         return [replies.OK]
 
-    def _noop(self, arg: str) -> list:
+    def _noop(self, arg: str) -> list[Output]:
         return [replies.OK]  # RFC 5321 §4.1.1.9: NOOP may carry a string, which is ignored
 
-    def _quit(self, arg: str) -> list:
+    def _quit(self, arg: str) -> list[Output]:
         if arg:
-            return self._syntax("QUIT")
-        return self._close_with(replies.BYE)
+            return self.syntax_error("QUIT")
+        return self.close_with(replies.BYE)
 
-    def _vrfy(self, arg: str) -> list:
+    def _vrfy(self, arg: str) -> list[Output]:
         if not arg:
-            return self._syntax("VRFY address")
+            return self.syntax_error("VRFY address")
         return [replies.VRFY]
 
-    def _expn(self, arg: str) -> list:
-        return self._error(replies.EXPN)
+    def _expn(self, arg: str) -> list[Output]:
+        return self.error(replies.EXPN)
 
-    def _help(self, arg: str) -> list:
+    def _help(self, arg: str) -> list[Output]:
         return [replies.HELP.format(commands=" ".join(COMMANDS))]
 
 
-_HANDLERS: dict[str, Callable[[Session, str], list]] = {
+_HANDLERS: dict[str, Callable[[Session, str], list[Output]]] = {
     "EHLO": lambda session, arg: session._hello(arg, esmtp=True),
     "HELO": lambda session, arg: session._hello(arg, esmtp=False),
     "STARTTLS": Session._starttls,
-    "AUTH": Session._auth_cmd,
-    "MAIL": Session._mail,
-    "RCPT": Session._rcpt,
-    "DATA": Session._data_cmd,
-    "BDAT": Session._bdat,
+    "AUTH": lambda session, arg: session.login.command(arg),
+    "MAIL": lambda session, arg: session.mail.mail(arg),
+    "RCPT": lambda session, arg: session.mail.rcpt(arg),
+    "DATA": lambda session, arg: session.mail.data_cmd(arg),
+    "BDAT": lambda session, arg: session.mail.bdat(arg),
     "RSET": Session._rset,
     "NOOP": Session._noop,
     "QUIT": Session._quit,

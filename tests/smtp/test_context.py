@@ -14,25 +14,25 @@ def test_every_state_has_its_moves_and_closed_is_the_end():
 
 def test_a_move_the_table_does_not_list_is_refused():
     session, _ = make_session()
-    session._to(DATA)
+    session.enter(DATA)
     with pytest.raises(RuntimeError, match="no move from DATA to AUTH"):
-        session._to(State.AUTH)
+        session.enter(State.AUTH)
     assert session.state is DATA
-    session._to(CLOSED)
+    session.enter(CLOSED)
     with pytest.raises(RuntimeError, match="no move from CLOSED to COMMAND"):
-        session._to(COMMAND)
+        session.enter(COMMAND)
 
 
 def test_a_whole_dialogue_keeps_to_the_table():
     session, _ = make_session()
     seen = []
-    moves = session._to
+    moves = session.enter
 
     def recording(state):
         seen.append((session.state, state))
         moves(state)
 
-    session._to = recording
+    session.enter = recording
     session.greeting()
     for line in (b"EHLO client.example\r\n", b"MAIL FROM:<a@example.org>\r\n", b"RCPT TO:<b@local.example>\r\n",
                  b"DATA\r\n", b"Subject: x\r\n\r\nhello\r\n.\r\n"):

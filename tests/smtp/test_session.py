@@ -14,7 +14,7 @@ import pytest
 from elemta.errors import QueueError, QueueFullError
 from elemta.smtp import replies
 from elemta.smtp.envelope import mt_priority_class
-from elemta.smtp.session import CLOSED, Client, Enqueue, Services, Session, Settings
+from elemta.smtp.session import CLOSED, Client, Close, Enqueue, Services, Session, Settings
 
 HOST = "mx.test.example"
 
@@ -41,10 +41,10 @@ def codes(outputs) -> list[str]:
     for item in outputs:
         if isinstance(item, Enqueue):
             result.append("enqueue")
+        elif isinstance(item, Close):
+            result.append("close")
         else:
             result.append(f"{item.code} {item.enhanced}".strip())
-            if item.close:
-                result.append("close")
     return result
 
 
