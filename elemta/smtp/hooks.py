@@ -80,6 +80,9 @@ class PluginHooks:
 
     def refusal(self, hook: str, **parts) -> Reply | None:
         """Run hook's plugins: the reply for a reject or defer, else None."""
+        plugins = self.session.services.plugins
+        if plugins is None or not plugins.wants(hook):  # the plain path: one branch per command
+            return None
         return self.run(hook, **parts).verdict.reply
 
     def notice(self, hook: str, **parts) -> None:
