@@ -27,7 +27,7 @@ from elemta.cli.ctlbase import (
     json_option,
     pass_ctl,
 )
-from elemta.cli.render import Output, local_time
+from elemta.cli.render import Output, human_duration, local_time
 from elemta.errors import QueueError
 from elemta.pidfile import NAME as PID_FILE
 from elemta.pidfile import read_pid
@@ -136,7 +136,8 @@ def _print(report: dict, spool: str) -> None:
     since = report.get("started")
     click.echo(f"elemta {report.get('version', '?')}: running, {'ready' if report['ready'] else 'NOT READY'}")
     uptime = report.get("uptime_seconds")
-    click.echo(f"  PID {report['pid']}" + (f", up {_duration(uptime)} (since {local_time(since)})" if since else ""))
+    up = f", up {human_duration(uptime)} (since {local_time(since)})" if since and uptime is not None else ""
+    click.echo(f"  PID {report['pid']}{up}")
     for listener in report.get("listeners", []):
         click.echo(f"  listening on {listener['address']} ({listener['role']})")
     processes = report.get("processes", [])
@@ -150,7 +151,7 @@ def _print(report: dict, spool: str) -> None:
         click.echo(f"  queue: cannot be read: {queue['error']}")
     else:
         states = ", ".join(f"{k} {v}" for k, v in queue["recipients_by_state"].items() if v)
-        oldest = f", oldest {_duration(queue['oldest_age'])}" if queue["oldest_age"] is not None else ""
+        oldest = f", oldest {human_duration(queue['oldest_age'])}" if queue["oldest_age"] is not None else ""
         click.echo(f"  queue: {queue['messages']} messages, {queue['bytes']} bytes{oldest}"
                    + (f"; recipients: {states}" if states else ""))
     for plugin in report.get("plugins", []):
@@ -158,19 +159,6 @@ def _print(report: dict, spool: str) -> None:
         click.echo(f"  plugin {plugin['name']}: {plugin['health']}{error}")
     for problem in report["problems"]:
         click.echo(f"  problem: {problem}")
-
-
-def _duration(seconds: int | None) -> str:
-    if seconds is None:
-        return "-"
-    days, rest = divmod(int(seconds), 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    if days:
-        return f"{days}d {hours}h"
-    if hours:
-        return f"{hours}h {minutes}m"
-    return f"{minutes}m {secs}s" if minutes else f"{secs}s"
 
 
 @click.command("reload")
