@@ -93,11 +93,23 @@ class Enqueuer(threading.Thread):
 
 
 def stall_writer(store, path):
-    """Lock the database and give the writer one message, so later requests pile up in its queue."""
+    """Lock the database and give the writer one message, so later requests pile up in its queue.
+
+    Waits until the writer has gathered the blocker's batch and gone to write it (then it
+    waits in BEGIN IMMEDIATE): what is enqueued after this returns cannot join that batch."""
     lock = write_locked(path)
     lock.__enter__()
+    writing = threading.Event()
+    write_batch = store._write_batch
+
+    def noting(batch):
+        writing.set()
+        write_batch(batch)
+
+    store._write_batch = noting
     blocker = Enqueuer(store, make(store, "blocker@example.net"))
-    wait_for(lambda: store._requests.qsize() == 0, what="writer to take the blocker")
+    wait_for(writing.is_set, what="writer to take the blocker's batch")
+    store._write_batch = write_batch
     return lock, blocker
 
 
