@@ -33,8 +33,8 @@ def test_log_form_is_one_line():
 
 
 def test_format_fills_fields_and_keeps_the_rest():
-    r = Reply(421, "4.7.0", "{host} busy", close=True).format(host="mx.example")
-    assert r == Reply(421, "4.7.0", "mx.example busy", close=True)
+    r = Reply(421, "4.7.0", "{host} busy").format(host="mx.example")
+    assert r == Reply(421, "4.7.0", "mx.example busy")
 
 
 def test_server_client_and_plugins_share_the_type():
