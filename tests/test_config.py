@@ -1,4 +1,10 @@
-"""Configuration: defaults, the shipped conf/elemta.toml, bad configs as data, `--check-config`.
+"""Configuration: the keys' declarations, defaults, the shipped conf/elemta.toml, bad configs as
+data, `--check-config`.
+
+Every key of every table is declared once, in elemta/config/keys.py (config.key(): type,
+default, range or choices, required, one-line doc).  Here: each declaration is complete, the
+checks enforce each range and choice it declares, and conf/elemta.toml shows every key at its
+default.  tests/test_docs.py checks elemta.toml(5) against the same declarations.
 
 Bad configs live in tests/config_cases/<case>/ as `elemta.toml` plus `expected-error`, one
 regex per line, one line per problem the file has: each problem (one line, in order) must
@@ -11,6 +17,7 @@ is checked twice: through config.load() and through the real command line (`pyth
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -30,7 +37,6 @@ TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent  # the checkout: `python3 -m elemta` must find the package from here
 CASES = TESTS / "config_cases"
 SHIPPED = ROOT / "conf" / "elemta.toml"
-MANPAGE = ROOT / "man" / "elemta.toml.5"
 EX_CONFIG = 78
 EX_USAGE_ARGPARSE = 2  # argparse's own exit status for usage errors
 
@@ -120,26 +126,63 @@ def test_shipped_conf_has_a_comment_above_every_key():
             assert above.startswith("#"), f"conf/elemta.toml:{number + 1}: no comment above {line!r}"
 
 
-def _man_section(text: str, section: str) -> str:
-    start = text.index(f".SH [{section}]\n")
-    end = text.find("\n.SH ", start + 1)
-    return text[start : end if end >= 0 else len(text)]
+def _toml(value: object) -> object:
+    """A default as tomllib reads it back: tuples are lists."""
+    return list(value) if isinstance(value, tuple) else value
 
 
-def test_manpage_documents_every_key_and_range():
-    """man/elemta.toml.5 has a .TP entry per key, with config._RANGES's range in it."""
-    text = MANPAGE.read_text()
+def test_shipped_conf_sets_every_key_to_its_default():
+    """Each key of each table, and each key of the default [[listeners]], is set to the default
+    its field declares."""
+    with open(SHIPPED, "rb") as handle:
+        data = tomllib.load(handle)
     for name, cls in config._SECTIONS.items():
-        section = _man_section(text, name)
         for f in dataclasses.fields(cls):
-            entry = re.search(rf"^\.TP\n\.B {f.name}\n(.*?)(?=^\.TP$|^\.SH |\Z)", section, re.MULTILINE | re.DOTALL)
-            assert entry, f"elemta.toml.5: no entry for {name}.{f.name}"
-            if f"{name}.{f.name}" in config._RANGES:
-                low, high = config._RANGES[f"{name}.{f.name}"]
-                assert f"{int(low)} to {int(high)}" in entry.group(1), f"{name}.{f.name}: range"
-    listeners = text[text.index(".SH LISTENERS\n") :]
-    for f in dataclasses.fields(config.Listener):
-        assert f"\n.TP\n.B {f.name}\n" in listeners
+            assert data[name].get(f.name) == _toml(getattr(cls(), f.name)), f"conf/elemta.toml: {name}.{f.name}"
+    assert data["listeners"] == [{f.name: _toml(getattr(listener, f.name)) for f in dataclasses.fields(listener)}
+                                 for listener in config.Config().listeners]
+
+
+# The arrays of tables the file has no entry of: their keys are shown in commented examples.
+COMMENTED_TABLES = ("tls.certificates", "plugins")
+
+
+@pytest.mark.parametrize("table", COMMENTED_TABLES)
+def test_shipped_conf_shows_every_key_of_the_commented_tables(table):
+    """The commented example of [[tls.certificates]] and of [[plugins]] sets every key of the
+    table: to its default, or with `# default <value>` after it if it shows another value.  A
+    required key, or one whose default is not a value (plugins.timeout), may show any."""
+    lines = SHIPPED.read_text().splitlines()
+    start = lines.index(f"#   [[{table}]]")
+    example = {}
+    for line in lines[start + 1:]:
+        if re.match(r"^#\s+#", line):
+            continue  # the comment after a key, continued
+        found = re.match(r"^#\s+(\w+) = (.*?)\s*(?:#\s*(.*))?$", line)
+        if not found:
+            break
+        example[found.group(1)] = (tomllib.loads(f"v = {found.group(2)}")["v"], found.group(3) or "")
+    cls = config._TABLES[table]
+    assert list(example) == [f.name for f in dataclasses.fields(cls)], f"conf/elemta.toml [[{table}]]: {list(example)}"
+    for f in dataclasses.fields(cls):
+        value, comment = example[f.name]
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        if f.metadata.get("required") or default is None:
+            continue
+        shown = value == _toml(default) or re.search(rf"\bdefault {re.escape(json.dumps(default))}", comment)
+        assert shown, f"conf/elemta.toml [[{table}]] {f.name}: not its default {default!r}, nor says it"
+
+
+def test_every_key_has_a_one_line_doc():
+    """Every key of every table declares its doc with its field (config.key(doc=...)): one line,
+    which `elemtactl config show` prints above the key and a missing required key's problem
+    quotes."""
+    for table, cls in config._TABLES.items():
+        for f in dataclasses.fields(cls):
+            doc = f.metadata.get("doc")
+            assert isinstance(doc, str) and doc.strip(), f"{table}.{f.name}: no doc (declare it with config.key)"
+            assert "\n" not in doc and doc == doc.strip() and len(doc) <= 90, f"{table}.{f.name}: {doc!r}"
+            assert config._DOCS[f"{table}.{f.name}"] == doc
 
 
 # ---- valid configs ---------------------------------------------------------------------------
@@ -349,18 +392,61 @@ def test_a_bad_key_makes_up_no_second_problem(tmp_path, text, problem):
 def test_each_key_declares_its_rules_once_and_its_default_keeps_them():
     # The ranges and choices live on the fields (config.key); the checks read them from there.
     assert config._RANGES and config._CHOICES
-    for name, cls in config._SECTIONS.items():
+    for name, cls in config._TABLES.items():
         for f in dataclasses.fields(cls):
             path, default = f"{name}.{f.name}", getattr(cls(), f.name)
             if "range" in f.metadata:
                 low, high = f.metadata["range"]
-                assert default == "auto" or low <= default <= high, path
+                assert default in ("auto", None) or low <= default <= high, path
             if "choices" in f.metadata:
                 assert default in f.metadata["choices"], path
 
 
-@pytest.mark.parametrize("path", sorted(config._CHOICES))
-def test_a_value_outside_a_key_s_choices_is_refused(path, tmp_path):
-    section, name = path.split(".")
-    with pytest.raises(ConfigError, match=rf"^{re.escape(path)}: 'nonsense'( is not [\w ]+)? \(allowed: "):
-        config.load(write(tmp_path, f'[{section}]\n{name} = "nonsense"\n'))
+def _setting(table: str, name: str, value: str) -> tuple[str, str]:
+    """A file that sets one key of table to value (TOML), with what an entry of an array of
+    tables needs besides, and the key's path in the problems."""
+    if table == "listeners":
+        return f'[[listeners]]\naddress = "127.0.0.1:2525"\n{name} = {value}\n', f"listeners[0].{name}"
+    if table == "plugins":
+        return f'[[plugins]]\nuse = "spf"\n{name} = {value}\n', f"plugins[0].{name}"
+    return f"[{table}]\n{name} = {value}\n", f"{table}.{name}"
+
+
+FIELDS = [(table, f) for table, cls in config._TABLES.items() for f in dataclasses.fields(cls)]
+
+
+@pytest.mark.parametrize(("table", "field", "end"), [
+    pytest.param(table, f, end, id=f"{table}.{f.name} {end}") for table, f in FIELDS if "range" in f.metadata
+    for end in ("below", "above")])
+def test_a_value_outside_a_key_s_range_is_refused(table, field, end, tmp_path):
+    """The checks enforce the range each field declares, in every table."""
+    low, high = field.metadata["range"]
+    value = low - 1 if end == "below" else high + 1
+    text, path = _setting(table, field.name, str(value))
+    allowed = " to ".join(str(int(n)) if n == int(n) else str(n) for n in (low, high))
+    with pytest.raises(ConfigError) as caught:
+        config.load(write(tmp_path, text))
+    assert re.fullmatch(rf"{re.escape(path)}: \S+ is out of range \(allowed {allowed}\)", caught.value.problems[0])
+    text, _ = _setting(table, field.name, str(high))
+    try:  # the end itself is allowed (delivery.retry_first's is more than retry_max's default)
+        config.load(write(tmp_path, text))
+    except ConfigError as exc:
+        assert not any(problem.startswith(f"{path}:") for problem in exc.problems), exc.problems
+
+
+@pytest.mark.parametrize(("table", "field"), [
+    pytest.param(table, f, id=f"{table}.{f.name}") for table, f in FIELDS if "choices" in f.metadata])
+def test_a_value_outside_a_key_s_choices_is_refused(table, field, tmp_path):
+    text, path = _setting(table, field.name, '"nonsense"')
+    allowed = re.escape(", ".join(field.metadata["choices"]))
+    with pytest.raises(ConfigError, match=rf"^{re.escape(path)}: 'nonsense'( is not [\w ]+)? \(allowed: {allowed}\)$"):
+        config.load(write(tmp_path, text))
+
+
+@pytest.mark.parametrize(("table", "field"), [
+    pytest.param(table, f, id=f"{table}.{f.name}") for table, f in FIELDS if f.metadata.get("required")])
+def test_a_required_key_left_out_is_refused_with_its_doc(table, field, tmp_path):
+    others = {"listeners": 'role = "mx"', "tls.certificates": 'key_file = "/k.pem"', "plugins": 'name = "x"'}
+    with pytest.raises(ConfigError) as caught:
+        config.load(write(tmp_path, f"[[{table}]]\n{others[table]}\n"))
+    assert caught.value.problems == [f"{table}[0].{field.name}: missing ({field.metadata['doc']})"]

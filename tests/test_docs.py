@@ -3,11 +3,13 @@
 man/elemtactl.8 is checked against elemtactl's click command tree: every command and
 subcommand, every option, choice and default, every argument form, the exit statuses and the
 --json keys. All man pages must pass `mandoc -Tlint`, be installed by setup.py and name each
-other in SEE ALSO. For the configuration, tests/test_config.py already checks that every key
-of elemta.config appears in conf/elemta.toml and has an entry (with its range) in
-elemta.toml(5); here: each entry states the key's default, the allowed values of keys that
-take one of a list are named, and the TOML examples of both files (the contents of the
-tables such as delivery.tls_policies included) are valid configurations.
+other in SEE ALSO. For the configuration, every key of every table (those of the arrays of
+tables included) has an entry in elemta.toml(5) whose first sentence states the type, the
+default (or that it is required), the range and the allowed values its field declares in
+elemta/config/keys.py, nothing else; a range or an allowed value conf/elemta.toml's comments
+give is the declared one; and the TOML examples of both files (the contents of the tables
+such as delivery.tls_policies included) are valid configurations.  tests/test_config.py
+checks that conf/elemta.toml sets every key to its default.
 
 The man pages are read through a small roff reader: font macros are stripped, escapes such
 as `\\-` and `\\(dq` replaced by their characters, and the text is split by .SH, .SS and .TP.
@@ -461,7 +463,11 @@ def test_manpage_header_and_see_also(path):
             assert f"{other.stem}({other.suffix[1:]})" in see_also, f"{path.name}: SEE ALSO lacks {other.name}"
 
 
-# ---- elemta.toml(5) and conf/elemta.toml: what tests/test_config.py does not check ----------
+# ---- elemta.toml(5) and conf/elemta.toml against the keys' declarations --------------------
+#
+# Every key of every table is declared once, in elemta/config/keys.py (config.key(): type,
+# default, range or choices, required, doc); these read what elemta.toml(5) and the comments
+# of conf/elemta.toml say of it and compare.
 
 
 def _toml_value(value: object) -> str:
@@ -475,30 +481,101 @@ def _toml_value(value: object) -> str:
     return repr(value)
 
 
-def _key_entries():
+def _man_part(table: str) -> Part:
+    """The part of elemta.toml(5) whose .TP entries are the keys of table."""
     man = page(CONF_PAGE)
-    for section, cls in config._SECTIONS.items():
-        entries = man.section(f"[{section}]").entries()
+    if table == "tls.certificates":
+        return man.subsections("[tls]")["[[tls.certificates]]"]
+    return man.section({"listeners": "LISTENERS", "plugins": "PLUGINS"}.get(table, f"[{table}]"))
+
+
+def _keys():
+    """("table.key", its field) for every key of every table of the file."""
+    for table, cls in config._TABLES.items():
         for f in dataclasses.fields(cls):
-            yield f"{section}.{f.name}", entries.get(f.name), getattr(cls(), f.name)
-    entries = man.section("LISTENERS").entries()
-    for f in dataclasses.fields(config.Listener):
-        yield f"listeners.{f.name}", entries.get(f.name), getattr(config.Listener(), f.name)
+            yield f"{table}.{f.name}", f
 
 
-@pytest.mark.parametrize(("key", "entry", "default"), [pytest.param(*case, id=case[0]) for case in _key_entries()])
-def test_manpage_states_each_default(key, entry, default):
-    """Each key's entry in elemta.toml(5) says `default <the value in elemta.config>`."""
-    assert entry is not None, f"elemta.toml.5: no entry for {key}"
-    expected = _toml_value(default)
-    assert re.search(rf"\bdefault {re.escape(expected)}(?!\w|\.\d)", entry), (
-        f"elemta.toml.5 {key}: expected 'default {expected}' in {entry[:100]!r}")
+KEYS = [pytest.param(path, f, id=path) for path, f in _keys()]
 
 
-# Keys whose value is one of a list: the code's list, the man page entry that names the values,
-# and the key whose comment in conf/elemta.toml names them.
-# Every key whose field declares its choices (config.key(choices=...)), and the listeners' role.
-ENUMERATED = [*config._CHOICES.items(), ("listeners.role", config.LISTENER_ROLES)]
+def _entry(path: str) -> str:
+    table, _, name = path.rpartition(".")
+    entry = _man_part(table).entries().get(name)
+    assert entry is not None, f"elemta.toml.5: no entry for {path}"
+    return entry
+
+
+def _type_line(path: str) -> str:
+    """The first sentence of a key's entry, which gives its type, default, range or choices:
+    `Integer, default 20, 1 to 1000000.`"""
+    entry, depth = _entry(path), 0
+    for i, char in enumerate(entry):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if depth == 0 and char in ".;:" and entry[i + 1 : i + 2] in ("", " "):  # not in (...), not 30.0
+            return entry[: i + 1]
+    raise AssertionError(f"elemta.toml.5 {path}: no first sentence in {entry[:100]!r}")
+
+
+# The type each annotation of keys.py is called in elemta.toml(5) (its Types list).
+_MAN_TYPES = {"int": "Integer", "float": "Number", "bool": "Boolean", "str": "String",
+              "tuple[str, ...]": "Array of strings", "dict": "Table", "tuple": "Array of tables",
+              "int | str": "String or integer", "float | None": "Number"}
+
+
+@pytest.mark.parametrize(("path", "field"), KEYS)
+def test_manpage_states_each_type(path, field):
+    assert field.type in _MAN_TYPES, f"{path}: what does elemta.toml(5) call {field.type!r}? Add it to _MAN_TYPES"
+    line = _type_line(path)
+    assert line.startswith(_MAN_TYPES[field.type] + ","), f"elemta.toml.5 {path}: {line!r}"
+
+
+@pytest.mark.parametrize(("path", "field"), KEYS)
+def test_manpage_states_each_default(path, field):
+    """Each key's entry in elemta.toml(5) says `default <the value in elemta.config>`, or
+    `required` for a key an entry of its array of tables must set."""
+    entry = _entry(path)
+    default = field.default_factory() if field.default is dataclasses.MISSING else field.default
+    if field.metadata.get("required"):
+        assert _type_line(path).endswith(", required."), f"elemta.toml.5 {path}: say it is required"
+    elif default is None:  # plugins.timeout: the plugin class's own
+        assert mentions(entry, "default"), f"elemta.toml.5 {path}: say what its default is"
+    else:
+        expected = _toml_value(default)
+        assert re.search(rf"\bdefault {re.escape(expected)}(?!\w|\.\d)", entry), (
+            f"elemta.toml.5 {path}: expected 'default {expected}' in {entry[:100]!r}")
+
+
+_RANGE = re.compile(r"(?<![\w.^-])(\d+(?:\.\d+)?|2\^\d+) to (\d+(?:\.\d+)?|2\^\d+)(?!\w|\.\d|\^)")
+
+
+def _ranges(text: str) -> list[tuple[float, float]]:
+    """The ranges `1 to 1000`, `0.1 to 300`, `1024 to 2^40` written in text."""
+    def number(word: str) -> float:
+        return 2 ** int(word[2:]) if word.startswith("2^") else float(word)
+    return [(number(low), number(high)) for low, high in _RANGE.findall(text)]
+
+
+@pytest.mark.parametrize(("path", "field"), KEYS)
+def test_manpage_states_each_range_as_declared(path, field):
+    """The first sentence of a key's entry gives exactly the range its field declares
+    (key(range=...)), and none for a key that declares none."""
+    declared = [field.metadata["range"]] if "range" in field.metadata else []
+    assert _ranges(_type_line(path)) == declared, f"elemta.toml.5 {path}: {_type_line(path)!r}, declared {declared}"
+
+
+@pytest.mark.parametrize(("path", "field"), [k for k in KEYS if k.id.rpartition(".")[0] not in ("tls.certificates", "plugins")])
+def test_conf_states_each_range_as_declared(path, field):
+    """A range the comment above a key in conf/elemta.toml gives is the one its field declares.
+    (The keys of [[tls.certificates]] and [[plugins]], shown in comments: tests/test_config.py.)"""
+    shown = _ranges(_conf_comment_above(path))
+    declared = field.metadata.get("range")
+    assert all(r == declared for r in shown), f"conf/elemta.toml {path}: {shown}, declared {declared}"
+
+
+# Keys whose value is one of a list: every key whose field declares its choices
+# (config.key(choices=...)), in any table.
+ENUMERATED = [(path, f.metadata["choices"]) for path, f in _keys() if "choices" in f.metadata]
 
 
 def _conf_comment_above(key: str) -> str:
@@ -523,24 +600,29 @@ def _run_ends(value: str, values) -> tuple[str, str] | None:
     return (run[0], run[-1]) if len(run) > 2 else None
 
 
+def _quoted(text: str) -> set[str]:
+    """The "quoted" values of text, a run "local0" to "local7" as each of its values."""
+    values = set(re.findall(r'"([^"]*)"', text))
+    for stem, first, last in re.findall(r'"(\D+)(\d+)" to "\1(\d+)"', text):
+        values |= {f"{stem}{n}" for n in range(int(first), int(last) + 1)}
+    return values
+
+
 @pytest.mark.parametrize(("key", "values"), ENUMERATED, ids=[k for k, _ in ENUMERATED])
 def test_allowed_values_are_named(key, values):
-    """A key's allowed values are named in conf/elemta.toml; elemta.toml(5) names them in the
-    key's entry or in the entry it refers to (relayhost_tls_policy: "the values of tls_policy")."""
+    """A key's allowed values are named in conf/elemta.toml; the first sentence of its entry in
+    elemta.toml(5) names exactly them, or refers to the entry that does
+    (relayhost_tls_policy: "one of the values of tls_policy")."""
     comment = _conf_comment_above(key)
     for value in values:
         ends = _run_ends(value, values)
         named = f'"{value}"' in comment or (ends and all(f'"{end}"' in comment for end in ends))
         assert named, f"conf/elemta.toml {key}: the comment does not name {value!r}"
-    entries = {k: e for k, e, _ in _key_entries()}
-    entry = entries[key]
-    referred = re.search(r"values of (\w+)", entry)
+    line = _type_line(key)
+    referred = re.search(r"values of (\w+)", line)
     if referred:
-        entry = entries[f"{key.split('.')[0]}.{referred.group(1)}"]
-    for value in values:
-        ends = _run_ends(value, values)
-        named = mentions(entry, value) or (ends and all(mentions(entry, end) for end in ends))
-        assert named, f"elemta.toml.5 {key}: {value!r} is not named"
+        line = _type_line(f"{key.rpartition('.')[0]}.{referred.group(1)}")
+    assert _quoted(line) == set(values), f"elemta.toml.5 {key}: {line!r} does not name exactly {values}"
 
 
 def _toml_examples():
@@ -584,8 +666,9 @@ def _commented_examples():
     """`# key = value` lines of conf/elemta.toml whose key belongs to the table they are in."""
     table = None
     for number, line in enumerate(SHIPPED.read_text().splitlines(), 1):
-        if re.match(r"^\[\[?([\w.]+)\]\]?$", line):
-            table = line.strip("[]")
+        header = re.match(r"^(?:#\s*)?\[\[?([\w.]+)\]\]?$", line)  # a commented one too: #   [[plugins]]
+        if header:
+            table = header.group(1)
         found = re.match(r"^#\s*(\w+)\s*=\s*(.+)$", line)
         keys = {f.name for f in dataclasses.fields(config._SECTIONS[table])} if table in config._SECTIONS else ()
         if found and found.group(1) in keys:

@@ -5,8 +5,9 @@ tables of keys whose values are strings, numbers, booleans and arrays; the array
 [[listeners]], [[tls.certificates]] and [[plugins]]; and a plugin's [plugins.options], which
 may hold any TOML value, tables and arrays of tables within it too.  Tables go out as
 [section] headers after the plain keys of their parent (a table's keys must come before its
-sub-tables), an array of tables as one [[header]] per element.  What this writes parses back
-(tomllib, then config.parse) to the same Config; tests check that.
+sub-tables), an array of tables as one [[header]] per element.  Each key of elemta's own
+tables comes with its one-line doc (config.key(doc=...)) as a comment above it.  What this
+writes parses back (tomllib, then config.parse) to the same Config; tests check that.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import functools
 import math
 import re
 
-from elemta.config import Config
+from elemta.config import _DOCS, Config
 
 # TOML basic strings: these must be escaped (TOML 1.0, "String"); other control characters
 # and DEL are written as \\uXXXX.
@@ -67,10 +68,12 @@ def _is_table_array(v: object) -> bool:
 
 def _table(path: tuple[str, ...], table: dict) -> list[str]:
     """The plain keys of a table (empty tables and arrays inline), then each sub-table under its
-    [header] and each array of tables as [[header]] tables, in the order of their keys.  The
-    path names the table; () is the file's top level."""
-    lines = [f"{key(k)} = {value(v)}" for k, v in table.items()
-             if not (isinstance(v, dict) and v) and not _is_table_array(v)]
+    [header] and each array of tables as [[header]] tables, in the order of their keys; each
+    key, header or not, after its doc.  The path names the table; () is the file's top level."""
+    lines = []
+    for k, v in table.items():
+        if not (isinstance(v, dict) and v) and not _is_table_array(v):
+            lines += [*_doc((*path, k)), f"{key(k)} = {value(v)}"]
     for k, v in table.items():
         name = (*path, k)
         header = ".".join(key(part) for part in name)
@@ -79,13 +82,20 @@ def _table(path: tuple[str, ...], table: dict) -> list[str]:
             if lines:
                 lines.append("")
             # A table of tables only needs no header of its own: [a.b] makes a.
-            lines += inner if inner[0].startswith("[") else [f"[{header}]", *inner]
+            lines += [*_doc(name), *(inner if inner[0].startswith("[") else [f"[{header}]", *inner])]
         elif _is_table_array(v):
             for item in v:
                 if lines:
                     lines.append("")
-                lines += [f"[[{header}]]", *_table(name, item)]
+                lines += [*_doc(name), f"[[{header}]]", *_table(name, item)]
     return lines
+
+
+def _doc(path: tuple[str, ...]) -> list[str]:
+    """The comment line of a key's one-line doc; none for a key that is not elemta's own (a
+    domain of delivery.transport, a plugin's option)."""
+    doc = _DOCS.get(".".join(path))
+    return [f"# {doc}"] if doc is not None else []
 
 
 def key(k: str) -> str:

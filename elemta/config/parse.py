@@ -18,12 +18,8 @@ from typing import Any
 
 from elemta import transport
 from elemta.config.keys import (
-    _CHOICES,
-    _RANGES,
     _SECTIONS,
-    _WHAT,
     AUTH_MECHANISMS,
-    LISTENER_ROLES,
     TLS_POLICIES,
     TLS_ROLES,
     Certificate,
@@ -82,10 +78,12 @@ def _type_name(tp: Any) -> str:
     }[tp]
 
 
-def _coerce(path: str, value: Any, default: Any, problems: _Problems) -> Any:
-    """Check value against the type of its default; return it in the dataclass's type.
-    ConfigError for a bad value; a table or the certificates record their entries' problems
-    in problems and keep the good entries, so the checks of those still run."""
+def _coerce(path: str, value: Any, default: Any, problems: _Problems,
+            limits: tuple[float, float] | None = None) -> Any:
+    """Check value against the type of its default and the range its key declares (limits);
+    return it in the dataclass's type.  ConfigError for a bad value; a table or the
+    certificates record their entries' problems in problems and keep the good entries, so the
+    checks of those still run."""
     if path == "tls.certificates":
         return _certificates(value, problems)
     if path == "monitor.listen" and isinstance(value, str):  # one address, or "" for none
@@ -116,8 +114,8 @@ def _coerce(path: str, value: Any, default: Any, problems: _Problems) -> Any:
     if not ok:
         got = type(value).__name__
         raise ConfigError(f"{path}: expected {_type_name(kind)}, got {got} {value!r}")
-    if path in _RANGES:
-        low, high = _RANGES[path]
+    if limits is not None:
+        low, high = limits
         if not low <= value <= high:
             raise ConfigError(f"{path}: {value} is out of range (allowed {_number(low)} to {_number(high)})")
     return value
@@ -147,8 +145,7 @@ def _certificates(raw: Any, problems: _Problems) -> tuple[Certificate, ...]:
     result = []
     for index, item in enumerate(raw):
         path = f"tls.certificates[{index}]"
-        if not item.get("cert_file"):
-            problems.add(path, f"{path}.cert_file: missing (the PEM certificate chain)")
+        if _missing(path, Certificate, item, problems):
             continue
         result.append(_section(path, Certificate, item, problems))
     return tuple(result)
@@ -167,7 +164,7 @@ def _section(name: str, cls: type, raw: Any, problems: _Problems) -> Any:
         problems.add(name, f"{name}: expected a table [{name}], got {type(raw).__name__}")
         return cls()
     defaults = cls()
-    known = {f.name for f in dataclasses.fields(cls)}
+    known = {f.name: f for f in dataclasses.fields(cls)}
     values = {}
     for key, value in raw.items():
         path = f"{name}.{key}"
@@ -175,8 +172,31 @@ def _section(name: str, cls: type, raw: Any, problems: _Problems) -> Any:
             problems.add(path, f"{path}: unknown key (allowed: {', '.join(sorted(known))})")
             continue
         with problems.trying(path):
-            values[key] = _coerce(path, value, getattr(defaults, key), problems)
+            values[key] = _coerce(path, value, getattr(defaults, key), problems, known[key].metadata.get("range"))
     return cls(**values)
+
+
+def _missing(path: str, cls: type, item: dict, problems: _Problems) -> bool:
+    """Each key that cls declares required (key(required=True)) and item leaves out or sets
+    to "" is a problem; True if there was one."""
+    absent = [f for f in dataclasses.fields(cls) if f.metadata.get("required") and item.get(f.name) in (None, "")]
+    for f in absent:
+        problems.add(path, f"{path}.{f.name}: missing ({f.metadata['doc']})")
+    return bool(absent)
+
+
+def _check_choices(path: str, table: Any, problems: _Problems) -> None:
+    """Each key of table (a dataclass) whose field declares its choices holds one of them."""
+    for f in dataclasses.fields(table):
+        value, allowed = getattr(table, f.name), f.metadata.get("choices")
+        if allowed is not None and value not in allowed:
+            what = f" is not {f.metadata['what']}" if f.metadata["what"] else ""
+            problems.add(f"{path}.{f.name}", f"{path}.{f.name}: {value!r}{what} (allowed: {', '.join(allowed)})")
+
+
+# plugins.timeout is read apart from the other keys: its default, None (not set: the plugin's
+# own), has no TOML type to check a value against.
+_TIMEOUT = next(f for f in dataclasses.fields(PluginSpec) if f.name == "timeout")
 
 
 def _plugins(raw: Any, problems: _Problems) -> tuple[PluginSpec, ...]:
@@ -192,22 +212,17 @@ def _plugins(raw: Any, problems: _Problems) -> tuple[PluginSpec, ...]:
         options = item.pop("options", {})
         if not isinstance(options, dict):
             problems.add(path, f"{path}.options: expected a table [plugins.options]")
-        if not isinstance(item.get("use"), str) or not item["use"]:
-            problems.add(path, f"{path}.use: missing (a built-in such as \"spf\", or \"module:Class\")")
+        if _missing(path, PluginSpec, item, problems):
             continue
         timeout = item.pop("timeout", None)  # absent: the plugin class's own default
         if timeout is not None:
             with problems.trying(f"{path}.timeout"):
-                timeout = _coerce(f"{path}.timeout", timeout, 0.0, problems)
+                timeout = _coerce(f"{path}.timeout", timeout, 0.0, problems, _TIMEOUT.metadata["range"])
         spec = _section(path, PluginSpec, item, problems)
         if len(problems.lines) > before:
             continue
         default_name = spec.use.rpartition(":")[2].lower()  # "pkg.mod:MyCheck" -> "mycheck"
         spec = dataclasses.replace(spec, name=spec.name or default_name, options=options, timeout=timeout)
-        for key, (low, high) in (("timeout", (0, 3600)), ("max_concurrency", (1, 100_000))):
-            value = getattr(spec, key)
-            if value is not None and not low <= value <= high:
-                problems.add(path, f"{path}.{key}: {value} is out of range (allowed {low} to {high})")
         if spec.name in names:
             problems.add(path, f"{path}.name: {spec.name!r} is used twice (give each a name)")
         names.add(spec.name)
@@ -234,8 +249,7 @@ def _listeners(raw: Any, problems: _Problems) -> tuple[Listener, ...]:
     result, addresses = [], []
     for index, item in enumerate(raw):
         path = f"listeners[{index}]"
-        if "address" not in item:
-            problems.add(path, f"{path}.address: missing (e.g. address = \"0.0.0.0:25\")")
+        if _missing(path, Listener, item, problems):
             continue
         before = len(problems.lines)
         listener = _section(path, Listener, item, problems)
@@ -243,8 +257,7 @@ def _listeners(raw: Any, problems: _Problems) -> tuple[Listener, ...]:
             split_host_port(listener.address)
         except ValueError as exc:
             problems.add(path, f"{path}.address: {listener.address!r}: {exc}")
-        if listener.role not in LISTENER_ROLES:
-            problems.add(path, f"{path}.role: {listener.role!r} is not a role (allowed: {', '.join(LISTENER_ROLES)})")
+        _check_choices(path, listener, problems)
         if len(problems.lines) == before:
             result.append(listener)
         if not problems.bad(f"{path}.address"):
@@ -267,12 +280,8 @@ def _check(config: Config, problems: _Problems) -> None:
     next one runs.  A check relating two keys is skipped if either is already a problem (its
     value is then the default, not what the file says)."""
     add = problems.add
-    for path, allowed in _CHOICES.items():
-        section, name = path.split(".")
-        value = getattr(getattr(config, section), name)
-        if value not in allowed:
-            what = f" is not {_WHAT[path]}" if _WHAT[path] else ""
-            add(path, f"{path}: {value!r}{what} (allowed: {', '.join(allowed)})")
+    for section in _SECTIONS:
+        _check_choices(section, getattr(config, section), problems)
     if config.log.target == "file" and not os.path.isabs(config.log.file):
         add("log.file", f"log.file: {config.log.file!r}: target \"file\" needs an absolute path")
     _check_networks("smtp.trusted_networks", config.smtp.trusted_networks, "192.0.2.0/24", problems)

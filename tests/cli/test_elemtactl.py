@@ -426,6 +426,28 @@ def test_config_show_with_every_kind_of_table_reads_back_as_the_same_config(run,
         assert as_json["plugins"][1]["timeout"] is None  # not set: the plugin's own default
 
 
+def test_config_show_puts_each_key_s_doc_above_it(run, tmp_path):
+    """Each key of elemta's own tables comes with its one-line doc, as its field declares it
+    (config.key(doc=...)), in the comment line above it; a plugin's options have none."""
+    path = tmp_path / "full.toml"
+    path.write_text(FULL_CONFIG)
+    lines = ok(run("config", "show", config=str(path))).stdout.splitlines()
+    table, shown = "", set()
+    for number, line in enumerate(lines):
+        header = re.fullmatch(r"\[\[?([^\]]+)\]\]?", line)
+        found = re.match(r"([\w-]+) = ", line)
+        if header:
+            table = header.group(1)
+        key = table if header else f"{table}.{found.group(1)}" if found else None
+        if key in cfg._DOCS:  # a key, or a key written as a [table] or [[table]] (tls.certificates)
+            assert lines[number - 1] == f"# {cfg._DOCS[key]}", (key, lines[number - 1])
+            shown.add(key)
+        elif found:  # a key of a table such as smtp.sender_logins or of a plugin's options, or plugins = []
+            assert (table, found.group(1)) == ("", "plugins") or any(
+                table == k or table.startswith(k + ".") for k in cfg._DOCS), (table, line)
+    assert shown == set(cfg._DOCS)
+
+
 def test_toml_values_round_trip():
     for value in ("", 'a"b\\c\n\t\x01\x7fé', 0, -5, 2**40, 0.1, 1e-05, 300.0, True, False, (), ("a", "b"), {},
                   {"x.y": "z", "n": 2.5}):
