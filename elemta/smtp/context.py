@@ -135,6 +135,10 @@ class State(enum.Enum):
     TLS_WAIT = "tls wait"  # the 220 to STARTTLS went out: the handshake comes next (RFC 3207 §4)
     CLOSED = "closed"  # the last reply went out; the server closes the connection
 
+    # Members are singletons compared by identity, so identity hashing agrees with equality;
+    # Enum's own __hash__ is Python code (hash of the name), run at every TRANSITIONS lookup.
+    __hash__ = object.__hash__
+
 
 COMMAND, DATA, BDAT_CHUNK, WAIT_QUEUE = State.COMMAND, State.DATA, State.BDAT_CHUNK, State.WAIT_QUEUE
 AUTH, TLS_WAIT, CLOSED = State.AUTH, State.TLS_WAIT, State.CLOSED

@@ -279,7 +279,7 @@ class SmtpServer:
                 return
             greeting = session.greeting()
             conn.send(greeting)
-            if any(isinstance(item, Close) for item in greeting):  # a plugin's on_connect said 421
+            if isinstance(greeting[-1], Close):  # a plugin's on_connect said 421
                 return
             watch.asked(False)
             self._converse(conn, session, limits, watch, early)
@@ -409,7 +409,7 @@ class SmtpServer:
                 # RFC 2920 §3.1: the client sent message text before our 354.
                 pending[-1:] = session.input_before_reply()
             conn.send(pending)
-            if any(isinstance(item, Close) for item in pending):
+            if pending and isinstance(pending[-1], Close):  # nothing ever follows a Close
                 return
             if pending:  # a request was answered: the client's time for the next one starts
                 watch.asked(session.in_data)
