@@ -366,6 +366,17 @@ class Plugin:
     def stop(self) -> None:
         """Release it; called once at shutdown, after the last hook has returned."""
 
+    def require_services(self) -> Services:
+        """The services, for a hook: the manager calls start() before the first hook."""
+        assert self.services is not None, f"plugin {self.name}: a hook ran before start()"
+        return self.services
+
+    def require_dns(self) -> Resolver:
+        """The shared resolver, for a plugin whose start() refuses to run without one."""
+        dns = self.require_services().dns
+        assert dns is not None, f"plugin {self.name}: start() checks that there is a resolver"
+        return dns
+
     def health(self) -> str | None:
         """None when healthy, else why not (shown by elemtactl plugins)."""
         return None

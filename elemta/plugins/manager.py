@@ -150,7 +150,7 @@ class Loaded:
             metrics.PLUGIN_ERRORS.labels(self.name, "timeout" if timeout else "error").inc()
 
 
-def load_class(use: str) -> type:
+def load_class(use: str) -> type[api.Plugin]:
     """A plugin class from a built-in name, "package.module:Class", or an entry point name."""
     target = BUILTINS.get(use, use)
     if ":" not in target:
@@ -168,11 +168,7 @@ def load_class(use: str) -> type:
 
 def _entry_point(use: str) -> str:
     from importlib.metadata import entry_points
-    try:
-        found = entry_points(group=ENTRY_POINT_GROUP)
-    except TypeError:  # pragma: no cover - Python < 3.10
-        found = entry_points().get(ENTRY_POINT_GROUP, [])
-    for ep in found:
+    for ep in entry_points(group=ENTRY_POINT_GROUP):  # the group= form: Python 3.10 on
         if ep.name == use:
             return ep.value
     raise ConfigError(f"plugin {use!r}: not a built-in ({', '.join(BUILTINS)}), "

@@ -221,6 +221,7 @@ class DkimPlugin(api.Plugin):
         """The configured domain to sign as: the From domain or its closest parent with keys
         (d= equal to or a parent of the From domain is what DMARC relaxed alignment needs,
         RFC 7489 §3.1.1), else the same for the envelope sender's domain, else None."""
+        assert ctx.message is not None, "on_message: the message is there"
         candidates = list(ctx.message.from_domains())
         if ctx.transaction is not None and ctx.transaction.sender_domain:
             candidates.append(ctx.transaction.sender_domain)
@@ -235,6 +236,7 @@ class DkimPlugin(api.Plugin):
     def _sign(self, ctx: api.Context) -> api.Verdict | None:
         if not self.keys:
             return None  # signing not set up: nothing worth a log line per message
+        assert ctx.message is not None, "on_message: the message is there"
         domain = self.signing_domain(ctx)
         queue_id = ctx.transaction.queue_id if ctx.transaction else ""
         if domain is None:
@@ -270,6 +272,7 @@ class DkimPlugin(api.Plugin):
     # -- verifying (RFC 6376 §6) -------------------------------------------------------------
 
     def _verify(self, ctx: api.Context) -> api.Verdict | None:
+        assert ctx.message is not None, "on_message: the message is there"
         queue_id = ctx.transaction.queue_id if ctx.transaction else ""
         if not ctx.message.get_all("dkim-signature"):
             # Unsigned: nothing for dkimpy to do, and its parse of the message is most of
@@ -316,7 +319,7 @@ class DkimPlugin(api.Plugin):
             return "permerror", "malformed d= or s="
         if tags.get("a", "").lower() == "rsa-sha1":
             return "permerror", "rsa-sha1 is not accepted (RFC 8301)"  # RFC 8301 §3.1
-        lookup = _KeyLookup(self.services.dns)
+        lookup = _KeyLookup(self.require_dns())
         try:
             ok = message.verify(idx, dnsfunc=lookup)
         except api.DnsError as exc:

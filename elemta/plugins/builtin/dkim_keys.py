@@ -34,6 +34,7 @@ def generate(algorithm: str = "rsa", bits: int = 2048) -> tuple[bytes, str]:
 
     rsa: bits from 1024 to 4096 (RFC 8301 §3.2); ed25519 (RFC 8463) ignores bits.
     """
+    key: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
     if algorithm == "rsa":
         if isinstance(bits, bool) or not isinstance(bits, int):
             raise ValueError(f"RSA key size must be a whole number of bits, not {bits!r}")

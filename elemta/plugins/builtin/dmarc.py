@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Set
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -40,8 +41,8 @@ def _ascii(domain: str) -> str:
 class PublicSuffixList:
     """The rules of https://publicsuffix.org/list/ as sets; None rules: the last two labels."""
 
-    def __init__(self, rules: set[str] | None, wildcards: set[str] = frozenset(),
-                 exceptions: set[str] = frozenset()):
+    def __init__(self, rules: set[str] | None, wildcards: Set[str] = frozenset(),
+                 exceptions: Set[str] = frozenset()):
         self.rules = rules
         self.wildcards = wildcards  # "*.ck" is kept as "ck"
         self.exceptions = exceptions  # "!www.ck" is kept as "www.ck"
@@ -70,6 +71,7 @@ class PublicSuffixList:
         """How many of the last labels are the public suffix (at least one: the "*" rule)."""
         # From the longest candidate down, so the first match is the longest matching rule;
         # an exception rule wins over the wildcard it carves out of.
+        assert self.rules is not None, "without a list the caller takes the last label"
         for i in range(len(labels)):
             candidate = ".".join(labels[i:])
             if candidate in self.exceptions:
@@ -140,7 +142,7 @@ def parse_auth_result(text: str) -> tuple[str, str, dict[str, str]]:
     if not words:
         return "", "", {}
     method, _, result = words[0].partition("=")
-    props = {}
+    props: dict[str, str] = {}
     for word in words[1:]:
         key, equals, value = word.partition("=")
         if equals:
@@ -292,7 +294,7 @@ class DmarcPlugin(api.Plugin):
         """§6.6.3: (policy, domain it was found at), or None; DnsError on a transient failure.
         Kept per From domain while the DNS answers it came from are valid."""
         cached = self._found.get(from_domain)
-        if cached is not None and cached[0] > self.services.dns.now():
+        if cached is not None and cached[0] > self.require_dns().now():
             return cached[1]
         records, until = self._records(from_domain)
         found_at = from_domain
@@ -312,7 +314,7 @@ class DmarcPlugin(api.Plugin):
     def _records(self, domain: str) -> tuple[list[str], float]:
         """The DMARC records at domain, and until when that answer is valid."""
         try:
-            texts, until = self.services.dns.txt_until(f"_dmarc.{domain}")
+            texts, until = self.require_dns().txt_until(f"_dmarc.{domain}")
         except api.DnsError as exc:
             if exc.permanent:  # not a name DNS can hold: nothing published there
                 return [], float("inf")

@@ -87,7 +87,8 @@ class DnsblPlugin(api.Plugin):
         allowed = [zone for zone in self.allow_zones if self._listed(zone, reversed_ip, conn.ip)]
         # Rounded so that weights such as 0.1 + 0.2 + 0.7 reach a reject_score of 1.
         score = round(sum(z.weight for z in listed) - sum(z.weight for z in allowed), 6)
-        result = {"score": score, "listed": [z.name for z in listed], "allowed": [z.name for z in allowed]}
+        result: dict[str, Any] = {"score": score, "listed": [z.name for z in listed],
+                                  "allowed": [z.name for z in allowed]}
         conn.notes["dnsbl"] = result
         if listed or allowed:
             self.log("listed", ip=conn.ip, score=score, listed=",".join(result["listed"]),
@@ -131,7 +132,7 @@ class DnsblPlugin(api.Plugin):
 
     def _listed(self, zone: Zone, reversed_ip: str, ip: str) -> bool:
         try:
-            answers = self.services.dns.a(f"{reversed_ip}.{zone.name}")
+            answers = self.require_dns().a(f"{reversed_ip}.{zone.name}")
         except api.DnsError as exc:
             self.log("dns_error", zone=zone.name, ip=ip, error=exc.text)
             return False

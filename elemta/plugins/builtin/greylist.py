@@ -213,6 +213,7 @@ class GreylistPlugin(api.Plugin):
         """(state, seconds): ("whitelisted", 0), ("known", 0) for a triplet that passed before,
         ("passed", seconds waited), ("new", delay) or ("early", seconds still to wait)."""
         db = self._db
+        assert db is not None, "start() opened the database; stop() closes it after the last hook"
         if now >= self._next_cleanup:
             self._cleanup(db, now)
         db.execute("BEGIN IMMEDIATE")

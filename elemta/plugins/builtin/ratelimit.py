@@ -26,7 +26,8 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from typing import Any, ClassVar, NamedTuple
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from elemta.plugins import api
 
@@ -35,7 +36,8 @@ COUNTS = ("messages", "recipients")
 RULE_KEYS = ("key", "limit", "window", "count")
 
 
-class Rule(NamedTuple):
+@dataclass(frozen=True)
+class Rule:
     index: int
     key: str
     limit: int
@@ -116,6 +118,7 @@ class RatelimitPlugin(api.Plugin):
     def on_rcpt_to(self, ctx: api.Context) -> api.Verdict | None:
         if self._exempt(ctx) or ctx.recipient is None:
             return None
+        assert ctx.transaction is not None  # _exempt() passes only commands in a transaction
         counted = ctx.transaction.notes.setdefault(f"{self.name}.domains", set())
         due = []
         for rule in self.rules:
@@ -138,6 +141,7 @@ class RatelimitPlugin(api.Plugin):
     def _key(self, rule: Rule, ctx: api.Context) -> str | None:
         """What the rule counts by in this command; None: the rule does not apply."""
         conn, tx = ctx.connection, ctx.transaction
+        assert conn is not None and tx is not None  # _exempt() passes only commands in a transaction
         if rule.key == "ip":
             return conn.ip
         if rule.key == "user":
@@ -146,16 +150,17 @@ class RatelimitPlugin(api.Plugin):
             return tx.sender.lower() or None
         if rule.key == "sender_domain":
             return tx.sender_domain or None
-        if "@" not in (ctx.recipient or ""):
+        recipient = ctx.recipient or ""
+        if "@" not in recipient:
             return None  # a bare "postmaster" (RFC 5321 §4.5.1) has no domain
-        return ctx.recipient.rpartition("@")[2].lower().rstrip(".") or None
+        return recipient.rpartition("@")[2].lower().rstrip(".") or None
 
     def _count(self, due: list[tuple[Rule, str | None]]) -> api.Verdict | None:
-        due = [(rule, key) for rule, key in due if key is not None]
-        for rule, key in due:
+        keyed = [(rule, key) for rule, key in due if key is not None]
+        for rule, key in keyed:
             if not rule.table.check(key):
                 return self._refusal(rule, key)
-        for rule, key in due:
+        for rule, key in keyed:
             # Another session may have taken the last unit since the check: refuse then too.
             if not rule.table.hit(key):
                 return self._refusal(rule, key)

@@ -142,6 +142,7 @@ class SpfPlugin(api.Plugin):
 
     def on_mail_from(self, ctx: api.Context):
         conn, txn = ctx.connection, ctx.transaction
+        assert conn is not None and txn is not None, "on_mail_from: in a connection and a transaction"
         if conn.outbound:
             return None  # our own users' mail: sign it, don't check it
         address = api.client_address(conn.ip)
@@ -157,7 +158,7 @@ class SpfPlugin(api.Plugin):
         # The result is a function of (ip, sender, helo) and the DNS answers: while all of
         # those answers are still valid in the cache, evaluating again gives the same result,
         # and so the same verdict.
-        key, now = (conn.ip, sender, helo), self.services.dns.now()
+        key, now = (conn.ip, sender, helo), self.require_dns().now()
         cached = self._results.get(key)
         if cached is not None and cached[0] > now:
             _until, result, verdict = cached
@@ -176,7 +177,7 @@ class SpfPlugin(api.Plugin):
         extras = {
             "auth_results": (_auth_result(result, sender, helo),),
             "add_headers": (("Received-SPF", _received_spf(
-                result, ip, sender, helo, domain, identity, problem, self.services.hostname)),),
+                result, ip, sender, helo, domain, identity, problem, self.require_services().hostname)),),
         }
         action = self.actions.get(f"on_{result}", "tag")
         if action == "reject" and result == "permerror":
@@ -206,8 +207,8 @@ class SpfPlugin(api.Plugin):
             return "none", "", f"{domain or 'no domain'} is not a domain name", float("inf")
         deadline = self.clock() + self.timeout
         try:
-            query = _Query(self.services.dns, deadline, self.clock, i=ip, s=sender,
-                           h=helo or "unknown", receiver=self.services.hostname)
+            query = _Query(self.require_dns(), deadline, self.clock, i=ip, s=sender,
+                           h=helo or "unknown", receiver=self.require_services().hostname)
             result, _code, explanation = query.check()
         except pyspf.PermError as exc:  # from the query's set-up (a bad client address)
             return "permerror", "", str(exc), float("inf")
