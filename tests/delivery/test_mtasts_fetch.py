@@ -1,17 +1,13 @@
 """delivery/mtasts_fetch.py against a real HTTPS server on loopback with a test CA (trustme)."""
 
-import http.server
 import socket
-import ssl
-import threading
 
 import pytest
 import trustme
 
 from elemta.delivery import mtasts
 from elemta.delivery.mtasts_fetch import FetchError, fetch_policy
-
-POLICY = b"version: STSv1\r\nmode: enforce\r\nmx: mx.example.test\r\nmax_age: 86400\r\n"
+from tests.policyserver import POLICY, PolicyServer
 
 
 @pytest.fixture(scope="module")
@@ -24,44 +20,6 @@ def ca_file(ca, tmp_path):
     path = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(path))
     return str(path)
-
-
-class PolicyServer:
-    """An HTTPS server on 127.0.0.1 answering every GET with what `reply` says."""
-
-    def __init__(self, ca, name="mta-sts.example.test"):
-        self.reply = (200, "text/plain; charset=utf-8", POLICY, {})
-        self.paths: list[str] = []
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                outer.paths.append(self.path)
-                status, media_type, body, headers = outer.reply
-                self.send_response(status)
-                if media_type:
-                    self.send_header("Content-Type", media_type)
-                for key, value in headers.items():
-                    self.send_header(key, value)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ca.issue_cert(name).configure_cert(context)
-        self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
-        self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
-
-    def stop(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=10)
 
 
 @pytest.fixture
