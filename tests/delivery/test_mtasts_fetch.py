@@ -3,23 +3,10 @@
 import socket
 
 import pytest
-import trustme
 
 from elemta.delivery import mtasts
 from elemta.delivery.mtasts_fetch import FetchError, fetch_policy
 from tests.policyserver import POLICY, PolicyServer
-
-
-@pytest.fixture(scope="module")
-def ca():
-    return trustme.CA()
-
-
-@pytest.fixture
-def ca_file(ca, tmp_path):
-    path = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(path))
-    return str(path)
 
 
 @pytest.fixture

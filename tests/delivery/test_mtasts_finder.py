@@ -3,7 +3,6 @@
 import threading
 
 import pytest
-import trustme
 
 from elemta.delivery.mtasts import Cached, Policy
 from elemta.delivery.mtasts_cache import RETRY_FAILED_FETCH, PolicyCache
@@ -24,15 +23,8 @@ class Clock:
         return self.now
 
 
-@pytest.fixture(scope="module")
-def ca():
-    return trustme.CA()
-
-
 @pytest.fixture
-def parts(ca, tmp_path):
-    ca_file = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(ca_file))
+def parts(ca, ca_file, tmp_path):
     host = PolicyServer(ca)
     records = {
         "_mta-sts.example.test": [("TXT", "v=STSv1; id=one;")],
@@ -44,7 +36,7 @@ def parts(ca, tmp_path):
         resolver = Resolver([dns_server.nameserver], timeout=5.0)
         (tmp_path / "spool").mkdir()
         cache = PolicyCache(str(tmp_path / "spool"))
-        finder = PolicyFinder(cache, resolver, ca_file=str(ca_file), clock=clock, port=host.port)
+        finder = PolicyFinder(cache, resolver, ca_file=ca_file, clock=clock, port=host.port)
         yield finder, host, dns_server, clock, resolver
         cache.close()
     host.stop()

@@ -10,7 +10,6 @@ import threading
 import warnings
 
 import pytest
-import trustme
 from aiosmtpd.controller import UnixSocketController
 from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import AuthResult
@@ -72,22 +71,10 @@ class UnixLmtpController(UnixSocketController):
 
 
 @pytest.fixture(scope="session")
-def ca():
-    return trustme.CA()
-
-
-@pytest.fixture(scope="session")
 def server_tls(ca):
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("mx.test").configure_cert(context)
     return context
-
-
-@pytest.fixture
-def ca_file(ca, tmp_path):
-    path = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(path))
-    return str(path)
 
 
 @pytest.fixture
