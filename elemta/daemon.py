@@ -23,6 +23,8 @@ from elemta import log as logmod
 from elemta.config import Config
 from elemta.delivery import attempt, smtp_pool
 from elemta.delivery.dns import Resolver
+from elemta.delivery.mtasts_cache import PolicyCache
+from elemta.delivery.mtasts_finder import PolicyFinder
 from elemta.delivery.outcomes import Reporting
 from elemta.delivery.router import Router
 from elemta.delivery.scheduler import Scheduler
@@ -178,10 +180,11 @@ def build_scheduler(config: Config, store: Store, events: logmod.EventLog,
     resolver = resolver or build_resolver(config)
     router = Router(config, resolver, recipients)
     pool: smtp_pool.Pool = smtp_pool.Pool(idle_timeout=d.reuse_idle_timeout, max_messages=d.reuse_max_messages)
+    sts = PolicyFinder(PolicyCache(config.server.spool_dir), resolver, ca_file=d.ca_file or None) if d.mta_sts else None
     attempter = attempt.Attempter(
         attempt.Settings(helo_name=d.helo_name or config.hostname, connect_timeout=d.connect_timeout,
                          command_timeout=d.command_timeout, ca_file=d.ca_file or None),
-        resolver, pool,
+        resolver, pool, sts=sts,
     )
     work = WorkQueue(config.queue_path, owner=f"{socket.gethostname()}:{os.getpid()}", log=events)
     work.open()

@@ -189,6 +189,7 @@ class DeliveryConfig:
     tls_policy: str = key("may", choices=TLS_POLICIES, what="a TLS policy", doc="TLS for MX delivery")
     tls_policies: dict = key(factory=dict, doc="recipient domain -> TLS policy, overriding tls_policy")
     ca_file: str = key("", doc='CA bundle for "verify"; "" = the system\'s store')
+    mta_sts: bool = key(True, doc="apply the MTA-STS policy a domain publishes to MX delivery (RFC 8461)")
     transport: dict = key(factory=dict, doc="recipient domain -> transport, instead of the MX records")
     resolvers: tuple[str, ...] = key((), doc='DNS servers, "ip" or "ip:port"; [] = /etc/resolv.conf')
     mx_port: int = key(25, range=(1, 65535), doc="port of MX hosts (tests and unusual setups only)")

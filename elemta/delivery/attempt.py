@@ -4,6 +4,11 @@ For SMTP and LMTP the route's hosts are tried in order (RFC 5321 §5.1), each of
 addresses in turn: a connection failure, a 4xx for the whole transaction or a 4xx for a
 recipient moves on to the next address, a 2xx or 5xx is final for that recipient. Every
 try is recorded as an attempt (host, IP, TLS, the remote's reply, duration).
+
+MX delivery under an opportunistic TLS policy (may, encrypt) applies the MTA-STS policy the
+recipient domain publishes (mtasts_finder.py): in mode enforce only the MX hosts the policy
+names are tried, each over TLS verified for its name, and the others are recorded as skipped
+(RFC 8461 §4.2, §5); the attempt's TLS field says "MTA-STS enforce".
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from dataclasses import dataclass, field
 
 from elemta.delivery import maildir
 from elemta.delivery.dns import DnsError, Resolver
+from elemta.delivery.mtasts import Policy
+from elemta.delivery.mtasts_finder import PolicyFinder
 from elemta.delivery.router import Route
 from elemta.delivery.smtp_client import (
     OutMessage,
@@ -59,11 +66,17 @@ class Settings:
 
 class Attempter:
     def __init__(self, settings: Settings, resolver: Resolver, pool: Pool[SmtpConnection],
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, sts: PolicyFinder | None = None) -> None:
         self.settings = settings
         self.resolver = resolver
         self.pool = pool
         self.clock = clock
+        self.sts = sts  # None: MTA-STS off (delivery.mta_sts)
+
+    def close(self) -> None:
+        """Release what outlives one attempt (the MTA-STS cache's file)."""
+        if self.sts is not None:
+            self.sts.cache.close()
 
     def run(self, job: Job, body: bytes, recipients: Sequence[Recipient], route: Route) -> AttemptResult:
         if route.kind == "maildir":
@@ -76,18 +89,21 @@ class Attempter:
         out = AttemptResult()
         remaining = list(recipients)
         last: dict[int, Verdict] = {}
-        for host, ip in self._addresses(route, remaining, out, last):
+        tls_policy, sts = self._tls_policy(route, recipients[0].domain)
+        for host, ip in self._addresses(route, remaining, out, last, sts):
             started = time.monotonic()
             message = OutMessage(
                 sender=job.sender,
                 recipients=tuple(OutRecipient(r.address, r.notify, r.orcpt) for r in remaining),
                 body=body, envid=job.envid, ret=job.ret, body_type=job.body_type, smtputf8=job.smtputf8,
             )
-            key = (route.kind, route.path, host, ip, route.port, route.tls_policy, route.auth)
+            key = (route.kind, route.path, host, ip, route.port, tls_policy, route.auth)
             tls = ""
             try:
-                conn = self.pool.get(key) or self._open(route, host, ip)
+                conn = self.pool.get(key) or self._open(route, host, ip, tls_policy)
                 tls = str(conn.tls) if conn.tls else ""
+                if sts is not None:
+                    tls += " (MTA-STS enforce)"
                 results = conn.send(message)
             except SmtpClientError as exc:
                 status = "permanent" if exc.permanent and not exc.try_next_host else "transient"
@@ -118,13 +134,33 @@ class Attempter:
                 r, "transient", "no next hop could be reached", "4.4.1"))
         return out
 
-    def _addresses(self, route: Route, remaining: list[Recipient], out: AttemptResult, last: dict[int, Verdict]):
-        """(host, ip) pairs to try, resolving each host only when it is reached."""
+    def _tls_policy(self, route: Route, domain: str) -> tuple[str, Policy | None]:
+        """The TLS policy for this attempt, and the MTA-STS policy it enforces (or None).
+
+        Only MX delivery (not a relayhost or transport) whose own policy is opportunistic: an
+        admin's "none" or "verify" for the domain stays as written."""
+        if self.sts is None or not route.mx or route.tls_policy not in ("may", "encrypt"):
+            return route.tls_policy, None
+        found = self.sts.find(domain)
+        if found.policy is None or found.policy.mode != "enforce":
+            return route.tls_policy, None  # testing: delivered as without a policy (TLS-RPT reports)
+        return "verify", found.policy
+
+    def _addresses(self, route: Route, remaining: list[Recipient], out: AttemptResult, last: dict[int, Verdict],
+                   sts: Policy | None = None):
+        """(host, ip) pairs to try, resolving each host only when it is reached; with an MTA-STS
+        policy enforced, only the hosts it names (§4.1), the others recorded as skipped."""
         if route.path:  # LMTP over a unix socket
             yield "localhost", ""
             return
         count = 0
         for host in route.hosts:
+            if sts is not None and not sts.allows(host):
+                text = f"MTA-STS: the recipient domain's policy does not name {host} as an MX host"
+                for r in remaining:
+                    last[r.id] = Verdict(r, "transient", text, "4.7.4", host)
+                    out.attempts.append(Attempt(r.id, self.clock(), "deferred", text, host))
+                continue
             if is_ip(host):
                 addresses = [host]
             else:
@@ -144,11 +180,11 @@ class Attempter:
                 if not remaining:
                     return
 
-    def _open(self, route: Route, host: str, ip: str) -> SmtpConnection:
+    def _open(self, route: Route, host: str, ip: str, tls_policy: str) -> SmtpConnection:
         s = self.settings
         return SmtpConnection.open(
             host, ip, route.port, helo_name=s.helo_name, lmtp=route.kind == "lmtp",
-            tls_policy=route.tls_policy, tls_name=host, ca_file=s.ca_file or None, auth=route.auth,
+            tls_policy=tls_policy, tls_name=host, ca_file=s.ca_file or None, auth=route.auth,
             connect_timeout=s.connect_timeout, command_timeout=s.command_timeout,
             unix_path=route.path or None,
         )

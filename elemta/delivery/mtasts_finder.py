@@ -14,13 +14,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import dns.rdatatype
-
 from elemta.delivery import mtasts
+from elemta.delivery.dns import Resolver
 from elemta.delivery.mtasts import Cached, Policy, PolicyError
 from elemta.delivery.mtasts_cache import PolicyCache
 from elemta.delivery.mtasts_fetch import FetchError, fetch_policy
-from elemta.dnscache import OK, DnsError, Resolver, name_of
+from elemta.dnscache import DnsError
 
 LOCK_STRIPES = 64
 
@@ -57,8 +56,8 @@ class PolicyFinder:
             if mtasts.needs_fetch(cached, record, now) and self.cache.may_fetch(domain, now):
                 assert record is not None  # needs_fetch() asks for a fetch only with a record
                 try:
-                    body = self.fetch(domain, self._addresses(f"mta-sts.{domain}"), port=self.port,
-                                      ca_file=self.ca_file)
+                    addresses = self.resolver.addresses(f"mta-sts.{domain}")
+                    body = self.fetch(domain, addresses, port=self.port, ca_file=self.ca_file)
                     cached = Cached(mtasts.parse_policy(body), record.id, now)
                 except (FetchError, PolicyError, DnsError) as exc:
                     note = f"fetch failed: {exc}"
@@ -67,14 +66,3 @@ class PolicyFinder:
                     self.cache.put(domain, cached)
                     note = "fetched"
         return Found(mtasts.applicable(cached, now), cached, note)
-
-    def _addresses(self, host: str) -> list[str]:
-        """The policy host's IPv4 and IPv6 addresses; DnsError when there are none."""
-        addresses: list[str] = []
-        for rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
-            status, records = self.resolver.lookup(name_of(host), rdtype)
-            if status == OK:
-                addresses += [str(r) for r in records]
-        if not addresses:
-            raise DnsError(f"{host} has no address", "4.4.3")
-        return addresses

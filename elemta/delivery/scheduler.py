@@ -129,6 +129,8 @@ class Scheduler:
             done = self._jobs == 0
         self._pool.shutdown(wait=done)
         self.attempter.pool.close_all()
+        if done:  # else a delivery still running may use it; the process exit closes it
+            self.attempter.close()
         return done
 
     # -- the scheduler thread ---------------------------------------------------------

@@ -4,11 +4,11 @@ import threading
 
 import pytest
 
+from elemta.delivery.dns import Resolver
 from elemta.delivery.mtasts import Cached, Policy
 from elemta.delivery.mtasts_cache import RETRY_FAILED_FETCH, PolicyCache
 from elemta.delivery.mtasts_fetch import fetch_policy
 from elemta.delivery.mtasts_finder import PolicyFinder
-from elemta.dnscache import Resolver
 from tests.dnsserver import DnsServer
 from tests.policyserver import POLICY, PolicyServer
 
