@@ -410,7 +410,7 @@ def output_entries(subsection: str) -> dict[str, str]:
 
 
 def test_json_keys_match_the_code():
-    assert set(JSON_OF) | {"config check", "config show", "plugins", "queue check", "status"} == {" ".join(p) for p, c, x in LEAVES if has_json(c, x)}, (
+    assert set(JSON_OF) | {"config check", "config show", "plugins", "queue check", "status", "route explain"} == {" ".join(p) for p, c, x in LEAVES if has_json(c, x)}, (
         "a command was added or renamed: add what it prints to JSON_OF")
 
 

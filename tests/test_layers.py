@@ -48,7 +48,7 @@ ALLOWED = {
     "supervisor": {"errors", "config", "log", "daemon", "filemodes", "privileges", "sdnotify", "pidfile",
                    "metrics", "monitor", "wakeup"},
     "cli": {"errors", "config", "log", "queue", "daemon", "supervisor", "passwords", "plugins", "__init__",
-            "filemodes", "pidfile", "maildrop", "smtp", "privileges", "monitor"},
+            "filemodes", "pidfile", "maildrop", "smtp", "privileges", "monitor", "delivery"},
     "__init__": set(),
     "__main__": {"cli"},
 }

@@ -12,7 +12,7 @@ Explicit next hops (transport map, relayhost) are connected to directly, without
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from elemta import filemodes
 from elemta import transport as tmod
@@ -36,6 +36,9 @@ class Route:
     text: str = ""  # error: the reason
     targets: tuple[str, ...] = ()  # expand: the alias's final addresses
     mx: bool = False  # hosts came from an MX lookup
+    # What chose it (local, transport, relayhost, literal, mx), for route explain; not part of
+    # what the route is (equal routes share a transaction whatever chose them).
+    via: str = field(default="", compare=False)
 
     @property
     def destination(self) -> tuple:
@@ -74,24 +77,28 @@ class Router:
             if expand:
                 targets = self.recipients.expand(address)
                 if not targets:
-                    return Route("error", status="5.1.1", text=f"<{address}>: no such user here (or an alias loop)")
+                    return Route("error", status="5.1.1", text=f"<{address}>: no such user here (or an alias loop)",
+                                 via="local")
                 if tuple(t.lower() for t in targets) != (address.lower(),):
-                    return Route("expand", targets=targets)
+                    return Route("expand", targets=targets, via="local")
             elif not self.recipients.exists(address):
-                return Route("error", status="5.1.1", text=f"<{address}>: no such user here")
-            return self._from_transport(self._local, domain)
+                return Route("error", status="5.1.1", text=f"<{address}>: no such user here", via="local")
+            return self._from_transport(self._local, domain, "local")
         found = self._transport_for(domain)
         if found is not None:
-            return self._from_transport(found, domain)
+            return self._from_transport(found, domain, "transport")
         if self._relay is not None:
             host, port = self._relay
             d = self.config.delivery
-            return Route("smtp", (host,), port, tls_policy=d.relayhost_tls_policy, auth=self._relay_auth)
+            return Route("smtp", (host,), port, tls_policy=d.relayhost_tls_policy, auth=self._relay_auth,
+                         via="relayhost")
         literal = _address_literal(domain)
         if literal:
-            return Route("smtp", (literal,), self.config.delivery.mx_port, tls_policy=self._policy(domain))
+            return Route("smtp", (literal,), self.config.delivery.mx_port, tls_policy=self._policy(domain),
+                         via="literal")
         hosts = self.resolver.mx_hosts(domain)
-        return Route("smtp", tuple(hosts), self.config.delivery.mx_port, tls_policy=self._policy(domain), mx=True)
+        return Route("smtp", tuple(hosts), self.config.delivery.mx_port, tls_policy=self._policy(domain), mx=True,
+                     via="mx")
 
     def _transport_for(self, domain: str) -> tmod.Transport | None:
         if domain in self._map:
@@ -103,18 +110,18 @@ class Router:
                 return self._map[parent]
         return None
 
-    def _from_transport(self, t: tmod.Transport, domain: str) -> Route:
+    def _from_transport(self, t: tmod.Transport, domain: str, via: str) -> Route:
         if t.kind in ("hold", "discard"):
-            return Route(t.kind)
+            return Route(t.kind, via=via)
         if t.kind == "error":
-            return Route("error", status=t.status, text=t.text or "delivery refused by transport map")
+            return Route("error", status=t.status, text=t.text or "delivery refused by transport map", via=via)
         if t.kind == "maildir":
-            return Route("maildir", path=t.path)
+            return Route("maildir", path=t.path, via=via)
         if t.path:  # lmtp:unix:/path
-            return Route("lmtp", path=t.path, port=0, tls_policy="none")
+            return Route("lmtp", path=t.path, port=0, tls_policy="none", via=via)
         # LMTP to a mailbox server is a local hop: no TLS unless the map says otherwise.
         policy = "none" if t.kind == "lmtp" else self._policy(domain)
-        return Route(t.kind, (t.host,), t.port, tls_policy=policy)
+        return Route(t.kind, (t.host,), t.port, tls_policy=policy, via=via)
 
     def _policy(self, domain: str) -> str:
         d = self.config.delivery

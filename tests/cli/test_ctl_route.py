@@ -1,0 +1,111 @@
+"""elemtactl route explain, against a real DNS server on loopback and a cached MTA-STS policy."""
+
+import json
+import subprocess
+
+import pytest
+
+from elemta.cli.elemtactl import main
+from elemta.delivery.mtasts import Cached, Policy
+from elemta.delivery.mtasts_cache import PolicyCache
+from tests.dnsserver import DnsServer
+from tests.support import ROOT, cli_runner
+
+RECORDS = {
+    "example.test": [("MX", (10, "mx1.example.test")), ("MX", (20, "mx2.elsewhere.test"))],
+    "mx1.example.test": [("A", "192.0.2.1")],
+    "mx2.elsewhere.test": [("A", "192.0.2.2")],
+    "_mta-sts.example.test": [("TXT", "v=STSv1; id=20261205;")],
+    "plain.test": [("MX", (10, "mx.plain.test"))],
+    "mx.plain.test": [("A", "192.0.2.3")],
+}
+
+
+@pytest.fixture
+def dns_server():
+    with DnsServer(RECORDS) as server:
+        yield server
+
+
+@pytest.fixture
+def conf(tmp_path, dns_server):
+    def write(extra=""):
+        (tmp_path / "spool").mkdir(exist_ok=True)
+        path = tmp_path / "elemta.toml"
+        path.write_text(f'[server]\nspool_dir = "{tmp_path / "spool"}"\n\n[smtp]\nlocal_domains = ["here.test"]\n\n'
+                        f'[delivery]\nresolvers = ["{dns_server.nameserver}"]\ndns_timeout = 5\n{extra}')
+        return str(path)
+    return write
+
+
+def explain(config, target):
+    result = cli_runner().invoke(main, ["--config", config, "route", "explain", target, "--json"])
+    assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
+    return json.loads(result.stdout)
+
+
+def test_an_enforced_mta_sts_policy_says_which_hosts_get_mail_and_how(conf, tmp_path):
+    config = conf()
+    cache = PolicyCache(str(tmp_path / "spool"))
+    cache.put("example.test", Cached(Policy("enforce", 86400, ("mx1.example.test",)), "20261205", 4e9))
+    cache.close()
+    r = explain(config, "example.test")
+    assert (r["route"], r["kind"]) == ("mx", "smtp")
+    assert r["destination"] == {"key": ["mx1.example.test", "mx2.elsewhere.test"], "port": 25,
+                                "concurrency": 20, "rate": 0.0}
+    sts = r["mta_sts"]
+    assert (sts["record"], sts["applies"], sts["fetch_at_next_delivery"]) == ("id=20261205", "enforce", False)
+    assert sts["cached"]["expires"] == 4e9 + 86400
+    assert [(h["host"], h["addresses"], h["tls"]) for h in r["hosts"]] == [
+        ("mx1.example.test", ["192.0.2.1"], "verify"), ("mx2.elsewhere.test", ["192.0.2.2"], "skipped")]
+
+
+def test_without_a_cached_policy_mx_delivery_is_opportunistic_and_the_next_delivery_fetches(conf):
+    r = explain(conf(), "example.test")
+    assert r["mta_sts"]["applies"] is None and r["mta_sts"]["fetch_at_next_delivery"] is True
+    assert {h["tls"] for h in r["hosts"]} == {"may"}
+    r = explain(conf(), "plain.test")
+    assert r["mta_sts"]["record"] == "none" and r["mta_sts"]["fetch_at_next_delivery"] is False
+
+
+def test_the_domains_own_tls_policy_and_mta_sts_off_are_said(conf):
+    r = explain(conf('tls_policies = { "example.test" = "verify" }\n'), "example.test")
+    assert r["mta_sts"] == {"applies": None, "why": "the domain's own TLS policy (verify) is kept"}
+    assert {h["tls"] for h in r["hosts"]} == {"verify"}
+    r = explain(conf("mta_sts = false\n"), "example.test")
+    assert r["mta_sts"]["why"] == "delivery.mta_sts is off"
+
+
+@pytest.mark.parametrize("extra, target, route, kind", [
+    ('relayhost = "[192.0.2.9]:2525"\n', "example.test", "relayhost", "smtp"),
+    ('transport = { "example.test" = "smtp:[192.0.2.8]:2526" }\n', "example.test", "transport", "smtp"),
+    ("", "here.test", "local", "lmtp"),
+    ("", "[192.0.2.7]", "literal", "smtp"),
+])
+def test_every_kind_of_route_is_named(conf, extra, target, route, kind):
+    r = explain(conf(extra), target)
+    assert (r["route"], r["kind"]) == (route, kind)
+    assert "mta_sts" not in r  # MTA-STS is for MX delivery only
+
+
+def test_a_domain_that_does_not_exist_is_explained_not_failed(conf):
+    r = explain(conf(), "nowhere.test")
+    assert (r["route"], r["status"]) == ("error", "5.1.2")
+    assert "does not exist" in r["why"]
+
+
+def test_the_console_script_prints_one_line_per_fact(conf):
+    done = subprocess.run([str(ROOT / "bin" / "elemtactl"), "--config", conf(), "route", "explain", "example.test"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "example.test: mx: MX records of example.test, best first"
+    assert lines[1] == "  destination: mx1.example.test, mx2.elsewhere.test port 25: 20 at a time, no rate limit"
+    assert lines[2].startswith("  MTA-STS: record id=20261205; no policy cached; applies: nothing")
+    assert lines[3] == ("  mx1.example.test [192.0.2.1]: TLS may: "
+                        "STARTTLS when offered, certificate not checked (opportunistic)")
+
+
+def test_a_target_that_is_no_domain_is_a_usage_error(conf):
+    result = cli_runner().invoke(main, ["--config", conf(), "route", "explain", "@"])
+    assert result.exit_code == 64 and "neither a domain nor an address" in result.stderr
