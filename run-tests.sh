@@ -13,7 +13,9 @@ packaging/ensure-debs.sh python3 python3-venv python3-idna python3-dnspython pyt
     python3-spf python3-dkim python3-nacl python3-cryptography publicsuffix python3-pytest python3-aiosmtpd \
     python3-dnslib python3-trustme python3-prometheus-client python3-yaml python3-jsonschema python3-kubernetes \
     prometheus podman runc debootstrap docker-compose dovecot-core swaks libnet-ssleay-perl \
-    libio-socket-ssl-perl sqlite3
+    libio-socket-ssl-perl sqlite3 nsd unbound ldnsutils
+# nsd, unbound and ldnsutils are the DANE tests' DNSSEC testbed (tests/dnssec.py): the tests sign
+# their own zones and run their own nsd and unbound on loopback ports, not the system services.
 
 # Always Debian's interpreter: python3 on PATH may be another one (pyenv).
 debian_python=/usr/bin/python3

@@ -1,0 +1,145 @@
+"""A DNSSEC testbed on loopback for the DANE tests: nsd serves test zones (signed with
+ldns-signzone, or not), unbound validates them with the signed zone's DS as its trust anchor
+and answers with the AD bit, as a site's own validating resolver does.  Debian's nsd, unbound
+and ldnsutils (run-tests.sh installs them); every file in a temporary directory, every port an
+ephemeral one on 127.0.0.1, both daemons stopped by their PIDs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Self
+
+import dns.flags
+import dns.message
+import dns.query
+import dns.rdatatype
+
+SOA = "@ IN SOA ns.{zone}. admin.{zone}. 1 3600 600 86400 300\n@ IN NS ns.{zone}.\nns IN A 127.0.0.1\n"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class DnssecTestbed:
+    """zones: name -> zone-file lines (relative names); signed: which of them to sign.
+    `after_signing` edits a signed zone's text (e.g. changes a record without signing it again:
+    a bogus answer)."""
+
+    def __init__(self, directory: Path, zones: dict[str, list[str]], signed: set[str],
+                 after_signing: dict[str, tuple[str, str]] | None = None):
+        self.dir = directory
+        self.zones, self.signed = zones, signed
+        self.after_signing = after_signing or {}
+        self.auth_port, self.port = _free_port(), _free_port()
+        self._pids: list[int] = []
+
+    @property
+    def nameserver(self) -> str:
+        """The validating resolver, as delivery.resolvers takes it."""
+        return f"127.0.0.1:{self.port}"
+
+    def _run(self, *args: str) -> str:
+        return subprocess.run(args, cwd=self.dir, capture_output=True, text=True, timeout=60, check=True).stdout
+
+    def start(self) -> Self:
+        anchors = []
+        for zone, lines in self.zones.items():
+            text = f"$ORIGIN {zone}.\n$TTL 300\n" + SOA.format(zone=zone) + "\n".join(lines) + "\n"
+            path = self.dir / f"{zone}.zone"
+            path.write_text(text)
+            if zone in self.signed:
+                ksk = self._run("ldns-keygen", "-a", "ECDSAP256SHA256", "-k", zone).strip()
+                zsk = self._run("ldns-keygen", "-a", "ECDSAP256SHA256", zone).strip()
+                self._run("ldns-signzone", path.name, ksk, zsk)
+                signed = self.dir / f"{zone}.zone.signed"
+                if zone in self.after_signing:
+                    old, new = self.after_signing[zone]
+                    signed.write_text(signed.read_text().replace(old, new))
+                path = signed
+                anchors.append((self.dir / f"{ksk}.ds").read_text().split(";")[0].replace("\t", " ").strip())
+            self.zones_files = getattr(self, "zones_files", {}) | {zone: path.name}
+        d = self.dir
+        (d / "nsd.conf").write_text(
+            f"server:\n  ip-address: 127.0.0.1@{self.auth_port}\n  port: {self.auth_port}\n  database: \"\"\n"
+            f"  username: \"\"\n  pidfile: \"{d}/nsd.pid\"\n  xfrdfile: \"{d}/xfrd.state\"\n"
+            f"  zonelistfile: \"{d}/zone.list\"\n  logfile: \"{d}/nsd.log\"\n  zonesdir: \"{d}\"\n"
+            "remote-control:\n  control-enable: no\n"
+            + "".join(f"zone:\n  name: {z}\n  zonefile: {f}\n" for z, f in self.zones_files.items()))
+        (d / "unbound.conf").write_text(
+            f"server:\n  interface: 127.0.0.1@{self.port}\n  port: {self.port}\n  do-daemonize: no\n"
+            f"  username: \"\"\n  chroot: \"\"\n  directory: \"{d}\"\n  pidfile: \"{d}/unbound.pid\"\n"
+            f"  logfile: \"{d}/unbound.log\"\n  use-syslog: no\n  do-not-query-localhost: no\n"
+            # test. is one of unbound's default local zones (RFC 6761): answered NXDOMAIN unless undone.
+            "  local-zone: \"test.\" nodefault\n  domain-insecure: \".\"\n"
+            "  module-config: \"validator iterator\"\n  access-control: 127.0.0.0/8 allow\n"
+            + "".join(f"  trust-anchor: \"{a}\"\n" for a in anchors)
+            + "remote-control:\n  control-enable: no\n"
+            + "".join(f"stub-zone:\n  name: \"{z}\"\n  stub-addr: 127.0.0.1@{self.auth_port}\n" for z in self.zones))
+        subprocess.run(["nsd", "-c", str(d / "nsd.conf"), "-P", str(d / "nsd.pid")], check=True, timeout=30)
+        self._pids.append(self._wait_for_pid(d / "nsd.pid"))
+        unbound = subprocess.Popen(["unbound", "-c", str(d / "unbound.conf")], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+        self._pids.append(unbound.pid)
+        self._wait_until_answering()
+        return self
+
+    def _wait_for_pid(self, path: Path) -> int:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            text = path.read_text().strip() if path.exists() else ""
+            if text.isdigit():
+                return int(text)
+            time.sleep(0.05)
+        raise RuntimeError(f"no PID in {path}")
+
+    def _wait_until_answering(self) -> None:
+        deadline, zone = time.monotonic() + 15, next(iter(self.zones))
+        while time.monotonic() < deadline:
+            try:
+                dns.query.udp(dns.message.make_query(zone, dns.rdatatype.SOA), "127.0.0.1", port=self.port,
+                              timeout=0.5)
+                return
+            except (OSError, dns.exception.Timeout):
+                time.sleep(0.05)
+        raise RuntimeError("unbound did not answer; see " + str(self.dir / "unbound.log"))
+
+    def ad(self, name: str, rdtype: str) -> bool:
+        """Whether the resolver marks the answer authenticated."""
+        query = dns.message.make_query(name, rdtype, want_dnssec=True)
+        query.flags |= dns.flags.AD
+        return bool(dns.query.udp(query, "127.0.0.1", port=self.port, timeout=5).flags & dns.flags.AD)
+
+    def stop(self) -> None:
+        for pid in reversed(self._pids):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                continue
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+                try:  # our own child (unbound): reap it
+                    if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                        break
+                except ChildProcessError:
+                    pass
+                time.sleep(0.05)
+        self._pids.clear()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
