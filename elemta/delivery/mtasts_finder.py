@@ -9,6 +9,7 @@ fixed set, chosen by the domain's hash), so delivering to a million domains keep
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -61,8 +62,17 @@ class PolicyFinder:
                     cached = Cached(mtasts.parse_policy(body), record.id, now)
                 except (FetchError, PolicyError, DnsError) as exc:
                     note = f"fetch failed: {exc}"
-                    self.cache.fetch_failed(domain, now, str(exc))
+                    self._keep(self.cache.fetch_failed, domain, now, str(exc))
                 else:
-                    self.cache.put(domain, cached)
-                    note = "fetched"
+                    note = "fetched" if self._keep(self.cache.put, domain, cached) else "fetched, not kept on disk"
         return Found(mtasts.applicable(cached, now), cached, note)
+
+    @staticmethod
+    def _keep(write: Callable[..., None], *args: object) -> bool:
+        """Write to the cache; a failed write (a full disk) must not stop this delivery, which
+        applies what was fetched all the same."""
+        try:
+            write(*args)
+        except sqlite3.Error:
+            return False
+        return True

@@ -1,5 +1,6 @@
 """delivery/mtasts_finder.py with real parts: a DNS server and an HTTPS policy host on loopback."""
 
+import sqlite3
 import threading
 
 import pytest
@@ -149,3 +150,14 @@ def test_deliveries_to_one_domain_share_one_fetch(parts, monkeypatch):
 def test_what_is_cached_is_a_cached_type(parts):
     finder, *_ = parts
     assert isinstance(finder.find("example.test").cached, Cached)
+
+
+def test_a_policy_that_cannot_be_kept_on_disk_is_applied_all_the_same(parts, monkeypatch):
+    finder, *_ = parts
+
+    def full_disk(*args):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(finder.cache, "put", full_disk)
+    found = finder.find("example.test")
+    assert (found.policy, found.note) == (ENFORCE, "fetched, not kept on disk")
