@@ -38,6 +38,16 @@ class Tlsa:
         return f"{self.usage} {self.selector} {self.mtype} {self.data.hex()}"
 
 
+@dataclass(frozen=True)
+class DaneCheck:
+    """What a connection's TLS must match (RFC 7672 §3): the usable TLSA records of the host,
+    the TLSA base domain, and the names a DANE-TA chain's leaf may carry (§3.2.2)."""
+
+    records: tuple[Tlsa, ...]
+    base_domain: str
+    names: tuple[str, ...] = ()
+
+
 def usable(records: Iterable[Tlsa]) -> list[Tlsa]:
     """The records a client may authenticate with, in their order."""
     return [r for r in records if r.usable]

@@ -20,7 +20,9 @@ import time
 
 from elemta import metrics
 from elemta.config import TLS_POLICIES
+from elemta.delivery import dane_openssl
 from elemta.delivery import smtp_setup as setup
+from elemta.delivery.dane import DaneCheck
 from elemta.delivery.smtp_reply import (
     MAX_REPLY_LINE,
     MAX_REPLY_LINES,
@@ -68,6 +70,21 @@ def _tls_context(policy: str, ca_file: str | None) -> ssl.SSLContext:
     return context
 
 
+@functools.lru_cache(maxsize=4)
+def _dane_context(ca_file: str | None) -> ssl.SSLContext:
+    return dane_openssl.client_context(ca_file)
+
+
+def _dane_handshake(sock: socket.socket, dane: DaneCheck, server_name: str, ca_file: str | None) -> ssl.SSLSocket:
+    """The TLS handshake checked by OpenSSL against the TLSA records (dane_openssl.py)."""
+    context = _dane_context(ca_file)
+    tls = context.wrap_socket(sock, server_hostname=server_name or None, do_handshake_on_connect=False)
+    if not dane_openssl.prepare(tls, context, dane.base_domain, dane.names, dane.records):
+        raise dane_openssl.DaneUnavailable("OpenSSL took none of the TLSA records")
+    tls.do_handshake()
+    return tls
+
+
 def _why(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
@@ -96,9 +113,12 @@ class SmtpConnection:
         cls, host: str, ip: str, port: int, *, helo_name: str, lmtp: bool = False,
         tls_policy: str = "may", tls_name: str | None = None, ca_file: str | None = None,
         auth: tuple[str, str] | None = None, connect_timeout: float = 30.0,
-        command_timeout: float = 300.0, unix_path: str | None = None,
+        command_timeout: float = 300.0, unix_path: str | None = None, dane: DaneCheck | None = None,
     ) -> SmtpConnection:
-        """Connect, read the greeting, EHLO/LHLO, STARTTLS per tls_policy, AUTH."""
+        """Connect, read the greeting, EHLO/LHLO, STARTTLS per tls_policy, AUTH.
+
+        dane: the server must match these TLSA records (RFC 7672 §3); TLS is then mandatory
+        and checked by them alone, as "verify" is by the CA and the name."""
         if tls_policy not in TLS_POLICIES:
             raise ValueError(f"tls_policy must be one of {TLS_POLICIES}")
         conn = cls(host, ip, port, lmtp=lmtp, command_timeout=command_timeout)
@@ -118,7 +138,7 @@ class SmtpConnection:
             ) from exc
         conn._check(setup.greeting(conn._read("greeting")[0]))
         conn._hello(helo_name)
-        conn._starttls(tls_policy, tls_name, ca_file, helo_name)
+        conn._starttls("verify" if dane else tls_policy, tls_name, ca_file, helo_name, dane)
         if auth is not None:
             conn._auth(*auth)
         return conn
@@ -136,7 +156,7 @@ class SmtpConnection:
         self.extensions = {}
 
     def _starttls(self, policy: str, tls_name: str | None, ca_file: str | None,
-                  helo_name: str) -> None:
+                  helo_name: str, dane: DaneCheck | None = None) -> None:
         if self._check(setup.before_starttls(policy, self.extensions)) != "starttls":
             return
         reply = self._command("STARTTLS", "starttls")
@@ -145,8 +165,14 @@ class SmtpConnection:
         assert self._sock is not None  # connected: STARTTLS was just answered
         try:
             self._sock.settimeout(self.command_timeout)
-            self._sock = _tls_context(policy, ca_file).wrap_socket(
-                self._sock, server_hostname=tls_name or self.host or None)
+            if dane is None:
+                self._sock = _tls_context(policy, ca_file).wrap_socket(
+                    self._sock, server_hostname=tls_name or self.host or None)
+            else:
+                self._sock = _dane_handshake(self._sock, dane, tls_name or self.host, ca_file)
+        except dane_openssl.DaneUnavailable as exc:
+            raise self._fail("starttls", f"DANE cannot be checked here: {exc}", permanent=False,
+                             try_next_host=True, enhanced="4.7.5") from exc
         except ssl.SSLCertVerificationError as exc:
             metrics.TLS_HANDSHAKES.labels("out", "none", "unverified").inc()
             raise self._fail("starttls", f"certificate not verified: {exc.verify_message}",
@@ -159,8 +185,9 @@ class SmtpConnection:
         metrics.TLS_HANDSHAKES.labels("out", self._sock.version() or "unknown", "ok").inc()
         self._kernel = False  # Python's timeout, set above, from here on: see _kernel_timeouts
         cipher = self._sock.cipher()
+        matched = dane_openssl.matched(self._sock) if dane is not None else None
         self.tls = OutboundTls(self._sock.version() or "", cipher[0] if cipher else "",
-                               verified=policy == "verify")
+                               verified=policy == "verify", dane=" ".join(map(str, matched)) if matched else "")
         # RFC 3207 §4.2: forget what the server said before TLS and ask again.
         self.extensions = {}
         self._hello(helo_name)

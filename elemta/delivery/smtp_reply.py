@@ -50,9 +50,10 @@ class OutboundTls:
     version: str
     cipher: str
     verified: bool
+    dane: str = ""  # the TLSA record that authenticated the server ("3 1 1"), if DANE did
 
     def __str__(self) -> str:
-        return f"{self.version} {self.cipher}"
+        return f"{self.version} {self.cipher}" + (f" (DANE {self.dane})" if self.dane else "")
 
 
 class ProtocolError(ValueError):

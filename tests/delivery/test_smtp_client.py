@@ -3,6 +3,7 @@ small scripted servers for what aiosmtpd cannot do (PIPELINING, DSN, 421, odd re
 
 from __future__ import annotations
 
+import hashlib
 import socket
 import socketserver
 import ssl
@@ -13,7 +14,11 @@ import pytest
 from aiosmtpd.controller import UnixSocketController
 from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import AuthResult
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
+from elemta.delivery import dane_openssl
+from elemta.delivery.dane import DaneCheck, Tlsa
 from elemta.delivery.smtp_client import (
     OutMessage,
     OutRecipient,
@@ -371,6 +376,43 @@ def test_verify_with_the_right_name(aiosmtpd, server_tls, ca_file):
     assert conn.tls is not None
     assert conn.tls.verified
     conn.close()
+
+
+def tlsa_of(context_leaf, wrong=False) -> DaneCheck:
+    """A DANE check with the 3 1 1 record of a trustme leaf certificate (or of no key at all)."""
+    cert = x509.load_pem_x509_certificate(context_leaf.cert_chain_pems[0].bytes())
+    spki = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    digest = b"\0" * 32 if wrong else hashlib.sha256(spki).digest()
+    return DaneCheck((Tlsa(3, 1, 1, digest),), "mx.test", ("mx.test",))
+
+
+@pytest.fixture(scope="module")
+def dane_leaf(ca):
+    return ca.issue_cert("anything-at-all.test")  # DANE-EE: the names in it do not matter
+
+
+@pytest.mark.skipif(not dane_openssl.available(), reason="no DANE in this Python's OpenSSL")
+def test_dane_makes_tls_mandatory_and_checks_the_tlsa_record_alone(aiosmtpd, dane_leaf, ca_file):
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    dane_leaf.configure_cert(context)
+    server = aiosmtpd(Recorder(), tls_context=context)
+    conn = connect(server.port, tls_policy="may", dane=tlsa_of(dane_leaf))  # "may": DANE overrides it
+    assert conn.tls is not None and conn.tls.verified and conn.tls.dane == "3 1 1"
+    assert str(conn.tls).endswith("(DANE 3 1 1)")
+    assert conn.send(message("bob@example.org"))[0].is_positive
+    conn.close()
+    with pytest.raises(SmtpClientError) as info:  # the CA would vouch for it, the record does not
+        connect(server.port, dane=tlsa_of(dane_leaf, wrong=True), ca_file=ca_file)
+    assert (info.value.stage, info.value.enhanced, info.value.try_next_host) == ("starttls", "4.7.5", True)
+    assert "no matching DANE TLSA records" in str(info.value)
+
+
+@pytest.mark.skipif(not dane_openssl.available(), reason="no DANE in this Python's OpenSSL")
+def test_dane_without_starttls_is_deferred_never_plain(aiosmtpd, dane_leaf):
+    server = aiosmtpd(Recorder())
+    with pytest.raises(SmtpClientError) as info:
+        connect(server.port, dane=tlsa_of(dane_leaf))
+    assert (info.value.stage, info.value.enhanced) == ("tls-policy", "4.7.4")
 
 
 @pytest.mark.parametrize("name, use_ca", [("other.test", True), ("mx.test", False)])
