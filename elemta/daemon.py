@@ -21,7 +21,7 @@ from elemta import config as cfgmod
 from elemta import filemodes, metrics, monitor, sdnotify, shm
 from elemta import log as logmod
 from elemta.config import Config
-from elemta.delivery import attempt, smtp_pool
+from elemta.delivery import attempt, dane_dns, smtp_pool
 from elemta.delivery.dns import Resolver
 from elemta.delivery.mtasts_cache import PolicyCache
 from elemta.delivery.mtasts_finder import PolicyFinder
@@ -181,10 +181,15 @@ def build_scheduler(config: Config, store: Store, events: logmod.EventLog,
     router = Router(config, resolver, recipients)
     pool: smtp_pool.Pool = smtp_pool.Pool(idle_timeout=d.reuse_idle_timeout, max_messages=d.reuse_max_messages)
     sts = PolicyFinder(PolicyCache(config.server.spool_dir), resolver, ca_file=d.ca_file or None) if d.mta_sts else None
+    dane = None
+    if d.dane and dane_dns.trusted(d.resolvers):
+        dane = dane_dns.TlsaLookup(d.resolvers, timeout=d.dns_timeout)
+    elif d.dane:
+        events("dane_off", reason="a resolver is not on this host: its AD bit cannot be trusted")
     attempter = attempt.Attempter(
         attempt.Settings(helo_name=d.helo_name or config.hostname, connect_timeout=d.connect_timeout,
                          command_timeout=d.command_timeout, ca_file=d.ca_file or None),
-        resolver, pool, sts=sts,
+        resolver, pool, sts=sts, dane=dane,
     )
     work = WorkQueue(config.queue_path, owner=f"{socket.gethostname()}:{os.getpid()}", log=events)
     work.open()

@@ -5,10 +5,19 @@ addresses in turn: a connection failure, a 4xx for the whole transaction or a 4x
 recipient moves on to the next address, a 2xx or 5xx is final for that recipient. Every
 try is recorded as an attempt (host, IP, TLS, the remote's reply, duration).
 
-MX delivery under an opportunistic TLS policy (may, encrypt) applies the MTA-STS policy the
-recipient domain publishes (mtasts_finder.py): in mode enforce only the MX hosts the policy
-names are tried, each over TLS verified for its name, and the others are recorded as skipped
-(RFC 8461 §4.2, §5); the attempt's TLS field says "MTA-STS enforce".
+MX delivery under an opportunistic TLS policy (may, encrypt) applies what the recipient domain
+publishes, per host:
+
+- DANE (RFC 7672), when the MX records are authenticated and the host's TLSA records are:
+  usable records make TLS mandatory and checked by them alone; records none of which is usable
+  make TLS mandatory but unchecked ("encrypt", §2.2); a TLSA lookup that fails (a bogus answer)
+  skips the host (§2.1.1).  DANE takes precedence over MTA-STS for the hosts that have it
+  (RFC 8461 §2).
+- MTA-STS (mtasts_finder.py) for the others: in mode enforce only the MX hosts the policy names
+  are tried, each over TLS verified for its name, and the others are recorded as skipped
+  (RFC 8461 §4.2, §5).
+
+The attempt's TLS field says which: "(DANE 3 1 1)" or "(MTA-STS enforce)".
 """
 
 from __future__ import annotations
@@ -18,6 +27,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from elemta.delivery import maildir
+from elemta.delivery.dane import DaneCheck, usable
+from elemta.delivery.dane_dns import FAILED, SECURE, TlsaLookup
 from elemta.delivery.dns import DnsError, Resolver
 from elemta.delivery.mtasts import Policy
 from elemta.delivery.mtasts_finder import PolicyFinder
@@ -66,12 +77,14 @@ class Settings:
 
 class Attempter:
     def __init__(self, settings: Settings, resolver: Resolver, pool: Pool[SmtpConnection],
-                 clock: Callable[[], float] = time.time, sts: PolicyFinder | None = None) -> None:
+                 clock: Callable[[], float] = time.time, sts: PolicyFinder | None = None,
+                 dane: TlsaLookup | None = None) -> None:
         self.settings = settings
         self.resolver = resolver
         self.pool = pool
         self.clock = clock
         self.sts = sts  # None: MTA-STS off (delivery.mta_sts)
+        self.dane = dane  # None: DANE off (delivery.dane, or no trusted validating resolver)
 
     def close(self) -> None:
         """Release what outlives one attempt (the MTA-STS cache's file)."""
@@ -89,20 +102,24 @@ class Attempter:
         out = AttemptResult()
         remaining = list(recipients)
         last: dict[int, Verdict] = {}
-        tls_policy, sts = self._tls_policy(route, recipients[0].domain)
-        for host, ip in self._addresses(route, remaining, out, last, sts):
+        domain = recipients[0].domain
+        tls_policy, sts = self._tls_policy(route, domain)
+        dane_domain = (self.dane is not None and route.mx and route.tls_policy in ("may", "encrypt")
+                       and self.dane.secure(domain, "MX"))
+        for host, ip, dane in self._addresses(route, remaining, out, last, sts, dane_domain):
             started = time.monotonic()
             message = OutMessage(
                 sender=job.sender,
                 recipients=tuple(OutRecipient(r.address, r.notify, r.orcpt) for r in remaining),
                 body=body, envid=job.envid, ret=job.ret, body_type=job.body_type, smtputf8=job.smtputf8,
             )
-            key = (route.kind, route.path, host, ip, route.port, tls_policy, route.auth)
+            policy = tls_policy if dane is None else "encrypt" if not dane.records else "dane"
+            key = (route.kind, route.path, host, ip, route.port, policy, route.auth)
             tls = ""
             try:
-                conn = self.pool.get(key) or self._open(route, host, ip, tls_policy)
+                conn = self.pool.get(key) or self._open(route, host, ip, policy, dane)
                 tls = str(conn.tls) if conn.tls else ""
-                if sts is not None:
+                if sts is not None and dane is None:
                     tls += " (MTA-STS enforce)"
                 results = conn.send(message)
             except SmtpClientError as exc:
@@ -147,19 +164,21 @@ class Attempter:
         return "verify", found.policy
 
     def _addresses(self, route: Route, remaining: list[Recipient], out: AttemptResult, last: dict[int, Verdict],
-                   sts: Policy | None = None):
-        """(host, ip) pairs to try, resolving each host only when it is reached; with an MTA-STS
-        policy enforced, only the hosts it names (§4.1), the others recorded as skipped."""
+                   sts: Policy | None = None, dane_domain: bool = False):
+        """(host, ip, DANE check or None) to try, resolving each host only when it is reached;
+        a host DANE or an enforced MTA-STS policy rules out is recorded as skipped."""
         if route.path:  # LMTP over a unix socket
-            yield "localhost", ""
+            yield "localhost", "", None
             return
         count = 0
         for host in route.hosts:
-            if sts is not None and not sts.allows(host):
-                text = f"MTA-STS: the recipient domain's policy does not name {host} as an MX host"
+            dane, skip = self._dane_for(host) if dane_domain else (None, "")
+            if not skip and dane is None and sts is not None and not sts.allows(host):
+                skip = f"MTA-STS: the recipient domain's policy does not name {host} as an MX host"
+            if skip:
                 for r in remaining:
-                    last[r.id] = Verdict(r, "transient", text, "4.7.4", host)
-                    out.attempts.append(Attempt(r.id, self.clock(), "deferred", text, host))
+                    last[r.id] = Verdict(r, "transient", skip, "4.7.5" if skip.startswith("DANE") else "4.7.4", host)
+                    out.attempts.append(Attempt(r.id, self.clock(), "deferred", skip, host))
                 continue
             if is_ip(host):
                 addresses = [host]
@@ -176,14 +195,30 @@ class Attempter:
                 count += 1
                 if count > MAX_ADDRESSES:
                     return
-                yield host, ip
+                yield host, ip, dane
                 if not remaining:
                     return
 
-    def _open(self, route: Route, host: str, ip: str, tls_policy: str) -> SmtpConnection:
+    def _dane_for(self, host: str) -> tuple[DaneCheck | None, str]:
+        """(the DANE check for host, or None: no DANE; why the host must be skipped, or "")."""
+        assert self.dane is not None
+        if is_ip(host) or not (self.dane.secure(host, "A") or self.dane.secure(host, "AAAA")):
+            return None, ""  # §2.2.2: TLSA only for a host whose addresses are authenticated
+        answer = self.dane.tlsa(host)
+        if answer.state == FAILED:
+            return None, f"DANE: the TLSA lookup failed ({answer.text}); the host is not used"
+        if answer.state != SECURE or not answer.records:
+            return None, ""  # insecure, or an authenticated absence: no DANE for this host
+        return DaneCheck(tuple(usable(answer.records)), host, (host,)), ""
+
+    def _open(self, route: Route, host: str, ip: str, tls_policy: str, dane: DaneCheck | None = None) -> SmtpConnection:
         s = self.settings
+        if dane is not None and not dane.records:  # §2.2: TLSA records, none usable: TLS, unchecked
+            tls_policy, dane = "encrypt", None
+        elif dane is not None:
+            tls_policy = "verify"  # mandatory TLS; the check itself is the records' (smtp_client)
         return SmtpConnection.open(
-            host, ip, route.port, helo_name=s.helo_name, lmtp=route.kind == "lmtp",
+            host, ip, route.port, helo_name=s.helo_name, lmtp=route.kind == "lmtp", dane=dane,
             tls_policy=tls_policy, tls_name=host, ca_file=s.ca_file or None, auth=route.auth,
             connect_timeout=s.connect_timeout, command_timeout=s.command_timeout,
             unix_path=route.path or None,

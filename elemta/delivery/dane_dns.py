@@ -13,8 +13,13 @@ only because the admin named that resolver.  The answer is:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import ipaddress
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import dns.exception
 import dns.flags
@@ -25,6 +30,9 @@ from elemta.delivery.dane import Tlsa, tlsa_name
 from elemta.dnscache import parse_nameserver
 
 SECURE, INSECURE, FAILED = "secure", "insecure", "failed"
+# Answers are kept for their TTL, within these bounds (a failure for the shortest): the resolver
+# caches too, but every MX delivery asks two or three of these questions.
+MIN_TTL, MAX_TTL, MAX_ENTRIES = 5.0, 3600.0, 10_000
 
 
 @dataclass(frozen=True)
@@ -32,6 +40,22 @@ class TlsaAnswer:
     state: str  # secure, insecure or failed
     records: tuple[Tlsa, ...] = ()
     text: str = ""  # what happened, for the log and route explain
+
+
+def trusted(nameservers: Sequence[str]) -> bool:
+    """Whether the resolvers delivery asks (these, or /etc/resolv.conf's) are all on this host,
+    where their AD bit can be believed: across a network anyone on the path could set it."""
+    if nameservers:
+        addresses = [parse_nameserver(entry)[0] for entry in nameservers]
+    else:
+        try:
+            addresses = [str(a) for a in dns.resolver.Resolver(configure=True).nameservers]
+        except dns.resolver.NoResolverConfiguration:
+            return False
+    try:
+        return bool(addresses) and all(ipaddress.ip_address(a).is_loopback for a in addresses)
+    except ValueError:
+        return False
 
 
 class TlsaLookup:
@@ -53,19 +77,58 @@ class TlsaLookup:
         resolver.flags = dns.flags.RD | dns.flags.AD
         resolver.use_edns(0, dns.flags.DO, 1232)
         self._resolver = resolver
+        self._clock: Callable[[], float] = time.monotonic
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[tuple[str, str], tuple[float, Any]] = OrderedDict()
+
+    def _cached(self, key: tuple[str, str], ask: Callable[[], tuple[Any, float]]) -> Any:
+        now = self._clock()
+        with self._lock:
+            entry = self._cache.get(key)
+            if entry is not None and entry[0] > now:
+                return entry[1]
+        value, ttl = ask()
+        with self._lock:
+            self._cache[key] = (now + min(max(ttl, MIN_TTL), MAX_TTL), value)
+            self._cache.move_to_end(key)
+            while len(self._cache) > MAX_ENTRIES:
+                self._cache.popitem(last=False)
+        return value
+
+    def secure(self, name: str, rdtype: str) -> bool:
+        """Whether name's rdtype answer (records or their absence) is authenticated (RFC 7672
+        §2.2.1: DANE needs the MX RRset secure; §2.2.2: the MX host's addresses too)."""
+        return self._cached((name.lower(), rdtype), lambda: self._secure(name, rdtype))
+
+    def _secure(self, name: str, rdtype: str) -> tuple[bool, float]:
+        try:
+            answer = self._resolver.resolve(name, rdtype, raise_on_no_answer=False)
+        except dns.resolver.NXDOMAIN as exc:
+            response = exc.response(exc.qnames()[0]) if exc.qnames() else None
+            return response is not None and bool(response.flags & dns.flags.AD), MIN_TTL
+        except (dns.resolver.NoNameservers, dns.exception.Timeout, dns.resolver.NoAnswer):
+            return False, MIN_TTL
+        return bool(answer.response.flags & dns.flags.AD), _ttl(answer)
 
     def tlsa(self, host: str, port: int = 25) -> TlsaAnswer:
         name = tlsa_name(host, port)
+        return self._cached((name, "TLSA"), lambda: self._tlsa(name))
+
+    def _tlsa(self, name: str) -> tuple[TlsaAnswer, float]:
         try:
             answer = self._resolver.resolve(name, dns.rdatatype.TLSA, raise_on_no_answer=False)
         except dns.resolver.NXDOMAIN as exc:
             response = exc.response(exc.qnames()[0]) if exc.qnames() else None
             secure = response is not None and bool(response.flags & dns.flags.AD)
-            return TlsaAnswer(SECURE if secure else INSECURE, (), f"{name}: no such name")
+            return TlsaAnswer(SECURE if secure else INSECURE, (), f"{name}: no such name"), MIN_TTL
         except (dns.resolver.NoNameservers, dns.exception.Timeout, dns.resolver.NoAnswer) as exc:
-            return TlsaAnswer(FAILED, (), f"{name}: {str(exc)[:160] or type(exc).__name__}")
+            return TlsaAnswer(FAILED, (), f"{name}: {str(exc)[:160] or type(exc).__name__}"), MIN_TTL
         secure = bool(answer.response.flags & dns.flags.AD)
         records = tuple(Tlsa(r.usage, r.selector, r.mtype, bytes(r.cert)) for r in answer.rrset or ())
         if not secure:
-            return TlsaAnswer(INSECURE, (), f"{name}: not authenticated (no AD bit)")
-        return TlsaAnswer(SECURE, records, f"{name}: {len(records)} record(s), authenticated")
+            return TlsaAnswer(INSECURE, (), f"{name}: not authenticated (no AD bit)"), _ttl(answer)
+        return TlsaAnswer(SECURE, records, f"{name}: {len(records)} record(s), authenticated"), _ttl(answer)
+
+
+def _ttl(answer: dns.resolver.Answer) -> float:
+    return float(answer.rrset.ttl) if answer.rrset is not None else MIN_TTL

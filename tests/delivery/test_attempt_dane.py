@@ -1,0 +1,109 @@
+"""DANE in a delivery attempt, every part real: zones signed with ldns-signzone and served by nsd,
+unbound validating them, an SMTP MX with STARTTLS whose certificate the TLSA records name (or
+do not), all on loopback."""
+
+import hashlib
+import shutil
+import ssl
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from elemta.delivery import dane_openssl
+from elemta.delivery.attempt import Attempter, Settings
+from elemta.delivery.dane_dns import TlsaLookup
+from elemta.delivery.dns import Resolver
+from elemta.delivery.router import Route
+from elemta.delivery.smtp_pool import Pool
+from elemta.queue.work import Job, Recipient
+from tests.dnssec import DnssecTestbed
+from tests.mx import Mx
+
+pytestmark = pytest.mark.skipif(
+    not all(shutil.which(p) for p in ("nsd", "unbound", "ldns-signzone")) or not dane_openssl.available(),
+    reason="nsd, unbound and ldnsutils (run-tests.sh installs them) and OpenSSL's DANE are needed")
+
+BODY = b"Subject: hi\r\n\r\nhello\r\n"
+
+
+def job_for(domain):
+    rcpt = Recipient(1, f"bob@{domain}", domain, None, (), 0, False)
+    return Job("Q1", 0.0, "alice@sender.test", 100, 0, None, None, "7BIT", False, (rcpt,)), rcpt
+
+
+def spki_sha256(leaf) -> str:
+    cert = x509.load_pem_x509_certificate(leaf.cert_chain_pems[0].bytes())
+    return hashlib.sha256(cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def leaf(ca):
+    return ca.issue_cert("not-the-mx-name.test")  # DANE-EE: the names in it do not matter
+
+
+@pytest.fixture(scope="module")
+def testbed(leaf, tmp_path_factory):
+    good, wrong = spki_sha256(leaf), "0" * 64
+
+    def mx(tlsa):
+        return ["@ IN MX 10 mx", "mx IN A 127.0.0.1"] + ([f"_25._tcp.mx IN TLSA 3 1 1 {tlsa}"] if tlsa else [])
+
+    zones = {"good.test": mx(good), "wrong.test": mx(wrong), "bogus.test": mx(good), "plain.test": mx(good),
+             "none.test": mx(None)}
+    with DnssecTestbed(tmp_path_factory.mktemp("dnssec"), zones,
+                       signed={"good.test", "wrong.test", "bogus.test", "none.test"},
+                       after_signing={"bogus.test": (good, wrong)}) as bed:
+        yield bed
+
+
+@pytest.fixture
+def mx(leaf):
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    leaf.configure_cert(context)
+    with Mx(tls_context=context) as server:
+        yield server
+
+
+def attempt(testbed, mx, domain, dane=True):
+    resolver = Resolver([testbed.nameserver], timeout=5.0)
+    attempter = Attempter(Settings(helo_name="out.test", connect_timeout=5, command_timeout=10), resolver, Pool(),
+                          dane=TlsaLookup([testbed.nameserver], timeout=5) if dane else None)
+    job, rcpt = job_for(domain)
+    route = Route("smtp", tuple(resolver.mx_hosts(domain)), mx.port, tls_policy="may", mx=True)
+    return attempter.run(job, BODY, [rcpt], route)
+
+
+def test_authenticated_tlsa_records_that_match_deliver_over_dane(testbed, mx):
+    out = attempt(testbed, mx, "good.test")
+    assert [v.status for v in out.verdicts] == ["ok"]
+    assert out.attempts[-1].tls.endswith("(DANE 3 1 1)")
+    assert len(mx.handler.received()) == 1
+
+
+def test_records_that_do_not_match_defer_and_nothing_goes_in_clear(testbed, mx):
+    (verdict,) = attempt(testbed, mx, "wrong.test").verdicts
+    assert (verdict.status, verdict.enhanced) == ("transient", "4.7.5")
+    assert "no matching DANE TLSA records" in verdict.reply
+    assert mx.handler.received() == []
+
+
+def test_a_bogus_tlsa_answer_skips_the_host(testbed, mx):
+    out = attempt(testbed, mx, "bogus.test")
+    (verdict,) = out.verdicts
+    assert (verdict.status, verdict.enhanced) == ("transient", "4.7.5")
+    assert verdict.reply.startswith("DANE: the TLSA lookup failed")
+    assert [a.ip for a in out.attempts] == [""] and mx.handler.received() == []
+
+
+@pytest.mark.parametrize("domain", ["plain.test", "none.test"])
+def test_an_unsigned_zone_or_no_tlsa_record_is_opportunistic_tls(testbed, mx, domain):
+    out = attempt(testbed, mx, domain)
+    assert [v.status for v in out.verdicts] == ["ok"]
+    assert "DANE" not in out.attempts[-1].tls and len(mx.handler.received()) == 1
+
+
+def test_with_dane_off_the_records_are_not_looked_at(testbed, mx):
+    out = attempt(testbed, mx, "wrong.test", dane=False)
+    assert [v.status for v in out.verdicts] == ["ok"]
