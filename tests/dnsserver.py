@@ -107,6 +107,9 @@ class DnsServer:
         qname = _norm(request.q.qname)
         qtype = QTYPE[request.q.qtype]
         reply = request.reply()
+        # dnslib copies the query's AD flag into the reply; a server that validates nothing
+        # must never set it (RFC 4035 §3.2.3), or DANE would believe unsigned answers.
+        reply.header.ad = 0
         with self._lock:
             self._log.append((qname, qtype))
             how = self._failures.get(qname)

@@ -26,6 +26,7 @@ def route_explain(ctl: Ctl, target: str, as_json: bool) -> None:
     addresses and TLS decision (MTA-STS: the record, the cached policy and its expiry).
     DNS is asked as delivery asks it; nothing is fetched or changed."""
     from elemta.daemon import build_resolver  # imported late: it loads the delivery code
+    from elemta.delivery import dane_dns
     from elemta.delivery.explain import explain
     from elemta.delivery.mtasts_cache import PolicyCache
 
@@ -33,9 +34,11 @@ def route_explain(ctl: Ctl, target: str, as_json: bool) -> None:
     if not target or target.startswith("@") or target.endswith("@"):
         raise click.UsageError(f"{target!r} is neither a domain nor an address")
     config = ctl.config
+    d = config.delivery
+    dane = dane_dns.TlsaLookup(d.resolvers, timeout=d.dns_timeout) if d.dane and dane_dns.trusted(d.resolvers) else None
     cache = PolicyCache(config.server.spool_dir, readonly=True)
     try:
-        result = explain(config, build_resolver(config), cache, target)
+        result = explain(config, build_resolver(config), cache, target, dane=dane)
     finally:
         cache.close()
     if as_json:
@@ -52,6 +55,8 @@ def _lines(r: dict[str, Any]) -> list[str]:
         rate = f"{dest['rate']:g} starts a second" if dest["rate"] else "no rate limit"
         key = ", ".join(dest["key"]) if isinstance(dest["key"], list) else dest["key"]
         lines.append(f"  destination: {key} port {dest['port']}: {dest['concurrency']} at a time, {rate}")
+    if "dane" in r:
+        lines.append(f"  DANE: {'applies' if r['dane']['applies'] else 'not applied'}: {r['dane']['why']}")
     sts = r.get("mta_sts")
     if sts is not None:
         if "why" in sts:
@@ -69,4 +74,5 @@ def _lines(r: dict[str, Any]) -> list[str]:
     for host in r.get("hosts", []):
         addresses = ", ".join(host["addresses"]) or f"no address ({host.get('error', '?')})"
         lines.append(f"  {host['host']} [{addresses}]: TLS {host['tls']}: {host['why']}")
+        lines += [f"    TLSA {record}" for record in host.get("tlsa", [])]
     return lines

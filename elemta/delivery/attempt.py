@@ -26,9 +26,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from elemta.delivery import maildir
-from elemta.delivery.dane import DaneCheck, usable
-from elemta.delivery.dane_dns import FAILED, SECURE, TlsaLookup
+from elemta.delivery import dane_dns, maildir
+from elemta.delivery.dane import DaneCheck
+from elemta.delivery.dane_dns import TlsaLookup
 from elemta.delivery.dns import DnsError, Resolver
 from elemta.delivery.mtasts import Policy
 from elemta.delivery.mtasts_finder import PolicyFinder
@@ -172,7 +172,8 @@ class Attempter:
             return
         count = 0
         for host in route.hosts:
-            dane, skip = self._dane_for(host) if dane_domain else (None, "")
+            dane, skip = dane_dns.host_check(self.dane, host) if self.dane and dane_domain and not is_ip(host) \
+                else (None, "")
             if not skip and dane is None and sts is not None and not sts.allows(host):
                 skip = f"MTA-STS: the recipient domain's policy does not name {host} as an MX host"
             if skip:
@@ -198,18 +199,6 @@ class Attempter:
                 yield host, ip, dane
                 if not remaining:
                     return
-
-    def _dane_for(self, host: str) -> tuple[DaneCheck | None, str]:
-        """(the DANE check for host, or None: no DANE; why the host must be skipped, or "")."""
-        assert self.dane is not None
-        if is_ip(host) or not (self.dane.secure(host, "A") or self.dane.secure(host, "AAAA")):
-            return None, ""  # §2.2.2: TLSA only for a host whose addresses are authenticated
-        answer = self.dane.tlsa(host)
-        if answer.state == FAILED:
-            return None, f"DANE: the TLSA lookup failed ({answer.text}); the host is not used"
-        if answer.state != SECURE or not answer.records:
-            return None, ""  # insecure, or an authenticated absence: no DANE for this host
-        return DaneCheck(tuple(usable(answer.records)), host, (host,)), ""
 
     def _open(self, route: Route, host: str, ip: str, tls_policy: str, dane: DaneCheck | None = None) -> SmtpConnection:
         s = self.settings

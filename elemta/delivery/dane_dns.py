@@ -26,7 +26,7 @@ import dns.flags
 import dns.rdatatype
 import dns.resolver
 
-from elemta.delivery.dane import Tlsa, tlsa_name
+from elemta.delivery.dane import DaneCheck, Tlsa, tlsa_name, usable
 from elemta.dnscache import parse_nameserver
 
 SECURE, INSECURE, FAILED = "secure", "insecure", "failed"
@@ -132,3 +132,17 @@ class TlsaLookup:
 
 def _ttl(answer: dns.resolver.Answer) -> float:
     return float(answer.rrset.ttl) if answer.rrset is not None else MIN_TTL
+
+
+def host_check(lookup: TlsaLookup, host: str) -> tuple[DaneCheck | None, str]:
+    """What DANE says of one MX host of a domain whose MX records are authenticated: (the
+    check its TLS must pass, or None for no DANE; why the host must be skipped, or "").  A
+    check without records means TLS is mandatory but not checked (RFC 7672 §2.2)."""
+    if not (lookup.secure(host, "A") or lookup.secure(host, "AAAA")):
+        return None, ""  # §2.2.2: TLSA only for a host whose addresses are authenticated
+    answer = lookup.tlsa(host)
+    if answer.state == FAILED:
+        return None, f"DANE: the TLSA lookup failed ({answer.text}); the host is not used"
+    if answer.state != SECURE or not answer.records:
+        return None, ""  # insecure, or an authenticated absence: no DANE for this host
+    return DaneCheck(tuple(usable(answer.records)), host, (host,)), ""

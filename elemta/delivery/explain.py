@@ -12,7 +12,8 @@ import time
 from typing import Any
 
 from elemta.config import Config
-from elemta.delivery import mtasts
+from elemta.delivery import dane_dns, mtasts
+from elemta.delivery.dane_dns import TlsaLookup
 from elemta.delivery.dns import DnsError, Resolver
 from elemta.delivery.mtasts_cache import PolicyCache
 from elemta.delivery.router import Route, Router
@@ -27,7 +28,7 @@ TLS_MEANING = {
 
 
 def explain(config: Config, resolver: Resolver, cache: PolicyCache, target: str, *,
-            now: float | None = None) -> dict[str, Any]:
+            now: float | None = None, dane: TlsaLookup | None = None) -> dict[str, Any]:
     """The explanation for target (a domain, or an address for local and alias routing)."""
     now = time.time() if now is None else now
     address = target if "@" in target else f"postmaster@{target}"
@@ -53,8 +54,29 @@ def explain(config: Config, resolver: Resolver, cache: PolicyCache, target: str,
     sts, policy = _mta_sts(config, route, cache, domain, resolver, now)
     if sts is not None:
         out["mta_sts"] = sts
-    out["hosts"] = [_host(route, host, resolver, policy) for host in (route.hosts or ("localhost",))]
+    use_dane = _dane(config, route, domain, dane, out)
+    out["hosts"] = [_host(route, host, resolver, policy, dane if use_dane else None)
+                    for host in (route.hosts or ("localhost",))]
     return out
+
+
+def _dane(config: Config, route: Route, domain: str, dane: TlsaLookup | None, out: dict[str, Any]) -> bool:
+    """Whether DANE is looked at for this route's hosts, with the reason in out["dane"]."""
+    if not route.mx:
+        return False
+    if not config.delivery.dane:
+        why = "delivery.dane is off"
+    elif dane is None:
+        why = "a resolver is not on this host: its AD bit is not trusted"
+    elif route.tls_policy not in ("may", "encrypt"):
+        why = f"the domain's own TLS policy ({route.tls_policy}) is kept"
+    elif not dane.secure(domain, "MX"):
+        why = f"the MX records of {domain} are not authenticated (DNSSEC)"
+    else:
+        out["dane"] = {"applies": True, "why": f"the MX records of {domain} are authenticated"}
+        return True
+    out["dane"] = {"applies": False, "why": why}
+    return False
 
 
 def _why(route: Route, domain: str) -> str:
@@ -102,7 +124,8 @@ def _mta_sts(config: Config, route: Route, cache: PolicyCache, domain: str, reso
     return out, policy if policy is not None and policy.mode == "enforce" else None
 
 
-def _host(route: Route, host: str, resolver: Resolver, enforced: mtasts.Policy | None) -> dict[str, Any]:
+def _host(route: Route, host: str, resolver: Resolver, enforced: mtasts.Policy | None,
+          dane: TlsaLookup | None) -> dict[str, Any]:
     entry: dict[str, Any] = {"host": host}
     if route.path:
         return entry | {"addresses": [f"unix:{route.path}"], "tls": "none", "why": "a unix socket: no TLS"}
@@ -110,6 +133,15 @@ def _host(route: Route, host: str, resolver: Resolver, enforced: mtasts.Policy |
         entry["addresses"] = [host] if is_ip(host) else resolver.addresses(host)
     except DnsError as exc:
         entry.update(addresses=[], error=exc.text)
+    if dane is not None and not is_ip(host):
+        check, skip = dane_dns.host_check(dane, host)  # as attempt.py decides
+        if skip:
+            return entry | {"tls": "skipped", "why": skip}
+        if check is not None and check.records:
+            return entry | {"tls": "dane", "tlsa": [str(r) for r in check.records],
+                            "why": "DANE: TLS required, checked by the host's authenticated TLSA records alone"}
+        if check is not None:
+            return entry | {"tls": "encrypt", "why": "DANE: TLSA records, none usable: TLS required, not checked"}
     if enforced is not None:
         if not enforced.allows(host):
             return entry | {"tls": "skipped", "why": "MTA-STS enforce: the policy does not name this host"}

@@ -1,6 +1,7 @@
 """elemtactl route explain, against a real DNS server on loopback and a cached MTA-STS policy."""
 
 import json
+import shutil
 import subprocess
 
 import pytest
@@ -8,6 +9,7 @@ import pytest
 from elemta.cli.elemtactl import main
 from elemta.delivery.mtasts import Cached, Policy
 from elemta.delivery.mtasts_cache import PolicyCache
+from tests.dnssec import DnssecTestbed
 from tests.dnsserver import DnsServer
 from tests.support import ROOT, cli_runner
 
@@ -101,11 +103,32 @@ def test_the_console_script_prints_one_line_per_fact(conf):
     lines = done.stdout.splitlines()
     assert lines[0] == "example.test: mx: MX records of example.test, best first"
     assert lines[1] == "  destination: mx1.example.test, mx2.elsewhere.test port 25: 20 at a time, no rate limit"
-    assert lines[2].startswith("  MTA-STS: record id=20261205; no policy cached; applies: nothing")
-    assert lines[3] == ("  mx1.example.test [192.0.2.1]: TLS may: "
+    assert lines[2] == "  DANE: not applied: the MX records of example.test are not authenticated (DNSSEC)"
+    assert lines[3].startswith("  MTA-STS: record id=20261205; no policy cached; applies: nothing")
+    assert lines[4] == ("  mx1.example.test [192.0.2.1]: TLS may: "
                         "STARTTLS when offered, certificate not checked (opportunistic)")
 
 
 def test_a_target_that_is_no_domain_is_a_usage_error(conf):
     result = cli_runner().invoke(main, ["--config", conf(), "route", "explain", "@"])
     assert result.exit_code == 64 and "neither a domain nor an address" in result.stderr
+
+
+@pytest.mark.skipif(not all(shutil.which(p) for p in ("nsd", "unbound", "ldns-signzone")),
+                    reason="nsd, unbound and ldnsutils are not installed (run-tests.sh installs them)")
+def test_dane_records_are_shown_per_host_from_a_validating_resolver(tmp_path):
+    digest = "ab" * 32
+    zones = {"dane.test": ["@ IN MX 10 mx", "mx IN A 127.0.0.1", f"_25._tcp.mx IN TLSA 3 1 1 {digest}"],
+             "nodane.test": ["@ IN MX 10 mx", "mx IN A 127.0.0.1"]}
+    (tmp_path / "dnssec").mkdir()
+    with DnssecTestbed(tmp_path / "dnssec", zones, signed=set(zones)) as bed:
+        (tmp_path / "spool").mkdir()
+        config = tmp_path / "elemta.toml"
+        config.write_text(f'[server]\nspool_dir = "{tmp_path / "spool"}"\n\n'
+                          f'[delivery]\nresolvers = ["{bed.nameserver}"]\ndns_timeout = 5\n')
+        r = explain(str(config), "dane.test")
+        assert r["dane"] == {"applies": True, "why": "the MX records of dane.test are authenticated"}
+        (host,) = r["hosts"]
+        assert (host["tls"], host["tlsa"]) == ("dane", [f"3 1 1 {digest}"])
+        r = explain(str(config), "nodane.test")
+        assert r["dane"]["applies"] is True and r["hosts"][0]["tls"] == "may"  # no TLSA: opportunistic
