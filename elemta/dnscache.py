@@ -109,6 +109,37 @@ def name_text(name: dns.name.Name) -> str:
     return ROOT if name == dns.name.root else name.to_text(omit_final_dot=True).lower()
 
 
+def dns_resolver(nameservers: Sequence[str], timeout: float) -> dns.resolver.Resolver:
+    """A dnspython resolver asking `nameservers` ("ip", "ip:port", "[ipv6]:port"; () reads
+    /etc/resolv.conf) with no cache of its own and no search list; ValueError if none."""
+    if isinstance(nameservers, str):
+        raise TypeError("nameservers must be a sequence of strings, not one string")
+    if nameservers:
+        resolver = dns.resolver.Resolver(configure=False)
+        ports: dict[str, int] = {}
+        for entry in nameservers:
+            ip, port = parse_nameserver(entry)
+            if ports.setdefault(ip, port) != port:
+                # dnspython 2.3 keeps one port per address (nameserver_ports).
+                raise ValueError(f"nameserver {ip} given with two ports")
+        resolver.nameservers = list(ports)
+        resolver.nameserver_ports = ports
+    else:
+        try:
+            resolver = dns.resolver.Resolver(configure=True)
+        except dns.resolver.NoResolverConfiguration:
+            raise ValueError("no nameservers given and none in /etc/resolv.conf") from None
+    # We only ask fully-qualified names: a recipient domain must never be
+    # completed with the local search list (RFC 5321 §5.1 has no such step).
+    resolver.search = []
+    resolver.use_search_by_default = False
+    resolver.ndots = None
+    resolver.lifetime = timeout
+    resolver.timeout = min(resolver.timeout, timeout)  # per server try
+    resolver.cache = None  # callers cache, with their own clock and bound
+    return resolver
+
+
 class Resolver:
     """Lookups of any record type through a shared, bounded, TTL-respecting cache.
 
@@ -125,34 +156,9 @@ class Resolver:
         clock: Callable[[], float] = time.monotonic,
         max_entries: int = 10000,
     ):
-        if isinstance(nameservers, str):
-            raise TypeError("nameservers must be a sequence of strings, not one string")
         if max_entries < 1:
             raise ValueError("max_entries must be at least 1")
-        if nameservers:
-            resolver = dns.resolver.Resolver(configure=False)
-            ports: dict[str, int] = {}
-            for entry in nameservers:
-                ip, port = parse_nameserver(entry)
-                if ports.setdefault(ip, port) != port:
-                    # dnspython 2.3 keeps one port per address (nameserver_ports).
-                    raise ValueError(f"nameserver {ip} given with two ports")
-            resolver.nameservers = list(ports)
-            resolver.nameserver_ports = ports
-        else:
-            try:
-                resolver = dns.resolver.Resolver(configure=True)
-            except dns.resolver.NoResolverConfiguration:
-                raise ValueError("no nameservers given and none in /etc/resolv.conf") from None
-        # We only ask fully-qualified names: a recipient domain must never be
-        # completed with the local search list (RFC 5321 §5.1 has no such step).
-        resolver.search = []
-        resolver.use_search_by_default = False
-        resolver.ndots = None
-        resolver.lifetime = timeout
-        resolver.timeout = min(resolver.timeout, timeout)  # per server try
-        resolver.cache = None  # ours below, with an injectable clock and a bound
-        self._dns = resolver
+        self._dns = dns_resolver(nameservers, timeout)
         self._clock = clock
         self._max_entries = max_entries
         self._lock = threading.Lock()

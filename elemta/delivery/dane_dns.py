@@ -19,15 +19,14 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import dns.exception
 import dns.flags
 import dns.rdatatype
 import dns.resolver
 
+from elemta import dnscache
 from elemta.delivery.dane import DaneCheck, Tlsa, tlsa_name, usable
-from elemta.dnscache import parse_nameserver
 
 SECURE, INSECURE, FAILED = "secure", "insecure", "failed"
 # Answers are kept for their TTL, within these bounds (a failure for the shortest): the resolver
@@ -45,33 +44,16 @@ class TlsaAnswer:
 def trusted(nameservers: Sequence[str]) -> bool:
     """Whether the resolvers delivery asks (these, or /etc/resolv.conf's) are all on this host,
     where their AD bit can be believed: across a network anyone on the path could set it."""
-    if nameservers:
-        addresses = [parse_nameserver(entry)[0] for entry in nameservers]
-    else:
-        try:
-            addresses = [str(a) for a in dns.resolver.Resolver(configure=True).nameservers]
-        except dns.resolver.NoResolverConfiguration:
-            return False
     try:
+        addresses = [str(a) for a in dnscache.dns_resolver(nameservers, 1.0).nameservers]
         return bool(addresses) and all(ipaddress.ip_address(a).is_loopback for a in addresses)
-    except ValueError:
+    except ValueError:  # no resolver at all, or one that is not an address
         return False
 
 
 class TlsaLookup:
     def __init__(self, nameservers: Sequence[str], *, timeout: float = 10.0):
-        resolver = dns.resolver.Resolver(configure=not nameservers)
-        if nameservers:
-            ports: dict[str, int] = {}
-            for entry in nameservers:
-                ip, port = parse_nameserver(entry)
-                ports[ip] = port
-            resolver.nameservers = list(ports)
-            resolver.nameserver_ports = ports
-        resolver.search = []
-        resolver.use_search_by_default = False
-        resolver.lifetime = timeout
-        resolver.cache = None
+        resolver = dnscache.dns_resolver(nameservers, timeout)
         # RFC 6840 §5.7: AD in the query asks for the AD bit in the reply; DO (RFC 3225) for the
         # DNSSEC records, which a validating resolver needs to have checked.
         resolver.flags = dns.flags.RD | dns.flags.AD
@@ -79,9 +61,9 @@ class TlsaLookup:
         self._resolver = resolver
         self._clock: Callable[[], float] = time.monotonic
         self._lock = threading.Lock()
-        self._cache: OrderedDict[tuple[str, str], tuple[float, Any]] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, str], tuple[float, TlsaAnswer]] = OrderedDict()
 
-    def _cached(self, key: tuple[str, str], ask: Callable[[], tuple[Any, float]]) -> Any:
+    def _cached(self, key: tuple[str, str], ask: Callable[[], tuple[TlsaAnswer, float]]) -> TlsaAnswer:
         now = self._clock()
         with self._lock:
             entry = self._cache.get(key)
@@ -98,35 +80,26 @@ class TlsaLookup:
     def secure(self, name: str, rdtype: str) -> bool:
         """Whether name's rdtype answer (records or their absence) is authenticated (RFC 7672
         §2.2.1: DANE needs the MX RRset secure; §2.2.2: the MX host's addresses too)."""
-        return self._cached((name.lower(), rdtype), lambda: self._secure(name, rdtype))
-
-    def _secure(self, name: str, rdtype: str) -> tuple[bool, float]:
-        try:
-            answer = self._resolver.resolve(name, rdtype, raise_on_no_answer=False)
-        except dns.resolver.NXDOMAIN as exc:
-            response = exc.response(exc.qnames()[0]) if exc.qnames() else None
-            return response is not None and bool(response.flags & dns.flags.AD), MIN_TTL
-        except (dns.resolver.NoNameservers, dns.exception.Timeout, dns.resolver.NoAnswer):
-            return False, MIN_TTL
-        return bool(answer.response.flags & dns.flags.AD), _ttl(answer)
+        return self._cached((name.lower(), rdtype), lambda: self._ask(name, rdtype)).state == SECURE
 
     def tlsa(self, host: str, port: int = 25) -> TlsaAnswer:
         name = tlsa_name(host, port)
-        return self._cached((name, "TLSA"), lambda: self._tlsa(name))
+        return self._cached((name, "TLSA"), lambda: self._ask(name, "TLSA"))
 
-    def _tlsa(self, name: str) -> tuple[TlsaAnswer, float]:
+    def _ask(self, name: str, rdtype: str) -> tuple[TlsaAnswer, float]:
+        """The answer's state and records (TLSA records parsed), and how long it may be kept."""
         try:
-            answer = self._resolver.resolve(name, dns.rdatatype.TLSA, raise_on_no_answer=False)
+            answer = self._resolver.resolve(name, rdtype, raise_on_no_answer=False)
         except dns.resolver.NXDOMAIN as exc:
             response = exc.response(exc.qnames()[0]) if exc.qnames() else None
             secure = response is not None and bool(response.flags & dns.flags.AD)
             return TlsaAnswer(SECURE if secure else INSECURE, (), f"{name}: no such name"), MIN_TTL
         except (dns.resolver.NoNameservers, dns.exception.Timeout, dns.resolver.NoAnswer) as exc:
             return TlsaAnswer(FAILED, (), f"{name}: {str(exc)[:160] or type(exc).__name__}"), MIN_TTL
-        secure = bool(answer.response.flags & dns.flags.AD)
-        records = tuple(Tlsa(r.usage, r.selector, r.mtype, bytes(r.cert)) for r in answer.rrset or ())
-        if not secure:
+        if not answer.response.flags & dns.flags.AD:
             return TlsaAnswer(INSECURE, (), f"{name}: not authenticated (no AD bit)"), _ttl(answer)
+        records = tuple(Tlsa(r.usage, r.selector, r.mtype, bytes(r.cert)) for r in answer.rrset or ()
+                        if r.rdtype == dns.rdatatype.TLSA)
         return TlsaAnswer(SECURE, records, f"{name}: {len(records)} record(s), authenticated"), _ttl(answer)
 
 
