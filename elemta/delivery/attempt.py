@@ -89,7 +89,7 @@ class Attempter:
     def close(self) -> None:
         """Release what outlives one attempt (the MTA-STS cache's file)."""
         if self.sts is not None:
-            self.sts.cache.close()
+            self.sts.close()
 
     def run(self, job: Job, body: bytes, recipients: Sequence[Recipient], route: Route) -> AttemptResult:
         if route.kind == "maildir":
@@ -104,8 +104,7 @@ class Attempter:
         last: dict[int, Verdict] = {}
         domain = recipients[0].domain
         tls_policy, sts = self._tls_policy(route, domain)
-        dane_domain = (self.dane is not None and route.mx and route.tls_policy in ("may", "encrypt")
-                       and self.dane.secure(domain, "MX"))
+        dane_domain = self.dane is not None and route.opportunistic_mx and self.dane.secure(domain, "MX")
         for host, ip, dane in self._addresses(route, remaining, out, last, sts, dane_domain):
             started = time.monotonic()
             message = OutMessage(
@@ -154,9 +153,8 @@ class Attempter:
     def _tls_policy(self, route: Route, domain: str) -> tuple[str, Policy | None]:
         """The TLS policy for this attempt, and the MTA-STS policy it enforces (or None).
 
-        Only MX delivery (not a relayhost or transport) whose own policy is opportunistic: an
-        admin's "none" or "verify" for the domain stays as written."""
-        if self.sts is None or not route.mx or route.tls_policy not in ("may", "encrypt"):
+        Only for route.opportunistic_mx."""
+        if self.sts is None or not route.opportunistic_mx:
             return route.tls_policy, None
         found = self.sts.find(domain)
         if found.policy is None or found.policy.mode != "enforce":
@@ -172,13 +170,14 @@ class Attempter:
             return
         count = 0
         for host in route.hosts:
-            dane, skip = dane_dns.host_check(self.dane, host) if self.dane and dane_domain and not is_ip(host) \
-                else (None, "")
+            dane, skip, status = None, "", "4.7.5"  # a host DANE cannot check: RFC 7672 §2.1.1
+            if dane_domain and self.dane is not None and not is_ip(host):
+                dane, skip = dane_dns.host_check(self.dane, host)
             if not skip and dane is None and sts is not None and not sts.allows(host):
-                skip = f"MTA-STS: the recipient domain's policy does not name {host} as an MX host"
+                skip, status = f"MTA-STS: the recipient domain's policy does not name {host} as an MX host", "4.7.4"
             if skip:
                 for r in remaining:
-                    last[r.id] = Verdict(r, "transient", skip, "4.7.5" if skip.startswith("DANE") else "4.7.4", host)
+                    last[r.id] = Verdict(r, "transient", skip, status, host)
                     out.attempts.append(Attempt(r.id, self.clock(), "deferred", skip, host))
                 continue
             if is_ip(host):

@@ -68,7 +68,7 @@ def _dane(config: Config, route: Route, domain: str, dane: TlsaLookup | None, ou
         why = "delivery.dane is off"
     elif dane is None:
         why = "a resolver is not on this host: its AD bit is not trusted"
-    elif route.tls_policy not in ("may", "encrypt"):
+    elif not route.opportunistic_mx:
         why = f"the domain's own TLS policy ({route.tls_policy}) is kept"
     elif not dane.secure(domain, "MX"):
         why = f"the MX records of {domain} are not authenticated (DNSSEC)"
@@ -100,7 +100,7 @@ def _mta_sts(config: Config, route: Route, cache: PolicyCache, domain: str, reso
         return None, None
     if not config.delivery.mta_sts:
         return {"applies": None, "why": "delivery.mta_sts is off"}, None
-    if route.tls_policy not in ("may", "encrypt"):
+    if not route.opportunistic_mx:
         return {"applies": None, "why": f"the domain's own TLS policy ({route.tls_policy}) is kept"}, None
     try:
         record = mtasts.parse_record(resolver.txt(f"_mta-sts.{domain}"))

@@ -67,6 +67,9 @@ class PolicyFinder:
                     note = "fetched" if self._keep(self.cache.put, domain, cached) else "fetched, not kept on disk"
         return Found(mtasts.applicable(cached, now), cached, note)
 
+    def close(self) -> None:
+        self.cache.close()
+
     @staticmethod
     def _keep(write: Callable[..., None], *args: object) -> bool:
         """Write to the cache; a failed write (a full disk) must not stop this delivery, which

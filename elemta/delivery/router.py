@@ -47,6 +47,13 @@ class Route:
             return (self.kind, self.path, tuple(sorted(self.hosts)) if self.mx else self.hosts, self.port)
         return (self.kind,)
 
+    @property
+    def opportunistic_mx(self) -> bool:
+        """MX delivery under an opportunistic TLS policy (may, encrypt): what the recipient
+        domain publishes (DANE, MTA-STS) may raise it.  An admin's none or verify for the
+        domain, a relayhost and transports keep their own policy."""
+        return self.mx and self.tls_policy in ("may", "encrypt")
+
     def describe(self) -> str:
         if self.kind in ("smtp", "lmtp"):
             if self.path:
