@@ -1,6 +1,7 @@
 """delivery/mtasts_cache.py: policies survive the process, failures hold off refetching."""
 
 import os
+import threading
 import stat
 
 from elemta import filemodes
@@ -57,3 +58,31 @@ def test_the_file_is_not_for_others_on_the_box(tmp_path):
         os.umask(old)
     assert FILENAME in made and f"{FILENAME}-wal" in made  # the WAL and its lock file too
     assert all(mode & 0o007 == 0 for mode in modes.values()), {n: oct(m) for n, m in modes.items()}
+
+
+def test_delivery_threads_may_write_and_read_at_once(tmp_path):
+    # The finder lets fetches of different domains run in parallel: their writes share one
+    # connection, and a second BEGIN inside the first's transaction must not happen.
+    cache = PolicyCache(str(tmp_path))
+    errors, domains = [], [f"d{i}.example" for i in range(8)]
+
+    def work(domain):
+        try:
+            for n in range(25):
+                cache.put(domain, Cached(POLICY, f"id{n}", float(n)))
+                cache.fetch_failed(domain, float(n), "HTTP 503")
+                assert cache.get(domain) is not None
+        except Exception as exc:  # noqa: BLE001 -- collected for the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(d,)) for d in domains]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert errors == []
+    assert all(cache.get(d) == Cached(POLICY, "id24", 24.0) for d in domains)
+    cache.close()
+    again = PolicyCache(str(tmp_path))  # and it is all on disk
+    assert all(again.get(d) == Cached(POLICY, "id24", 24.0) for d in domains)
+    again.close()
