@@ -1,8 +1,8 @@
 """delivery/mtasts_cache.py: policies survive the process, failures hold off refetching."""
 
 import os
-import threading
 import stat
+import threading
 
 from elemta import filemodes
 from elemta.delivery.mtasts import Cached, Policy
