@@ -11,16 +11,32 @@ import os
 import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
 from typing import Self
 
+import dns.exception
 import dns.flags
 import dns.message
 import dns.query
 import dns.rdatatype
 
+from tests.support import wait_for
+
 SOA = "@ IN SOA ns.{zone}. admin.{zone}. 1 3600 600 86400 300\n@ IN NS ns.{zone}.\nns IN A 127.0.0.1\n"
+
+
+def _gone(pid: int) -> bool:
+    """The process has ended (and, if it is our child, unbound, it is reaped)."""
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return True
+    except ChildProcessError:
+        pass  # not our child (nsd daemonizes): ask the kernel
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
 
 
 def _free_port() -> int:
@@ -40,6 +56,7 @@ class DnssecTestbed:
         self.zones, self.signed = zones, signed
         self.after_signing = after_signing or {}
         self.auth_port, self.port = _free_port(), _free_port()
+        self.zone_files: dict[str, str] = {}  # zone -> the file nsd serves (signed or not)
         self._pids: list[int] = []
 
     @property
@@ -66,14 +83,14 @@ class DnssecTestbed:
                     signed.write_text(signed.read_text().replace(old, new))
                 path = signed
                 anchors.append((self.dir / f"{ksk}.ds").read_text().split(";")[0].replace("\t", " ").strip())
-            self.zones_files = getattr(self, "zones_files", {}) | {zone: path.name}
+            self.zone_files[zone] = path.name
         d = self.dir
         (d / "nsd.conf").write_text(
             f"server:\n  ip-address: 127.0.0.1@{self.auth_port}\n  port: {self.auth_port}\n  database: \"\"\n"
             f"  username: \"\"\n  pidfile: \"{d}/nsd.pid\"\n  xfrdfile: \"{d}/xfrd.state\"\n"
             f"  zonelistfile: \"{d}/zone.list\"\n  logfile: \"{d}/nsd.log\"\n  zonesdir: \"{d}\"\n"
             "remote-control:\n  control-enable: no\n"
-            + "".join(f"zone:\n  name: {z}\n  zonefile: {f}\n" for z, f in self.zones_files.items()))
+            + "".join(f"zone:\n  name: {z}\n  zonefile: {f}\n" for z, f in self.zone_files.items()))
         (d / "unbound.conf").write_text(
             f"server:\n  interface: 127.0.0.1@{self.port}\n  port: {self.port}\n  do-daemonize: no\n"
             f"  username: \"\"\n  chroot: \"\"\n  directory: \"{d}\"\n  pidfile: \"{d}/unbound.pid\"\n"
@@ -93,24 +110,22 @@ class DnssecTestbed:
         return self
 
     def _wait_for_pid(self, path: Path) -> int:
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
+        def pid() -> int | None:
             text = path.read_text().strip() if path.exists() else ""
-            if text.isdigit():
-                return int(text)
-            time.sleep(0.05)
-        raise RuntimeError(f"no PID in {path}")
+            return int(text) if text.isdigit() else None
+        return wait_for(pid, timeout=15, what=f"a PID in {path}")
 
     def _wait_until_answering(self) -> None:
-        deadline, zone = time.monotonic() + 15, next(iter(self.zones))
-        while time.monotonic() < deadline:
+        zone = next(iter(self.zones))
+
+        def answers() -> bool:
             try:
                 dns.query.udp(dns.message.make_query(zone, dns.rdatatype.SOA), "127.0.0.1", port=self.port,
                               timeout=0.5)
-                return
             except (OSError, dns.exception.Timeout):
-                time.sleep(0.05)
-        raise RuntimeError("unbound did not answer; see " + str(self.dir / "unbound.log"))
+                return False
+            return True
+        wait_for(answers, timeout=15, what=f"unbound to answer (see {self.dir / 'unbound.log'})")
 
     def ad(self, name: str, rdtype: str) -> bool:
         """Whether the resolver marks the answer authenticated."""
@@ -124,18 +139,7 @@ class DnssecTestbed:
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
                 continue
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
-                    break
-                try:  # our own child (unbound): reap it
-                    if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                        break
-                except ChildProcessError:
-                    pass
-                time.sleep(0.05)
+            wait_for(lambda pid=pid: _gone(pid), timeout=10, what=f"process {pid} to stop")
         self._pids.clear()
 
     def __enter__(self) -> Self:

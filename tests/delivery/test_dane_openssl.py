@@ -119,8 +119,3 @@ def test_dane_ta_matches_the_issuer_the_server_sends_and_checks_the_name(chain, 
     assert handshake(serve(leaf), [ta]) == (2, 0, 1)
     with pytest.raises(ssl.SSLCertVerificationError):
         handshake(serve(other), [ta])  # right issuer, wrong name: RFC 7672 §3.2.2
-
-
-def test_unusable_records_are_not_taken():
-    records = [Tlsa(1, 1, 1, b"\0" * 32), Tlsa(3, 1, 1, b"\0" * 31), Tlsa(3, 2, 1, b"\0" * 32)]
-    assert [r.usable for r in records] == [False, False, False]

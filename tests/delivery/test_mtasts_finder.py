@@ -6,7 +6,7 @@ import threading
 import pytest
 
 from elemta.delivery.dns import Resolver
-from elemta.delivery.mtasts import Cached, Policy
+from elemta.delivery.mtasts import Policy
 from elemta.delivery.mtasts_cache import RETRY_FAILED_FETCH, PolicyCache
 from elemta.delivery.mtasts_fetch import fetch_policy
 from elemta.delivery.mtasts_finder import PolicyFinder
@@ -145,11 +145,6 @@ def test_deliveries_to_one_domain_share_one_fetch(parts, monkeypatch):
     assert fetches == ["example.test"]
     assert sorted(r.note for r in results) == ["cached", "fetched"]
     assert all(r.policy == ENFORCE for r in results)
-
-
-def test_what_is_cached_is_a_cached_type(parts):
-    finder, *_ = parts
-    assert isinstance(finder.find("example.test").cached, Cached)
 
 
 def test_a_policy_that_cannot_be_kept_on_disk_is_applied_all_the_same(parts, monkeypatch):
