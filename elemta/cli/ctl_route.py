@@ -23,8 +23,9 @@ def route_group() -> None:
 def route_explain(ctl: Ctl, target: str, as_json: bool) -> None:
     """How mail for DOMAIN (or to an ADDRESS, for local users and aliases) would be delivered
     now: the route and why, the destination with its concurrency and rate, each host's
-    addresses and TLS decision (MTA-STS: the record, the cached policy and its expiry).
-    DNS is asked as delivery asks it; nothing is fetched or changed."""
+    addresses and TLS decision (DANE: the host's authenticated TLSA records; MTA-STS: the
+    record, the cached policy and its expiry).  DNS is asked as delivery asks it; nothing is
+    fetched or changed."""
     from elemta.daemon import build_resolver  # imported late: it loads the delivery code
     from elemta.delivery import dane_dns
     from elemta.delivery.explain import explain
