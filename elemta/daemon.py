@@ -181,15 +181,16 @@ def build_scheduler(config: Config, store: Store, events: logmod.EventLog,
     router = Router(config, resolver, recipients)
     pool: smtp_pool.Pool = smtp_pool.Pool(idle_timeout=d.reuse_idle_timeout, max_messages=d.reuse_max_messages)
     sts = PolicyFinder(PolicyCache(config.server.spool_dir), resolver, ca_file=d.ca_file or None) if d.mta_sts else None
-    dane = None
+    dane, dane_off = None, "delivery.dane is off"
     if d.dane and dane_dns.trusted(d.resolvers):
         dane = dane_dns.TlsaLookup(d.resolvers, timeout=d.dns_timeout)
     elif d.dane:
-        events("dane_off", reason="a resolver is not on this host: its AD bit cannot be trusted")
+        dane_off = "a resolver is not on this host: its AD bit cannot be trusted"
+        events("dane_off", reason=dane_off)
     attempter = attempt.Attempter(
         attempt.Settings(helo_name=d.helo_name or config.hostname, connect_timeout=d.connect_timeout,
                          command_timeout=d.command_timeout, ca_file=d.ca_file or None),
-        resolver, pool, sts=sts, dane=dane,
+        resolver, pool, sts=sts, dane=dane, dane_off=dane_off,
     )
     work = WorkQueue(config.queue_path, owner=f"{socket.gethostname()}:{os.getpid()}", log=events)
     work.open()

@@ -56,6 +56,8 @@ def _lines(r: dict[str, Any]) -> list[str]:
         rate = f"{dest['rate']:g} starts a second" if dest["rate"] else "no rate limit"
         key = ", ".join(dest["key"]) if isinstance(dest["key"], list) else dest["key"]
         lines.append(f"  destination: {key} port {dest['port']}: {dest['concurrency']} at a time, {rate}")
+    if "tls_policy" in r:
+        lines.append(f"  TLS policy: {r['tls_policy']}")
     if "dane" in r:
         lines.append(f"  DANE: {'applies' if r['dane']['applies'] else 'not applied'}: {r['dane']['why']}")
     sts = r.get("mta_sts")

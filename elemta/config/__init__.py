@@ -14,12 +14,14 @@ from elemta.config.keys import (
     _TABLES,
     AUTH_MECHANISMS,
     DEFAULT_PATH,
+    DESTINATION_TLS_POLICIES,
     LISTENER_ROLES,
     LOG_FACILITIES,
     LOG_FORMATS,
     LOG_LEVELS,
     LOG_TARGETS,
     MAILNAME,
+    RELAYHOST_TLS_POLICIES,
     SUBMISSION_ROLES,
     TLS_POLICIES,
     TLS_ROLES,
@@ -44,9 +46,10 @@ from elemta.config.keys import (
 from elemta.config.parse import load, parse, replace
 
 __all__ = [
-    "AUTH_MECHANISMS", "DEFAULT_PATH", "LISTENER_ROLES", "LOG_FACILITIES", "LOG_FORMATS", "LOG_LEVELS",
-    "LOG_TARGETS", "MAILNAME", "SUBMISSION_ROLES", "TLS_POLICIES", "TLS_ROLES", "TLS_VERSIONS", "Certificate",
-    "Config", "DeliveryConfig", "LimitsConfig", "Listener", "LocalConfig", "LogConfig", "MonitorConfig",
-    "PluginSpec", "QueueConfig", "ServerConfig", "SmtpConfig", "TlsConfig", "_CHOICES", "_DOCS", "_RANGES", "_SECTIONS",
-    "_TABLES", "key", "load", "mailname", "parse", "replace", "split_host_port",
+    "AUTH_MECHANISMS", "DEFAULT_PATH", "DESTINATION_TLS_POLICIES", "LISTENER_ROLES", "LOG_FACILITIES",
+    "LOG_FORMATS", "LOG_LEVELS", "LOG_TARGETS", "MAILNAME", "RELAYHOST_TLS_POLICIES", "SUBMISSION_ROLES",
+    "TLS_POLICIES", "TLS_ROLES", "TLS_VERSIONS", "Certificate", "Config", "DeliveryConfig", "LimitsConfig",
+    "Listener", "LocalConfig", "LogConfig", "MonitorConfig", "PluginSpec", "QueueConfig", "ServerConfig",
+    "SmtpConfig", "TlsConfig", "_CHOICES", "_DOCS", "_RANGES", "_SECTIONS", "_TABLES", "key", "load",
+    "mailname", "parse", "replace", "split_host_port",
 ]

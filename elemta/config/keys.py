@@ -26,7 +26,11 @@ LOG_TARGETS = ("stderr", "syslog", "file")
 LOG_FACILITIES = ("mail", "daemon", *(f"local{n}" for n in range(8)))
 
 
+# What one connection does (the client's), and what a destination may ask for: the others look
+# at what the recipient domain publishes (delivery/tls_decision.py).
 TLS_POLICIES = ("none", "may", "encrypt", "verify")
+RELAYHOST_TLS_POLICIES = (*TLS_POLICIES, "dane", "dane-only")
+DESTINATION_TLS_POLICIES = (*RELAYHOST_TLS_POLICIES, "mta-sts")
 AUTH_MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5")
 
 
@@ -185,8 +189,10 @@ class DeliveryConfig:
     hold: bool = key(False, doc="keep new mail held in the queue instead of delivering it")
     relayhost: str = key("", doc='host[:port] (IPv6 as [addr]:port) for all outbound mail, no MX lookup; "" = MX')
     relayhost_auth_file: str = key("", doc='file with one line "user:password" for AUTH at the relayhost')
-    relayhost_tls_policy: str = key("may", choices=TLS_POLICIES, what="a TLS policy", doc="TLS to the relayhost")
-    tls_policy: str = key("may", choices=TLS_POLICIES, what="a TLS policy", doc="TLS for MX delivery")
+    relayhost_tls_policy: str = key("may", choices=RELAYHOST_TLS_POLICIES, what="a TLS policy",
+                                    doc="TLS to the relayhost")
+    tls_policy: str = key("dane", choices=DESTINATION_TLS_POLICIES, what="a TLS policy",
+                          doc="TLS for delivery to a recipient domain (MX or transport)")
     tls_policies: dict = key(factory=dict, doc="recipient domain -> TLS policy, overriding tls_policy")
     ca_file: str = key("", doc='CA bundle for "verify"; "" = the system\'s store')
     mta_sts: bool = key(True, doc="apply the MTA-STS policy a domain publishes to MX delivery (RFC 8461)")

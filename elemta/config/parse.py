@@ -20,7 +20,7 @@ from elemta import transport
 from elemta.config.keys import (
     _SECTIONS,
     AUTH_MECHANISMS,
-    TLS_POLICIES,
+    DESTINATION_TLS_POLICIES,
     TLS_ROLES,
     Certificate,
     Config,
@@ -305,8 +305,15 @@ def _check(config: Config, problems: _Problems) -> None:
             add("local.aliases", f"local.aliases.{key}: expected addresses separated by commas, got {targets!r}")
     d = config.delivery
     for path, policy in ((f"delivery.tls_policies.{k}", v) for k, v in d.tls_policies.items()):
-        if policy not in TLS_POLICIES:
-            add(path, f"{path}: {policy!r} is not a TLS policy (allowed: {', '.join(TLS_POLICIES)})")
+        if policy not in DESTINATION_TLS_POLICIES:
+            add(path, f"{path}: {policy!r} is not a TLS policy (allowed: {', '.join(DESTINATION_TLS_POLICIES)})")
+    # A policy that requires what a switch turns off could never deliver: say so now.
+    for path, policy in (("delivery.tls_policy", d.tls_policy),
+                         ("delivery.relayhost_tls_policy", d.relayhost_tls_policy),
+                         *((f"delivery.tls_policies.{k}", v) for k, v in d.tls_policies.items())):
+        needs = {"dane-only": ("dane", d.dane), "mta-sts": ("mta_sts", d.mta_sts)}.get(policy)
+        if needs is not None and not needs[1]:
+            add(path, f"{path}: {policy!r} needs delivery.{needs[0]} = true")
     for key, count in d.domain_concurrency.items():
         if count != int(count) or count < 1:
             add("delivery.domain_concurrency",

@@ -5,19 +5,11 @@ addresses in turn: a connection failure, a 4xx for the whole transaction or a 4x
 recipient moves on to the next address, a 2xx or 5xx is final for that recipient. Every
 try is recorded as an attempt (host, IP, TLS, the remote's reply, duration).
 
-MX delivery under an opportunistic TLS policy (may, encrypt) applies what the recipient domain
-publishes, per host:
+What each host gets for TLS is tls_decision.py's: the destination's policy and, under dane,
+dane-only and mta-sts, the DANE records and the MTA-STS policy of the recipient domain, found
+here.  A host ruled out is recorded as skipped, with the reason, and never connected to.
 
-- DANE (RFC 7672), when the MX records are authenticated and the host's TLSA records are:
-  usable records make TLS mandatory and checked by them alone; records none of which is usable
-  make TLS mandatory but unchecked ("encrypt", §2.2); a TLSA lookup that fails (a bogus answer)
-  skips the host (§2.1.1).  DANE takes precedence over MTA-STS for the hosts that have it
-  (RFC 8461 §2).
-- MTA-STS (mtasts_finder.py) for the others: in mode enforce only the MX hosts the policy names
-  are tried, each over TLS verified for its name, and the others are recorded as skipped
-  (RFC 8461 §4.2, §5).
-
-The attempt's TLS field says which: "(DANE 3 1 1)" or "(MTA-STS enforce)".
+The attempt's TLS field says what applied: "(DANE 3 1 1)" or "(MTA-STS enforce)".
 """
 
 from __future__ import annotations
@@ -27,7 +19,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from elemta.delivery import dane_dns, maildir
-from elemta.delivery.dane import DaneCheck
 from elemta.delivery.dane_dns import TlsaLookup
 from elemta.delivery.dns import DnsError, Resolver
 from elemta.delivery.mtasts import Policy
@@ -40,6 +31,7 @@ from elemta.delivery.smtp_client import (
     SmtpConnection,
 )
 from elemta.delivery.smtp_pool import Pool
+from elemta.delivery.tls_decision import HostTls, Plan, make_plan
 from elemta.queue.work import Attempt, Job, Recipient
 from elemta.transport import is_ip
 
@@ -78,13 +70,14 @@ class Settings:
 class Attempter:
     def __init__(self, settings: Settings, resolver: Resolver, pool: Pool[SmtpConnection],
                  clock: Callable[[], float] = time.time, sts: PolicyFinder | None = None,
-                 dane: TlsaLookup | None = None) -> None:
+                 dane: TlsaLookup | None = None, dane_off: str = "delivery.dane is off") -> None:
         self.settings = settings
         self.resolver = resolver
         self.pool = pool
         self.clock = clock
         self.sts = sts  # None: MTA-STS off (delivery.mta_sts)
         self.dane = dane  # None: DANE off (delivery.dane, or no trusted validating resolver)
+        self.dane_off = dane_off  # why, when it is off
 
     def close(self) -> None:
         """Release what outlives one attempt (the MTA-STS cache's file)."""
@@ -102,31 +95,26 @@ class Attempter:
         out = AttemptResult()
         remaining = list(recipients)
         last: dict[int, Verdict] = {}
-        domain = recipients[0].domain
-        tls_policy, sts = self._tls_policy(route, domain)
-        dane_domain = self.dane is not None and route.opportunistic_mx and self.dane.secure(domain, "MX")
-        for host, ip, dane in self._addresses(route, remaining, out, last, sts, dane_domain):
+        plan = self.plan(route, recipients[0].domain)
+        for host, ip, tls in self._addresses(route, remaining, out, last, plan):
             started = time.monotonic()
             message = OutMessage(
                 sender=job.sender,
                 recipients=tuple(OutRecipient(r.address, r.notify, r.orcpt) for r in remaining),
                 body=body, envid=job.envid, ret=job.ret, body_type=job.body_type, smtputf8=job.smtputf8,
             )
-            policy = tls_policy if dane is None else "encrypt" if not dane.records else "dane"
-            key = (route.kind, route.path, host, ip, route.port, policy, route.auth)
-            tls = ""
+            key = (route.kind, route.path, host, ip, route.port, "dane" if tls.dane else tls.policy, route.auth)
+            tls_text = ""
             try:
-                conn = self.pool.get(key) or self._open(route, host, ip, policy, dane)
-                tls = str(conn.tls) if conn.tls else ""
-                if sts is not None and dane is None:
-                    tls += " (MTA-STS enforce)"
+                conn = self.pool.get(key) or self._open(route, host, ip, tls)
+                tls_text = (str(conn.tls) + tls.label) if conn.tls else ""
                 results = conn.send(message)
             except SmtpClientError as exc:
                 status = "permanent" if exc.permanent and not exc.try_next_host else "transient"
                 reply = str(exc.reply) if exc.reply else str(exc)
                 for r in remaining:
                     last[r.id] = Verdict(r, status, reply, exc.enhanced or _default_status(status), host)
-                    out.attempts.append(self._attempt(r, status, reply, host, ip, route, tls, started))
+                    out.attempts.append(self._attempt(r, status, reply, host, ip, route, tls_text, started))
                 if not exc.try_next_host:
                     break
                 continue
@@ -136,7 +124,7 @@ class Attempter:
                 status = "ok" if res.is_positive else "permanent" if res.is_permanent else "transient"
                 verdict = Verdict(r, status, str(res.reply), res.reply.enhanced or _default_status(status),
                                   host, relayed=res.relayed)
-                out.attempts.append(self._attempt(r, status, str(res.reply), host, ip, route, tls, started))
+                out.attempts.append(self._attempt(r, status, str(res.reply), host, ip, route, tls_text, started))
                 if status == "transient":
                     last[r.id] = verdict
                     still.append(r)
@@ -150,35 +138,35 @@ class Attempter:
                 r, "transient", "no next hop could be reached", "4.4.1"))
         return out
 
-    def _tls_policy(self, route: Route, domain: str) -> tuple[str, Policy | None]:
-        """The TLS policy for this attempt, and the MTA-STS policy it enforces (or None).
+    def plan(self, route: Route, domain: str) -> Plan:
+        """What the TLS decision needs of the recipient domain: whether its hosts' TLSA records
+        are asked, and its MTA-STS policy (fetched if due)."""
+        def mta_sts(name: str) -> tuple[Policy | None, str]:
+            assert self.sts is not None
+            found = self.sts.find(name)
+            return found.policy, found.note
 
-        Only for route.opportunistic_mx."""
-        if self.sts is None or not route.opportunistic_mx:
-            return route.tls_policy, None
-        found = self.sts.find(domain)
-        if found.policy is None or found.policy.mode != "enforce":
-            return route.tls_policy, None  # testing: delivered as without a policy (TLS-RPT reports)
-        return "verify", found.policy
+        dane = self.dane
+        return make_plan(route, domain, mx_secure=(lambda d: dane.secure(d, "MX")) if dane else None,
+                         dane_off=self.dane_off, sts=mta_sts if self.sts is not None else None)
 
     def _addresses(self, route: Route, remaining: list[Recipient], out: AttemptResult, last: dict[int, Verdict],
-                   sts: Policy | None = None, dane_domain: bool = False):
-        """(host, ip, DANE check or None) to try, resolving each host only when it is reached;
-        a host DANE or an enforced MTA-STS policy rules out is recorded as skipped."""
+                   plan: Plan):
+        """(host, ip, its TLS decision) to try, resolving each host only when it is reached; a
+        host the decision rules out is recorded as skipped."""
         if route.path:  # LMTP over a unix socket
-            yield "localhost", "", None
+            yield "localhost", "", plan.host("localhost")
             return
         count = 0
         for host in route.hosts:
-            dane, skip, status = None, "", "4.7.5"  # a host DANE cannot check: RFC 7672 §2.1.1
-            if dane_domain and self.dane is not None and not is_ip(host):
-                dane, skip = dane_dns.host_check(self.dane, host)
-            if not skip and dane is None and sts is not None and not sts.allows(host):
-                skip, status = f"MTA-STS: the recipient domain's policy does not name {host} as an MX host", "4.7.4"
-            if skip:
+            checked = None
+            if plan.asks_dane and self.dane is not None and not is_ip(host):
+                checked = dane_dns.host_check(self.dane, host, route.port if not route.mx else 25)
+            tls = plan.host(host, checked)
+            if tls.skip:
                 for r in remaining:
-                    last[r.id] = Verdict(r, "transient", skip, status, host)
-                    out.attempts.append(Attempt(r.id, self.clock(), "deferred", skip, host))
+                    last[r.id] = Verdict(r, "transient", tls.skip, tls.status, host)
+                    out.attempts.append(Attempt(r.id, self.clock(), "deferred", tls.skip, host))
                 continue
             if is_ip(host):
                 addresses = [host]
@@ -195,19 +183,16 @@ class Attempter:
                 count += 1
                 if count > MAX_ADDRESSES:
                     return
-                yield host, ip, dane
+                yield host, ip, tls
                 if not remaining:
                     return
 
-    def _open(self, route: Route, host: str, ip: str, tls_policy: str, dane: DaneCheck | None = None) -> SmtpConnection:
+    def _open(self, route: Route, host: str, ip: str, tls: HostTls) -> SmtpConnection:
         s = self.settings
-        if dane is not None and not dane.records:  # §2.2: TLSA records, none usable: TLS, unchecked
-            tls_policy, dane = "encrypt", None
-        elif dane is not None:
-            tls_policy = "verify"  # mandatory TLS; the check itself is the records' (smtp_client)
+        # With DANE records the check is the records' alone (smtp_client); verify makes TLS mandatory.
         return SmtpConnection.open(
-            host, ip, route.port, helo_name=s.helo_name, lmtp=route.kind == "lmtp", dane=dane,
-            tls_policy=tls_policy, tls_name=host, ca_file=s.ca_file or None, auth=route.auth,
+            host, ip, route.port, helo_name=s.helo_name, lmtp=route.kind == "lmtp", dane=tls.dane,
+            tls_policy=tls.policy, tls_name=host, ca_file=s.ca_file or None, auth=route.auth,
             connect_timeout=s.connect_timeout, command_timeout=s.command_timeout,
             unix_path=route.path or None,
         )

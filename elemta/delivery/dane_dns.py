@@ -107,13 +107,14 @@ def _ttl(answer: dns.resolver.Answer) -> float:
     return float(answer.rrset.ttl) if answer.rrset is not None else MIN_TTL
 
 
-def host_check(lookup: TlsaLookup, host: str) -> tuple[DaneCheck | None, str]:
-    """What DANE says of one MX host of a domain whose MX records are authenticated: (the
-    check its TLS must pass, or None for no DANE; why the host must be skipped, or "").  A
-    check without records means TLS is mandatory but not checked (RFC 7672 §2.2)."""
+def host_check(lookup: TlsaLookup, host: str, port: int = 25) -> tuple[DaneCheck | None, str]:
+    """What DANE says of one host, an MX host of a domain whose MX records are authenticated
+    or one the config names: (the check its TLS must pass, or None for no DANE; why the host
+    must be skipped, or "").  A check without records means TLS is mandatory but not checked
+    (RFC 7672 §2.2)."""
     if not (lookup.secure(host, "A") or lookup.secure(host, "AAAA")):
         return None, ""  # §2.2.2: TLSA only for a host whose addresses are authenticated
-    answer = lookup.tlsa(host)
+    answer = lookup.tlsa(host, port)
     if answer.state == FAILED:
         return None, f"DANE: the TLSA lookup failed ({answer.text}); the host is not used"
     if answer.state != SECURE or not answer.records:

@@ -17,14 +17,8 @@ from elemta.delivery.dane_dns import TlsaLookup
 from elemta.delivery.dns import DnsError, Resolver
 from elemta.delivery.mtasts_cache import PolicyCache
 from elemta.delivery.router import Route, Router
+from elemta.delivery.tls_decision import PUBLISHED, Plan, make_plan
 from elemta.transport import is_ip
-
-TLS_MEANING = {
-    "none": "no STARTTLS",
-    "may": "STARTTLS when offered, certificate not checked (opportunistic)",
-    "encrypt": "STARTTLS required, certificate not checked",
-    "verify": "STARTTLS required, certificate checked for the host name",
-}
 
 
 def explain(config: Config, resolver: Resolver, cache: PolicyCache, target: str, *,
@@ -51,32 +45,38 @@ def explain(config: Config, resolver: Resolver, cache: PolicyCache, target: str,
         "concurrency": int(d.domain_concurrency.get(domain, d.destination_concurrency)),
         "rate": float(d.domain_rate.get(domain, d.destination_rate)),  # starts per second, 0 = none
     }
-    sts, policy = _mta_sts(config, route, cache, domain, resolver, now)
-    if sts is not None:
-        out["mta_sts"] = sts
-    use_dane = _dane(config, route, domain, dane, out)
-    out["hosts"] = [_host(route, host, resolver, policy, dane if use_dane else None)
-                    for host in (route.hosts or ("localhost",))]
+    if route.path:
+        out["hosts"] = [{"host": "localhost", "addresses": [f"unix:{route.path}"], "tls": "none",
+                         "why": "a unix socket: no TLS"}]
+        return out
+    out["tls_policy"] = route.tls_policy
+    sts_info: dict[str, Any] = {}
+    dane_off = "delivery.dane is off" if not d.dane else "a resolver is not on this host: its AD bit is not trusted"
+    plan = make_plan(route, domain, mx_secure=(lambda name: dane.secure(name, "MX")) if dane else None,
+                     dane_off=dane_off, sts=_cached_policy(cache, resolver, now, sts_info) if d.mta_sts else None)
+    if route.mx:
+        out["mta_sts"] = _mta_sts_summary(route, plan, sts_info)
+    if route.tls_policy in PUBLISHED:
+        out["dane"] = _dane_summary(route, plan, domain)
+    out["hosts"] = [_host(route, host, resolver, plan, dane) for host in route.hosts]
     return out
 
 
-def _dane(config: Config, route: Route, domain: str, dane: TlsaLookup | None, out: dict[str, Any]) -> bool:
-    """Whether DANE is looked at for this route's hosts, with the reason in out["dane"]."""
-    if not route.mx:
-        return False
-    if not config.delivery.dane:
-        why = "delivery.dane is off"
-    elif dane is None:
-        why = "a resolver is not on this host: its AD bit is not trusted"
-    elif not route.opportunistic_mx:
-        why = f"the domain's own TLS policy ({route.tls_policy}) is kept"
-    elif not dane.secure(domain, "MX"):
-        why = f"the MX records of {domain} are not authenticated (DNSSEC)"
-    else:
-        out["dane"] = {"applies": True, "why": f"the MX records of {domain} are authenticated"}
-        return True
-    out["dane"] = {"applies": False, "why": why}
-    return False
+def _dane_summary(route: Route, plan: Plan, domain: str) -> dict[str, Any]:
+    if not plan.asks_dane:
+        return {"applies": False, "why": plan.dane_off.removeprefix("DANE is not used: ")}
+    return {"applies": True, "why": f"the MX records of {domain} are authenticated" if route.mx
+            else "the host is named by the config (RFC 7672 §2.2.3: its own name is the TLSA base domain)"}
+
+
+def _mta_sts_summary(route: Route, plan: Plan, info: dict[str, Any]) -> dict[str, Any]:
+    if route.tls_policy not in PUBLISHED:
+        return {"applies": None, "why": f"the domain's TLS policy ({route.tls_policy}) is fixed by the config"}
+    if route.tls_policy == "dane-only":
+        return {"applies": None, "why": "the domain's TLS policy is dane-only"}
+    if not info:  # the lookup was not made: MTA-STS is off
+        return {"applies": None, "why": plan.sts_why}
+    return info
 
 
 def _why(route: Route, domain: str) -> str:
@@ -93,57 +93,42 @@ def _why(route: Route, domain: str) -> str:
     return route.describe()
 
 
-def _mta_sts(config: Config, route: Route, cache: PolicyCache, domain: str, resolver: Resolver,
-             now: float) -> tuple[dict[str, Any] | None, mtasts.Policy | None]:
-    """What MTA-STS says for an MX route (as attempt.py decides), and the policy it enforces."""
-    if not route.mx:
-        return None, None
-    if not config.delivery.mta_sts:
-        return {"applies": None, "why": "delivery.mta_sts is off"}, None
-    if not route.opportunistic_mx:
-        return {"applies": None, "why": f"the domain's own TLS policy ({route.tls_policy}) is kept"}, None
-    try:
-        record = mtasts.parse_record(resolver.txt(f"_mta-sts.{domain}"))
-    except DnsError as exc:
-        record, lookup = None, f"lookup failed: {exc.text}"
-    else:
-        lookup = f"id={record.id}" if record else "none"
-    cached = cache.get(domain)
-    policy = mtasts.applicable(cached, now)
-    out: dict[str, Any] = {
-        "record": lookup,
-        "applies": policy.mode if policy is not None else None,
-        "fetch_at_next_delivery": mtasts.needs_fetch(cached, record, now) and cache.may_fetch(domain, now),
-    }
-    if cached is not None:
-        out["cached"] = {"id": cached.id, "mode": cached.policy.mode, "mx": list(cached.policy.mx),
-                         "max_age": cached.policy.max_age, "fetched": cached.fetched, "expires": cached.expires}
-    failure = cache.last_failure(domain)
-    if failure is not None:
-        out["last_fetch_failure"] = {"at": failure[0], "reason": failure[1]}
-    return out, policy if policy is not None and policy.mode == "enforce" else None
+def _cached_policy(cache: PolicyCache, resolver: Resolver, now: float, info: dict[str, Any]):
+    """The MTA-STS lookup explain makes: the policy cached now (nothing is fetched), with what
+    was found written into info for the output."""
+    def lookup(domain: str) -> tuple[mtasts.Policy | None, str]:
+        try:
+            record = mtasts.parse_record(resolver.txt(f"_mta-sts.{domain}"))
+        except DnsError as exc:
+            record, text = None, f"lookup failed: {exc.text}"
+        else:
+            text = f"id={record.id}" if record else "none"
+        cached = cache.get(domain)
+        policy = mtasts.applicable(cached, now)
+        info.update(record=text, applies=policy.mode if policy is not None else None,
+                    fetch_at_next_delivery=mtasts.needs_fetch(cached, record, now) and cache.may_fetch(domain, now))
+        if cached is not None:
+            info["cached"] = {"id": cached.id, "mode": cached.policy.mode, "mx": list(cached.policy.mx),
+                              "max_age": cached.policy.max_age, "fetched": cached.fetched, "expires": cached.expires}
+        failure = cache.last_failure(domain)
+        if failure is not None:
+            info["last_fetch_failure"] = {"at": failure[0], "reason": failure[1]}
+        return policy, "no policy cached" if cached is None else "cached"
+    return lookup
 
 
-def _host(route: Route, host: str, resolver: Resolver, enforced: mtasts.Policy | None,
-          dane: TlsaLookup | None) -> dict[str, Any]:
+def _host(route: Route, host: str, resolver: Resolver, plan: Plan, dane: TlsaLookup | None) -> dict[str, Any]:
     entry: dict[str, Any] = {"host": host}
-    if route.path:
-        return entry | {"addresses": [f"unix:{route.path}"], "tls": "none", "why": "a unix socket: no TLS"}
     try:
         entry["addresses"] = [host] if is_ip(host) else resolver.addresses(host)
     except DnsError as exc:
         entry.update(addresses=[], error=exc.text)
-    if dane is not None and not is_ip(host):
-        check, skip = dane_dns.host_check(dane, host)  # as attempt.py decides
-        if skip:
-            return entry | {"tls": "skipped", "why": skip}
-        if check is not None and check.records:
-            return entry | {"tls": "dane", "tlsa": [str(r) for r in check.records],
-                            "why": "DANE: TLS required, checked by the host's authenticated TLSA records alone"}
-        if check is not None:
-            return entry | {"tls": "encrypt", "why": "DANE: TLSA records, none usable: TLS required, not checked"}
-    if enforced is not None:
-        if not enforced.allows(host):
-            return entry | {"tls": "skipped", "why": "MTA-STS enforce: the policy does not name this host"}
-        return entry | {"tls": "verify", "why": "MTA-STS enforce: TLS required, certificate checked for this name"}
-    return entry | {"tls": route.tls_policy, "why": TLS_MEANING[route.tls_policy]}
+    checked = None
+    if plan.asks_dane and dane is not None and not is_ip(host):  # as attempt.py asks
+        checked = dane_dns.host_check(dane, host, 25 if route.mx else route.port)
+    tls = plan.host(host, checked)
+    if tls.skip:
+        return entry | {"tls": "skipped", "why": tls.skip}
+    if tls.dane is not None:
+        return entry | {"tls": "dane", "tlsa": [str(r) for r in tls.dane.records], "why": f"DANE: {tls.why}"}
+    return entry | {"tls": tls.policy, "why": f"{tls.source}: {tls.why}" if tls.source else tls.why}

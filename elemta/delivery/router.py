@@ -30,7 +30,7 @@ class Route:
     hosts: tuple[str, ...] = ()  # host names or IP addresses to try, in order
     port: int = 25
     path: str = ""  # LMTP unix socket, or Maildir template
-    tls_policy: str = "may"
+    tls_policy: str = "dane"  # delivery.tls_policy's default
     auth: tuple[str, str] | None = None
     status: str = ""  # error: RFC 3463 status
     text: str = ""  # error: the reason
@@ -46,13 +46,6 @@ class Route:
         if self.kind in ("smtp", "lmtp"):
             return (self.kind, self.path, tuple(sorted(self.hosts)) if self.mx else self.hosts, self.port)
         return (self.kind,)
-
-    @property
-    def opportunistic_mx(self) -> bool:
-        """MX delivery under an opportunistic TLS policy (may, encrypt): what the recipient
-        domain publishes (DANE, MTA-STS) may raise it.  An admin's none or verify for the
-        domain, a relayhost and transports keep their own policy."""
-        return self.mx and self.tls_policy in ("may", "encrypt")
 
     def describe(self) -> str:
         if self.kind in ("smtp", "lmtp"):

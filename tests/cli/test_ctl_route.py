@@ -72,10 +72,17 @@ def test_without_a_cached_policy_mx_delivery_is_opportunistic_and_the_next_deliv
 
 def test_the_domains_own_tls_policy_and_mta_sts_off_are_said(conf):
     r = explain(conf('tls_policies = { "example.test" = "verify" }\n'), "example.test")
-    assert r["mta_sts"] == {"applies": None, "why": "the domain's own TLS policy (verify) is kept"}
+    assert r["mta_sts"] == {"applies": None, "why": "the domain's TLS policy (verify) is fixed by the config"}
     assert {h["tls"] for h in r["hosts"]} == {"verify"}
     r = explain(conf("mta_sts = false\n"), "example.test")
     assert r["mta_sts"]["why"] == "delivery.mta_sts is off"
+
+
+def test_a_domain_that_requires_mta_sts_without_a_policy_is_shown_waiting(conf):
+    r = explain(conf('tls_policies = { "example.test" = "mta-sts", "plain.test" = "mta-sts" }\n'), "plain.test")
+    assert r["tls_policy"] == "mta-sts" and r["mta_sts"]["record"] == "none"
+    assert [(h["tls"], h["why"]) for h in r["hosts"]] == [
+        ("skipped", "MTA-STS required (mta-sts): plain.test: no policy cached")]
 
 
 @pytest.mark.parametrize("extra, target, route, kind", [
@@ -103,9 +110,10 @@ def test_the_console_script_prints_one_line_per_fact(conf):
     lines = done.stdout.splitlines()
     assert lines[0] == "example.test: mx: MX records of example.test, best first"
     assert lines[1] == "  destination: mx1.example.test, mx2.elsewhere.test port 25: 20 at a time, no rate limit"
-    assert lines[2] == "  DANE: not applied: the MX records of example.test are not authenticated (DNSSEC)"
-    assert lines[3].startswith("  MTA-STS: record id=20261205; no policy cached; applies: nothing")
-    assert lines[4] == ("  mx1.example.test [192.0.2.1]: TLS may: "
+    assert lines[2] == "  TLS policy: dane"
+    assert lines[3] == "  DANE: not applied: the MX records of example.test are not authenticated (DNSSEC)"
+    assert lines[4].startswith("  MTA-STS: record id=20261205; no policy cached; applies: nothing")
+    assert lines[5] == ("  mx1.example.test [192.0.2.1]: TLS may: "
                         "STARTTLS when offered, certificate not checked (opportunistic)")
 
 
@@ -125,10 +133,16 @@ def test_dane_records_are_shown_per_host_from_a_validating_resolver(tmp_path):
         (tmp_path / "spool").mkdir()
         config = tmp_path / "elemta.toml"
         config.write_text(f'[server]\nspool_dir = "{tmp_path / "spool"}"\n\n'
-                          f'[delivery]\nresolvers = ["{bed.nameserver}"]\ndns_timeout = 5\n')
+                          f'[delivery]\nresolvers = ["{bed.nameserver}"]\ndns_timeout = 5\n'
+                          'tls_policies = { "nodane.test" = "dane-only" }\n')
         r = explain(str(config), "dane.test")
         assert r["dane"] == {"applies": True, "why": "the MX records of dane.test are authenticated"}
         (host,) = r["hosts"]
         assert (host["tls"], host["tlsa"]) == ("dane", [f"3 1 1 {digest}"])
+        assert r["tls_policy"] == "dane"
         r = explain(str(config), "nodane.test")
-        assert r["dane"]["applies"] is True and r["hosts"][0]["tls"] == "may"  # no TLSA: opportunistic
+        assert (r["tls_policy"], r["dane"]["applies"]) == ("dane-only", True)
+        assert r["mta_sts"] == {"applies": None, "why": "the domain's TLS policy is dane-only"}
+        (host,) = r["hosts"]
+        assert (host["tls"], host["why"]) == ("skipped", "DANE required (dane-only): mx.nodane.test has no "
+                                              "authenticated TLSA records")

@@ -51,9 +51,12 @@ def testbed(leaf, tmp_path_factory):
         return ["@ IN MX 10 mx", "mx IN A 127.0.0.1"] + ([f"_25._tcp.mx IN TLSA 3 1 1 {tlsa}"] if tlsa else [])
 
     zones = {"good.test": mx(good), "wrong.test": mx(wrong), "bogus.test": mx(good), "plain.test": mx(good),
-             "none.test": mx(None)}
+             "none.test": mx(None),
+             # A relayhost's TLSA records are at its own port, an ephemeral one here: a wildcard.
+             "relay.test": ["relay IN A 127.0.0.1", f"*._tcp.relay IN TLSA 3 1 1 {good}",
+                            "wrong IN A 127.0.0.1", f"*._tcp.wrong IN TLSA 3 1 1 {wrong}"]}
     with DnssecTestbed(tmp_path_factory.mktemp("dnssec"), zones,
-                       signed={"good.test", "wrong.test", "bogus.test", "none.test"},
+                       signed={"good.test", "wrong.test", "bogus.test", "none.test", "relay.test"},
                        after_signing={"bogus.test": (good, wrong)}) as bed:
         yield bed
 
@@ -66,12 +69,15 @@ def mx(leaf):
         yield server
 
 
-def attempt(testbed, mx, domain, dane=True):
+def attempt(testbed, mx, domain, dane=True, policy="dane", relayhost=None):
     resolver = Resolver([testbed.nameserver], timeout=5.0)
     attempter = Attempter(Settings(helo_name="out.test", connect_timeout=5, command_timeout=10), resolver, Pool(),
                           dane=TlsaLookup([testbed.nameserver], timeout=5) if dane else None)
     job, rcpt = job_for(domain)
-    route = Route("smtp", tuple(resolver.mx_hosts(domain)), mx.port, tls_policy="may", mx=True)
+    if relayhost:
+        route = Route("smtp", (relayhost,), mx.port, tls_policy=policy)
+    else:
+        route = Route("smtp", tuple(resolver.mx_hosts(domain)), mx.port, tls_policy=policy, mx=True)
     return attempter.run(job, BODY, [rcpt], route)
 
 
@@ -107,3 +113,37 @@ def test_an_unsigned_zone_or_no_tlsa_record_is_opportunistic_tls(testbed, mx, do
 def test_with_dane_off_the_records_are_not_looked_at(testbed, mx):
     out = attempt(testbed, mx, "wrong.test", dane=False)
     assert [v.status for v in out.verdicts] == ["ok"]
+
+
+def test_dane_only_delivers_over_dane_and_skips_hosts_without_usable_records(testbed, mx):
+    out = attempt(testbed, mx, "good.test", policy="dane-only")
+    assert [v.status for v in out.verdicts] == ["ok"] and out.attempts[-1].tls.endswith("(DANE 3 1 1)")
+    for domain in ("plain.test", "none.test"):
+        out = attempt(testbed, mx, domain, policy="dane-only")
+        (verdict,) = out.verdicts
+        assert (verdict.status, verdict.enhanced) == ("transient", "4.7.5"), domain
+        assert verdict.reply.startswith("DANE required (dane-only)"), verdict.reply
+        assert [a.ip for a in out.attempts] == [""]  # skipped: never connected
+    assert len(mx.handler.received()) == 1
+
+
+def test_dane_only_without_a_trusted_resolver_sends_nothing(testbed, mx):
+    (verdict,) = attempt(testbed, mx, "good.test", dane=False, policy="dane-only").verdicts
+    assert (verdict.status, verdict.enhanced) == ("transient", "4.7.5")
+    assert "DANE is not used" in verdict.reply and mx.handler.received() == []
+
+
+@pytest.mark.parametrize("policy", ["may", "encrypt"])
+def test_a_fixed_policy_does_not_look_at_the_records(testbed, mx, policy):
+    out = attempt(testbed, mx, "wrong.test", policy=policy)
+    assert [v.status for v in out.verdicts] == ["ok"] and "DANE" not in out.attempts[-1].tls
+
+
+def test_a_relayhost_named_by_the_config_is_its_own_tlsa_base_domain(testbed, mx):
+    """RFC 7672 §2.2.3: no MX lookup, the configured name is trusted, its TLSA records are at
+    _PORT._tcp.<name>."""
+    out = attempt(testbed, mx, "elsewhere.example", policy="dane-only", relayhost="relay.relay.test")
+    assert [v.status for v in out.verdicts] == ["ok"] and out.attempts[-1].tls.endswith("(DANE 3 1 1)")
+    (verdict,) = attempt(testbed, mx, "elsewhere.example", policy="dane", relayhost="wrong.relay.test").verdicts
+    assert (verdict.status, verdict.enhanced) == ("transient", "4.7.5")
+    assert len(mx.handler.received()) == 1

@@ -50,7 +50,7 @@ def world(ca, ca_file, tmp_path):
         finder = PolicyFinder(PolicyCache(str(spool)), resolver, ca_file=ca_file, port=host.port) if sts else None
         attempter = Attempter(Settings(helo_name="out.test", connect_timeout=5, command_timeout=10,
                                        ca_file=ca_file), resolver, Pool(), sts=finder)
-        route = Route("smtp", tuple(resolver.mx_hosts("example.test")), mx.port, tls_policy="may", mx=True)
+        route = Route("smtp", tuple(resolver.mx_hosts("example.test")), mx.port, tls_policy="dane", mx=True)
         return attempter, mx, route
 
     yield make
@@ -105,3 +105,22 @@ def test_an_admins_own_policy_for_the_domain_is_kept(world):
     attempter, mx, route = world(mx_name="mx.attacker.test")
     out = attempter.run(JOB, BODY, [RCPT], Route(**{**route.__dict__, "tls_policy": "none"}))
     assert [v.status for v in out.verdicts] == ["ok"]  # "none" for the domain: as configured
+
+
+def test_mta_sts_required_delivers_only_under_an_enforced_policy(world):
+    attempter, mx, route = world()
+    out = attempter.run(JOB, BODY, [RCPT], Route(**{**route.__dict__, "tls_policy": "mta-sts"}))
+    assert [v.status for v in out.verdicts] == ["ok"] and out.attempts[-1].tls.endswith("(MTA-STS enforce)")
+    for options in ({"mode": "testing"}, {"sts": False}):
+        attempter, mx, route = world(**options)
+        out = attempter.run(JOB, BODY, [RCPT], Route(**{**route.__dict__, "tls_policy": "mta-sts"}))
+        (verdict,) = out.verdicts
+        assert (verdict.status, verdict.enhanced) == ("transient", "4.7.4"), options
+        assert verdict.reply.startswith("MTA-STS required (mta-sts)"), verdict.reply
+        assert mx.handler.received() == [] and [a.ip for a in out.attempts] == [""]
+
+
+def test_may_is_plain_opportunistic_tls_whatever_the_domain_publishes(world):
+    attempter, mx, route = world(mx_name="mx.attacker.test", cert_name="other.test")
+    out = attempter.run(JOB, BODY, [RCPT], Route(**{**route.__dict__, "tls_policy": "may"}))
+    assert [v.status for v in out.verdicts] == ["ok"] and "MTA-STS" not in out.attempts[-1].tls

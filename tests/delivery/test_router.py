@@ -55,7 +55,7 @@ def merged(*parts):
     ("lmtp:127.0.0.1:2424", Route("lmtp", ("127.0.0.1",), 2424, tls_policy="none")),
     ("lmtp:[::1]", Route("lmtp", ("::1",), 24, tls_policy="none")),
     ("maildir:/var/mail/%d/%u", Route("maildir", path="/var/mail/%d/%u")),
-    ("smtp:[127.0.0.1]:2525", Route("smtp", ("127.0.0.1",), 2525, tls_policy="may")),
+    ("smtp:[127.0.0.1]:2525", Route("smtp", ("127.0.0.1",), 2525, tls_policy="dane")),
     ("hold", Route("hold")),
     ("discard", Route("discard")),
     ("error:4.3.2 mailbox server moving", Route("error", status="4.3.2", text="mailbox server moving")),
@@ -136,11 +136,11 @@ MAP = {"delivery": {"transport": {
 
 
 @pytest.mark.parametrize(("address", "expected"), [
-    ("x@partner.test", Route("smtp", ("127.0.0.1",), 2525, tls_policy="may")),
-    ("x@PARTNER.Test.", Route("smtp", ("127.0.0.1",), 2525, tls_policy="may")),
-    ("x@a.corp.test", Route("smtp", ("relay.corp.test",), 26, tls_policy="may")),  # not ".a.corp.test"
-    ("x@deep.down.corp.test", Route("smtp", ("relay.corp.test",), 26, tls_policy="may")),
-    ("x@z.a.corp.test", Route("smtp", ("127.0.0.9",), 25, tls_policy="may")),  # nearest parent wins
+    ("x@partner.test", Route("smtp", ("127.0.0.1",), 2525, tls_policy="dane")),
+    ("x@PARTNER.Test.", Route("smtp", ("127.0.0.1",), 2525, tls_policy="dane")),
+    ("x@a.corp.test", Route("smtp", ("relay.corp.test",), 26, tls_policy="dane")),  # not ".a.corp.test"
+    ("x@deep.down.corp.test", Route("smtp", ("relay.corp.test",), 26, tls_policy="dane")),
+    ("x@z.a.corp.test", Route("smtp", ("127.0.0.9",), 25, tls_policy="dane")),  # nearest parent wins
     ("x@b.corp.test", Route("lmtp", ("127.0.0.1",), 24, tls_policy="none")),  # exact beats parent
     ("x@held.test", Route("hold")),
     ("x@void.test", Route("discard")),
@@ -158,7 +158,7 @@ def test_transport_map_by_exact_domain_then_parent_domain(make_router, server, a
 
 def test_parent_entry_does_not_match_the_domain_itself(make_router):
     route = make_router(MAP).route("x@corp.test")
-    assert route == Route("smtp", ("mx1.example.test",), 25, tls_policy="may", mx=True)
+    assert route == Route("smtp", ("mx1.example.test",), 25, tls_policy="dane", mx=True)
 
 
 def test_transport_map_smtp_route_uses_the_domains_tls_policy(make_router):
@@ -234,7 +234,7 @@ def test_bad_relayhost_auth_file_is_a_config_error(make_router, tmp_path, conten
 
 def test_mx_route_lists_hosts_in_preference_order(make_router):
     route = make_router().route("bob@Example.TEST.")
-    assert route == Route("smtp", ("mx1.example.test", "mx2.example.test"), 25, tls_policy="may", mx=True)
+    assert route == Route("smtp", ("mx1.example.test", "mx2.example.test"), 25, tls_policy="dane", mx=True)
 
 
 def test_mx_route_uses_mx_port_and_tls_policies(make_router):
