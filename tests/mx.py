@@ -15,6 +15,7 @@ from typing import Self
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.lmtp import LMTP
+from aiosmtpd.smtp import SMTP
 
 
 @dataclass(frozen=True)
@@ -79,19 +80,46 @@ class Handler:
             return len(self._sessions)
 
 
-class Mx(Controller):
-    """An SMTP (or LMTP) server on 127.0.0.1:<ephemeral>; by default with a recording Handler."""
+class RequireTlsSmtp(SMTP):
+    """aiosmtpd's SMTP with REQUIRETLS (RFC 8689) offered after STARTTLS: the keyword in EHLO,
+    the MAIL parameter accepted (it stays in the message's mail_options)."""
 
-    def __init__(self, handler=None, lmtp: bool = False, **kwargs) -> None:
+    def _getparams(self, params):
+        found = super()._getparams(params)
+        if found is not None and self._tls_protocol is not None:
+            found.pop("REQUIRETLS", None)
+        return found
+
+    async def smtp_EHLO(self, hostname):
+        # The keyword goes in before the last line ("250 HELP"), only over TLS.
+        if self._tls_protocol is not None:
+            self.requiretls_offered = True
+        return await super().smtp_EHLO(hostname)
+
+    async def push(self, status):
+        if getattr(self, "requiretls_offered", False) and status == "250 HELP":
+            self.requiretls_offered = False
+            await super().push("250-REQUIRETLS")
+        return await super().push(status)
+
+
+class Mx(Controller):
+    """An SMTP (or LMTP) server on 127.0.0.1:<ephemeral>; by default with a recording Handler.
+    requiretls: offer REQUIRETLS after STARTTLS."""
+
+    def __init__(self, handler=None, lmtp: bool = False, requiretls: bool = False, **kwargs) -> None:
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.bind(("127.0.0.1", 0))
         self._sock.listen(128)
         self._lmtp = lmtp
+        self._requiretls = requiretls
         super().__init__(handler or Handler(), hostname="127.0.0.1", port=self._sock.getsockname()[1], **kwargs)
 
     def factory(self):
         if self._lmtp:
             return LMTP(self.handler, **self.SMTP_kwargs)
+        if self._requiretls:
+            return RequireTlsSmtp(self.handler, **self.SMTP_kwargs)
         return super().factory()
 
     def _create_server(self):

@@ -161,7 +161,8 @@ class Output:
             ("queue_id", d.queue_id), ("created", d.created), ("age", d.age), ("size", d.size),
             ("sender", sender_text(d.sender)), ("priority", d.priority), ("client_ip", d.client_ip),
             ("client_helo", d.client_helo), ("listener", d.listener), ("envid", d.envid), ("ret", d.ret),
-            ("body_type", d.body_type), ("smtputf8", d.smtputf8), ("done_at", d.done_at),
+            ("body_type", d.body_type), ("smtputf8", d.smtputf8), ("requiretls", d.requiretls),
+            ("done_at", d.done_at),
         ]
         body = "stored" if d.body_available else "dropped: every recipient is delivered or failed"
         if not self.terminal:

@@ -14,6 +14,7 @@ The attempt's TLS field says what applied: "(DANE 3 1 1)" or "(MTA-STS enforce)"
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,7 +32,8 @@ from elemta.delivery.smtp_client import (
     SmtpConnection,
 )
 from elemta.delivery.smtp_pool import Pool
-from elemta.delivery.tls_decision import HostTls, Plan, make_plan
+from elemta.delivery.tls_decision import PUBLISHED, REQUIRETLS_STATUS, HostTls, Plan, make_plan
+from elemta.queue.query import parse_headers
 from elemta.queue.work import Attempt, Job, Recipient
 from elemta.transport import is_ip
 
@@ -95,19 +97,32 @@ class Attempter:
         out = AttemptResult()
         remaining = list(recipients)
         last: dict[int, Verdict] = {}
-        plan = self.plan(route, recipients[0].domain)
-        for host, ip, tls in self._addresses(route, remaining, out, last, plan):
+        requiretls = job.requiretls and not route.path  # a unix socket is no network hop
+        policy_route = route
+        if not job.requiretls and route.tls_policy in PUBLISHED and tls_required_no(body):
+            policy_route = dataclasses.replace(route, tls_policy="may")  # RFC 8689 §4.2.2
+        plan = self.plan(policy_route, recipients[0].domain)
+        for host, ip, tls in self._addresses(route, remaining, out, last, plan, requiretls):
             started = time.monotonic()
             message = OutMessage(
                 sender=job.sender,
                 recipients=tuple(OutRecipient(r.address, r.notify, r.orcpt) for r in remaining),
                 body=body, envid=job.envid, ret=job.ret, body_type=job.body_type, smtputf8=job.smtputf8,
+                requiretls=requiretls,
             )
             key = (route.kind, route.path, host, ip, route.port, "dane" if tls.dane else tls.policy, route.auth)
             tls_text = ""
             try:
                 conn = self.pool.get(key) or self._open(route, host, ip, tls)
                 tls_text = (str(conn.tls) + tls.label) if conn.tls else ""
+                if requiretls and "REQUIRETLS" not in conn.extensions:
+                    # RFC 8689 §4.2.1: the next hop must carry the requirement on; try the next.
+                    self.pool.put(key, conn)
+                    reply = f"REQUIRETLS: {host} does not offer REQUIRETLS"
+                    for r in remaining:
+                        last[r.id] = Verdict(r, "permanent", reply, REQUIRETLS_STATUS, host)
+                        out.attempts.append(self._attempt(r, "permanent", reply, host, ip, route, tls_text, started))
+                    continue
                 results = conn.send(message)
             except SmtpClientError as exc:
                 status = "permanent" if exc.permanent and not exc.try_next_host else "transient"
@@ -151,9 +166,9 @@ class Attempter:
                          dane_off=self.dane_off, sts=mta_sts if self.sts is not None else None)
 
     def _addresses(self, route: Route, remaining: list[Recipient], out: AttemptResult, last: dict[int, Verdict],
-                   plan: Plan):
+                   plan: Plan, requiretls: bool = False):
         """(host, ip, its TLS decision) to try, resolving each host only when it is reached; a
-        host the decision rules out is recorded as skipped."""
+        host the decision rules out is recorded as skipped (for REQUIRETLS, as failed)."""
         if route.path:  # LMTP over a unix socket
             yield "localhost", "", plan.host("localhost")
             return
@@ -163,10 +178,13 @@ class Attempter:
             if plan.asks_dane and self.dane is not None and not is_ip(host):
                 checked = dane_dns.host_check(self.dane, host, route.port if not route.mx else 25)
             tls = plan.host(host, checked)
+            if requiretls:
+                tls = plan.require_tls(host, tls)
             if tls.skip:
+                status = "permanent" if tls.status.startswith("5") else "transient"
                 for r in remaining:
-                    last[r.id] = Verdict(r, "transient", tls.skip, tls.status, host)
-                    out.attempts.append(Attempt(r.id, self.clock(), "deferred", tls.skip, host))
+                    last[r.id] = Verdict(r, status, tls.skip, tls.status, host)
+                    out.attempts.append(Attempt(r.id, self.clock(), _OUTCOME[status], tls.skip, host))
                 continue
             if is_ip(host):
                 addresses = [host]
@@ -224,6 +242,17 @@ class Attempter:
 
 
 _OUTCOME = {"ok": "delivered", "transient": "deferred", "permanent": "failed"}
+
+
+def tls_required_no(body: bytes) -> bool:
+    """Whether the message's header has "TLS-Required: No" (RFC 8689 §3, §4.2.2): its sender asks that
+    what the recipient domain publishes (DANE, MTA-STS) not stop it.  A cheap test first: this
+    runs for every delivery."""
+    end = body.find(b"\r\n\r\n")
+    head = body[: end if end >= 0 else len(body)]
+    if b"tls-required" not in head.lower():
+        return False
+    return any(name.lower() == "tls-required" and value.lower() == "no" for name, value in parse_headers(head))
 
 
 def _default_status(status: str) -> str:

@@ -106,7 +106,7 @@ def _report_message(job: Job, statuses: list[bounce.RecipientStatus], reporting:
     queue_id = reporting.new_id()
     original = bounce.OriginalMessage(
         queue_id=job.queue_id, sender=job.sender, arrival=job.created, envid=job.envid, ret=job.ret,
-        smtputf8=job.smtputf8, body=body,
+        smtputf8=job.smtputf8, body=body, requiretls=job.requiretls,
     )
     data = bounce.build_report(
         original, statuses, reporting_mta=reporting.hostname, now=now,

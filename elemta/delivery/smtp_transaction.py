@@ -34,6 +34,7 @@ class OutMessage:
     ret: str | None = None  # "FULL" | "HDRS" | None
     body_type: str = "7BIT"  # "7BIT" | "8BITMIME" | "BINARYMIME"
     smtputf8: bool = False
+    requiretls: bool = False  # RFC 8689: only to a server that offers REQUIRETLS
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,9 @@ class OutboundTransaction:
             # RFC 1870: the server would refuse it with 552; a bounce, as in Postfix.
             return Reply(552, "5.3.4", f"message size {len(message.body)} exceeds size "
                          f"limit {limit} of server {self.host}")
+        if message.requiretls and "REQUIRETLS" not in self.extensions:
+            # RFC 8689 §4.2.1 (attempt.py tries the next host before it comes to this).
+            return Reply(550, "5.7.30", f"REQUIRETLS is required, but was not offered by {self.host}")
         if self.utf8 and "SMTPUTF8" not in self.extensions:
             # RFC 6531 §3.5: no downgrade here, so a non-delivery report.  Codes from the
             # RFC 5248 registry (added by RFC 6531): X.6.7 for non-ASCII addresses, X.6.9
@@ -124,6 +128,8 @@ class OutboundTransaction:
             params.append("BODY=8BITMIME")
         if self.utf8:
             params.append("SMTPUTF8")  # RFC 6531
+        if message.requiretls:
+            params.append("REQUIRETLS")  # RFC 8689 §2: a MAIL parameter without a value
         if self.dsn and (message.ret or "").upper() in ("FULL", "HDRS"):
             params.append(f"RET={(message.ret or '').upper()}")  # RFC 3461 §4.3
         if self.dsn and message.envid:

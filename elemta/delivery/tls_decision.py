@@ -43,8 +43,9 @@ TLS_MEANING = {
 }
 
 # RFC 3463: X.7.5 a cryptographic check could not be made (DANE), X.7.4 the security the
-# destination requires is not offered (MTA-STS).
-DANE_STATUS, STS_STATUS = "4.7.5", "4.7.4"
+# destination requires is not offered (MTA-STS); RFC 8689 registers 5.7.30 "REQUIRETLS support
+# required", a message with REQUIRETLS that cannot go on as it asks.
+DANE_STATUS, STS_STATUS, REQUIRETLS_STATUS = "4.7.5", "4.7.4", "5.7.30"
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,16 @@ class Plan:
             return HostTls(skip=f"MTA-STS required (mta-sts): {self.sts_why or 'no policy in mode enforce'}",
                            status=STS_STATUS, source="MTA-STS")
         return HostTls("may", why=TLS_MEANING["may"])
+
+    def require_tls(self, host: str, tls: HostTls) -> HostTls:
+        """tls for a message with REQUIRETLS (RFC 8689 §4.2.1): only TLS whose peer is
+        authenticated by DANE or MTA-STS, or verified for a name the config gives (a relayhost
+        or transport with verify: no DNS named it).  Anything else is a permanent refusal of
+        the host; a host already skipped keeps its reason."""
+        if tls.skip or tls.authenticated or (tls.policy == "verify" and not self.mx):
+            return tls
+        return HostTls(skip=f"REQUIRETLS: {host} is reached without TLS authenticated by DANE or MTA-STS"
+                            f" (TLS policy {self.policy}: {tls.why or 'opportunistic'})", status=REQUIRETLS_STATUS)
 
 
 def make_plan(route: Route, domain: str, *, mx_secure: Callable[[str], bool] | None, dane_off: str = "",

@@ -73,6 +73,7 @@ class OriginalMessage:
     ret: str | None = None  # 'FULL', 'HDRS' or None
     smtputf8: bool = False
     body: bytes = b""  # the stored message, CRLF line endings
+    requiretls: bool = False  # RFC 8689: the report, sent without it, returns the header only
 
 
 def wants_report(notify: tuple[str, ...], action: str) -> bool:
@@ -307,8 +308,10 @@ def _returned_part(body: bytes, full: bool, smtputf8: bool) -> bytes:
 def _is_full(original: OriginalMessage, recipients: Sequence[RecipientStatus]) -> bool:
     # RFC 3461 §4.3 and §6.2: RET=FULL returns the whole message only in a report
     # of failure; any other report, and RET=HDRS or no RET, returns the header section.
+    # RFC 8689 §5: a report goes back without REQUIRETLS (the return path may not offer it),
+    # so the content its sender required authenticated TLS for stays out of it.
     ret = (original.ret or "").upper()
-    return ret == "FULL" and any(rcpt.action == "failed" for rcpt in recipients)
+    return ret == "FULL" and not original.requiretls and any(rcpt.action == "failed" for rcpt in recipients)
 
 
 def _subject(actions: set[str]) -> str:

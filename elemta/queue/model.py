@@ -53,6 +53,7 @@ class NewMessage:
     ret: str | None = None  # 'FULL' or 'HDRS' (RFC 3461), None if not given
     body_type: str = "7BIT"
     smtputf8: bool = False
+    requiretls: bool = False  # RFC 8689: onward only over authenticated TLS, else a bounce
     client_ip: str = ""
     client_helo: str = ""
     listener: str = ""

@@ -102,6 +102,7 @@ class MessageDetail:
     ret: str | None
     body_type: str
     smtputf8: bool
+    requiretls: bool  # RFC 8689
     done_at: float | None  # when the last recipient became final; its body is gone then
     body_available: bool
     headers: tuple[tuple[str, str], ...]
@@ -298,7 +299,7 @@ def show(conn: sqlite3.Connection, queue_id: str, now: float) -> MessageDetail:
     return MessageDetail(
         queue_id, m["created"], _age(now, m["created"]), m["size"], m["sender"], PRIORITIES[m["priority"]],
         m["client_ip"], m["client_helo"], m["listener"], m["envid"], m["ret"], m["body_type"],
-        bool(m["smtputf8"]), m["done_at"], has_body, headers, tuple(details),
+        bool(m["smtputf8"]), bool(m["requiretls"]), m["done_at"], has_body, headers, tuple(details),
     )
 
 

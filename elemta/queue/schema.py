@@ -142,7 +142,10 @@ _V4 = (
     "CREATE INDEX recipients_state_priority_next ON recipients (state, priority, next_attempt)",
 )
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3, _V4)
+# REQUIRETLS (RFC 8689): the message goes on only over authenticated TLS.
+_V5 = ("ALTER TABLE messages ADD COLUMN requiretls INTEGER NOT NULL DEFAULT 0",)
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3, _V4, _V5)
 VERSION = len(MIGRATIONS)
 
 
@@ -196,8 +199,8 @@ def migrate(conn: sqlite3.Connection) -> int:
 
 _INSERT_MESSAGE = (
     "INSERT INTO messages (queue_id, created, sender, size, priority, envid, ret, body_type,"
-    " smtputf8, client_ip, client_helo, listener, recipients)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " smtputf8, client_ip, client_helo, listener, recipients, requiretls)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _INSERT_BODY = "INSERT INTO bodies (queue_id, data) VALUES (?, ?)"
 _INSERT_RECIPIENT = (
@@ -221,6 +224,7 @@ def insert_messages(conn: sqlite3.Connection, msgs: Iterable[NewMessage], now: f
         messages.append((
             m.queue_id, created, m.sender, len(m.body), prio, m.envid, m.ret, m.body_type,
             1 if m.smtputf8 else 0, m.client_ip, m.client_helo, m.listener, len(m.recipients),
+            1 if m.requiretls else 0,
         ))
         bodies.append((m.queue_id, m.body))
         nbytes += len(m.body)

@@ -60,6 +60,7 @@ class Job:
     body_type: str
     smtputf8: bool
     recipients: tuple[Recipient, ...]
+    requiretls: bool = False  # RFC 8689 (delivery/attempt.py)
 
 
 @dataclass(frozen=True)
@@ -315,12 +316,13 @@ class WorkQueue:
                 return []
             marks = ",".join("?" * len(by_message))
             messages = conn.execute(
-                "SELECT queue_id, created, sender, size, priority, envid, ret, body_type, smtputf8"
+                "SELECT queue_id, created, sender, size, priority, envid, ret, body_type, smtputf8, requiretls"
                 f" FROM messages WHERE queue_id IN ({marks})", tuple(by_message),
             ).fetchall()
         jobs = [
             Job(m["queue_id"], m["created"], m["sender"], m["size"], m["priority"], m["envid"], m["ret"],
-                m["body_type"], bool(m["smtputf8"]), tuple(sorted(by_message[m["queue_id"]], key=lambda r: r.id)))
+                m["body_type"], bool(m["smtputf8"]), tuple(sorted(by_message[m["queue_id"]], key=lambda r: r.id)),
+                bool(m["requiretls"]))
             for m in messages
         ]
         jobs.sort(key=lambda j: (j.priority, j.created))

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from elemta.queue.model import NewRecipient
 from elemta.smtp import address as addr
 
-MAIL_PARAMS = frozenset({"SIZE", "BODY", "SMTPUTF8", "RET", "ENVID", "MT-PRIORITY", "AUTH"})
+MAIL_PARAMS = frozenset({"SIZE", "BODY", "SMTPUTF8", "RET", "ENVID", "MT-PRIORITY", "AUTH", "REQUIRETLS"})
 RCPT_PARAMS = frozenset({"NOTIFY", "ORCPT"})
 
 
@@ -26,6 +26,7 @@ class Envelope:
     queue_id: str = ""
     body_type: str = "7BIT"
     smtputf8: bool = False
+    requiretls: bool = False  # RFC 8689: relay only over authenticated TLS
     priority: str = "normal"
     ret: str | None = None
     envid: str | None = None
@@ -61,6 +62,10 @@ def from_mail(sender: addr.Address, params: dict, *, max_size: int, trusted: boo
             if value is not None:
                 raise addr.AddressError("param", "SMTPUTF8 takes no value")
             envelope.smtputf8 = True
+        elif name == "REQUIRETLS":  # RFC 8689 §2: no value; the session checks TLS is up
+            if value is not None:
+                raise addr.AddressError("param", "REQUIRETLS takes no value")
+            envelope.requiretls = True
         elif name == "RET":
             envelope.ret = addr.parse_ret(value)
         elif name == "ENVID":

@@ -67,6 +67,8 @@ TEXT_LINE_TOO_LONG = Reply(500, "5.6.0", "Message refused: line longer than 1000
 TLS_READY = Reply(220, "2.0.0", "Ready to start TLS")
 TLS_UNAVAILABLE = Reply(502, "5.5.1", "STARTTLS not available")
 TLS_ACTIVE = Reply(503, "5.5.1", "TLS already active")
+# RFC 8689 §2: REQUIRETLS is offered only over TLS; X.7.10 "encryption needed" (RFC 5248).
+REQUIRETLS_NEEDS_TLS = Reply(530, "5.7.10", "REQUIRETLS needs TLS: send STARTTLS first")
 
 # AUTH (RFC 4954 §4, §6)
 AUTH_CHALLENGE = Reply(334, "", "{text}")

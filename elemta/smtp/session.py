@@ -311,6 +311,8 @@ class Session:
         ]
         if self.settings.starttls and self.tls is None:
             lines.append("STARTTLS")
+        if self.tls is not None:
+            lines.append("REQUIRETLS")  # RFC 8689 §2: over TLS only
         mechanisms = self.login.mechanisms()
         if mechanisms and self.user is None:
             lines.append("AUTH " + " ".join(mechanisms))

@@ -71,6 +71,8 @@ class MailTransaction:
             if params and not s.esmtp:
                 raise addr.AddressError("param", "parameters need EHLO")
             smtputf8 = "SMTPUTF8" in params
+            if "REQUIRETLS" in params and s.tls is None:
+                return s.error(replies.REQUIRETLS_NEEDS_TLS)
             sender = addr.parse_path(path, smtputf8=smtputf8, allow_null=True, allow_postmaster=False)
             envelope = env.from_mail(
                 sender, params, max_size=s.settings.max_message_size, trusted=s.client.trusted
@@ -106,6 +108,7 @@ class MailTransaction:
         s.services.log(
             "mail", qid=envelope.queue_id, ip=s.client.ip, conn=s.client.conn, sender=f"<{sender}>",
             size=params.get("SIZE") or "-", body=envelope.body_type,
+            **({"requiretls": True} if envelope.requiretls else {}),
         )
         return [replies.SENDER_OK]
 
@@ -313,6 +316,7 @@ class MailTransaction:
             ret=envelope.ret,
             body_type=envelope.body_type,
             smtputf8=envelope.smtputf8,
+            requiretls=envelope.requiretls,
             client_ip=s.client.ip,
             client_helo=s.helo or "",
             listener=s.settings.listener,

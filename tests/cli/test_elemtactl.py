@@ -190,7 +190,7 @@ def test_show_plain(q, run):
 def test_show_json(q, run):
     d = json.loads(ok(run("queue", "show", "--json", q.queued)).stdout)
     assert set(d) == {"queue_id", "created", "age", "size", "sender", "priority", "client_ip", "client_helo",
-                      "listener", "envid", "ret", "body_type", "smtputf8", "done_at", "body_available", "headers",
+                      "listener", "envid", "ret", "body_type", "smtputf8", "requiretls", "done_at", "body_available", "headers",
                       "recipients"}
     assert d["headers"][-1] == ["Subject", "quarterly report"]
     assert set(d["recipients"][0]) == {"address", "state", "attempts", "next_attempt", "last_error", "orcpt",

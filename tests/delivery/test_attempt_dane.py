@@ -27,9 +27,9 @@ pytestmark = pytest.mark.skipif(
 BODY = b"Subject: hi\r\n\r\nhello\r\n"
 
 
-def job_for(domain):
+def job_for(domain, requiretls=False):
     rcpt = Recipient(1, f"bob@{domain}", domain, None, (), 0, False)
-    return Job("Q1", 0.0, "alice@sender.test", 100, 0, None, None, "7BIT", False, (rcpt,)), rcpt
+    return Job("Q1", 0.0, "alice@sender.test", 100, 0, None, None, "7BIT", False, (rcpt,), requiretls), rcpt
 
 
 def spki_sha256(leaf) -> str:
@@ -61,24 +61,34 @@ def testbed(leaf, tmp_path_factory):
         yield bed
 
 
-@pytest.fixture
-def mx(leaf):
+@pytest.fixture(params=[False, True], ids=["mx", "mx-requiretls"])
+def mx(leaf, request):
+    """The MX, without and with REQUIRETLS offered: what does not involve REQUIRETLS must not
+    change with it."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     leaf.configure_cert(context)
-    with Mx(tls_context=context) as server:
+    with Mx(tls_context=context, requiretls=request.param) as server:
         yield server
 
 
-def attempt(testbed, mx, domain, dane=True, policy="dane", relayhost=None):
+@pytest.fixture
+def requiretls_mx(leaf):
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    leaf.configure_cert(context)
+    with Mx(tls_context=context, requiretls=True) as server:
+        yield server
+
+
+def attempt(testbed, mx, domain, dane=True, policy="dane", relayhost=None, requiretls=False, body=BODY):
     resolver = Resolver([testbed.nameserver], timeout=5.0)
     attempter = Attempter(Settings(helo_name="out.test", connect_timeout=5, command_timeout=10), resolver, Pool(),
                           dane=TlsaLookup([testbed.nameserver], timeout=5) if dane else None)
-    job, rcpt = job_for(domain)
+    job, rcpt = job_for(domain, requiretls)
     if relayhost:
         route = Route("smtp", (relayhost,), mx.port, tls_policy=policy)
     else:
         route = Route("smtp", tuple(resolver.mx_hosts(domain)), mx.port, tls_policy=policy, mx=True)
-    return attempter.run(job, BODY, [rcpt], route)
+    return attempter.run(job, body, [rcpt], route)
 
 
 def test_authenticated_tlsa_records_that_match_deliver_over_dane(testbed, mx):
@@ -147,3 +157,45 @@ def test_a_relayhost_named_by_the_config_is_its_own_tlsa_base_domain(testbed, mx
     (verdict,) = attempt(testbed, mx, "elsewhere.example", policy="dane", relayhost="wrong.relay.test").verdicts
     assert (verdict.status, verdict.enhanced) == ("transient", "4.7.5")
     assert len(mx.handler.received()) == 1
+
+
+def test_requiretls_goes_over_dane_with_the_parameter_passed_on(testbed, requiretls_mx):
+    out = attempt(testbed, requiretls_mx, "good.test", requiretls=True)
+    assert [v.status for v in out.verdicts] == ["ok"] and out.attempts[-1].tls.endswith("(DANE 3 1 1)")
+    (received,) = requiretls_mx.handler.received()
+    assert "REQUIRETLS" in received.mail_options
+
+
+@pytest.mark.parametrize("domain", ["plain.test", "none.test"])
+def test_requiretls_without_authenticated_tls_fails_for_good_and_connects_nowhere(testbed, requiretls_mx, domain):
+    out = attempt(testbed, requiretls_mx, domain, requiretls=True)
+    (verdict,) = out.verdicts
+    assert (verdict.status, verdict.enhanced) == ("permanent", "5.7.30")
+    assert verdict.reply.startswith("REQUIRETLS: mx.") and "without TLS authenticated by DANE or MTA-STS" in verdict.reply
+    assert [(a.outcome, a.ip) for a in out.attempts] == [("failed", "")]
+    assert requiretls_mx.handler.connections() == 0 and requiretls_mx.handler.received() == []
+
+
+def test_requiretls_to_a_next_hop_that_does_not_offer_it_fails_after_tls(testbed, leaf):
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    leaf.configure_cert(context)
+    with Mx(tls_context=context) as plain_mx:
+        out = attempt(testbed, plain_mx, "good.test", requiretls=True)
+        (verdict,) = out.verdicts
+        assert (verdict.status, verdict.enhanced) == ("permanent", "5.7.30")
+        assert "does not offer REQUIRETLS" in verdict.reply and plain_mx.handler.received() == []
+        assert out.attempts[-1].tls.endswith("(DANE 3 1 1)")  # it got as far as authenticated TLS
+
+
+def test_a_bogus_answer_still_defers_a_requiretls_message(testbed, requiretls_mx):
+    (verdict,) = attempt(testbed, requiretls_mx, "bogus.test", requiretls=True).verdicts
+    assert (verdict.status, verdict.enhanced) == ("transient", "4.7.5")  # DANE's rule: try again later
+
+
+def test_tls_required_no_lets_a_message_past_dane_records_that_do_not_match(testbed, mx):
+    body = b"TLS-Required: No\r\nSubject: hi\r\n\r\nhello\r\n"
+    out = attempt(testbed, mx, "wrong.test", body=body)
+    assert [v.status for v in out.verdicts] == ["ok"] and "DANE" not in out.attempts[-1].tls
+    # ... but not past REQUIRETLS, which wins over the header (RFC 8689 §4.2.2)
+    (verdict,) = attempt(testbed, mx, "wrong.test", body=body, requiretls=True).verdicts
+    assert (verdict.status, verdict.enhanced) == ("transient", "4.7.5")

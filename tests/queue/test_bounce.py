@@ -269,6 +269,13 @@ def test_ret_full_only_applies_to_failure_reports():
     assert BODY not in raw
 
 
+def test_a_requiretls_original_comes_back_as_its_header_only_even_with_ret_full():
+    # RFC 8689 §5: the report travels without REQUIRETLS, so the content stays out of it.
+    raw = report(original(ret="FULL", requiretls=True))
+    assert parse(raw).get_payload()[2].get_content_type() == "text/rfc822-headers"
+    assert BODY not in raw and "header section of the message is attached" in human(parse(raw))
+
+
 def test_eight_bit_original_is_labelled_8bit():
     body = HEADERS + b"\r\nGr\xc3\xbc\xc3\x9fe\r\n"
     raw = report(original(ret="FULL", body=body))

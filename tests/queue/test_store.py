@@ -126,6 +126,7 @@ def test_enqueue_then_read_back_every_field(store, db_path):
         ret="HDRS",
         body_type="8BITMIME",
         smtputf8=True,
+        requiretls=True,
         client_ip="192.0.2.7",
         client_helo="client.example",
         listener="submission",
@@ -137,6 +138,7 @@ def test_enqueue_then_read_back_every_field(store, db_path):
         "queue_id": msg.queue_id, "created": 1_700_000_000.25, "sender": "", "size": len(body),
         "priority": 1, "envid": "ENV123", "ret": "HDRS", "body_type": "8BITMIME", "smtputf8": 1,
         "client_ip": "192.0.2.7", "client_helo": "client.example", "listener": "submission", "recipients": 2, "done_at": None,
+        "requiretls": 1,
     }
     assert stored.body(store.path, msg.queue_id) == body
     rcpts = stored.recipients(store.path, msg.queue_id)
@@ -390,7 +392,7 @@ def test_reopen_keeps_data_orders_ids_and_recovers_active(db_path):
     with Store(db_path) as s:
         old = [s.enqueue(make(s, "a@example.net", "b@example.net")) for _ in range(3)]
     conn = raw(db_path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.VERSION == 4
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.VERSION == 5
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     conn.execute(
         "UPDATE recipients SET state = 'active', lease_owner = 'x', lease_until = ? WHERE queue_id = ?",

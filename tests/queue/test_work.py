@@ -134,7 +134,7 @@ def test_claim_leases_due_recipients_and_groups_them_by_message(store, work, raw
         sender="", priority="high", envid="ENV1", ret="HDRS", body_type="8BITMIME", smtputf8=True,
     )
     clock.advance(1)
-    second = enqueue(store, "dave@example.com")
+    second = enqueue(store, "dave@example.com", requiretls=True)
     clock.advance(1)
     jobs = work.claim(10, 600.0)
     a, b = (r["id"] for r in rows(raw, first))
@@ -146,7 +146,7 @@ def test_claim_leases_due_recipients_and_groups_them_by_message(store, work, raw
         )),
         Job(second, T0 + 1, "alice@example.com", len(BODY), 2, None, None, "7BIT", False, (
             Recipient(c, "dave@example.com", "example.com", None, (), 0, False),
-        )),
+        ), requiretls=True),
     ]
     for r in rows(raw, first) + rows(raw, second):
         assert (r["state"], r["lease_owner"], r["lease_until"], r["updated"]) == ("active", OWNER, T0 + 602, T0 + 2)
@@ -601,8 +601,8 @@ def test_version_1_database_is_migrated_with_its_data(tmp_path, clock):
         conn.row_factory = sqlite3.Row
         assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.VERSION
         msg = dict(conn.execute("SELECT * FROM messages").fetchone())
-        assert (msg["queue_id"], msg["sender"], msg["envid"], msg["recipients"], msg["done_at"]) == (
-            "0ABCDEFGHJKMN", "alice@example.com", "E1", 2, None)
+        assert (msg["queue_id"], msg["sender"], msg["envid"], msg["recipients"], msg["done_at"], msg["requiretls"]) == (
+            "0ABCDEFGHJKMN", "alice@example.com", "E1", 2, None, 0)
         got = [dict(r) for r in conn.execute("SELECT * FROM recipients ORDER BY id")]
         assert [(r["address"], r["state"], r["attempts"], r["last_error"], r["warned"]) for r in got] == [
             ("bob@example.org", "deferred", 2, "451 later", 0), ("carol@example.net", "delivered", 1, None, 0)]
@@ -612,8 +612,8 @@ def test_version_1_database_is_migrated_with_its_data(tmp_path, clock):
         conn.close()
         # the migrated database works: claim, finish with the new columns
         (job,) = wq.claim(10, 60)
-        assert (job.queue_id, job.envid, [r.address for r in job.recipients]) == (
-            "0ABCDEFGHJKMN", "E1", ["bob@example.org"])
+        assert (job.queue_id, job.envid, [r.address for r in job.recipients], job.requiretls) == (
+            "0ABCDEFGHJKMN", "E1", ["bob@example.org"], False)
         assert job.recipients[0].notify == ("FAILURE",)
         assert wq.body("0ABCDEFGHJKMN") == b"abc"
         wq.finish(job.queue_id, Result([Outcome(1, "delivered")], [Attempt(1, T0, "delivered", ip="192.0.2.1",

@@ -15,6 +15,7 @@ from elemta.errors import QueueError, QueueFullError
 from elemta.smtp import replies
 from elemta.smtp.envelope import mt_priority_class
 from elemta.smtp.session import CLOSED, Client, Close, Enqueue, Services, Session, Settings
+from elemta.smtp.tls import TlsInfo
 
 HOST = "mx.test.example"
 
@@ -312,3 +313,32 @@ def test_every_reply_code_matches_its_enhanced_class():
     for name, value in vars(replies).items():
         if isinstance(value, replies.Reply) and value.enhanced:
             assert value.enhanced[0] == str(value.code)[0], name
+
+
+# -- REQUIRETLS (RFC 8689) -----------------------------------------------------------------------
+
+
+def ehlo_keywords(session: Session) -> list[str]:
+    (reply,) = session.feed(b"EHLO client.example\r\n")
+    return [line.split()[0] for line in reply.text.splitlines()[1:]]
+
+
+def test_requiretls_is_offered_only_over_tls_and_stored_with_the_message():
+    plain, _ = make_session(starttls=True)
+    assert "REQUIRETLS" not in ehlo_keywords(plain) and "STARTTLS" in ehlo_keywords(plain)
+    session, logged = make_session(starttls=True)
+    session.tls = TlsInfo("TLSv1.3", "TLS_AES_256_GCM_SHA384", 256)
+    assert "REQUIRETLS" in ehlo_keywords(session)
+    (message,) = play(session, [(b"MAIL FROM:<a@sender.example> REQUIRETLS\r\n", ["250 2.1.0"]), RCPT, DATA,
+                                BODY_OK])
+    assert message.requiretls
+    assert [f for e, f in logged if e == "mail"][0]["requiretls"] is True
+    (message,) = play(session, [MAIL, RCPT, DATA, BODY_OK])
+    assert not message.requiretls
+
+
+def test_requiretls_without_tls_is_refused_and_a_value_is_a_syntax_error():
+    session, _ = make_session(starttls=True)
+    play(session, [EHLO, (b"MAIL FROM:<a@sender.example> REQUIRETLS\r\n", ["530 5.7.10"])])
+    session.tls = TlsInfo("TLSv1.3", "TLS_AES_256_GCM_SHA384", 256)
+    play(session, [(b"MAIL FROM:<a@sender.example> REQUIRETLS=YES\r\n", ["501 5.5.4"]), MAIL])
