@@ -28,6 +28,7 @@ from elemta.delivery.mtasts_finder import PolicyFinder
 from elemta.delivery.outcomes import Reporting
 from elemta.delivery.router import Router
 from elemta.delivery.scheduler import Scheduler
+from elemta.delivery.tlsrpt_store import Reports
 from elemta.errors import ConfigError, ElemtaError, QueueError
 from elemta.local import LocalRecipients
 from elemta.pickup import Pickup
@@ -187,10 +188,14 @@ def build_scheduler(config: Config, store: Store, events: logmod.EventLog,
     elif d.dane:
         dane_off = "a resolver is not on this host: its AD bit cannot be trusted"
         events("dane_off", reason=dane_off)
+    reports = None
+    if d.tls_reports:
+        reports = Reports(config.server.spool_dir, hostname=config.hostname, resolver=resolver,
+                          enqueue=store.enqueue, new_id=store.new_id, log=events, ca_file=d.ca_file or None)
     attempter = attempt.Attempter(
         attempt.Settings(helo_name=d.helo_name or config.hostname, connect_timeout=d.connect_timeout,
                          command_timeout=d.command_timeout, ca_file=d.ca_file or None),
-        resolver, pool, sts=sts, dane=dane, dane_off=dane_off,
+        resolver, pool, sts=sts, dane=dane, dane_off=dane_off, tls_reports=reports,
     )
     work = WorkQueue(config.queue_path, owner=f"{socket.gethostname()}:{os.getpid()}", log=events)
     work.open()

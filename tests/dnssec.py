@@ -7,7 +7,9 @@ ephemeral one on 127.0.0.1, both daemons stopped by their PIDs.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,8 +21,25 @@ import dns.flags
 import dns.message
 import dns.query
 import dns.rdatatype
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
+from elemta.delivery import dane_openssl
 from tests.support import wait_for
+
+# For the tests of DANE in real handshakes: Debian's nsd, unbound and ldnsutils (run-tests.sh
+# installs them) and OpenSSL's DANE through Python's ssl objects.
+needs_dane = pytest.mark.skipif(
+    not all(shutil.which(p) for p in ("nsd", "unbound", "ldns-signzone")) or not dane_openssl.available(),
+    reason="nsd, unbound and ldnsutils (run-tests.sh installs them) and OpenSSL's DANE are needed")
+
+
+def spki_sha256(leaf) -> str:
+    """The "3 1 1" TLSA data of a trustme leaf certificate: SHA-256 of its public key (SPKI)."""
+    cert = x509.load_pem_x509_certificate(leaf.cert_chain_pems[0].bytes())
+    return hashlib.sha256(cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)).hexdigest()
 
 SOA = "@ IN SOA ns.{zone}. admin.{zone}. 1 3600 600 86400 300\n@ IN NS ns.{zone}.\nns IN A 127.0.0.1\n"
 

@@ -15,6 +15,8 @@ class PolicyServer:
     def __init__(self, ca, name="mta-sts.example.test"):
         self.reply = (200, "text/plain; charset=utf-8", POLICY, {})
         self.paths: list[str] = []
+        self.posts: list[tuple[str, str, bytes]] = []  # (path, Content-Type, body) of each POST
+        self.post_status = 200
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -29,6 +31,13 @@ class PolicyServer:
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                outer.posts.append((self.path, self.headers.get("Content-Type") or "", body))
+                self.send_response(outer.post_status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
 
             def log_message(self, *args):
                 pass

@@ -197,6 +197,7 @@ class DeliveryConfig:
     ca_file: str = key("", doc='CA bundle for "verify"; "" = the system\'s store')
     mta_sts: bool = key(True, doc="apply the MTA-STS policy a domain publishes to MX delivery (RFC 8461)")
     dane: bool = key(True, doc="DANE (RFC 7672) for hosts with authenticated TLSA records (local resolvers only)")
+    tls_reports: bool = key(True, doc="count TLS sessions per recipient domain and send daily TLS reports (RFC 8460)")
     transport: dict = key(factory=dict, doc="recipient domain -> transport, instead of the MX records")
     resolvers: tuple[str, ...] = key((), doc='DNS servers, "ip" or "ip:port"; [] = /etc/resolv.conf')
     mx_port: int = key(25, range=(1, 65535), doc="port of MX hosts (tests and unusual setups only)")

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from elemta.delivery import dane_dns, maildir
+from elemta.delivery import dane_dns, maildir, tlsrpt
 from elemta.delivery.dane_dns import TlsaLookup
 from elemta.delivery.dns import DnsError, Resolver
 from elemta.delivery.mtasts import Policy
@@ -33,6 +33,7 @@ from elemta.delivery.smtp_client import (
 )
 from elemta.delivery.smtp_pool import Pool
 from elemta.delivery.tls_decision import PUBLISHED, REQUIRETLS_STATUS, HostTls, Plan, make_plan
+from elemta.delivery.tlsrpt_store import Reports
 from elemta.queue.query import parse_headers
 from elemta.queue.work import Attempt, Job, Recipient
 from elemta.transport import is_ip
@@ -72,7 +73,8 @@ class Settings:
 class Attempter:
     def __init__(self, settings: Settings, resolver: Resolver, pool: Pool[SmtpConnection],
                  clock: Callable[[], float] = time.time, sts: PolicyFinder | None = None,
-                 dane: TlsaLookup | None = None, dane_off: str = "delivery.dane is off") -> None:
+                 dane: TlsaLookup | None = None, dane_off: str = "delivery.dane is off",
+                 tls_reports: Reports | None = None) -> None:
         self.settings = settings
         self.resolver = resolver
         self.pool = pool
@@ -80,11 +82,14 @@ class Attempter:
         self.sts = sts  # None: MTA-STS off (delivery.mta_sts)
         self.dane = dane  # None: DANE off (delivery.dane, or no trusted validating resolver)
         self.dane_off = dane_off  # why, when it is off
+        self.tls_reports = tls_reports  # None: no TLS-RPT (delivery.tls_reports)
 
     def close(self) -> None:
-        """Release what outlives one attempt (the MTA-STS cache's file)."""
+        """Release what outlives one attempt (the MTA-STS cache's file, the TLS-RPT counts)."""
         if self.sts is not None:
             self.sts.close()
+        if self.tls_reports is not None:
+            self.tls_reports.close()
 
     def run(self, job: Job, body: bytes, recipients: Sequence[Recipient], route: Route) -> AttemptResult:
         if route.kind == "maildir":
@@ -101,8 +106,11 @@ class Attempter:
         policy_route = route
         if not job.requiretls and route.tls_policy in PUBLISHED and tls_required_no(body):
             policy_route = dataclasses.replace(route, tls_policy="may")  # RFC 8689 §4.2.2
-        plan = self.plan(policy_route, recipients[0].domain)
-        for host, ip, tls in self._addresses(route, remaining, out, last, plan, requiretls):
+        domain = recipients[0].domain
+        plan = self.plan(policy_route, domain)
+        # RFC 8460: sessions with MX hosts count for the domain's TLS report, not a report's own.
+        reports = self.tls_reports if route.mx and not tlsrpt.is_report(body) else None
+        for host, ip, tls in self._addresses(route, remaining, out, last, plan, requiretls, reports):
             started = time.monotonic()
             message = OutMessage(
                 sender=job.sender,
@@ -112,8 +120,17 @@ class Attempter:
             )
             key = (route.kind, route.path, host, ip, route.port, "dane" if tls.dane else tls.policy, route.auth)
             tls_text = ""
+            counted = None
             try:
-                conn = self.pool.get(key) or self._open(route, host, ip, tls)
+                conn = self.pool.get(key)
+                if conn is None:  # a new session: TLS-RPT counts it
+                    counted = plan.report_policy(host, tls) if reports is not None else None
+                    conn = self._open(route, host, ip, tls)
+                    if counted is not None and reports is not None:
+                        if conn.tls is not None:
+                            reports.success(counted)
+                        elif tls.policy != "none":  # offered no STARTTLS: delivered in clear
+                            reports.failure(counted, tlsrpt.STARTTLS_NOT_SUPPORTED, host, ip)
                 tls_text = (str(conn.tls) + tls.label) if conn.tls else ""
                 if requiretls and "REQUIRETLS" not in conn.extensions:
                     # RFC 8689 §4.2.1: the next hop must carry the requirement on; try the next.
@@ -125,6 +142,8 @@ class Attempter:
                     continue
                 results = conn.send(message)
             except SmtpClientError as exc:
+                if counted is not None and reports is not None and exc.tls_result:
+                    reports.failure(counted, exc.tls_result, host, ip)
                 status = "permanent" if exc.permanent and not exc.try_next_host else "transient"
                 reply = str(exc.reply) if exc.reply else str(exc)
                 for r in remaining:
@@ -166,7 +185,7 @@ class Attempter:
                          dane_off=self.dane_off, sts=mta_sts if self.sts is not None else None)
 
     def _addresses(self, route: Route, remaining: list[Recipient], out: AttemptResult, last: dict[int, Verdict],
-                   plan: Plan, requiretls: bool = False):
+                   plan: Plan, requiretls: bool = False, reports: Reports | None = None):
         """(host, ip, its TLS decision) to try, resolving each host only when it is reached; a
         host the decision rules out is recorded as skipped (for REQUIRETLS, as failed)."""
         if route.path:  # LMTP over a unix socket
@@ -181,6 +200,8 @@ class Attempter:
             if requiretls:
                 tls = plan.require_tls(host, tls)
             if tls.skip:
+                if reports is not None and tls.result:  # a session refused by the policy: a failure
+                    reports.failure(plan.report_policy(host, tls), tls.result, host)
                 status = "permanent" if tls.status.startswith("5") else "transient"
                 for r in remaining:
                     last[r.id] = Verdict(r, status, tls.skip, tls.status, host)

@@ -39,6 +39,7 @@ class TlsaAnswer:
     state: str  # secure, insecure or failed
     records: tuple[Tlsa, ...] = ()
     text: str = ""  # what happened, for the log and route explain
+    canonical: str = ""  # where CNAMEs led the name, if elsewhere (lower case, no final dot)
 
 
 def trusted(nameservers: Sequence[str]) -> bool:
@@ -80,7 +81,10 @@ class TlsaLookup:
     def secure(self, name: str, rdtype: str) -> bool:
         """Whether name's rdtype answer (records or their absence) is authenticated (RFC 7672
         §2.2.1: DANE needs the MX RRset secure; §2.2.2: the MX host's addresses too)."""
-        return self._cached((name.lower(), rdtype), lambda: self._ask(name, rdtype)).state == SECURE
+        return self.answer(name, rdtype).state == SECURE
+
+    def answer(self, name: str, rdtype: str) -> TlsaAnswer:
+        return self._cached((name.lower(), rdtype), lambda: self._ask(name, rdtype))
 
     def tlsa(self, host: str, port: int = 25) -> TlsaAnswer:
         name = tlsa_name(host, port)
@@ -100,7 +104,10 @@ class TlsaLookup:
             return TlsaAnswer(INSECURE, (), f"{name}: not authenticated (no AD bit)"), _ttl(answer)
         records = tuple(Tlsa(r.usage, r.selector, r.mtype, bytes(r.cert)) for r in answer.rrset or ()
                         if r.rdtype == dns.rdatatype.TLSA)
-        return TlsaAnswer(SECURE, records, f"{name}: {len(records)} record(s), authenticated"), _ttl(answer)
+        # The AD bit covers the whole answer, so a CNAME chain in it is authenticated too.
+        canonical = answer.canonical_name.to_text(omit_final_dot=True).lower()
+        return TlsaAnswer(SECURE, records, f"{name}: {len(records)} record(s), authenticated",
+                          canonical if canonical != name.rstrip(".").lower() else ""), _ttl(answer)
 
 
 def _ttl(answer: dns.resolver.Answer) -> float:
@@ -112,11 +119,18 @@ def host_check(lookup: TlsaLookup, host: str, port: int = 25) -> tuple[DaneCheck
     or one the config names: (the check its TLS must pass, or None for no DANE; why the host
     must be skipped, or "").  A check without records means TLS is mandatory but not checked
     (RFC 7672 §2.2)."""
-    if not (lookup.secure(host, "A") or lookup.secure(host, "AAAA")):
-        return None, ""  # §2.2.2: TLSA only for a host whose addresses are authenticated
-    answer = lookup.tlsa(host, port)
-    if answer.state == FAILED:
-        return None, f"DANE: the TLSA lookup failed ({answer.text}); the host is not used"
-    if answer.state != SECURE or not answer.records:
-        return None, ""  # insecure, or an authenticated absence: no DANE for this host
-    return DaneCheck(tuple(usable(answer.records)), host, (host,)), ""
+    addresses = lookup.answer(host, "A")
+    if addresses.state != SECURE:
+        addresses = lookup.answer(host, "AAAA")
+        if addresses.state != SECURE:
+            return None, ""  # §2.2.2: TLSA only for a host whose addresses are authenticated
+    # §2.2.3: a host name that is a secure CNAME has its TLSA records at the name it leads to,
+    # else at its own name; a DANE-TA certificate may name either (§3.2.2).
+    names = (addresses.canonical, host) if addresses.canonical else (host,)
+    for base in names:
+        answer = lookup.tlsa(base, port)
+        if answer.state == FAILED:
+            return None, f"DANE: the TLSA lookup failed ({answer.text}); the host is not used"
+        if answer.state == SECURE and answer.records:
+            return DaneCheck(tuple(usable(answer.records)), base, tuple(dict.fromkeys((host, *names)))), ""
+    return None, ""  # insecure, or an authenticated absence: no DANE for this host

@@ -43,7 +43,7 @@ def fetch_policy(domain: str, addresses: Sequence[str], *, port: int = 443, ca_f
 
 def _fetch_from(host: str, address: str, port: int, context: ssl.SSLContext, timeout: float) -> bytes:
     deadline = time.monotonic() + timeout
-    conn = _PinnedConnection(host, address, port, context, timeout)
+    conn = PinnedConnection(host, address, port, context, timeout)
     try:
         conn.request("GET", POLICY_PATH, headers={"Accept": "text/plain", "Connection": "close"})
         response = conn.getresponse()
@@ -69,8 +69,9 @@ def _fetch_from(host: str, address: str, port: int, context: ssl.SSLContext, tim
         conn.close()
 
 
-class _PinnedConnection(http.client.HTTPSConnection):
-    """An HTTPS connection to one address, its certificate checked for host (SNI too)."""
+class PinnedConnection(http.client.HTTPSConnection):
+    """An HTTPS connection to one address, its certificate checked for host (SNI too); TLS
+    reports are posted over it too (tlsrpt_store.py)."""
 
     def __init__(self, host: str, address: str, port: int, context: ssl.SSLContext, timeout: float):
         super().__init__(host, port, timeout=timeout, context=context)

@@ -195,6 +195,8 @@ class Scheduler:
                 break
         if purged:
             self.log("purged", messages=purged)
+        if self.attempter.tls_reports is not None:
+            self.attempter.tls_reports.housekeeping()  # writes the counts; sends the days that are over
         with self._lock:  # forget idle destinations so the table stays small
             for key in [k for k, d in self._dest.items() if not d.active and not d.waiting]:
                 del self._dest[key]

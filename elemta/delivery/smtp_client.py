@@ -20,7 +20,7 @@ import time
 
 from elemta import metrics
 from elemta.config import TLS_POLICIES
-from elemta.delivery import dane_openssl
+from elemta.delivery import dane_openssl, tlsrpt
 from elemta.delivery import smtp_setup as setup
 from elemta.delivery.dane import DaneCheck
 from elemta.delivery.smtp_reply import (
@@ -172,16 +172,18 @@ class SmtpConnection:
                 self._sock = _dane_handshake(self._sock, dane, tls_name or self.host, ca_file)
         except dane_openssl.DaneUnavailable as exc:
             raise self._fail("starttls", f"DANE cannot be checked here: {exc}", permanent=False,
-                             try_next_host=True, enhanced="4.7.5") from exc
+                             try_next_host=True, enhanced="4.7.5", tls_result=tlsrpt.VALIDATION_FAILURE) from exc
         except ssl.SSLCertVerificationError as exc:
             metrics.TLS_HANDSHAKES.labels("out", "none", "unverified").inc()
             raise self._fail("starttls", f"certificate not verified: {exc.verify_message}",
-                             permanent=False, try_next_host=True, enhanced="4.7.5") from exc
+                             permanent=False, try_next_host=True, enhanced="4.7.5",
+                             tls_result=tlsrpt.result_for_verify_code(exc.verify_code)) from exc
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
             metrics.TLS_HANDSHAKES.labels("out", "none", "failed").inc()
             # Under 'may' too: the caller retries (Postfix then falls back to plain text).
             raise self._fail("starttls", f"TLS handshake failed: {_why(exc)}",
-                             permanent=False, try_next_host=True, enhanced="4.7.5") from exc
+                             permanent=False, try_next_host=True, enhanced="4.7.5",
+                             tls_result=tlsrpt.VALIDATION_FAILURE) from exc
         metrics.TLS_HANDSHAKES.labels("out", self._sock.version() or "unknown", "ok").inc()
         self._kernel = False  # Python's timeout, set above, from here on: see _kernel_timeouts
         cipher = self._sock.cipher()
@@ -202,8 +204,12 @@ class SmtpConnection:
         """A setup decision (smtp_setup.py): a Failure is raised, as the next MX's business;
         anything else is handed back."""
         if isinstance(decision, Failure):
+            # A required STARTTLS not offered, or refused (smtp_setup: 4.7.4), is what TLS-RPT
+            # reports as starttls-not-supported.
+            starttls = decision.stage in ("tls-policy", "starttls") and decision.enhanced == "4.7.4"
             raise self._fail(decision.stage, decision.reason, decision.reply, permanent=decision.permanent,
-                             try_next_host=True, enhanced=decision.enhanced)
+                             try_next_host=True, enhanced=decision.enhanced,
+                             tls_result=tlsrpt.STARTTLS_NOT_SUPPORTED if starttls else "")
         return decision
 
     # -- transactions -------------------------------------------------------------------
@@ -403,7 +409,7 @@ class SmtpConnection:
 
     def _fail(self, stage: str, reason: str, reply: Reply | None = None, *,
               permanent: bool | None = None, try_next_host: bool = False,
-              enhanced: str = "") -> SmtpClientError:
+              enhanced: str = "", tls_result: str = "") -> SmtpClientError:
         """Close (QUIT when still in step) and build the error for the caller to raise."""
         if reply is not None and reply.code != 421:
             self.close()
@@ -411,7 +417,7 @@ class SmtpConnection:
             self._abort()
         return SmtpClientError(reason, stage=stage, reply=reply, permanent=permanent,
                                try_next_host=try_next_host, enhanced=enhanced,
-                               host=self.host, ip=self.ip)
+                               host=self.host, ip=self.ip, tls_result=tls_result)
 
     def _abort(self) -> None:
         self._broken = True

@@ -138,8 +138,10 @@ class SmtpClientError(ElemtaError):
         enhanced: str = "",
         host: str = "",
         ip: str = "",
+        tls_result: str = "",
     ):
         self.reason = reason
+        self.tls_result = tls_result  # a TLS failure's RFC 8460 result-type (tlsrpt.py), else ""
         self.stage = stage
         self.reply = reply
         self.permanent = reply.is_permanent if permanent is None and reply else bool(permanent)

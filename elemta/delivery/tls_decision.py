@@ -26,9 +26,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from elemta.config import TLS_POLICIES
+from elemta.delivery import tlsrpt
 from elemta.delivery.dane import DaneCheck
 from elemta.delivery.mtasts import Policy
 from elemta.delivery.router import Route
+from elemta.delivery.tlsrpt import PolicyKey
 
 # What the MTA-STS policy of a domain is now: (the policy to apply, or None; how it was found).
 StsLookup = Callable[[str], tuple[Policy | None, str]]
@@ -59,6 +61,7 @@ class HostTls:
     why: str = ""
     skip: str = ""  # why the host is not tried; "" = it is
     status: str = ""  # the RFC 3463 status of a skip
+    result: str = ""  # what TLS-RPT counts a skip as (tlsrpt.py's result-type); "" = not counted
 
     @property
     def authenticated(self) -> bool:
@@ -84,6 +87,7 @@ class Plan:
     dane_off: str = ""
     sts: Policy | None = None
     sts_why: str = ""
+    domain: str = ""  # the recipient domain, for TLS-RPT
 
     @property
     def asks_dane(self) -> bool:
@@ -97,20 +101,21 @@ class Plan:
             return HostTls(self.policy, why=TLS_MEANING[self.policy])
         check, skip = dane or (None, "")
         if skip:
-            return HostTls(skip=skip, status=DANE_STATUS, source="DANE")
+            return HostTls(skip=skip, status=DANE_STATUS, source="DANE", result=tlsrpt.DNSSEC_INVALID)
         if check is not None and check.records:
             return HostTls("verify", check, "DANE",
                            "TLS required, checked by the host's authenticated TLSA records alone")
         if self.policy == "dane-only":
             reason = self.dane_off or (f"{host} has TLSA records, none usable" if check is not None
                                        else f"{host} has no authenticated TLSA records")
-            return HostTls(skip=f"DANE required (dane-only): {reason}", status=DANE_STATUS, source="DANE")
+            return HostTls(skip=f"DANE required (dane-only): {reason}", status=DANE_STATUS, source="DANE",
+                           result=tlsrpt.DANE_REQUIRED)
         if check is not None and self.policy == "dane":  # RFC 7672 §2.2: TLS, not checked
             return HostTls("encrypt", source="DANE", why="TLSA records, none usable: TLS required, not checked")
         if self.sts is not None:
             if not self.sts.allows(host):
                 return HostTls(skip=f"MTA-STS: the recipient domain's policy does not name {host} as an MX host",
-                               status=STS_STATUS, source="MTA-STS")
+                               status=STS_STATUS, source="MTA-STS", result=tlsrpt.VALIDATION_FAILURE)
             return HostTls("verify", source="MTA-STS",
                            why="mode enforce: TLS required, certificate checked for this name")
         if self.policy == "mta-sts":
@@ -119,6 +124,18 @@ class Plan:
             return HostTls(skip=f"MTA-STS required (mta-sts): {self.sts_why or 'no policy in mode enforce'}",
                            status=STS_STATUS, source="MTA-STS")
         return HostTls("may", why=TLS_MEANING["may"])
+
+    def report_policy(self, host: str, tls: HostTls) -> PolicyKey:
+        """The policy a session with host counts under in the domain's TLS report (RFC 8460
+        §4.4): the host's TLSA records, the domain's MTA-STS policy, or none."""
+        domain = self.domain
+        if tls.source == "DANE":
+            return PolicyKey(tlsrpt.TLSA, domain, tuple(map(str, tls.dane.records)) if tls.dane else (), (host,))
+        if tls.source == "MTA-STS" and self.sts is not None:
+            p = self.sts
+            lines = ("version: STSv1", f"mode: {p.mode}", *(f"mx: {m}" for m in p.mx), f"max_age: {p.max_age}")
+            return PolicyKey(tlsrpt.STS, domain, lines, p.mx)
+        return PolicyKey(tlsrpt.NO_POLICY, domain)
 
     def require_tls(self, host: str, tls: HostTls) -> HostTls:
         """tls for a message with REQUIRETLS (RFC 8689 §4.2.1): only TLS whose peer is
@@ -138,7 +155,7 @@ def make_plan(route: Route, domain: str, *, mx_secure: Callable[[str], bool] | N
     the domain's MTA-STS policy, None when MTA-STS is off (sts_off says why)."""
     policy = route.tls_policy
     if policy not in PUBLISHED or route.path:
-        return Plan(policy, route.mx)
+        return Plan(policy, route.mx, domain=domain)
     if mx_secure is None:
         dane_off = f"DANE is not used: {dane_off}"
     elif route.mx and not mx_secure(domain):
@@ -146,12 +163,12 @@ def make_plan(route: Route, domain: str, *, mx_secure: Callable[[str], bool] | N
     else:
         dane_off = ""
     if not route.mx or policy == "dane-only":
-        return Plan(policy, route.mx, dane_off)
+        return Plan(policy, route.mx, dane_off, domain=domain)
     if sts is None:
-        return Plan(policy, True, dane_off, None, sts_off)
+        return Plan(policy, True, dane_off, None, sts_off, domain=domain)
     found, note = sts(domain)
     if found is not None and found.mode == "enforce":
-        return Plan(policy, True, dane_off, found)
+        return Plan(policy, True, dane_off, found, domain=domain)
     # testing and none: delivered as without a policy (testing is for TLS-RPT's reports)
     why = f"policy in mode {found.mode}" if found is not None else note
-    return Plan(policy, True, dane_off, None, f"{domain}: {why}")
+    return Plan(policy, True, dane_off, None, f"{domain}: {why}", domain=domain)

@@ -2,27 +2,20 @@
 unbound validating them, an SMTP MX with STARTTLS whose certificate the TLSA records name (or
 do not), all on loopback."""
 
-import hashlib
-import shutil
 import ssl
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
-from elemta.delivery import dane_openssl
 from elemta.delivery.attempt import Attempter, Settings
 from elemta.delivery.dane_dns import TlsaLookup
 from elemta.delivery.dns import Resolver
 from elemta.delivery.router import Route
 from elemta.delivery.smtp_pool import Pool
 from elemta.queue.work import Job, Recipient
-from tests.dnssec import DnssecTestbed
+from tests.dnssec import DnssecTestbed, needs_dane, spki_sha256
 from tests.mx import Mx
 
-pytestmark = pytest.mark.skipif(
-    not all(shutil.which(p) for p in ("nsd", "unbound", "ldns-signzone")) or not dane_openssl.available(),
-    reason="nsd, unbound and ldnsutils (run-tests.sh installs them) and OpenSSL's DANE are needed")
+pytestmark = needs_dane
 
 BODY = b"Subject: hi\r\n\r\nhello\r\n"
 
@@ -31,11 +24,6 @@ def job_for(domain, requiretls=False):
     rcpt = Recipient(1, f"bob@{domain}", domain, None, (), 0, False)
     return Job("Q1", 0.0, "alice@sender.test", 100, 0, None, None, "7BIT", False, (rcpt,), requiretls), rcpt
 
-
-def spki_sha256(leaf) -> str:
-    cert = x509.load_pem_x509_certificate(leaf.cert_chain_pems[0].bytes())
-    return hashlib.sha256(cert.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)).hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -52,11 +40,17 @@ def testbed(leaf, tmp_path_factory):
 
     zones = {"good.test": mx(good), "wrong.test": mx(wrong), "bogus.test": mx(good), "plain.test": mx(good),
              "none.test": mx(None),
+             # RFC 7672 §2.2.3: the MX host is a CNAME; TLSA records where it leads, or at its own name.
+             "alias.test": ["@ IN MX 10 mx", "mx IN CNAME real", "real IN A 127.0.0.1",
+                            f"_25._tcp.real IN TLSA 3 1 1 {good}", f"_25._tcp.mx IN TLSA 3 1 1 {wrong}"],
+             "ownname.test": ["@ IN MX 10 mx", "mx IN CNAME real", "real IN A 127.0.0.1",
+                              f"_25._tcp.mx IN TLSA 3 1 1 {good}"],
              # A relayhost's TLSA records are at its own port, an ephemeral one here: a wildcard.
              "relay.test": ["relay IN A 127.0.0.1", f"*._tcp.relay IN TLSA 3 1 1 {good}",
                             "wrong IN A 127.0.0.1", f"*._tcp.wrong IN TLSA 3 1 1 {wrong}"]}
     with DnssecTestbed(tmp_path_factory.mktemp("dnssec"), zones,
-                       signed={"good.test", "wrong.test", "bogus.test", "none.test", "relay.test"},
+                       signed={"good.test", "wrong.test", "bogus.test", "none.test", "relay.test", "alias.test",
+                               "ownname.test"},
                        after_signing={"bogus.test": (good, wrong)}) as bed:
         yield bed
 
@@ -79,10 +73,25 @@ def requiretls_mx(leaf):
         yield server
 
 
-def attempt(testbed, mx, domain, dane=True, policy="dane", relayhost=None, requiretls=False, body=BODY):
+class Counted:
+    """What TLS-RPT is told (tlsrpt_store.Reports' two methods), kept in a list."""
+
+    def __init__(self):
+        self.sessions = []
+
+    def success(self, policy):
+        self.sessions.append((policy.type, policy.mx_host, "ok"))
+
+    def failure(self, policy, result, mx, ip=""):
+        self.sessions.append((policy.type, policy.mx_host, result))
+
+
+def attempt(testbed, mx, domain, dane=True, policy="dane", relayhost=None, requiretls=False, body=BODY,
+            reports=None, pool=None):
     resolver = Resolver([testbed.nameserver], timeout=5.0)
-    attempter = Attempter(Settings(helo_name="out.test", connect_timeout=5, command_timeout=10), resolver, Pool(),
-                          dane=TlsaLookup([testbed.nameserver], timeout=5) if dane else None)
+    attempter = Attempter(Settings(helo_name="out.test", connect_timeout=5, command_timeout=10), resolver,
+                          pool or Pool(), dane=TlsaLookup([testbed.nameserver], timeout=5) if dane else None,
+                          tls_reports=reports)
     job, rcpt = job_for(domain, requiretls)
     if relayhost:
         route = Route("smtp", (relayhost,), mx.port, tls_policy=policy)
@@ -199,3 +208,34 @@ def test_tls_required_no_lets_a_message_past_dane_records_that_do_not_match(test
     # ... but not past REQUIRETLS, which wins over the header (RFC 8689 §4.2.2)
     (verdict,) = attempt(testbed, mx, "wrong.test", body=body, requiretls=True).verdicts
     assert (verdict.status, verdict.enhanced) == ("transient", "4.7.5")
+
+
+def test_tls_reports_count_each_new_session_under_the_policy_that_applied(testbed, requiretls_mx):
+    counted, pool = Counted(), Pool()
+    for domain in ("good.test", "good.test", "wrong.test", "bogus.test", "plain.test"):
+        attempt(testbed, requiretls_mx, domain, reports=counted, pool=pool)
+    attempt(testbed, requiretls_mx, "none.test", policy="dane-only", reports=counted)
+    assert counted.sessions == [
+        ("tlsa", ("mx.good.test",), "ok"),  # the second message reused the connection: one session
+        ("tlsa", ("mx.wrong.test",), "tlsa-invalid"),
+        ("tlsa", ("mx.bogus.test",), "dnssec-invalid"),
+        ("no-policy-found", (), "ok"),
+        ("tlsa", ("mx.none.test",), "dane-required"),
+    ]
+    pool.close_all()
+
+
+def test_a_tls_report_s_own_delivery_is_not_counted(testbed, mx):
+    counted = Counted()
+    body = b"TLS-Report-Domain: good.test\r\nSubject: Report Domain: good.test\r\n\r\nreport\r\n"
+    assert [v.status for v in attempt(testbed, mx, "good.test", body=body, reports=counted).verdicts] == ["ok"]
+    assert counted.sessions == []
+
+
+@pytest.mark.parametrize("domain", ["alias.test", "ownname.test"])
+def test_an_mx_host_that_is_a_secure_cname_uses_the_tlsa_records_where_it_leads_first(testbed, mx, domain):
+    """RFC 7672 §2.2.3: alias.test has matching records at the CNAME's target (and records that
+    do not match at the alias, which must not be used); ownname.test only at the alias."""
+    out = attempt(testbed, mx, domain, policy="dane-only")
+    assert [v.status for v in out.verdicts] == ["ok"], out.verdicts
+    assert out.attempts[-1].tls.endswith("(DANE 3 1 1)")

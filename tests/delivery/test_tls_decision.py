@@ -87,7 +87,7 @@ MX = Route("smtp", ("mx.a.test",), 25, tls_policy="dane", mx=True)
 def test_make_plan_asks_only_what_the_policy_needs():
     look = Lookups()
     assert make_plan(Route(**{**MX.__dict__, "tls_policy": "verify"}), "a.test", mx_secure=look.mx_secure,
-                     sts=look.sts) == Plan("verify", True)
+                     sts=look.sts) == Plan("verify", True, domain="a.test")
     assert look.asked == []
     plan = make_plan(Route(**{**MX.__dict__, "tls_policy": "dane-only"}), "a.test", mx_secure=look.mx_secure,
                      sts=look.sts)

@@ -7,24 +7,17 @@ from __future__ import annotations
 
 import email
 import email.policy
-import hashlib
-import shutil
 import smtplib
 import ssl
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
-from elemta.delivery import dane_openssl
-from tests.dnssec import DnssecTestbed
+from tests.dnssec import DnssecTestbed, needs_dane, spki_sha256
 from tests.mx import Mx
 from tests.support import Daemon, wait_for
 
 trustme = pytest.importorskip("trustme")
-pytestmark = pytest.mark.skipif(
-    not all(shutil.which(p) for p in ("nsd", "unbound", "ldns-signzone")) or not dane_openssl.available(),
-    reason="nsd, unbound and ldnsutils (run-tests.sh installs them) and OpenSSL's DANE are needed")
+pytestmark = needs_dane
 
 CONFIG = """
 [[listeners]]
@@ -56,9 +49,7 @@ def world(tmp_path_factory):
     base = tmp_path_factory.mktemp("requiretls")
     ca.issue_cert("relay.test").private_key_and_cert_chain_pem.write_to_path(str(base / "relay.pem"))
     leaf = ca.issue_cert("mx.good.test")
-    cert = x509.load_pem_x509_certificate(leaf.cert_chain_pems[0].bytes())
-    spki = hashlib.sha256(cert.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)).hexdigest()
+    spki = spki_sha256(leaf)
     mx_zone = ["@ IN MX 10 mx", "mx IN A 127.0.0.1"]
     zones = {"good.test": [*mx_zone, f"_25._tcp.mx IN TLSA 3 1 1 {spki}"], "plain.test": mx_zone,
              "sender.test": mx_zone}
