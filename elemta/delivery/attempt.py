@@ -118,19 +118,10 @@ class Attempter:
                 body=body, envid=job.envid, ret=job.ret, body_type=job.body_type, smtputf8=job.smtputf8,
                 requiretls=requiretls,
             )
-            key = (route.kind, route.path, host, ip, route.port, "dane" if tls.dane else tls.policy, route.auth)
+            key = (route.kind, route.path, host, ip, route.port, tls.pool_policy, route.auth)
             tls_text = ""
-            counted = None
             try:
-                conn = self.pool.get(key)
-                if conn is None:  # a new session: TLS-RPT counts it
-                    counted = plan.report_policy(host, tls) if reports is not None else None
-                    conn = self._open(route, host, ip, tls)
-                    if counted is not None and reports is not None:
-                        if conn.tls is not None:
-                            reports.success(counted)
-                        elif tls.policy != "none":  # offered no STARTTLS: delivered in clear
-                            reports.failure(counted, tlsrpt.STARTTLS_NOT_SUPPORTED, host, ip)
+                conn = self.pool.get(key) or self._session(route, host, ip, tls, plan, reports)
                 tls_text = (str(conn.tls) + tls.label) if conn.tls else ""
                 if requiretls and "REQUIRETLS" not in conn.extensions:
                     # RFC 8689 §4.2.1: the next hop must carry the requirement on; try the next.
@@ -142,8 +133,6 @@ class Attempter:
                     continue
                 results = conn.send(message)
             except SmtpClientError as exc:
-                if counted is not None and reports is not None and exc.tls_result:
-                    reports.failure(counted, exc.tls_result, host, ip)
                 status = "permanent" if exc.permanent and not exc.try_next_host else "transient"
                 reply = str(exc.reply) if exc.reply else str(exc)
                 for r in remaining:
@@ -171,6 +160,32 @@ class Attempter:
             out.verdicts.append(last.get(r.id) or Verdict(
                 r, "transient", "no next hop could be reached", "4.4.1"))
         return out
+
+    def _session(self, route: Route, host: str, ip: str, tls: HostTls, plan: Plan,
+                 reports: Reports | None) -> SmtpConnection:
+        """A new connection, counted for TLS-RPT (RFC 8460: a session each).  Under an MTA-STS
+        policy in mode testing, what enforce would have found is counted, and the mail goes as
+        under may: a host the policy does not name at once, a named one after its verified TLS
+        failed (RFC 8461 §5)."""
+        policy = plan.report_policy(host, tls) if reports is not None else None
+        if tls.testing and tls.result:
+            if reports is not None and policy is not None:
+                reports.failure(policy, tls.result, host, ip)
+            return self._open(route, host, ip, HostTls("may"))
+        try:
+            conn = self._open(route, host, ip, tls)
+        except SmtpClientError as exc:
+            if reports is not None and policy is not None and exc.tls_result:
+                reports.failure(policy, exc.tls_result, host, ip)
+            if tls.testing and exc.tls_result:
+                return self._open(route, host, ip, HostTls("may"))
+            raise
+        if reports is not None and policy is not None:
+            if conn.tls is not None:
+                reports.success(policy)
+            elif tls.policy != "none":  # offered no STARTTLS: the mail goes in clear
+                reports.failure(policy, tlsrpt.STARTTLS_NOT_SUPPORTED, host, ip)
+        return conn
 
     def plan(self, route: Route, domain: str) -> Plan:
         """What the TLS decision needs of the recipient domain: whether its hosts' TLSA records

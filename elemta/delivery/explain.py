@@ -129,6 +129,8 @@ def _host(route: Route, host: str, resolver: Resolver, plan: Plan, dane: TlsaLoo
     tls = plan.host(host, checked)
     if tls.skip:
         return entry | {"tls": "skipped", "why": tls.skip}
+    if tls.testing:  # delivered as may; what enforce would find is reported
+        return entry | {"tls": "may", "why": f"MTA-STS: {tls.why}"}
     if tls.dane is not None:
         return entry | {"tls": "dane", "tlsa": [str(r) for r in tls.dane.records], "why": f"DANE: {tls.why}"}
     return entry | {"tls": tls.policy, "why": f"{tls.source}: {tls.why}" if tls.source else tls.why}

@@ -9,8 +9,10 @@ The policies (delivery.tls_policy, tls_policies, relayhost_tls_policy):
   TLS checked by them alone (RFC 7672 §2.2, §3); one whose records are all unusable gets TLS
   without a check; a failed TLSA lookup skips the host (§2.1.1).  The other hosts of a domain
   that publishes an MTA-STS policy in mode enforce are tried only if the policy names them,
-  over TLS verified for that name (RFC 8461 §4.2, §5); DANE goes first (RFC 8461 §2).  All
-  else: may.
+  over TLS verified for that name (RFC 8461 §4.2, §5); DANE goes first (RFC 8461 §2).  Under a
+  policy in mode testing the mail goes as under may, but what enforce would have found is
+  reported (TLS-RPT): the named hosts are tried with TLS verified first, and again as may if
+  that fails.  All else: may.
 - dane-only: a host is tried only with usable, authenticated TLSA records; no fallback.
 - mta-sts: authenticated TLS required: DANE where the host has usable TLSA records, else the
   domain's MTA-STS policy in mode enforce; a domain without one is not delivered to (deferred).
@@ -61,17 +63,26 @@ class HostTls:
     why: str = ""
     skip: str = ""  # why the host is not tried; "" = it is
     status: str = ""  # the RFC 3463 status of a skip
-    result: str = ""  # what TLS-RPT counts a skip as (tlsrpt.py's result-type); "" = not counted
+    result: str = ""  # what TLS-RPT counts a skip (or a testing host) as: tlsrpt.py's result-type
+    testing: bool = False  # MTA-STS mode testing: may, with what enforce would find reported
+
+    @property
+    def pool_policy(self) -> str:
+        """What tells this host's pooled connections apart from others to it: never reuse one
+        made under a weaker decision."""
+        return "dane" if self.dane else "sts-testing" if self.testing else self.policy
 
     @property
     def authenticated(self) -> bool:
         """TLS whose peer is authenticated by what the domain published (DANE, MTA-STS)."""
-        return bool(self.dane is not None and self.dane.records) or self.source == "MTA-STS"
+        return bool(self.dane is not None and self.dane.records) or (self.source == "MTA-STS" and not self.testing)
 
     @property
     def label(self) -> str:
         """Added to an attempt's TLS field (the client's own says "DANE 3 1 1")."""
-        return " (MTA-STS enforce)" if self.source == "MTA-STS" else ""
+        if self.source != "MTA-STS":
+            return ""
+        return " (MTA-STS testing)" if self.testing else " (MTA-STS enforce)"
 
 
 @dataclass(frozen=True)
@@ -88,6 +99,7 @@ class Plan:
     sts: Policy | None = None
     sts_why: str = ""
     domain: str = ""  # the recipient domain, for TLS-RPT
+    sts_testing: Policy | None = None  # the domain's policy in mode testing (reported, not enforced)
 
     @property
     def asks_dane(self) -> bool:
@@ -123,6 +135,12 @@ class Plan:
                 return HostTls("verify", why="mta-sts on a host the config names: " + TLS_MEANING["verify"])
             return HostTls(skip=f"MTA-STS required (mta-sts): {self.sts_why or 'no policy in mode enforce'}",
                            status=STS_STATUS, source="MTA-STS")
+        if self.sts_testing is not None:  # RFC 8461 §5: deliver as without a policy, report
+            if not self.sts_testing.allows(host):
+                return HostTls("may", source="MTA-STS", testing=True, result=tlsrpt.VALIDATION_FAILURE,
+                               why="mode testing: the policy does not name this host (reported, not enforced)")
+            return HostTls("verify", source="MTA-STS", testing=True,
+                           why="mode testing: TLS verified for this name if it can be, else as may (reported)")
         return HostTls("may", why=TLS_MEANING["may"])
 
     def report_policy(self, host: str, tls: HostTls) -> PolicyKey:
@@ -131,8 +149,8 @@ class Plan:
         domain = self.domain
         if tls.source == "DANE":
             return PolicyKey(tlsrpt.TLSA, domain, tuple(map(str, tls.dane.records)) if tls.dane else (), (host,))
-        if tls.source == "MTA-STS" and self.sts is not None:
-            p = self.sts
+        p = self.sts or self.sts_testing
+        if tls.source == "MTA-STS" and p is not None:
             lines = ("version: STSv1", f"mode: {p.mode}", *(f"mx: {m}" for m in p.mx), f"max_age: {p.max_age}")
             return PolicyKey(tlsrpt.STS, domain, lines, p.mx)
         return PolicyKey(tlsrpt.NO_POLICY, domain)
@@ -169,6 +187,7 @@ def make_plan(route: Route, domain: str, *, mx_secure: Callable[[str], bool] | N
     found, note = sts(domain)
     if found is not None and found.mode == "enforce":
         return Plan(policy, True, dane_off, found, domain=domain)
-    # testing and none: delivered as without a policy (testing is for TLS-RPT's reports)
+    # testing and none: delivered as without a policy; testing's findings go to TLS-RPT
     why = f"policy in mode {found.mode}" if found is not None else note
-    return Plan(policy, True, dane_off, None, f"{domain}: {why}", domain=domain)
+    testing = found if found is not None and found.mode == "testing" else None
+    return Plan(policy, True, dane_off, None, f"{domain}: {why}", domain=domain, sts_testing=testing)

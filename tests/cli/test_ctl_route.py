@@ -62,6 +62,18 @@ def test_an_enforced_mta_sts_policy_says_which_hosts_get_mail_and_how(conf, tmp_
         ("mx1.example.test", ["192.0.2.1"], "verify"), ("mx2.elsewhere.test", ["192.0.2.2"], "skipped")]
 
 
+def test_a_policy_in_mode_testing_is_shown_delivering_as_may(conf, tmp_path):
+    config = conf()
+    cache = PolicyCache(str(tmp_path / "spool"))
+    cache.put("example.test", Cached(Policy("testing", 86400, ("mx1.example.test",)), "20261205", 4e9))
+    cache.close()
+    r = explain(config, "example.test")
+    assert r["mta_sts"]["applies"] == "testing"
+    assert [(h["tls"], h["why"].split(":")[0:2]) for h in r["hosts"]] == [
+        ("may", ["MTA-STS", " mode testing"]), ("may", ["MTA-STS", " mode testing"])]
+    assert "not name" in r["hosts"][1]["why"]
+
+
 def test_without_a_cached_policy_mx_delivery_is_opportunistic_and_the_next_delivery_fetches(conf):
     r = explain(conf(), "example.test")
     assert r["mta_sts"]["applies"] is None and r["mta_sts"]["fetch_at_next_delivery"] is True

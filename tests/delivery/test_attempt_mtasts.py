@@ -97,8 +97,32 @@ def test_testing_mode_and_mta_sts_off_deliver_as_before(world):
         attempter, mx, route = world(mx_name="mx.attacker.test", cert_name="other.test", **options)
         out = attempter.run(JOB, BODY, [RCPT], route)
         assert [v.status for v in out.verdicts] == ["ok"], options
-        assert "MTA-STS" not in out.attempts[-1].tls
+        assert out.attempts[-1].tls.endswith(" (MTA-STS testing)" if options.get("mode") else "TLS_AES_256_GCM_SHA384")
         assert len(mx.handler.received()) == 1
+
+
+class Counted:
+    def __init__(self):
+        self.sessions = []
+
+    def success(self, policy):
+        self.sessions.append((policy.type, policy.string[1] if policy.string else "", "ok"))
+
+    def failure(self, policy, result, mx, ip=""):
+        self.sessions.append((policy.type, policy.string[1] if policy.string else "", result))
+
+
+@pytest.mark.parametrize(("options", "counted"), [
+    ({}, ("sts", "mode: testing", "ok")),  # a named MX with a good certificate
+    ({"cert_name": "other.test"}, ("sts", "mode: testing", "certificate-host-mismatch")),
+    ({"mx_name": "mx.attacker.test"}, ("sts", "mode: testing", "validation-failure")),
+])
+def test_testing_mode_reports_what_enforce_would_have_found_and_delivers_all_the_same(world, options, counted):
+    attempter, mx, route = world(mode="testing", **options)
+    attempter.tls_reports = reports = Counted()
+    out = attempter.run(JOB, BODY, [RCPT], route)
+    assert [v.status for v in out.verdicts] == ["ok"] and len(mx.handler.received()) == 1
+    assert reports.sessions == [counted]
 
 
 def test_an_admins_own_policy_for_the_domain_is_kept(world):

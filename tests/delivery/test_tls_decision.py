@@ -104,7 +104,21 @@ def test_make_plan_says_why_dane_and_mta_sts_do_not_apply():
     assert plan.sts == ENFORCE
     plan = make_plan(MX, "a.test", mx_secure=None, dane_off="delivery.dane is off", sts=None)
     assert (plan.dane_off, plan.sts_why) == ("DANE is not used: delivery.dane is off", "delivery.mta_sts is off")
-    plan = make_plan(MX, "a.test", mx_secure=None, sts=Lookups(policy=Policy("testing", 60, ("mx.a.test",))).sts)
-    assert (plan.sts, plan.sts_why) == (None, "a.test: policy in mode testing")
+    testing = Policy("testing", 60, ("mx.a.test",))
+    plan = make_plan(MX, "a.test", mx_secure=None, sts=Lookups(policy=testing).sts)
+    assert (plan.sts, plan.sts_why, plan.sts_testing) == (None, "a.test: policy in mode testing", testing)
     plan = make_plan(MX, "a.test", mx_secure=None, sts=Lookups(policy=None).sts)
     assert plan.sts_why == "a.test: cached"
+
+
+def test_mode_testing_delivers_as_may_and_says_what_to_report():
+    testing = Policy("testing", 86400, ("mx.a.test",))
+    plan = Plan("dane", True, "", None, "a.test: policy in mode testing", domain="a.test", sts_testing=testing)
+    named, other = plan.host("mx.a.test"), plan.host("mx.other.test")
+    assert (named.policy, named.testing, named.result, named.authenticated) == ("verify", True, "", False)
+    assert (other.policy, other.testing, other.result) == ("may", True, "validation-failure")
+    assert named.pool_policy == "sts-testing" and named.label == " (MTA-STS testing)"
+    assert plan.report_policy("mx.a.test", named).string[1] == "mode: testing"
+    assert plan.host("mx.a.test", DANE).source == "DANE"  # DANE still first
+    required = Plan("mta-sts", True, "", None, "a.test: policy in mode testing", sts_testing=testing)
+    assert required.host("mx.a.test").skip  # testing is no policy to require
