@@ -8,6 +8,7 @@ opened and closed to match it and new connections get the new limits.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import signal
 import socket
@@ -34,6 +35,7 @@ from elemta.local import LocalRecipients
 from elemta.pickup import Pickup
 from elemta.plugins import api as plugin_api
 from elemta.plugins import statsfile
+from elemta.plugins.builtin.dkim import DkimPlugin
 from elemta.plugins.manager import Manager
 from elemta.queue import db, ids, integrity, schema
 from elemta.queue.store import Store
@@ -173,6 +175,16 @@ def _shared_rate_limit(region: shm.Region):
     return make
 
 
+def report_signer(config: Config, plugins: Manager | None) -> Callable[[bytes], bytes] | None:
+    """DKIM for the TLS reports elemta sends as postmaster@<hostname>: the first dkim plugin
+    with a key for the hostname's domain or a parent of it; None without one."""
+    for loaded in plugins.plugins if plugins is not None else ():
+        signer = loaded.plugin
+        if isinstance(signer, DkimPlugin) and signer.keyed_domain(config.hostname) is not None:
+            return functools.partial(signer.signature_fields, domain=config.hostname)
+    return None
+
+
 def build_scheduler(config: Config, store: Store, events: logmod.EventLog,
                     recipients: LocalRecipients, plugins: Manager | None = None,
                     resolver: Resolver | None = None) -> Scheduler:
@@ -191,7 +203,8 @@ def build_scheduler(config: Config, store: Store, events: logmod.EventLog,
     reports = None
     if d.tls_reports:
         reports = Reports(config.server.spool_dir, hostname=config.hostname, resolver=resolver,
-                          enqueue=store.enqueue, new_id=store.new_id, log=events, ca_file=d.ca_file or None)
+                          enqueue=store.enqueue, new_id=store.new_id, log=events, ca_file=d.ca_file or None,
+                          sign=report_signer(config, plugins))
     attempter = attempt.Attempter(
         attempt.Settings(helo_name=d.helo_name or config.hostname, connect_timeout=d.connect_timeout,
                          command_timeout=d.command_timeout, ca_file=d.ca_file or None),

@@ -51,7 +51,8 @@ class Reports:
     def __init__(self, spool_dir: str, *, hostname: str, resolver: Resolver,
                  enqueue: Callable[[NewMessage], str], new_id: Callable[[], str],
                  log: Callable[..., None] = lambda event, **fields: None,
-                 clock: Callable[[], float] = time.time, ca_file: str | None = None):
+                 clock: Callable[[], float] = time.time, ca_file: str | None = None,
+                 sign: Callable[[bytes], bytes] | None = None):
         self.path = os.path.join(spool_dir, FILENAME)
         self.hostname = hostname
         self.resolver = resolver
@@ -60,6 +61,7 @@ class Reports:
         self.log = log
         self.clock = clock
         self.ca_file = ca_file  # for https: report URIs, as for MTA-STS policies
+        self.sign = sign  # DKIM-Signature fields for a report (the dkim plugin's keys), or None
         self._lock = threading.Lock()  # the counts in memory
         self._db_lock = threading.Lock()  # the connection: the scheduler's thread and the sender's
         self._pending: dict[Key, int] = {}
@@ -138,6 +140,8 @@ class Reports:
         if to:
             body = tlsrpt.build_message(report, domain=domain, day=day, submitter=self.hostname,
                                         sender=f"postmaster@{self.hostname}", to=to, now=self.clock())
+            if self.sign is not None:  # §5.3: receivers may ignore a report without DKIM
+                body = self.sign(body) + body
             # The null reverse-path: a report that cannot be delivered is not bounced (RFC 5321
             # §4.5.5), so reports never loop; elemta's delivery does not count it (is_report).
             self.enqueue(NewMessage(queue_id=report_id.split("@")[0], sender="",

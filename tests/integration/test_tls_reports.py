@@ -1,7 +1,8 @@
 """TLS reports (RFC 8460) end to end: bin/elemta delivers over DANE (a zone signed with
 ldns-signzone, served by nsd, validated by unbound) to a loopback MX, once with TLSA records
 that match and once with records that do not; when the day is over, each domain's report goes
-through elemta's own queue to the address its _smtp._tls record names, with the right counts."""
+through elemta's own queue to the address its _smtp._tls record names, with the right counts,
+signed with the dkim plugin's key for elemta's hostname."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ import smtplib
 import sqlite3
 import ssl
 
+import dkim
 import pytest
 
 from elemta.delivery import tlsrpt
+from elemta.plugins.builtin import dkim_keys
 from tests.delivery.test_tlsrpt import check_schema
 from tests.dnssec import DnssecTestbed, needs_dane, spki_sha256
 from tests.mx import Mx
@@ -40,6 +43,12 @@ min_free_space = 0
 resolvers = ["{dns}"]
 mx_port = {mx_port}
 dns_timeout = 5
+
+[[plugins]]
+use = "dkim"
+[plugins.options]
+verify = false
+keys = [{{ domain = "relay.test", selector = "s1", key_file = "{key}" }}]
 """
 
 
@@ -59,10 +68,12 @@ def test_the_days_reports_reach_each_domain_with_its_counts(tmp_path):
              "reports.test": mx_zone}
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     leaf.configure_cert(context)
+    private, public = dkim_keys.generate("ed25519")
+    dkim_keys.write_key(tmp_path / "relay.test.s1.key", private)
     (tmp_path / "dnssec").mkdir()
     with DnssecTestbed(tmp_path / "dnssec", zones, signed={"good.test", "wrong.test"}) as bed, \
             Mx(tls_context=context) as mx:
-        config = CONFIG.format(dns=bed.nameserver, mx_port=mx.port)
+        config = CONFIG.format(dns=bed.nameserver, mx_port=mx.port, key=tmp_path / "relay.test.s1.key")
         daemon = Daemon(tmp_path / "d", config).start()
         try:
             send(daemon, "bob@good.test")
@@ -89,8 +100,12 @@ def test_the_days_reports_reach_each_domain_with_its_counts(tmp_path):
             assert conn.execute("SELECT day, domain FROM sessions").fetchall() == []
         conn.close()
     reports = {}
+    record = dkim_keys.record_value("ed25519", public).encode()
     for got in mx.handler.to("tls@reports.test"):
         assert got.mail_from == "<>"
+        assert got.data.startswith(b"DKIM-Signature: ") and b"d=relay.test" in got.data.split(b"\r\n\r\n")[0]
+        assert dkim.verify(got.data, dnsfunc=lambda name, timeout=5: record if name == b"s1._domainkey.relay.test."
+                           else None)
         msg = email.message_from_bytes(got.data, policy=email.policy.default)
         assert msg.get_content_type() == "multipart/report" and msg.get_param("report-type") == "tlsrpt"
         attached = msg.get_payload()[1]

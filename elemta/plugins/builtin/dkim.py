@@ -226,12 +226,34 @@ class DkimPlugin(api.Plugin):
         if ctx.transaction is not None and ctx.transaction.sender_domain:
             candidates.append(ctx.transaction.sender_domain)
         for domain in candidates:
-            labels = domain.lower().rstrip(".").split(".")
-            for i in range(len(labels) - 1):  # stop before the bare top-level label
-                parent = ".".join(labels[i:])
-                if parent in self.keys:
-                    return parent
+            keyed = self.keyed_domain(domain)
+            if keyed is not None:
+                return keyed
         return None
+
+    def keyed_domain(self, domain: str) -> str | None:
+        """domain or its closest parent with signing keys, or None."""
+        labels = domain.lower().rstrip(".").split(".")
+        for i in range(len(labels) - 1):  # stop before the bare top-level label
+            parent = ".".join(labels[i:])
+            if parent in self.keys:
+                return parent
+        return None
+
+    def signature_fields(self, raw: bytes, domain: str) -> bytes:
+        """The DKIM-Signature fields (CRLF-ended, to go before the header) for a message elemta
+        makes itself, such as a TLS report (RFC 8460 §5.3 wants them signed): as domain or its
+        closest parent with keys; b"" when there is no key or signing failed (logged)."""
+        keyed = self.keyed_domain(domain)
+        if keyed is None:
+            return b""
+        try:
+            message = dkim.DKIM(raw, logger=_DKIMPY_LOG)
+        except dkim.DKIMException as exc:
+            self.log("not_signed", domain=keyed, reason=_comment(str(exc)))
+            return b""
+        return b"".join(f"DKIM-Signature: {value}\r\n".encode("ascii")
+                        for value, _ in self._signatures(message, keyed, ""))
 
     def _sign(self, ctx: api.Context) -> api.Verdict | None:
         if not self.keys:
@@ -247,10 +269,18 @@ class DkimPlugin(api.Plugin):
         except dkim.DKIMException as exc:
             self.log("not_signed", qid=queue_id, domain=domain, reason=_comment(str(exc)))
             return None
+        signatures = self._signatures(message, domain, queue_id)
+        if not signatures:
+            return None
+        self.log("signed", qid=queue_id, domain=domain, selectors=",".join(s for _, s in signatures))
+        return api.proceed(add_headers=tuple(("DKIM-Signature", value) for value, _ in signatures))
+
+    def _signatures(self, message: dkim.DKIM, domain: str, queue_id: str) -> list[tuple[str, str]]:
+        """(DKIM-Signature value, selector) for each of domain's keys that signed."""
         # Sign the listed fields the message has, each instance (RFC 6376 §5.4.2), then From
         # once more: an instance added later (a second From) breaks the signature (§8.15).
         include = [name.lower() for name, _ in message.headers if name.lower() in self.sign_set] + [b"from"]
-        headers, selectors = [], []
+        out = []
         for key in self.keys[domain]:
             try:
                 signed = message.sign(key.selector.encode(), domain.encode(), key.private,
@@ -261,13 +291,8 @@ class DkimPlugin(api.Plugin):
                          reason=_comment(str(exc)))
                 continue
             # dkimpy gives b"DKIM-Signature: v=1; ...\r\n", folded with CRLF + space.
-            value = signed.split(b":", 1)[1].strip().decode("ascii")
-            headers.append(("DKIM-Signature", value))
-            selectors.append(key.selector)
-        if not headers:
-            return None
-        self.log("signed", qid=queue_id, domain=domain, selectors=",".join(selectors))
-        return api.proceed(add_headers=tuple(headers))
+            out.append((signed.split(b":", 1)[1].strip().decode("ascii"), key.selector))
+        return out
 
     # -- verifying (RFC 6376 §6) -------------------------------------------------------------
 
