@@ -33,6 +33,7 @@ from elemta.delivery.smtp_client import (
 )
 from elemta.delivery.smtp_pool import Pool
 from elemta.delivery.tls_decision import PUBLISHED, REQUIRETLS_STATUS, HostTls, Plan, make_plan
+from elemta.delivery.tlsrpt import PolicyKey
 from elemta.delivery.tlsrpt_store import Reports
 from elemta.queue.query import parse_headers
 from elemta.queue.work import Attempt, Job, Recipient
@@ -193,6 +194,10 @@ class Attempter:
         def mta_sts(name: str) -> tuple[Policy | None, str]:
             assert self.sts is not None
             found = self.sts.find(name)
+            if found.failed and self.tls_reports is not None and route.mx:
+                # RFC 8460 §4.3.2.2: counted once per fetch that failed (the next waits 5 minutes)
+                result = tlsrpt.STS_POLICY_INVALID if found.failed == "invalid" else tlsrpt.STS_POLICY_FETCH_ERROR
+                self.tls_reports.failure(PolicyKey(tlsrpt.STS, name), result, "")
             return found.policy, found.note
 
         dane = self.dane

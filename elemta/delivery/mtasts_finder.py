@@ -30,6 +30,7 @@ class Found:
     policy: Policy | None  # the policy to apply now; None: deliver as without MTA-STS
     cached: Cached | None  # what the cache holds after this lookup
     note: str  # how it was found, for the log: "cached", "fetched", "no policy", "fetch failed: ..."
+    failed: str = ""  # a fetch just failed: "fetch" (no policy came) or "invalid" (it was not valid)
 
 
 class PolicyFinder:
@@ -54,6 +55,7 @@ class PolicyFinder:
             now = self.clock()
             cached = self.cache.get(domain)
             note = "cached" if cached is not None else "no policy"
+            failed = ""
             if mtasts.needs_fetch(cached, record, now) and self.cache.may_fetch(domain, now):
                 assert record is not None  # needs_fetch() asks for a fetch only with a record
                 try:
@@ -62,10 +64,11 @@ class PolicyFinder:
                     cached = Cached(mtasts.parse_policy(body), record.id, now)
                 except (FetchError, PolicyError, DnsError) as exc:
                     note = f"fetch failed: {exc}"
+                    failed = "invalid" if isinstance(exc, PolicyError) else "fetch"
                     self._keep(self.cache.fetch_failed, domain, now, str(exc))
                 else:
                     note = "fetched" if self._keep(self.cache.put, domain, cached) else "fetched, not kept on disk"
-        return Found(mtasts.applicable(cached, now), cached, note)
+        return Found(mtasts.applicable(cached, now), cached, note, failed)
 
     def close(self) -> None:
         self.cache.close()

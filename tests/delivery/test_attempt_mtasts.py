@@ -32,9 +32,9 @@ def world(ca, ca_file, tmp_path):
     """Start the parts; world(mx_name=..., cert_name=..., starttls=True, mode=...) -> (attempter, mx)."""
     started = []
 
-    def make(mx_name="mx.example.test", cert_name=None, starttls=True, mode="enforce", sts=True):
+    def make(mx_name="mx.example.test", cert_name=None, starttls=True, mode="enforce", sts=True, policy_reply=None):
         host = PolicyServer(ca)
-        host.reply = (200, "text/plain", POLICY.replace(b"enforce", mode.encode()), {})
+        host.reply = policy_reply or (200, "text/plain", POLICY.replace(b"enforce", mode.encode()), {})
         kwargs = {"tls_context": tls_for(ca, cert_name or mx_name)} if starttls else {}
         mx = Mx(**kwargs).__enter__()
         dns_server = DnsServer({
@@ -148,3 +148,17 @@ def test_may_is_plain_opportunistic_tls_whatever_the_domain_publishes(world):
     attempter, mx, route = world(mx_name="mx.attacker.test", cert_name="other.test")
     out = attempter.run(JOB, BODY, [RCPT], Route(**{**route.__dict__, "tls_policy": "may"}))
     assert [v.status for v in out.verdicts] == ["ok"] and "MTA-STS" not in out.attempts[-1].tls
+
+
+@pytest.mark.parametrize(("reply", "result"), [
+    ((503, "text/plain", b"busy", {}), "sts-policy-fetch-error"),
+    ((200, "text/plain", b"version: STSv1\r\nmode: sometimes\r\n", {}), "sts-policy-invalid"),
+])
+def test_a_policy_that_cannot_be_had_is_reported_once_per_fetch(world, reply, result):
+    attempter, mx, route = world(policy_reply=reply)
+    attempter.tls_reports = reports = Counted()
+    for _ in range(2):  # the second delivery finds the failure held off: not fetched, not counted
+        out = attempter.run(JOB, BODY, [RCPT], route)
+        assert [v.status for v in out.verdicts] == ["ok"]  # no policy: delivered as may
+    assert reports.sessions[0] == ("sts", "", result)
+    assert [s for s in reports.sessions if s[2] == result] == [("sts", "", result)]
