@@ -126,8 +126,8 @@ class Store:
         self._committed = (0, 0)
         self._intake_lock = threading.Lock()
         self._intake: _Intake | None = None
-        # Called by the writer after each commit of new mail: the delivery scheduler's wake-up,
-        # so the first attempt starts at once instead of at the next poll.
+        # Called by the writer after each commit of new mail that is not held: the delivery
+        # scheduler's wake-up, so the first attempt starts at once instead of at the next poll.
         self.on_commit: Callable[[], None] | None = None
 
     # -- lifecycle -----------------------------------------------------------
@@ -386,7 +386,9 @@ class Store:
             else:
                 for req in batch:
                     req.finish(None)
-            if self.on_commit is not None:
+            # Held mail (delivery.hold, a quarantine) is nothing for the scheduler to do: waking it
+            # for every held message cost the delivery process a tenth of a core at 1,600 msgs/s.
+            if self.on_commit is not None and any(not req.msg.hold for req in batch):
                 self.on_commit()
         finally:
             for req in batch:  # only reached unfinished if the writer itself is dying

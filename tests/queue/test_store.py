@@ -484,3 +484,12 @@ def test_processes_opening_a_new_database_together(tmp_path):
         for proc in procs:
             proc.join(30)
         assert outcomes == ["ok"] * 5
+
+
+def test_the_scheduler_is_woken_for_new_mail_but_not_for_held_mail(store):
+    woken = []
+    store.on_commit = lambda: woken.append(1)
+    store.enqueue(make(store, hold=True))  # nothing for delivery to do (delivery.hold, a quarantine)
+    store.enqueue(make(store))
+    store.close()  # the writer has finished: every wake-up it gave is in
+    assert woken == [1]
