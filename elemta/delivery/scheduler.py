@@ -92,6 +92,9 @@ class Scheduler:
         self._wake = threading.Event()
         self._stopping = False
         self._jobs = 0  # claimed messages not yet finished
+        # The last look claimed less than it could have (no room, results unwritten): a finished
+        # job wakes the scheduler then, and only then (each wake is a thread switch and a query).
+        self._starved = False
         self._parts: dict[int, int] = {}  # id(job) -> its deliveries not yet finished
         self._dest: dict[tuple, Destination] = {}
         self._thread: threading.Thread | None = None
@@ -143,7 +146,10 @@ class Scheduler:
                     return
                 room = self.concurrency * 2 - self._jobs
             try:
-                if room > 0 and not self.work.backlogged():
+                starved = room <= 0 or self.work.backlogged()
+                with self._lock:
+                    self._starved = starved
+                if not starved:
                     self._claim(room)
                 self._start_waiting()
                 if time.monotonic() - last_housekeeping >= HOUSEKEEPING:
@@ -459,7 +465,9 @@ class Scheduler:
         with self._lock:
             self._jobs -= 1
             self._idle.notify_all()
-        self._wake.set()
+            starved, self._starved = self._starved, False
+        if starved:
+            self._wake.set()
 
 
 def _merged(dl: Delivery, outcome: AttemptResult, extra: list[Outcome],
