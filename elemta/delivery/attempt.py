@@ -103,7 +103,8 @@ class Attempter:
         out = AttemptResult()
         remaining = list(recipients)
         last: dict[int, Verdict] = {}
-        requiretls = job.requiretls and not route.path  # a unix socket is no network hop
+        # REQUIRETLS governs relaying over SMTP; LMTP is final delivery into a mailbox store.
+        requiretls = job.requiretls and route.kind == "smtp"
         policy_route = route
         if not job.requiretls and route.tls_policy in PUBLISHED and tls_required_no(body):
             policy_route = dataclasses.replace(route, tls_policy="may")  # RFC 8689 §4.2.2

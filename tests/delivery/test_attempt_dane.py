@@ -239,3 +239,15 @@ def test_an_mx_host_that_is_a_secure_cname_uses_the_tlsa_records_where_it_leads_
     out = attempt(testbed, mx, domain, policy="dane-only")
     assert [v.status for v in out.verdicts] == ["ok"], out.verdicts
     assert out.attempts[-1].tls.endswith("(DANE 3 1 1)")
+
+
+def test_requiretls_mail_goes_into_a_mailbox_over_lmtp_as_any_mail(testbed):
+    """LMTP is final delivery (a local Dovecot, often on 127.0.0.1:24 without TLS), not a relay."""
+    with Mx(lmtp=True) as lmtp:
+        resolver = Resolver([testbed.nameserver], timeout=5.0)
+        attempter = Attempter(Settings(helo_name="out.test", connect_timeout=5, command_timeout=10), resolver,
+                              Pool())
+        job, rcpt = job_for("local.test", requiretls=True)
+        out = attempter.run(job, BODY, [rcpt], Route("lmtp", ("127.0.0.1",), lmtp.port, tls_policy="none"))
+        assert [v.status for v in out.verdicts] == ["ok"] and len(lmtp.handler.received()) == 1
+        assert "REQUIRETLS" not in lmtp.handler.received()[0].mail_options
