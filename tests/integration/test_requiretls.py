@@ -93,9 +93,14 @@ def test_a_requiretls_message_goes_on_over_dane_with_the_parameter(world):
     (got,) = mx.handler.to("bob@good.test")
     assert "REQUIRETLS" in got.mail_options and got.data.endswith(BODY)
     qid = text.rsplit(" ", 1)[1]
-    with daemon.db() as conn:
-        (tls,) = conn.execute("SELECT tls FROM attempts WHERE queue_id = ?", (qid,)).fetchone()
-    assert tls.endswith("(DANE 3 1 1)")
+
+    def attempt_tls():  # the attempt is written after the MX has answered: wait for it
+        with daemon.db() as conn:
+            row = conn.execute("SELECT tls FROM attempts WHERE queue_id = ?", (qid,)).fetchone()
+        return row[0] if row else None
+
+    wait_for(attempt_tls, 20, what="the attempt in the queue")
+    assert attempt_tls().endswith("(DANE 3 1 1)")
 
 
 def test_a_requiretls_message_to_a_domain_without_dane_or_mta_sts_bounces_with_5_7_30(world):
