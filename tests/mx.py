@@ -86,13 +86,13 @@ class RequireTlsSmtp(SMTP):
 
     def _getparams(self, params):
         found = super()._getparams(params)
-        if found is not None and self._tls_protocol is not None:
+        if found is not None and self.session.ssl is not None:
             found.pop("REQUIRETLS", None)
         return found
 
     async def smtp_EHLO(self, hostname):
         # The keyword goes in before the last line ("250 HELP"), only over TLS.
-        if self._tls_protocol is not None:
+        if self.session.ssl is not None:
             self.requiretls_offered = True
         return await super().smtp_EHLO(hostname)
 

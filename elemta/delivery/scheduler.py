@@ -145,10 +145,10 @@ class Scheduler:
                 if self._stopping:
                     return
                 room = self.concurrency * 2 - self._jobs
+                # Set with room, under one lock: a job that finishes in between sees it.
+                self._starved = room <= 0 or self.work.backlogged()
+                starved = self._starved
             try:
-                starved = room <= 0 or self.work.backlogged()
-                with self._lock:
-                    self._starved = starved
                 if not starved:
                     self._claim(room)
                 self._start_waiting()

@@ -87,7 +87,7 @@ class Reports:
     def housekeeping(self) -> None:
         """Write the counts; once a day is over, send its reports in a thread (one at a time)."""
         self.flush()
-        if self._sender is not None and self._sender.is_alive() or not self._due():
+        if (self._sender is not None and self._sender.is_alive()) or not self._due():
             return
         self._sender = threading.Thread(target=self._send_quietly, name="tls-reports", daemon=True)
         self._sender.start()
@@ -132,11 +132,21 @@ class Reports:
         policies = self._policies(day, domain)
         to = tlsrpt.mailto_addresses(uris)
         posts = [u for u in uris if u.lower().startswith("https:")]
+        sent = self._deliver(day, domain, policies, to, posts) if to or posts else 0
+        with self._db_lock, db.write(self._conn) as conn:
+            conn.execute("DELETE FROM sessions WHERE day = ? AND domain = ?", (day, domain))
+        self.log("tls_report", domain=domain, day=day, to=",".join([*to, *posts]) or "-",
+                 sessions=sum(c.successes + sum(c.failures.values()) for c in policies.values()), sent=sent)
+        return sent
+
+    def _deliver(self, day: str, domain: str, policies: dict[PolicyKey, PolicyCounts], to: list[str],
+                 posts: list[str]) -> int:
+        """Queue the report to the mailto: addresses and post it to the https: URIs; how many
+        of those two ways worked."""
+        report_id = f"{self.new_id()}@{self.hostname}"
+        report = tlsrpt.build_report(day, domain, policies, organization=self.hostname,
+                                     contact=f"postmaster@{self.hostname}", report_id=report_id)
         sent = 0
-        if to or posts:
-            report_id = f"{self.new_id()}@{self.hostname}"
-            report = tlsrpt.build_report(day, domain, policies, organization=self.hostname,
-                                         contact=f"postmaster@{self.hostname}", report_id=report_id)
         if to:
             body = tlsrpt.build_message(report, domain=domain, day=day, submitter=self.hostname,
                                         sender=f"postmaster@{self.hostname}", to=to, now=self.clock())
@@ -153,10 +163,6 @@ class Reports:
                 sent += 1
             except ReportError as exc:  # §5.4: no retry is required; the mailto: copy, if any, stands
                 self.log("tls_report_post_failed", domain=domain, day=day, uri=uri[:200], error=str(exc)[:200])
-        with self._db_lock, db.write(self._conn) as conn:
-            conn.execute("DELETE FROM sessions WHERE day = ? AND domain = ?", (day, domain))
-        self.log("tls_report", domain=domain, day=day, to=",".join([*to, *posts]) or "-",
-                 sessions=sum(c.successes + sum(c.failures.values()) for c in policies.values()), sent=sent)
         return sent
 
     def _post(self, uri: str, data: bytes) -> None:
