@@ -39,12 +39,13 @@ class _Request:
     never both, so a message reported as "not stored" is never written later.
     """
 
-    __slots__ = ("_lock", "_state", "done", "error", "msg")
+    __slots__ = ("_lock", "_state", "callback", "done", "error", "msg")
 
-    def __init__(self, msg: NewMessage) -> None:
+    def __init__(self, msg: NewMessage, callback: Callable[[_Request], None] | None = None) -> None:
         self.msg = msg
         self.done = threading.Event()
         self.error: BaseException | None = None
+        self.callback = callback  # submit()'s: called in the writer thread with the outcome
         self._lock = threading.Lock()
         self._state = "pending"
 
@@ -64,6 +65,10 @@ class _Request:
     def finish(self, error: BaseException | None) -> None:
         self.error = error
         self.done.set()
+        callback, self.callback = self.callback, None
+        if callback is not None:
+            with contextlib.suppress(Exception):  # a caller's bug must not stop the writer of all
+                callback(self)
 
 
 @dataclass(frozen=True)
@@ -243,6 +248,22 @@ class Store:
         if req.error is not None:
             raise req.error
         return msg.queue_id
+
+    def submit(self, msg: NewMessage, callback: Callable[[_Request], None]) -> _Request:
+        """enqueue() without waiting, for the event loop (smtp/loop.py): the same group commit,
+        and callback(request) runs in the writer thread once the transaction has committed
+        (request.error None) or failed (request.error the QueueError).  No timeout of its own:
+        a caller that gives up calls request.cancel(), and only if that returns True was the
+        message not taken (then the callback never runs).  QueueError at once when the store
+        does not accept mail."""
+        if not ids.is_valid(msg.queue_id):
+            raise QueueError(f"malformed queue ID {msg.queue_id!r}; use Store.new_id()")
+        req = _Request(msg, callback)
+        with self._lock:
+            if not self._accepting:
+                raise QueueError(self._not_accepting_reason())
+            self._requests.put(req)
+        return req
 
     def _not_accepting_reason(self) -> str:
         if self._writer_error is not None:

@@ -15,6 +15,7 @@ import socketserver
 import ssl
 import threading
 import time
+from collections.abc import Callable
 
 from elemta import log as logmod
 from elemta import metrics
@@ -23,12 +24,14 @@ from elemta.errors import QueueError
 from elemta.local import LocalRecipients
 from elemta.log import EventLog
 from elemta.passwords import PasswordFile
+from elemta.plugins.api import SMTP_HOOKS
 from elemta.queue.store import Store
 from elemta.shm import Counts, Region, RegionFull
 from elemta.smtp import proxy, replies
 from elemta.smtp.connections import Connections, Limits, Watch
 from elemta.smtp.limits import Limiter
 from elemta.smtp.limits import size_for as limits_size_for
+from elemta.smtp.loop import LoopListener
 from elemta.smtp.replies import Reply
 from elemta.smtp.session import (
     Client,
@@ -47,6 +50,8 @@ from elemta.sockopts import set_kernel_timeout
 RECV_SIZE = 65536
 PROXY_TIMEOUT = 10.0  # seconds for a PROXY header to arrive
 SWEEP_INTERVAL = 1.0  # seconds between deadline sweeps: a deadline is kept to within this
+# Hooks that run in a session's own course: with a plugin that has one, sessions get a thread.
+THREADED_HOOKS = (*SMTP_HOOKS, "on_enqueue", "on_disconnect")
 
 
 def session_settings(
@@ -127,7 +132,7 @@ class SmtpServer:
         self.services: Services | None = None
         self.limiter: Limiter | None = None
         self._limiter_key: tuple | None = None
-        self.listeners: dict[str, ListenerServer] = {}
+        self.listeners: dict[str, ListenerServer | LoopListener] = {}
         self.apply(config, recipients)
 
     def apply(self, config: Config, recipients: LocalRecipients | None = None) -> None:
@@ -204,11 +209,11 @@ class SmtpServer:
         """Switch to config: bind its new listeners first, and only if all of them bind, take
         its settings and close the listeners it no longer names (OSError leaves all as it was)."""
         wanted = {lst.address: lst for lst in config.listeners}
-        fresh: dict[str, ListenerServer] = {}
+        fresh: dict[str, ListenerServer | LoopListener] = {}
         try:
             for address, listener in wanted.items():
                 if address not in self.listeners:
-                    fresh[address] = ListenerServer(self, listener)
+                    fresh[address] = new_listener(self, listener)
         except OSError:
             for server in fresh.values():
                 server.server_close()
@@ -245,15 +250,47 @@ class SmtpServer:
 
     # ---- one connection --------------------------------------------------------------------
 
+    def admit(self, sock: socket.socket, peer: tuple, listener: Listener) -> tuple[int, Watch] | None:
+        """Count a new connection against the caps and the connection rate: its number and
+        Watch, or None when it was refused (told 421 here, in the accepting thread, so a client
+        we won't serve gets no session; the caller closes it)."""
+        ip, proxied = peer[0], listener.proxy_protocol
+        # Behind a proxy the address here is the proxy's: the client's own cap, rate and
+        # trust are checked once its PROXY header is read (SmtpServer._proxied).
+        trusted = not proxied and self.limits.is_trusted(ip)
+        number, watch, refusal = self.connections.admit(
+            ip, sock, self.limits, per_ip=not proxied, privileged=trusted,
+            reserved=proxied or trusted or listener.role in SUBMISSION_ROLES,
+        )
+        reason = "connection_limit"
+        if refusal is None and not proxied and not trusted:
+            assert self.limiter is not None  # configure() runs before the listeners start
+            refusal = self.limiter.connect(ip)
+            if refusal is not None:
+                self.connections.release(number)
+                reason = "connection_rate"
+        if refusal is not None:
+            metrics.CONNECTIONS.labels(listener.address, reason).inc()
+            self.log("reject", ip=ip, reason=reason, reply="421 4.7.0")
+            with contextlib.suppress(OSError):
+                sock.settimeout(1.0)
+                sock.sendall(refusal.format(host=self.hostname).to_bytes())
+            return None
+        assert watch is not None  # admitted
+        metrics.CONNECTIONS.labels(listener.address, "accepted").inc()
+        metrics.CONNECTIONS_OPEN.inc()
+        return number, watch
+
+    def release(self, number: int) -> None:
+        """The end of an admitted connection (its socket closed by the caller)."""
+        metrics.CONNECTIONS_OPEN.dec()
+        self.connections.release(number)
+
     def handle(self, sock: socket.socket, peer: tuple, listener: Listener, number: int,
                watch: Watch | None = None) -> None:
         limits = self.limits
         if watch is None:  # called without the accept path (tests): deadlines kept all the same
             watch = Watch(sock, peer[0], False)
-        # A listener closed by a reload may still hand over a last connection.
-        settings = self.settings.get(listener.address) or session_settings(
-            self.config, listener, self.hostname
-        )
         conn = _Conn(sock)
         # Replies go out whole, in one send each: Nagle only delays them, and after a TLS 1.3
         # handshake it held the banner ~40 ms behind the session tickets' delayed ACK.
@@ -265,24 +302,55 @@ class SmtpServer:
             peer, early = self._proxied(conn, peer, number, limits, listener, watch)
             if peer is None:
                 return
-        services, started = self.services, time.monotonic()
-        assert services is not None  # configure() runs before the listeners start
-        session = Session(settings, Client(peer[0], peer[1], limits.is_trusted(peer[0]), number), services)
-        self.log("connect", ip=peer[0], port=peer[1], listener=listener.address, conn=number,
-                 **({"proxy": ip} if listener.proxy_protocol else {}))
+        started = time.monotonic()
+        session = self.new_session(listener, peer, number, proxy=ip if listener.proxy_protocol else None)
+        self._run(conn, session, started, lambda: self._open(conn, session, listener, limits, watch, early))
+
+    def new_session(self, listener: Listener, peer: tuple, number: int, proxy: str | None = None) -> Session:
+        """A session for a new connection, logged; under the settings of now (a reload's for a
+        listener it closed)."""
+        settings = self.settings.get(listener.address) or session_settings(self.config, listener, self.hostname)
+        assert self.services is not None  # configure() runs before the listeners start
+        session = Session(settings, Client(peer[0], peer[1], self.limits.is_trusted(peer[0]), number), self.services)
+        if proxy:
+            self.log("connect", ip=peer[0], port=peer[1], listener=listener.address, conn=number, proxy=proxy)
+        else:
+            self.log("connect", ip=peer[0], port=peer[1], listener=listener.address, conn=number)
+        return session
+
+    def needs_thread(self, listener: Listener) -> bool:
+        """Whether a session on a plain listener must have a thread of its own from the start
+        rather than the listener's loop (smtp/loop.py): what it would run may block (plugins'
+        hooks asking DNS, a password check on a submission port), or greet_pause waits."""
+        plugins, settings = self.plugins, self.settings.get(listener.address)
+        return bool(
+            settings is None  # a listener a reload has closed: its last connections
+            or self.limits.greet_pause
+            or (plugins is not None and any(plugins.wants(h) for h in THREADED_HOOKS))
+            or (settings.submission and self.services is not None and self.services.verifier is not None)
+        )
+
+    def take_over(self, sock: socket.socket, session: Session, limits: Limits, watch: Watch, started: float,
+                  unsent: bytes, outputs: list[Output]) -> None:
+        """Go on in this thread with a session the loop began (smtp/loop.py hands it over at
+        STARTTLS): its replies not yet written, then the session's outputs from there on."""
+        sock.setblocking(True)
+        conn = _Conn(sock)
+        conn.set_timeout(socket.SO_RCVTIMEO, limits.command_timeout)
+        conn.set_timeout(socket.SO_SNDTIMEO, limits.command_timeout)
+
+        def resume() -> None:
+            if unsent:
+                sock.sendall(unsent)
+            self._converse(conn, session, limits, watch, outputs=outputs)
+
+        self._run(conn, session, started, resume)
+
+    def _run(self, conn: _Conn, session: Session, started: float, body: Callable[[], None]) -> None:
+        """Run a session's conversation (body) to its end, whatever ends it."""
+        sock, number = conn.sock, session.client.conn
         try:
-            if listener.role in TLS_ROLES:  # RFC 8314 §3.3: TLS from the first byte
-                if not self._start_tls(conn, session, number, limits.command_timeout):
-                    return
-            elif limits.greet_pause and not early and conn.readable(limits.greet_pause):
-                conn.send(session.input_before_reply())
-                return
-            greeting = session.greeting()
-            conn.send(greeting)
-            if isinstance(greeting[-1], Close):  # a plugin's on_connect said 421
-                return
-            watch.asked(False)
-            self._converse(conn, session, limits, watch, early)
+            body()
         except OSError as exc:
             self.log("io_error", ip=session.client.ip, conn=number, error=str(exc)[:80])
         except Exception:
@@ -301,6 +369,22 @@ class SmtpServer:
                 "disconnect", ip=session.client.ip, conn=number, commands=session.commands_seen,
                 errors=session.errors, seconds=round(time.monotonic() - started, 3),
             )
+
+    def _open(self, conn: _Conn, session: Session, listener: Listener, limits: Limits, watch: Watch,
+              early: bytes) -> None:
+        """From the connection to the conversation: TLS on port 465, greet_pause, the greeting."""
+        if listener.role in TLS_ROLES:  # RFC 8314 §3.3: TLS from the first byte
+            if not self._start_tls(conn, session, session.client.conn, limits.command_timeout):
+                return
+        elif limits.greet_pause and not early and conn.readable(limits.greet_pause):
+            conn.send(session.input_before_reply())
+            return
+        greeting = session.greeting()
+        conn.send(greeting)
+        if isinstance(greeting[-1], Close):  # a plugin's on_connect said 421
+            return
+        watch.asked(False)
+        self._converse(conn, session, limits, watch, early)
 
     def _proxied(self, conn: _Conn, peer: tuple, number: int, limits: Limits, listener: Listener,
                  watch: Watch) -> tuple:
@@ -369,30 +453,34 @@ class SmtpServer:
         return True
 
     def _converse(self, conn: _Conn, session: Session, limits: Limits, watch: Watch,
-                  early: bytes = b"") -> None:
-        timeout = limits.command_timeout  # as handle() set it
+                  early: bytes = b"", outputs: list[Output] | None = None) -> None:
+        """Read, feed the session and act on its outputs until the session ends.  outputs: the
+        session's outputs not yet acted on (take_over), acted on before the first read."""
+        timeout = limits.command_timeout  # as handle() and take_over() set it
+        data = b""
         while True:
-            wanted = limits.data_timeout if session.in_data else limits.command_timeout
-            if wanted != timeout:
-                conn.set_timeout(socket.SO_RCVTIMEO, wanted)
-                timeout = wanted
-            if early:  # what came behind a PROXY header, before our greeting
-                data, early = early, b""
-            else:
-                watch.waiting = True
-                try:
-                    data = conn.sock.recv(RECV_SIZE)
-                except (BlockingIOError, TimeoutError):  # SO_RCVTIMEO (TLS: Python's timeout) expired
-                    self._timed_out(conn, session, "silence")
+            if outputs is None:
+                wanted = limits.data_timeout if session.in_data else limits.command_timeout
+                if wanted != timeout:
+                    conn.set_timeout(socket.SO_RCVTIMEO, wanted)
+                    timeout = wanted
+                if early:  # what came behind a PROXY header, before our greeting
+                    data, early = early, b""
+                else:
+                    watch.waiting = True
+                    try:
+                        data = conn.sock.recv(RECV_SIZE)
+                    except (BlockingIOError, TimeoutError):  # SO_RCVTIMEO (TLS: Python's timeout) expired
+                        self._timed_out(conn, session, "silence")
+                        return
+                    watch.waiting = False
+                if not data:
+                    if watch.expired:  # the sweeper ended the wait: the whole request took too long
+                        self._timed_out(conn, session, "stress" if self.connections.stressed else "deadline")
+                    elif self.stopping.is_set():
+                        conn.send(session.shutting_down())
                     return
-                watch.waiting = False
-            if not data:
-                if watch.expired:  # the sweeper ended the wait: the whole request took too long
-                    self._timed_out(conn, session, "stress" if self.connections.stressed else "deadline")
-                elif self.stopping.is_set():
-                    conn.send(session.shutting_down())
-                return
-            outputs = session.feed(data)
+                outputs = session.feed(data)
             pending: list[Output] = []  # replies to send in one write, and a Close after the last
             while outputs:
                 item = outputs.pop(0)
@@ -405,6 +493,7 @@ class SmtpServer:
                         return
                 else:
                     pending.append(item)
+            outputs = None
             if session.awaiting_data and conn.readable(0):
                 # RFC 2920 §3.1: the client sent message text before our 354.
                 pending[-1:] = session.input_before_reply()
@@ -498,44 +587,27 @@ class ListenerServer(socketserver.ThreadingTCPServer):
 
     def process_request(self, request, client_address) -> None:
         """A thread per connection (a reused one), after the connection caps are checked."""
-        owner, ip, proxied = self.owner, client_address[0], self.listener.proxy_protocol
-        # Behind a proxy the address here is the proxy's: the client's own cap, rate and
-        # trust are checked once its PROXY header is read (SmtpServer._proxied).
-        trusted = not proxied and owner.limits.is_trusted(ip)
-        number, watch, refusal = owner.connections.admit(
-            ip, request, owner.limits, per_ip=not proxied, privileged=trusted,
-            reserved=proxied or trusted or self.listener.role in SUBMISSION_ROLES,
-        )
-        reason = "connection_limit"
-        if refusal is None and not proxied and not trusted:
-            assert owner.limiter is not None  # configure() runs before the listeners start
-            refusal = owner.limiter.connect(ip)
-            if refusal is not None:
-                owner.connections.release(number)
-                reason = "connection_rate"
-        if refusal is not None:
-            # Refused in the accept thread: no session thread for a client we won't serve.
-            metrics.CONNECTIONS.labels(self.listener.address, reason).inc()
-            self.owner.log("reject", ip=ip, reason=reason, reply="421 4.7.0")
-            try:
-                request.settimeout(1.0)
-                request.sendall(refusal.format(host=self.owner.hostname).to_bytes())
-            except OSError:
-                pass
+        admitted = self.owner.admit(request, client_address, self.listener)
+        if admitted is None:
             self.shutdown_request(request)
             return
-        metrics.CONNECTIONS.labels(self.listener.address, "accepted").inc()
-        metrics.CONNECTIONS_OPEN.inc()
-        self.owner.threads.submit(self._serve, request, client_address, number, watch)
+        self.owner.threads.submit(self._serve, request, client_address, *admitted)
 
     def _serve(self, request, client_address, number, watch) -> None:
         try:
             self.owner.handle(request, client_address, self.listener, number, watch)
         finally:
-            metrics.CONNECTIONS_OPEN.dec()
-            self.owner.connections.release(number)
+            self.owner.release(number)
             self.shutdown_request(request)
 
     def stop(self) -> None:
         self.shutdown()
         self.server_close()
+
+
+def new_listener(owner: SmtpServer, listener: Listener) -> ListenerServer | LoopListener:
+    """A plain listener is served by an event loop (smtp/loop.py); one that speaks TLS from the
+    first byte or reads a PROXY header first, by a thread per connection."""
+    if listener.role in TLS_ROLES or listener.proxy_protocol:
+        return ListenerServer(owner, listener)
+    return LoopListener(owner, listener)

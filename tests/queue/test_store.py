@@ -493,3 +493,62 @@ def test_the_scheduler_is_woken_for_new_mail_but_not_for_held_mail(store):
     store.enqueue(make(store))
     store.close()  # the writer has finished: every wake-up it gave is in
     assert woken == [1]
+
+
+# ---- submit(): the event loop's enqueue (smtp/loop.py) -------------------------------------------
+
+
+def test_submit_calls_back_in_the_writer_thread_after_the_commit(store, db_path):
+    outcomes: list = []
+    done = threading.Event()
+
+    def callback(request):
+        outcomes.append((request.error, threading.current_thread() is not threading.main_thread(),
+                         stored.message(db_path, request.msg.queue_id) is not None))
+        done.set()
+
+    msg = make(store)
+    store.submit(msg, callback)
+    assert done.wait(10)
+    error, in_writer, was_stored = outcomes[0]
+    assert error is None and in_writer and was_stored
+
+
+def test_a_submitted_request_cancelled_before_the_writer_takes_it_is_never_stored(store, db_path, monkeypatch):
+    gate, in_commit = threading.Event(), threading.Event()
+    original = Store._commit
+
+    def stuck(self, batch):
+        in_commit.set()
+        gate.wait(10)
+        return original(self, batch)
+
+    monkeypatch.setattr(Store, "_commit", stuck)
+    called: list = []
+    first = store.submit(make(store), called.append)
+    assert in_commit.wait(10)
+    second = store.submit(make(store), called.append)
+    assert second.cancel() is True  # not taken yet: given up
+    assert first.cancel() is False  # the writer has it: its commit decides
+    gate.set()
+    wait_for(lambda: len(called) == 1, what="the first request's callback")
+    assert called[0] is first and first.error is None
+    assert stored.message(db_path, first.msg.queue_id) is not None
+    assert stored.message(db_path, second.msg.queue_id) is None
+
+
+def test_submit_to_a_closed_store_fails_at_once(db_path):
+    s = Store(db_path)
+    s.open()
+    msg = make(s)
+    s.close()
+    with pytest.raises(QueueError, match="closed"):
+        s.submit(msg, lambda request: None)
+
+
+def test_a_callback_that_raises_does_not_stop_the_writer(store, db_path):
+    def broken(request):
+        raise RuntimeError("a caller's bug")
+
+    store.submit(make(store), broken)
+    assert store.enqueue(make(store))  # the writer is still there

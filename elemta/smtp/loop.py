@@ -1,0 +1,488 @@
+"""A plain listener served by one event loop: every session of the listener in one thread.
+
+A thread per connection costs a wake-up and a GIL hand-off for each read and each reply: on
+this machine eleven context switches per relayed message in the SMTP worker, more than its
+Python work. Here one thread waits on all the listener's sockets (`selectors`, non-blocking),
+feeds what arrives to each connection's sans-IO Session and writes its replies; a message goes
+to the queue with Store.submit(), and the queue writer's callback comes back through an eventfd,
+so the loop serves other clients while the group commit runs.
+
+The loop runs only what cannot block.  What may, gets a thread of its own (SmtpServer.handle or
+SmtpServer.take_over, the threaded path, unchanged):
+- a session whose plugins have hooks (they ask DNS), one on a submission listener with AUTH (a
+  password check), and every session while greet_pause is set: from the connection on;
+- a session that says STARTTLS: from the handshake on (after the loop has sent the 220);
+- listeners with TLS from the first byte or a PROXY header are not served by a loop at all
+  (server.new_listener).
+
+Kept as on the threaded path: the caps and connection rate at accept (SmtpServer.admit), the
+connection's Watch (the deadlines thread's shutdown(SHUT_RD) is end of input here), the
+command and data timeouts (a sweep once a second), the store's 60 s wait for a commit, the RFC
+2920 check before a 354, the 421 at shutdown, and the same log lines and metrics.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import selectors
+import socket
+import threading
+import time
+
+from elemta import metrics
+from elemta.config import Listener, split_host_port
+from elemta.errors import QueueError
+from elemta.smtp import replies
+from elemta.smtp.replies import Reply
+from elemta.smtp.session import Close, Enqueue, StartTls
+
+RECV_SIZE = 65536
+ACCEPT_BATCH = 64  # connections taken per readiness of the listening socket
+SWEEP_INTERVAL = 1.0  # seconds between looks at the per-read timeouts
+ENQUEUE_TIMEOUT = 60.0  # as Store.enqueue's: then the message is given up (451) if not yet taken
+MAX_EARLY = 65536  # octets read while a commit is in flight before the loop stops reading
+STOP_WAIT = 5.0  # seconds stop() waits for the loop to close the listening socket
+
+_READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
+
+
+class _Conn:
+    __slots__ = ("closing", "held", "inflight", "last", "limits", "mask", "number", "out", "pending", "request",
+                 "session", "sock", "started", "submitted", "watch")
+
+    def __init__(self, sock, session, number, watch, limits, now):
+        self.sock = sock
+        self.session = session
+        self.number = number
+        self.watch = watch
+        self.limits = limits
+        self.out = bytearray()  # replies not yet written (the client is not reading)
+        self.pending: list = []  # replies gathered while a commit is in flight, sent with its reply
+        self.held: list = []  # outputs that came after an Enqueue, acted on after its outcome
+        self.closing = False  # Close seen: close once `out` is written
+        self.inflight = -1  # >= 0 while a commit is in flight: the octets read meanwhile
+        self.request = None  # the store's request while a commit is in flight
+        self.submitted = 0.0
+        self.mask = 0  # the selector events registered
+        self.last = now  # last input (per-read timeouts)
+        self.started = now
+
+
+class LoopListener:
+    """A listening socket and the loop that serves it; what SmtpServer asks of a listener
+    (port, listener, serve_forever, stop, server_close), as ListenerServer."""
+
+    def __init__(self, owner, listener: Listener):
+        self.owner = owner  # the SmtpServer
+        self.listener = listener
+        host, port = split_host_port(listener.address)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if owner.reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:  # separate IPv4 and IPv6 listeners may share a port
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((host, port))
+            sock.listen(1024)  # bursts of clients wait in the kernel
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self.socket: socket.socket | None = sock
+        self.server_address = sock.getsockname()
+        self.sel = selectors.DefaultSelector()
+        self.conns: dict[int, _Conn] = {}  # fd -> connection
+        self.done: collections.deque = collections.deque()  # (conn, request) from the writer
+        self._signalled = False
+        self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._closing = False
+        self._closed = threading.Event()  # the listening socket is closed
+        self._running = False
+
+    @property
+    def port(self) -> int:
+        return self.server_address[1]
+
+    # ---- what SmtpServer calls ------------------------------------------------------------
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """Run the loop until stop() and the end of the last connection it serves."""
+        self._running = True
+        sel = self.sel
+        assert self.socket is not None  # serve_forever runs once, before stop()
+        sel.register(self.socket, _READ, None)
+        sel.register(self._efd, _READ, self._efd)
+        next_sweep = time.monotonic() + SWEEP_INTERVAL
+        try:
+            while self.socket is not None or self.conns:
+                for key, mask in sel.select(SWEEP_INTERVAL):
+                    conn = key.data
+                    if conn is None:
+                        self._accept()
+                    elif conn is self._efd:
+                        self._completions()
+                    else:
+                        self._ready(conn, mask)
+                if self._closing and self.socket is not None:
+                    sel.unregister(self.socket)
+                    self._close_listening()
+                now = time.monotonic()
+                if now >= next_sweep:
+                    next_sweep = now + SWEEP_INTERVAL
+                    self._sweep(now)
+        finally:
+            self._close_listening()
+            for conn in list(self.conns.values()):
+                self._close(conn)
+            sel.close()
+            os.close(self._efd)
+
+    def stop(self) -> None:
+        """Stop accepting (the port is closed when this returns); the open sessions go on to
+        their end (SmtpServer.stop tells them 421 after the grace period)."""
+        self._closing = True
+        if not self._running:
+            self._close_listening()
+            return
+        self._signal()
+        self._closed.wait(STOP_WAIT)
+
+    def server_close(self) -> None:
+        if not self._running:
+            self._close_listening()
+
+    def _close_listening(self) -> None:
+        sock, self.socket = self.socket, None
+        if sock is not None:
+            sock.close()
+        self._closed.set()
+
+    # ---- accept ----------------------------------------------------------------------------
+
+    def _accept(self) -> None:
+        owner, listener, listening = self.owner, self.listener, self.socket
+        assert listening is not None  # the selector has it only while it is open
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, peer = listening.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and the like: try again at the next readiness
+                owner.log("accept_error", error=str(exc)[:80])
+                return
+            admitted = owner.admit(sock, peer, listener)
+            if admitted is None:
+                sock.close()
+                continue
+            number, watch = admitted
+            try:
+                if owner.needs_thread(listener):
+                    sock.setblocking(True)
+                    owner.threads.submit(self._threaded, sock, peer, number, watch)
+                    continue
+                self._open(sock, peer, number, watch)
+            except Exception:  # a bug costs this connection, never the listener
+                owner.log.exception("internal_error", ip=peer[0], conn=number)
+                owner.release(number)
+                sock.close()
+
+    def _threaded(self, sock, peer, number, watch) -> None:
+        try:
+            self.owner.handle(sock, peer, self.listener, number, watch)
+        finally:
+            self._end_threaded(sock, number)
+
+    def _open(self, sock, peer, number, watch) -> None:
+        owner = self.owner
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # replies go out whole
+        session = owner.new_session(self.listener, peer, number)
+        conn = _Conn(sock, session, number, watch, owner.limits, time.monotonic())
+        self.conns[sock.fileno()] = conn
+        self._want(conn, _READ)
+        try:
+            greeting = session.greeting()
+        except Exception:
+            self._internal_error(conn)
+            return
+        self._act(conn, greeting, None)
+
+    # ---- input -----------------------------------------------------------------------------
+
+    def _ready(self, conn: _Conn, mask: int) -> None:
+        try:
+            if mask & _WRITE:
+                self._flush(conn)
+            if mask & _READ and conn.sock is not None and conn.mask & _READ:
+                self._readable(conn)
+        except Exception:  # a bug costs one session, never the loop
+            self._internal_error(conn)
+
+    def _readable(self, conn: _Conn) -> None:
+        try:
+            data = conn.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.owner.log("io_error", ip=conn.session.client.ip, conn=conn.number, error=str(exc)[:80])
+            self._close(conn)
+            return
+        session, watch = conn.session, conn.watch
+        if not data:
+            if conn.inflight >= 0:  # the client left while its message is stored: wait for it
+                self._want(conn, 0)
+                conn.closing = True
+            elif watch.expired:  # the deadlines thread ended the wait: the request took too long
+                self._timed_out(conn, "stress" if self.owner.connections.stressed else "deadline")
+            elif self.owner.stopping.is_set():
+                self._act(conn, session.shutting_down(), None)
+            else:
+                self._close(conn)
+            return
+        conn.last = time.monotonic()
+        if conn.inflight >= 0:  # a commit is in flight: the session only buffers this
+            session.feed(data)
+            conn.inflight += len(data)
+            if conn.inflight > MAX_EARLY:
+                self._want(conn, conn.mask & ~_READ)
+            return
+        watch.waiting = False
+        self._act(conn, session.feed(data), data)
+
+    def _act(self, conn: _Conn, outputs: list, data: bytes | None) -> None:
+        """Act on a session's outputs: the replies gathered and written in one send, an Enqueue
+        submitted (what follows it waits for its outcome), STARTTLS handed to a thread, a Close
+        after the last reply."""
+        session, pending = conn.session, conn.pending
+        while outputs:
+            item = outputs.pop(0)
+            if isinstance(item, Enqueue):
+                conn.held = outputs
+                self._submit(conn, item)
+                return
+            if isinstance(item, StartTls):
+                self._hand_over(conn, pending, [item, *outputs])
+                return
+            pending.append(item)
+        conn.pending = []
+        if session.awaiting_data and self._more_input(conn):
+            # RFC 2920 §3.1: the client sent message text before our 354.
+            pending[-1:] = session.input_before_reply()
+        if pending and isinstance(pending[-1], Close):
+            conn.closing = True
+        text = b"".join(item.to_bytes() for item in pending if isinstance(item, Reply))
+        watch = conn.watch
+        if text:
+            watch.asked(session.in_data)  # a request was answered: the client's time starts
+            if session.user is not None:
+                watch.privileged = True
+            conn.out += text
+            self._flush(conn)
+        elif data is not None and session.in_data:
+            watch.data_bytes += len(data)
+        elif conn.closing:
+            self._close(conn)
+        if conn.sock is not None:
+            watch.waiting = True
+
+    def _more_input(self, conn: _Conn) -> bool:
+        try:
+            return bool(conn.sock.recv(1, socket.MSG_PEEK))
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True  # the read that follows says what happened
+
+    # ---- output ----------------------------------------------------------------------------
+
+    def _flush(self, conn: _Conn) -> None:
+        if conn.sock is None:
+            return
+        if conn.out:
+            try:
+                sent = conn.sock.send(conn.out)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self.owner.log("io_error", ip=conn.session.client.ip, conn=conn.number, error=str(exc)[:80])
+                self._close(conn)
+                return
+            del conn.out[:sent]
+        if conn.out:  # the client is not reading: no more input until it has our replies
+            self._want(conn, _WRITE)
+            return
+        if conn.closing:
+            self._close(conn)
+            return
+        self._want(conn, 0 if conn.inflight > MAX_EARLY else _READ)
+
+    def _want(self, conn: _Conn, mask: int) -> None:
+        """Register the events conn waits for (0: none, out of the selector)."""
+        if mask == conn.mask:
+            return
+        if not conn.mask:
+            self.sel.register(conn.sock, mask, conn)
+        elif not mask:
+            self.sel.unregister(conn.sock)
+        else:
+            self.sel.modify(conn.sock, mask, conn)
+        conn.mask = mask
+
+    # ---- STARTTLS: the rest of the session in a thread ------------------------------------
+
+    def _hand_over(self, conn: _Conn, pending: list, outputs: list) -> None:
+        """The 220 and what is unsent go out from the thread, which then does the handshake
+        and the rest of the session (SmtpServer.take_over)."""
+        unsent = bytes(conn.out) + b"".join(item.to_bytes() for item in pending if isinstance(item, Reply))
+        sock = conn.sock
+        self._forget(conn)
+        conn.watch.waiting = False
+        self.owner.threads.submit(self._taken_over, sock, conn, unsent, outputs)
+
+    def _taken_over(self, sock, conn: _Conn, unsent: bytes, outputs: list) -> None:
+        try:
+            self.owner.take_over(sock, conn.session, conn.limits, conn.watch, conn.started, unsent, outputs)
+        finally:
+            self._end_threaded(sock, conn.number)
+
+    def _end_threaded(self, sock, number: int) -> None:
+        self.owner.release(number)
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)
+        sock.close()
+
+    def _forget(self, conn: _Conn) -> None:
+        """Take conn out of the loop, its socket left open."""
+        if conn.mask:
+            with contextlib.suppress(KeyError, ValueError):
+                self.sel.unregister(conn.sock)
+        conn.mask = 0
+        self.conns.pop(conn.sock.fileno(), None)
+        conn.sock = None
+
+    # ---- the queue -------------------------------------------------------------------------
+
+    def _submit(self, conn: _Conn, item: Enqueue) -> None:
+        conn.watch.waiting = False  # elemta's time, not the client's
+        try:
+            conn.request = self.owner.store.submit(item.message, lambda req, c=conn: self._stored(c, req))
+        except QueueError as exc:
+            self._outcome(conn, item.message, exc)
+            return
+        # Input that comes while the message is stored is only buffered by the session (it
+        # waits for the outcome); past MAX_EARLY octets the loop stops reading until then.
+        conn.inflight = 0
+        conn.submitted = time.monotonic()
+
+    def _stored(self, conn: _Conn, request) -> None:
+        """In the writer thread: hand the outcome to the loop (one eventfd write per wake-up)."""
+        self.done.append((conn, request))
+        if not self._signalled:
+            self._signalled = True
+            self._signal()
+
+    def _signal(self) -> None:
+        with contextlib.suppress(OSError):
+            os.eventfd_write(self._efd, 1)
+
+    def _completions(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._efd)
+        self._signalled = False
+        done = self.done
+        while done:
+            conn, request = done.popleft()
+            if conn.request is not request:  # given up (ENQUEUE_TIMEOUT) before the outcome came
+                continue
+            self._settled(conn, request.msg, request.error)
+
+    def _settled(self, conn: _Conn, message, error) -> None:
+        conn.request = None
+        conn.inflight = -1
+        if conn.sock is None:  # closed meanwhile (an error of the loop's own)
+            return
+        if conn.closing:  # the client left while its message was stored
+            self._close(conn)
+            return
+        if not conn.mask & _READ:
+            self._want(conn, conn.mask | _READ)
+        try:
+            self._outcome(conn, message, error)
+        except Exception:
+            self._internal_error(conn)
+
+    def _outcome(self, conn: _Conn, message, error) -> None:
+        listener = conn.session.settings.listener
+        if error is not None:
+            metrics.MESSAGES.labels(listener, "failed").inc()
+            outputs = conn.session.enqueue_failed(error)
+        else:
+            metrics.MESSAGES.labels(listener, "accepted").inc()
+            metrics.RECEIVED_BYTES.inc(len(message.body))
+            outputs = conn.session.enqueued(message)
+        held, conn.held = conn.held, []
+        self._act(conn, outputs + held, None)
+
+    # ---- ends ------------------------------------------------------------------------------
+
+    def _sweep(self, now: float) -> None:
+        """Per-read timeouts: no input for command_timeout (data_timeout in DATA); and a
+        commit that did not come in ENQUEUE_TIMEOUT."""
+        for conn in list(self.conns.values()):
+            if conn.sock is None:
+                continue
+            if conn.request is not None:
+                if now - conn.submitted > ENQUEUE_TIMEOUT and conn.request.cancel():
+                    request = conn.request
+                    self._settled(conn, request.msg, QueueError(
+                        f"timed out after {ENQUEUE_TIMEOUT:.0f}s waiting for the queue writer; message not stored"))
+                continue
+            if conn.closing:
+                continue
+            limits = conn.limits
+            allowed = limits.data_timeout if conn.session.in_data else limits.command_timeout
+            if now - conn.last > allowed:
+                self._timed_out(conn, "silence")
+
+    def _timed_out(self, conn: _Conn, why: str) -> None:
+        session = conn.session
+        self.owner.log("timeout", ip=session.client.ip, conn=conn.number,
+                       phase="data" if session.in_data else "command", limit=why)
+        conn.pending = []
+        self._act(conn, session.timed_out(), None)
+
+    def _internal_error(self, conn: _Conn) -> None:
+        """A bug costs its session a 451 (never a 5xx) and the connection; the traceback goes
+        to the log."""
+        self.owner.log.exception("internal_error", ip=conn.session.client.ip, conn=conn.number)
+        conn.pending, conn.held = [], []
+        if conn.closing or conn.sock is None:
+            self._close(conn)
+            return
+        conn.out += replies.INTERNAL_ERROR.to_bytes()
+        conn.closing = True
+        try:
+            self._flush(conn)
+        except Exception:  # noqa: BLE001 -- already failing: just close
+            self._close(conn)
+
+    def _close(self, conn: _Conn) -> None:
+        sock = conn.sock
+        if sock is None:
+            return
+        self._forget(conn)
+        sock.close()
+        if conn.request is not None and conn.request.cancel():
+            conn.request = None  # not taken by the writer: the message is not stored
+        session, owner = conn.session, self.owner
+        try:
+            session.disconnected()
+        except Exception:  # noqa: BLE001 -- logged; the connection ends all the same
+            owner.log.exception("internal_error", ip=session.client.ip, conn=conn.number)
+        owner.log("disconnect", ip=session.client.ip, conn=conn.number, commands=session.commands_seen,
+                  errors=session.errors, seconds=round(time.monotonic() - conn.started, 3))
+        owner.release(conn.number)

@@ -1,0 +1,259 @@
+"""smtp/loop.py: a plain listener's sessions in one event loop, and what it hands to threads.
+
+Real sockets on 127.0.0.1:0, a real queue; the rest of the server's tests (test_server.py, the
+integration tests) run through the same loop, since it serves every plain listener.
+"""
+
+from __future__ import annotations
+
+import smtplib
+import socket
+import sqlite3
+import ssl
+import threading
+
+import pytest
+
+from elemta import config as cfg
+from elemta.log import EventLog
+from elemta.queue.store import Store
+from elemta.smtp import loop as loop_mod
+from elemta.smtp.loop import LoopListener
+from elemta.smtp.server import ListenerServer, SmtpServer
+from tests.support import RawClient, wait_for
+
+trustme = pytest.importorskip("trustme")
+
+MESSAGE = b"From: a@example.org\r\nTo: b@example.com\r\nSubject: hi\r\n\r\n" + (b"x" * 70 + b"\r\n") * 70
+
+
+@pytest.fixture(scope="module")
+def ca():
+    return trustme.CA()
+
+
+@pytest.fixture
+def serve(tmp_path):
+    started = []
+
+    def start(listeners=None, tls=None, **smtp):
+        config = cfg.parse({
+            "listeners": listeners or [{"address": "127.0.0.1:0", "role": "mx"}],
+            "server": {"spool_dir": str(tmp_path), "hostname": "mx.test.example"},
+            "smtp": {"local_domains": ["example.com"], **smtp},
+            "queue": {"min_free_space": 0},
+            **({"tls": tls} if tls else {}),
+        })
+        store = Store(config.queue_path)
+        store.open()
+        lines: list[str] = []
+        server = SmtpServer(config, store, EventLog(sink=lines.append))
+        server.start()
+        started.append((server, store))
+        return server, lines, next(iter(server.listeners.values())).port, config.queue_path
+
+    yield start
+    for server, store in started:
+        server.stop(grace=2)
+        store.close()
+
+
+def stored(path: str) -> int:
+    with sqlite3.connect(path) as db:
+        return db.execute("select count(*) from messages").fetchone()[0]
+
+
+def test_plain_listeners_are_loops_and_tls_or_proxy_listeners_have_threads(serve, ca, tmp_path):
+    cert = tmp_path / "cert.pem"
+    ca.issue_cert("mx.test.example").private_key_and_cert_chain_pem.write_to_path(str(cert))
+    server, _lines, _port, _path = serve(
+        listeners=[{"address": "127.0.0.1:0", "role": "mx"},
+                   {"address": "127.0.0.2:0", "role": "submissions"}],
+        tls={"certificates": [{"cert_file": str(cert)}]},
+    )
+    kinds = {address.split(":")[0]: type(listener) for address, listener in server.listeners.items()}
+    assert kinds == {"127.0.0.1": LoopListener, "127.0.0.2": ListenerServer}
+
+
+def test_messages_from_parallel_clients_are_stored_each_with_its_reply(serve):
+    server, lines, port, path = serve()
+    errors: list[BaseException] = []
+
+    def client():
+        try:
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+                for _ in range(5):  # several messages on one connection
+                    s.sendmail("a@example.org", ["b@example.com"], MESSAGE)
+        except Exception as exc:  # noqa: BLE001 -- reported by the assert below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client) for _ in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors
+    assert stored(path) == 50
+    assert server.connections.wait_idle(5)
+    log = "".join(lines)
+    assert log.count(" disconnect ") == 10
+
+
+def test_pipelined_commands_and_a_large_message(serve):
+    _server, _lines, port, path = serve()
+    with RawClient("127.0.0.1", port) as c:
+        assert c.cmd("EHLO c.example")[0] == 250
+        # MAIL, RCPT and DATA in one write: three replies in order (RFC 2920)
+        c.sock.sendall(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n")
+        assert [c.reply()[0] for _ in range(3)] == [250, 250, 354]
+        c.sock.sendall((b"y" * 98 + b"\r\n") * 30_000 + b".\r\nNOOP\r\n")  # 3 MB, and a command behind it
+        code, text = c.reply()
+        assert code == 250 and "queued as" in text
+        assert c.reply()[0] == 250  # the NOOP, read while the message was being stored
+        assert c.cmd("QUIT")[0] == 221
+    assert stored(path) == 1
+
+
+class SlowReader(RawClient):
+    """A client with a small receive buffer, so the server's replies back up."""
+
+    def __init__(self, host: str, port: int):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.sock.settimeout(30)
+        self.sock.connect((host, port))
+        self._buf = b""
+        self.greeting = self.reply()
+
+
+def test_a_client_that_does_not_read_stops_only_its_own_session(serve, monkeypatch):
+    waits_to_write = threading.Event()
+    original = LoopListener._want
+
+    def spy(self, conn, mask):
+        if mask == loop_mod._WRITE:
+            waits_to_write.set()
+        return original(self, conn, mask)
+
+    monkeypatch.setattr(LoopListener, "_want", spy)
+    _server, _lines, port, _path = serve()
+    n = 60_000  # some 10 MB of EHLO replies
+    with SlowReader("127.0.0.1", port) as slow:
+        sender = threading.Thread(target=slow.sock.sendall, args=(b"EHLO c.example\r\n" * n,), daemon=True)
+        sender.start()
+        assert waits_to_write.wait(10)  # its replies back up: the loop waits to write them
+        with RawClient("127.0.0.1", port) as other:  # and serves another client meanwhile
+            assert other.cmd("EHLO other.example")[0] == 250
+        codes = [slow.reply()[0] for _ in range(n)]
+        sender.join(30)
+        assert codes == [250] * n
+        assert slow.cmd("QUIT")[0] == 221
+
+
+def test_a_silent_client_is_told_421_after_the_command_timeout(serve):
+    _server, lines, port, _path = serve(command_timeout=1)
+    with RawClient("127.0.0.1", port) as c:
+        code, text = c.reply()
+        assert (code, text.split()[0]) == (421, "4.4.2")
+        assert c.closed_by_server()
+    wait_for(lambda: " timeout " in "".join(lines) and "limit=silence" in "".join(lines), 5)
+
+
+def test_stop_tells_open_sessions_421_and_closes_the_port(serve):
+    server, _lines, port, _path = serve()
+    c = RawClient("127.0.0.1", port)
+    assert c.cmd("EHLO c.example")[0] == 250
+    server.stop(grace=0.2)
+    assert c.reply()[0] == 421
+    c.sock.close()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5)
+
+
+def test_starttls_hands_the_session_to_a_thread_that_takes_the_message(serve, ca, tmp_path):
+    cert = tmp_path / "cert.pem"
+    ca.issue_cert("mx.test.example", "127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(cert))
+    _server, lines, port, path = serve(tls={"certificates": [{"cert_file": str(cert)}]})
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="c.example", timeout=10) as s:
+        s.ehlo()
+        assert s.has_extn("starttls")
+        s.starttls(context=context)
+        s.ehlo()
+        assert not s.has_extn("starttls")
+        s.sendmail("a@example.org", ["b@example.com"], MESSAGE)
+        assert s.noop()[0] == 250
+    assert stored(path) == 1
+    wait_for(lambda: " tls " in "".join(lines) and " disconnect " in "".join(lines), 5)
+
+
+def test_a_session_with_greet_pause_has_a_thread_and_an_early_talker_is_refused(serve):
+    server, lines, port, path = serve(greet_pause=0.5)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"EHLO early.example\r\n")  # before the greeting
+        reply = sock.recv(1024)
+        assert reply[:1] == b"5", reply
+    with RawClient("127.0.0.1", port) as c:  # waits for the greeting
+        assert c.cmd("EHLO c.example")[0] == 250
+    assert server.connections.wait_idle(5)
+
+
+def test_a_commit_that_does_not_come_is_a_451_and_nothing_is_stored(serve, monkeypatch):
+    monkeypatch.setattr(loop_mod, "ENQUEUE_TIMEOUT", 0.5)
+    server, lines, port, path = serve()
+    gate, in_commit = threading.Event(), threading.Event()
+    original = Store._commit
+
+    def stuck(self, batch):  # the writer hangs (a disk that stopped answering)
+        in_commit.set()
+        gate.wait(20)
+        return original(self, batch)
+
+    first = RawClient("127.0.0.1", port)
+    try:
+        monkeypatch.setattr(Store, "_commit", stuck)
+        assert first.cmd("EHLO c.example")[0] == 250
+        first.cmd("MAIL FROM:<a@example.org>")
+        first.cmd("RCPT TO:<b@example.com>")
+        assert first.cmd("DATA")[0] == 354
+        first.sock.sendall(b"Subject: one\r\n\r\nbody\r\n.\r\n")
+        assert in_commit.wait(10)  # the writer has the first message
+        with RawClient("127.0.0.1", port) as second:  # behind it in the writer's queue
+            second.cmd("EHLO c.example")
+            second.cmd("MAIL FROM:<a@example.org>")
+            second.cmd("RCPT TO:<b@example.com>")
+            assert second.cmd("DATA")[0] == 354
+            second.sock.sendall(b"Subject: two\r\n\r\nbody\r\n.\r\n")
+            code, text = second.reply()
+            assert (code, text.split()[0]) == (451, "4.3.0")  # given up before the writer took it
+            gate.set()
+            code, text = first.reply()  # the writer had it: its commit decides
+            assert code == 250
+    finally:
+        gate.set()
+        first.sock.close()
+    assert stored(path) == 1
+
+
+def test_a_bug_in_one_session_is_a_451_and_the_loop_serves_the_next(serve):
+    import dataclasses
+
+    server, lines, port, _path = serve()
+
+    def broken_new_id() -> str:
+        raise RuntimeError("simulated bug")
+
+    good = server.services
+    server.services = dataclasses.replace(good, new_id=broken_new_id)
+    with RawClient("127.0.0.1", port) as c:
+        assert c.cmd("EHLO c.example")[0] == 250
+        code, text = c.cmd("MAIL FROM:<a@example.org>")
+        assert (code, text.split()[0]) == (451, "4.3.0")
+        assert c.closed_by_server()
+    server.services = good
+    with RawClient("127.0.0.1", port) as c:
+        assert c.cmd("EHLO c.example")[0] == 250
+        assert c.cmd("MAIL FROM:<a@example.org>")[0] == 250
+    assert server.connections.wait_idle(5)
+    assert server.connections.count() == 0
