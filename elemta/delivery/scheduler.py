@@ -45,6 +45,7 @@ POLL = 0.25  # seconds between looks at PRAGMA data_version
 LEASE = 3600.0  # longer than any attempt; only a dead process's leases ever run out
 INTERNAL_ERROR = "451 4.3.0 delivery ended in an internal error; tried again later"
 HOUSEKEEPING = 60.0  # seconds between purges of finished messages
+IDLE_SWEEP = 1.0  # seconds between looks for pooled connections gone idle (a poll() each)
 PURGE_BATCH = 500  # messages deleted per transaction, keeping each write short
 PURGE_BATCHES = 100  # at most 50,000 messages a minute
 
@@ -139,7 +140,7 @@ class Scheduler:
     # -- the scheduler thread ---------------------------------------------------------
 
     def _run(self) -> None:
-        last_housekeeping = 0.0
+        last_housekeeping = last_idle_sweep = 0.0
         while True:
             with self._lock:
                 if self._stopping:
@@ -155,7 +156,9 @@ class Scheduler:
                 if time.monotonic() - last_housekeeping >= HOUSEKEEPING:
                     last_housekeeping = time.monotonic()
                     self._housekeeping()
-                self.attempter.pool.close_idle()
+                if time.monotonic() - last_idle_sweep >= IDLE_SWEEP:
+                    last_idle_sweep = time.monotonic()
+                    self.attempter.pool.close_idle()
                 timeout = self._sleep_time()
             except Exception as exc:  # noqa: BLE001 -- a database hiccup must not end delivery
                 self.log("scheduler_error", level=logmod.ERROR, error=str(exc)[:200])

@@ -221,7 +221,7 @@ class SmtpConnection:
         returned as permanent results for every recipient; nothing is sent.  What to send
         and what the replies mean is smtp_transaction.OutboundTransaction's; this is the I/O.
         """
-        if not self.usable():
+        if not self.usable(probe=False):  # the pool probed it when it handed it out
             raise SmtpClientError("connection is not usable", stage="mail",
                                   try_next_host=True, enhanced="4.4.2", host=self.host,
                                   ip=self.ip)
@@ -297,11 +297,14 @@ class SmtpConnection:
             raise self._fail("rset", "RSET refused", reply, permanent=False,
                              try_next_host=True)
 
-    def usable(self) -> bool:
-        """Open and in step.  Anything readable while idle (the server's idle-timeout 421,
-        or its close) means the server is gone (RFC 5321 §4.5.3.2.7)."""
+    def usable(self, probe: bool = True) -> bool:
+        """Open and in step.  With probe, a poll() too: anything readable while idle (the
+        server's idle-timeout 421, or its close) means the server is gone (RFC 5321
+        §4.5.3.2.7); a system call, so asked where it matters: when the pool hands it out."""
         if self._sock is None or self._broken or self._buf:
             return False
+        if not probe:
+            return True
         try:
             poller = select.poll()
             poller.register(self._sock, select.POLLIN)

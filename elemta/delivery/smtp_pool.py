@@ -16,7 +16,7 @@ class Pooled(Protocol):
 
     messages_sent: int
 
-    def usable(self) -> bool: ...
+    def usable(self, probe: bool = True) -> bool: ...
 
     def close(self) -> None: ...
 
@@ -59,7 +59,7 @@ class Pool(Generic[C]):
         """Give a connection back after send(); closed instead when it has sent
         max_messages, is not usable or the pool holds max_idle already."""
         with self._lock:
-            keep = (conn.usable() and conn.messages_sent < self.max_messages
+            keep = (conn.usable(probe=False) and conn.messages_sent < self.max_messages
                     and sum(map(len, self._idle.values())) < self.max_idle)
             if keep:
                 self._idle.setdefault(key, []).append((self._clock(), conn))

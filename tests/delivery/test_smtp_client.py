@@ -763,7 +763,7 @@ class FakeConn:
         self.messages_sent = messages_sent
         self.closed = False
 
-    def usable(self):
+    def usable(self, probe=True):
         return not self.closed
 
     def close(self):
