@@ -1,24 +1,24 @@
-"""A plain listener served by one event loop: every session of the listener in one thread.
+"""A listener served by one event loop: every session of the listener in one thread.
 
 A thread per connection costs a wake-up and a GIL hand-off for each read and each reply: on
 this machine eleven context switches per relayed message in the SMTP worker, more than its
 Python work. Here one thread waits on all the listener's sockets (`selectors`, non-blocking),
-feeds what arrives to each connection's sans-IO Session and writes its replies; a message goes
-to the queue with Store.submit(), and the queue writer's callback comes back through an eventfd,
-so the loop serves other clients while the group commit runs.
+feeds what arrives to each connection's sans-IO Session and writes its replies; TLS (STARTTLS,
+port 465) is non-blocking too (ssl's SSLWantRead/SSLWantWrite, and pending() for what OpenSSL
+has decrypted already); a message goes to the queue with Store.submit(), and the queue writer's
+callback comes back through an eventfd, so the loop serves other clients while the group commit
+runs.
 
-The loop runs only what cannot block.  What may, gets a thread of its own (SmtpServer.handle or
-SmtpServer.take_over, the threaded path, unchanged):
-- a session whose plugins have hooks (they ask DNS), one on a submission listener with AUTH (a
-  password check), and every session while greet_pause is set: from the connection on;
-- a session that says STARTTLS: from the handshake on (after the loop has sent the 220);
-- listeners with TLS from the first byte or a PROXY header are not served by a loop at all
-  (server.new_listener).
+The loop runs only what cannot block. A session whose plugins have hooks (they ask DNS), one
+on a submission listener with AUTH (a password check), and every session while greet_pause is
+set get a thread of their own from the connection on (SmtpServer.handle, the threaded path);
+listeners that read a PROXY header first are not served by a loop at all (server.new_listener).
 
 Kept as on the threaded path: the caps and connection rate at accept (SmtpServer.admit), the
 connection's Watch (the deadlines thread's shutdown(SHUT_RD) is end of input here), the
-command and data timeouts (a sweep once a second), the store's 60 s wait for a commit, the RFC
-2920 check before a 354, the 421 at shutdown, and the same log lines and metrics.
+command and data timeouts (a sweep once a second; the command timeout holds for a TLS
+handshake), the store's 60 s wait for a commit, the RFC 2920 check before a 354, the 421 at
+shutdown, and the same log lines and metrics.
 """
 
 from __future__ import annotations
@@ -26,17 +26,20 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+import select
 import selectors
 import socket
+import ssl
 import threading
 import time
 
 from elemta import metrics
-from elemta.config import Listener, split_host_port
+from elemta.config import TLS_ROLES, Listener, split_host_port
 from elemta.errors import QueueError
 from elemta.smtp import replies
 from elemta.smtp.replies import Reply
 from elemta.smtp.session import Close, Enqueue, StartTls
+from elemta.smtp.tls import TlsInfo
 
 RECV_SIZE = 65536
 ACCEPT_BATCH = 64  # connections taken per readiness of the listening socket
@@ -49,8 +52,8 @@ _READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 
 
 class _Conn:
-    __slots__ = ("closing", "held", "inflight", "last", "limits", "mask", "number", "out", "pending", "request",
-                 "session", "sock", "started", "submitted", "watch")
+    __slots__ = ("closing", "greeted", "handshaking", "held", "inflight", "last", "limits", "mask", "number", "out",
+                 "pending", "request", "session", "sock", "started", "starttls", "submitted", "tls", "watch")
 
     def __init__(self, sock, session, number, watch, limits, now):
         self.sock = sock
@@ -62,6 +65,10 @@ class _Conn:
         self.pending: list = []  # replies gathered while a commit is in flight, sent with its reply
         self.held: list = []  # outputs that came after an Enqueue, acted on after its outcome
         self.closing = False  # Close seen: close once `out` is written
+        self.starttls = False  # STARTTLS's 220 given: the handshake begins once `out` is written
+        self.handshaking = False  # TLS handshake under way
+        self.tls = False  # the socket is an SSLSocket
+        self.greeted = True  # False on port 465 until the handshake is done
         self.inflight = -1  # >= 0 while a commit is in flight: the octets read meanwhile
         self.request = None  # the store's request while a commit is in flight
         self.submitted = 0.0
@@ -203,18 +210,26 @@ class LoopListener:
         session = owner.new_session(self.listener, peer, number)
         conn = _Conn(sock, session, number, watch, owner.limits, time.monotonic())
         self.conns[sock.fileno()] = conn
-        self._want(conn, _READ)
         try:
-            greeting = session.greeting()
+            if self.listener.role in TLS_ROLES:  # RFC 8314 §3.3: TLS from the first byte
+                conn.greeted = False
+                self._start_tls(conn)
+                return
+            self._want(conn, _READ)
+            self._act(conn, session.greeting(), None)
         except Exception:
             self._internal_error(conn)
-            return
-        self._act(conn, greeting, None)
 
     # ---- input -----------------------------------------------------------------------------
 
     def _ready(self, conn: _Conn, mask: int) -> None:
         try:
+            if conn.handshaking:
+                if conn.watch.expired:  # the deadlines thread shut the socket: the handshake took too long
+                    self._tls_failed(conn, TimeoutError("timed out"))
+                else:
+                    self._handshake(conn)
+                return
             if mask & _WRITE:
                 self._flush(conn)
             if mask & _READ and conn.sock is not None and conn.mask & _READ:
@@ -223,10 +238,16 @@ class LoopListener:
             self._internal_error(conn)
 
     def _readable(self, conn: _Conn) -> None:
+        sock = conn.sock
         try:
-            data = conn.sock.recv(RECV_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return
+            data = sock.recv(RECV_SIZE)
+            # Decrypted bytes OpenSSL holds already are no readiness to select(): take them now.
+            while conn.tls and data and sock.pending():
+                data += sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
+            return  # nothing yet (over TLS: no whole record yet)
+        except ssl.SSLWantWriteError:
+            return  # not with renegotiation off (tls.py); the next readiness tries again
         except OSError as exc:
             self.owner.log("io_error", ip=conn.session.client.ip, conn=conn.number, error=str(exc)[:80])
             self._close(conn)
@@ -265,8 +286,11 @@ class LoopListener:
                 self._submit(conn, item)
                 return
             if isinstance(item, StartTls):
-                self._hand_over(conn, pending, [item, *outputs])
-                return
+                # The 220 goes out in the clear, then the handshake (_flush starts it); what
+                # follows waits for its end.
+                conn.starttls, conn.held = True, outputs
+                outputs = []
+                continue
             pending.append(item)
         conn.pending = []
         if session.awaiting_data and self._more_input(conn):
@@ -290,8 +314,11 @@ class LoopListener:
             watch.waiting = True
 
     def _more_input(self, conn: _Conn) -> bool:
+        sock = conn.sock
+        if conn.tls:  # no MSG_PEEK through TLS: what OpenSSL holds, or bytes in the kernel
+            return bool(sock.pending()) or bool(select.select([sock], [], [], 0)[0])
         try:
-            return bool(conn.sock.recv(1, socket.MSG_PEEK))
+            return bool(sock.recv(1, socket.MSG_PEEK))
         except (BlockingIOError, InterruptedError):
             return False
         except OSError:
@@ -305,8 +332,8 @@ class LoopListener:
         if conn.out:
             try:
                 sent = conn.sock.send(conn.out)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
+            except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                sent = 0  # over TLS, the same bytes are offered again (OpenSSL asks it)
             except OSError as exc:
                 self.owner.log("io_error", ip=conn.session.client.ip, conn=conn.number, error=str(exc)[:80])
                 self._close(conn)
@@ -317,6 +344,9 @@ class LoopListener:
             return
         if conn.closing:
             self._close(conn)
+            return
+        if conn.starttls:
+            self._start_tls(conn)
             return
         self._want(conn, 0 if conn.inflight > MAX_EARLY else _READ)
 
@@ -332,22 +362,62 @@ class LoopListener:
             self.sel.modify(conn.sock, mask, conn)
         conn.mask = mask
 
-    # ---- STARTTLS: the rest of the session in a thread ------------------------------------
+    # ---- TLS ---------------------------------------------------------------------------
 
-    def _hand_over(self, conn: _Conn, pending: list, outputs: list) -> None:
-        """The 220 and what is unsent go out from the thread, which then does the handshake
-        and the rest of the session (SmtpServer.take_over)."""
-        unsent = bytes(conn.out) + b"".join(item.to_bytes() for item in pending if isinstance(item, Reply))
-        sock = conn.sock
-        self._forget(conn)
-        conn.watch.waiting = False
-        self.owner.threads.submit(self._taken_over, sock, conn, unsent, outputs)
-
-    def _taken_over(self, sock, conn: _Conn, unsent: bytes, outputs: list) -> None:
+    def _start_tls(self, conn: _Conn) -> None:
+        """Wrap the socket (after STARTTLS's 220 is out, or at once on port 465) and begin
+        the handshake; input is read again when it is done."""
+        owner = self.owner
+        conn.starttls = False
+        owner.tls.check()  # cheap: at most one stat per tls.reload_interval
+        self._want(conn, 0)  # the selector knows the plain socket object: out, then the new one in
+        plain = conn.sock
+        del self.conns[plain.fileno()]
         try:
-            self.owner.take_over(sock, conn.session, conn.limits, conn.watch, conn.started, unsent, outputs)
-        finally:
-            self._end_threaded(sock, conn.number)
+            conn.sock = owner.tls.context().wrap_socket(plain, server_side=True, do_handshake_on_connect=False)
+        except (ssl.SSLError, OSError) as exc:
+            conn.sock = plain
+            self.conns[plain.fileno()] = conn
+            self._tls_failed(conn, exc)
+            return
+        conn.tls = conn.handshaking = True
+        self.conns[conn.sock.fileno()] = conn
+        owner.connections.replace(conn.number, conn.sock)
+        conn.last = time.monotonic()  # the client's time: the command timeout holds for the handshake
+        conn.watch.waiting = True
+        self._handshake(conn)
+
+    def _handshake(self, conn: _Conn) -> None:
+        try:
+            conn.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._want(conn, _READ)
+            return
+        except ssl.SSLWantWriteError:
+            self._want(conn, _WRITE)
+            return
+        except (ssl.SSLError, OSError) as exc:  # a client that is not speaking TLS, or left
+            self._tls_failed(conn, exc)
+            return
+        conn.handshaking = False
+        conn.last = time.monotonic()
+        info = TlsInfo.of(conn.sock)
+        metrics.TLS_HANDSHAKES.labels("in", conn.sock.version() or "unknown", "ok").inc()
+        session = conn.session
+        outputs = session.tls_started(info)
+        if not conn.greeted:  # port 465: the greeting comes over TLS
+            conn.greeted = True
+            outputs += session.greeting()
+            conn.watch.asked(False)
+        held, conn.held = conn.held, []
+        self._want(conn, _READ)
+        self._act(conn, outputs + held, None)
+
+    def _tls_failed(self, conn: _Conn, exc: Exception) -> None:
+        reason = getattr(exc, "reason", None) or str(exc)[:80] or type(exc).__name__
+        self.owner.log("tls_failed", ip=conn.session.client.ip, conn=conn.number, error=reason)
+        metrics.TLS_HANDSHAKES.labels("in", "none", "failed").inc()
+        self._close(conn)
 
     def _end_threaded(self, sock, number: int) -> None:
         self.owner.release(number)
@@ -445,7 +515,11 @@ class LoopListener:
                 continue
             limits = conn.limits
             allowed = limits.data_timeout if conn.session.in_data else limits.command_timeout
-            if now - conn.last > allowed:
+            if now - conn.last <= allowed:
+                continue
+            if conn.handshaking:  # as the threaded path: no 421 in the middle of a handshake
+                self._tls_failed(conn, TimeoutError("timed out"))
+            else:
                 self._timed_out(conn, "silence")
 
     def _timed_out(self, conn: _Conn, why: str) -> None:

@@ -330,22 +330,6 @@ class SmtpServer:
             or (settings.submission and self.services is not None and self.services.verifier is not None)
         )
 
-    def take_over(self, sock: socket.socket, session: Session, limits: Limits, watch: Watch, started: float,
-                  unsent: bytes, outputs: list[Output]) -> None:
-        """Go on in this thread with a session the loop began (smtp/loop.py hands it over at
-        STARTTLS): its replies not yet written, then the session's outputs from there on."""
-        sock.setblocking(True)
-        conn = _Conn(sock)
-        conn.set_timeout(socket.SO_RCVTIMEO, limits.command_timeout)
-        conn.set_timeout(socket.SO_SNDTIMEO, limits.command_timeout)
-
-        def resume() -> None:
-            if unsent:
-                sock.sendall(unsent)
-            self._converse(conn, session, limits, watch, outputs=outputs)
-
-        self._run(conn, session, started, resume)
-
     def _run(self, conn: _Conn, session: Session, started: float, body: Callable[[], None]) -> None:
         """Run a session's conversation (body) to its end, whatever ends it."""
         sock, number = conn.sock, session.client.conn
@@ -453,34 +437,30 @@ class SmtpServer:
         return True
 
     def _converse(self, conn: _Conn, session: Session, limits: Limits, watch: Watch,
-                  early: bytes = b"", outputs: list[Output] | None = None) -> None:
-        """Read, feed the session and act on its outputs until the session ends.  outputs: the
-        session's outputs not yet acted on (take_over), acted on before the first read."""
-        timeout = limits.command_timeout  # as handle() and take_over() set it
-        data = b""
+                  early: bytes = b"") -> None:
+        timeout = limits.command_timeout  # as handle() set it
         while True:
-            if outputs is None:
-                wanted = limits.data_timeout if session.in_data else limits.command_timeout
-                if wanted != timeout:
-                    conn.set_timeout(socket.SO_RCVTIMEO, wanted)
-                    timeout = wanted
-                if early:  # what came behind a PROXY header, before our greeting
-                    data, early = early, b""
-                else:
-                    watch.waiting = True
-                    try:
-                        data = conn.sock.recv(RECV_SIZE)
-                    except (BlockingIOError, TimeoutError):  # SO_RCVTIMEO (TLS: Python's timeout) expired
-                        self._timed_out(conn, session, "silence")
-                        return
-                    watch.waiting = False
-                if not data:
-                    if watch.expired:  # the sweeper ended the wait: the whole request took too long
-                        self._timed_out(conn, session, "stress" if self.connections.stressed else "deadline")
-                    elif self.stopping.is_set():
-                        conn.send(session.shutting_down())
+            wanted = limits.data_timeout if session.in_data else limits.command_timeout
+            if wanted != timeout:
+                conn.set_timeout(socket.SO_RCVTIMEO, wanted)
+                timeout = wanted
+            if early:  # what came behind a PROXY header, before our greeting
+                data, early = early, b""
+            else:
+                watch.waiting = True
+                try:
+                    data = conn.sock.recv(RECV_SIZE)
+                except (BlockingIOError, TimeoutError):  # SO_RCVTIMEO (TLS: Python's timeout) expired
+                    self._timed_out(conn, session, "silence")
                     return
-                outputs = session.feed(data)
+                watch.waiting = False
+            if not data:
+                if watch.expired:  # the sweeper ended the wait: the whole request took too long
+                    self._timed_out(conn, session, "stress" if self.connections.stressed else "deadline")
+                elif self.stopping.is_set():
+                    conn.send(session.shutting_down())
+                return
+            outputs = session.feed(data)
             pending: list[Output] = []  # replies to send in one write, and a Close after the last
             while outputs:
                 item = outputs.pop(0)
@@ -493,7 +473,6 @@ class SmtpServer:
                         return
                 else:
                     pending.append(item)
-            outputs = None
             if session.awaiting_data and conn.readable(0):
                 # RFC 2920 §3.1: the client sent message text before our 354.
                 pending[-1:] = session.input_before_reply()
@@ -606,8 +585,8 @@ class ListenerServer(socketserver.ThreadingTCPServer):
 
 
 def new_listener(owner: SmtpServer, listener: Listener) -> ListenerServer | LoopListener:
-    """A plain listener is served by an event loop (smtp/loop.py); one that speaks TLS from the
-    first byte or reads a PROXY header first, by a thread per connection."""
-    if listener.role in TLS_ROLES or listener.proxy_protocol:
+    """A listener is served by an event loop (smtp/loop.py); one that reads a PROXY header
+    first, by a thread per connection."""
+    if listener.proxy_protocol:
         return ListenerServer(owner, listener)
     return LoopListener(owner, listener)

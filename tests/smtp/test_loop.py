@@ -36,10 +36,10 @@ def ca():
 def serve(tmp_path):
     started = []
 
-    def start(listeners=None, tls=None, **smtp):
+    def start(listeners=None, tls=None, server=None, **smtp):
         config = cfg.parse({
             "listeners": listeners or [{"address": "127.0.0.1:0", "role": "mx"}],
-            "server": {"spool_dir": str(tmp_path), "hostname": "mx.test.example"},
+            "server": {"spool_dir": str(tmp_path), "hostname": "mx.test.example", **(server or {})},
             "smtp": {"local_domains": ["example.com"], **smtp},
             "queue": {"min_free_space": 0},
             **({"tls": tls} if tls else {}),
@@ -47,10 +47,10 @@ def serve(tmp_path):
         store = Store(config.queue_path)
         store.open()
         lines: list[str] = []
-        server = SmtpServer(config, store, EventLog(sink=lines.append))
-        server.start()
-        started.append((server, store))
-        return server, lines, next(iter(server.listeners.values())).port, config.queue_path
+        smtp_server = SmtpServer(config, store, EventLog(sink=lines.append))
+        smtp_server.start()
+        started.append((smtp_server, store))
+        return smtp_server, lines, next(iter(smtp_server.listeners.values())).port, config.queue_path
 
     yield start
     for server, store in started:
@@ -63,16 +63,31 @@ def stored(path: str) -> int:
         return db.execute("select count(*) from messages").fetchone()[0]
 
 
-def test_plain_listeners_are_loops_and_tls_or_proxy_listeners_have_threads(serve, ca, tmp_path):
+def certificate(ca, tmp_path) -> dict:
     cert = tmp_path / "cert.pem"
-    ca.issue_cert("mx.test.example").private_key_and_cert_chain_pem.write_to_path(str(cert))
+    ca.issue_cert("mx.test.example", "127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(cert))
+    return {"certificates": [{"cert_file": str(cert)}]}
+
+
+def client_context(ca) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    return context
+
+
+def session_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("session-")]
+
+
+def test_listeners_are_loops_but_those_behind_a_proxy(serve, ca, tmp_path):
     server, _lines, _port, _path = serve(
         listeners=[{"address": "127.0.0.1:0", "role": "mx"},
-                   {"address": "127.0.0.2:0", "role": "submissions"}],
-        tls={"certificates": [{"cert_file": str(cert)}]},
+                   {"address": "127.0.0.2:0", "role": "submissions"},
+                   {"address": "127.0.0.3:0", "role": "mx", "proxy_protocol": True}],
+        tls=certificate(ca, tmp_path), server={"proxy_networks": ["127.0.0.0/8"]},
     )
     kinds = {address.split(":")[0]: type(listener) for address, listener in server.listeners.items()}
-    assert kinds == {"127.0.0.1": LoopListener, "127.0.0.2": ListenerServer}
+    assert kinds == {"127.0.0.1": LoopListener, "127.0.0.2": LoopListener, "127.0.0.3": ListenerServer}
 
 
 def test_messages_from_parallel_clients_are_stored_each_with_its_reply(serve):
@@ -156,7 +171,9 @@ def test_a_silent_client_is_told_421_after_the_command_timeout(serve):
         code, text = c.reply()
         assert (code, text.split()[0]) == (421, "4.4.2")
         assert c.closed_by_server()
-    wait_for(lambda: " timeout " in "".join(lines) and "limit=silence" in "".join(lines), 5)
+    # The loop's per-read timeout or the deadlines thread, whichever looks first: the same 421.
+    wait_for(lambda: " timeout " in "".join(lines), 5)
+    assert "limit=silence" in "".join(lines) or "limit=deadline" in "".join(lines)
 
 
 def test_stop_tells_open_sessions_421_and_closes_the_port(serve):
@@ -170,22 +187,56 @@ def test_stop_tells_open_sessions_421_and_closes_the_port(serve):
         socket.create_connection(("127.0.0.1", port), timeout=5)
 
 
-def test_starttls_hands_the_session_to_a_thread_that_takes_the_message(serve, ca, tmp_path):
-    cert = tmp_path / "cert.pem"
-    ca.issue_cert("mx.test.example", "127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(cert))
-    _server, lines, port, path = serve(tls={"certificates": [{"cert_file": str(cert)}]})
-    context = ssl.create_default_context()
-    ca.configure_trust(context)
+def test_starttls_in_the_loop_and_a_message_over_tls(serve, ca, tmp_path):
+    _server, lines, port, path = serve(tls=certificate(ca, tmp_path))
+    before = session_threads()
     with smtplib.SMTP("127.0.0.1", port, local_hostname="c.example", timeout=10) as s:
         s.ehlo()
         assert s.has_extn("starttls")
-        s.starttls(context=context)
+        s.starttls(context=client_context(ca))
         s.ehlo()
         assert not s.has_extn("starttls")
-        s.sendmail("a@example.org", ["b@example.com"], MESSAGE)
+        s.sendmail("a@example.org", ["b@example.com"], MESSAGE * 300)  # 1.5 MB: many TLS records
         assert s.noop()[0] == 250
     assert stored(path) == 1
     wait_for(lambda: " tls " in "".join(lines) and " disconnect " in "".join(lines), 5)
+    assert session_threads() == before  # no session thread was started for it
+
+
+def test_implicit_tls_in_the_loop(serve, ca, tmp_path):
+    _server, lines, port, path = serve(
+        listeners=[{"address": "127.0.0.1:0", "role": "submissions"}], tls=certificate(ca, tmp_path))
+    with smtplib.SMTP_SSL("127.0.0.1", port, local_hostname="c.example", timeout=10,
+                          context=client_context(ca)) as s:
+        assert s.ehlo()[0] == 250
+        assert s.noop()[0] == 250
+    wait_for(lambda: " disconnect " in "".join(lines), 5)
+    assert " tls " in "".join(lines)
+
+
+def test_a_failed_handshake_ends_only_that_session(serve, ca, tmp_path):
+    server, lines, port, _path = serve(tls=certificate(ca, tmp_path))
+    with RawClient("127.0.0.1", port) as c:
+        assert c.cmd("EHLO c.example")[0] == 250
+        assert c.cmd("STARTTLS")[0] == 220
+        c.sock.sendall(b"EHLO this is not a TLS ClientHello\r\n" * 4)
+        assert c.closed_by_server()
+    wait_for(lambda: " tls_failed " in "".join(lines), 5)
+    assert server.connections.wait_idle(5)
+    with RawClient("127.0.0.1", port) as c:  # the loop goes on
+        assert c.cmd("EHLO c.example")[0] == 250
+
+
+def test_a_client_silent_after_starttls_is_closed_at_the_command_timeout(serve, ca, tmp_path):
+    server, lines, port, _path = serve(tls=certificate(ca, tmp_path), command_timeout=1)
+    with RawClient("127.0.0.1", port) as c:
+        assert c.cmd("EHLO c.example")[0] == 250
+        assert c.cmd("STARTTLS")[0] == 220
+        # It never starts the handshake: ended as on the threaded path, without a 421 in clear.
+        wait_for(lambda: " tls_failed " in "".join(lines), 10)
+        assert c.closed_by_server()
+    assert "timed out" in next(line for line in lines if " tls_failed " in line)
+    assert server.connections.wait_idle(5)
 
 
 def test_a_session_with_greet_pause_has_a_thread_and_an_early_talker_is_refused(serve):
