@@ -33,6 +33,7 @@ import ssl
 import threading
 import time
 
+from elemta import log as logmod
 from elemta import metrics
 from elemta.config import TLS_ROLES, Listener, split_host_port
 from elemta.errors import QueueError
@@ -47,6 +48,9 @@ SWEEP_INTERVAL = 1.0  # seconds between looks at the per-read timeouts
 ENQUEUE_TIMEOUT = 60.0  # as Store.enqueue's: then the message is given up (451) if not yet taken
 MAX_EARLY = 65536  # octets read while a commit is in flight before the loop stops reading
 STOP_WAIT = 5.0  # seconds stop() waits for the loop to close the listening socket
+# accept() failed (EMFILE, ENFILE, ENOBUFS): the pending connection stays ready, so trying
+# again at once would spin; the loop serves its sessions and tries again after this pause.
+ACCEPT_PAUSE = 0.1
 
 _READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 
@@ -109,6 +113,8 @@ class LoopListener:
         self._closing = False
         self._closed = threading.Event()  # the listening socket is closed
         self._running = False
+        self._paused_until = 0.0  # accepting paused after an error, until then
+        self._error_logged = 0.0
 
     @property
     def port(self) -> int:
@@ -126,7 +132,10 @@ class LoopListener:
         next_sweep = time.monotonic() + SWEEP_INTERVAL
         try:
             while self.socket is not None or self.conns:
-                for key, mask in sel.select(SWEEP_INTERVAL):
+                wait = SWEEP_INTERVAL
+                if self._paused_until:
+                    wait = max(0.0, min(wait, self._paused_until - time.monotonic()))
+                for key, mask in sel.select(wait):
                     conn = key.data
                     if conn is None:
                         self._accept()
@@ -134,10 +143,15 @@ class LoopListener:
                         self._completions()
                     else:
                         self._ready(conn, mask)
-                if self._closing and self.socket is not None:
-                    sel.unregister(self.socket)
-                    self._close_listening()
                 now = time.monotonic()
+                if self._paused_until and now >= self._paused_until:
+                    self._paused_until = 0.0
+                    if self.socket is not None:
+                        sel.register(self.socket, _READ, None)
+                if self._closing and self.socket is not None:
+                    if not self._paused_until:
+                        sel.unregister(self.socket)
+                    self._close_listening()
                 if now >= next_sweep:
                     next_sweep = now + SWEEP_INTERVAL
                     self._sweep(now)
@@ -178,8 +192,13 @@ class LoopListener:
                 sock, peer = listening.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # EMFILE and the like: try again at the next readiness
-                owner.log("accept_error", error=str(exc)[:80])
+            except OSError as exc:  # EMFILE and the like: pause, log once a second
+                now = time.monotonic()
+                if now - self._error_logged >= 1.0:
+                    self._error_logged = now
+                    owner.log("accept_error", level=logmod.WARNING, error=str(exc)[:80])
+                self.sel.unregister(listening)
+                self._paused_until = now + ACCEPT_PAUSE
                 return
             admitted = owner.admit(sock, peer, listener)
             if admitted is None:

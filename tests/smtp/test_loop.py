@@ -6,6 +6,7 @@ integration tests) run through the same loop, since it serves every plain listen
 
 from __future__ import annotations
 
+import errno
 import smtplib
 import socket
 import sqlite3
@@ -308,3 +309,30 @@ def test_a_bug_in_one_session_is_a_451_and_the_loop_serves_the_next(serve):
         assert c.cmd("MAIL FROM:<a@example.org>")[0] == 250
     assert server.connections.wait_idle(5)
     assert server.connections.count() == 0
+
+
+def test_an_accept_error_pauses_accepting_is_logged_once_and_the_client_is_served_after(serve):
+    server, lines, port, _path = serve()
+    listener = next(iter(server.listeners.values()))
+    real, failures = listener.socket, [5]
+
+    class OutOfFiles:
+        """The listening socket while the process has no file descriptor left."""
+
+        def fileno(self):
+            return real.fileno()
+
+        def accept(self):
+            if failures[0]:
+                failures[0] -= 1
+                raise OSError(errno.EMFILE, "Too many open files")
+            return real.accept()
+
+        def close(self):
+            real.close()
+
+    listener.socket = OutOfFiles()
+    with RawClient("127.0.0.1", port) as c:  # waits in the backlog through the five failures
+        assert c.cmd("EHLO c.example")[0] == 250
+    assert failures == [0]
+    assert sum(" accept_error " in line for line in lines) == 1  # five failures in under a second
