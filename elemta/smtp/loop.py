@@ -9,10 +9,10 @@ has decrypted already); a message goes to the queue with Store.submit(), and the
 callback comes back through an eventfd, so the loop serves other clients while the group commit
 runs.
 
-The loop runs only what cannot block. A session whose plugins have hooks (they ask DNS), one
-on a submission listener with AUTH (a password check), and every session while greet_pause is
-set get a thread of their own from the connection on (SmtpServer.handle, the threaded path);
-listeners that read a PROXY header first are not served by a loop at all (server.new_listener).
+The loop runs only what cannot block. A session whose plugins have hooks (they ask DNS) and
+one on a submission listener with AUTH (a password check) get a thread of their own from the
+connection on (SmtpServer.handle, the threaded path); listeners that read a PROXY header first
+are not served by a loop at all (server.new_listener). greet_pause is a timer of the loop's.
 
 Kept as on the threaded path: the caps and connection rate at accept (SmtpServer.admit), the
 connection's Watch (the deadlines thread's shutdown(SHUT_RD) is end of input here), the
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import heapq
 import os
 import select
 import selectors
@@ -56,8 +57,9 @@ _READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 
 
 class _Conn:
-    __slots__ = ("closing", "greeted", "handshaking", "held", "inflight", "last", "limits", "mask", "number", "out",
-                 "pending", "request", "session", "sock", "started", "starttls", "submitted", "tls", "watch")
+    __slots__ = ("closing", "greet_at", "greeted", "handshaking", "held", "inflight", "last", "limits", "mask",
+                 "number", "out", "pending", "request", "session", "sock", "started", "starttls", "submitted", "tls",
+                 "watch")
 
     def __init__(self, sock, session, number, watch, limits, now):
         self.sock = sock
@@ -73,6 +75,7 @@ class _Conn:
         self.handshaking = False  # TLS handshake under way
         self.tls = False  # the socket is an SSLSocket
         self.greeted = True  # False on port 465 until the handshake is done
+        self.greet_at = 0.0  # smtp.greet_pause: when the greeting is due (0: given)
         self.inflight = -1  # >= 0 while a commit is in flight: the octets read meanwhile
         self.request = None  # the store's request while a commit is in flight
         self.submitted = 0.0
@@ -114,6 +117,7 @@ class LoopListener:
         self._closed = threading.Event()  # the listening socket is closed
         self._running = False
         self._paused_until = 0.0  # accepting paused after an error, until then
+        self._greetings: list = []  # heap of (due, number, conn): greetings held by greet_pause
         self._error_logged = 0.0
 
     @property
@@ -132,35 +136,49 @@ class LoopListener:
         next_sweep = time.monotonic() + SWEEP_INTERVAL
         try:
             while self.socket is not None or self.conns:
-                wait = SWEEP_INTERVAL
-                if self._paused_until:
-                    wait = max(0.0, min(wait, self._paused_until - time.monotonic()))
-                for key, mask in sel.select(wait):
-                    conn = key.data
-                    if conn is None:
-                        self._accept()
-                    elif conn is self._efd:
-                        self._completions()
-                    else:
-                        self._ready(conn, mask)
-                now = time.monotonic()
-                if self._paused_until and now >= self._paused_until:
-                    self._paused_until = 0.0
-                    if self.socket is not None:
-                        sel.register(self.socket, _READ, None)
-                if self._closing and self.socket is not None:
-                    if not self._paused_until:
-                        sel.unregister(self.socket)
-                    self._close_listening()
-                if now >= next_sweep:
-                    next_sweep = now + SWEEP_INTERVAL
-                    self._sweep(now)
+                try:
+                    next_sweep = self._turn(next_sweep)
+                except Exception:  # a bug here must not end the listener: logged, and on
+                    self.owner.log.exception("internal_error", where="smtp_loop")
+                    time.sleep(0.1)  # were it to recur at once, a log line a turn would flood the log
         finally:
             self._close_listening()
             for conn in list(self.conns.values()):
                 self._close(conn)
             sel.close()
             os.close(self._efd)
+
+    def _turn(self, next_sweep: float) -> float:
+        """One wait for readiness and what follows it; returns when the next sweep is due."""
+        sel = self.sel
+        wait = SWEEP_INTERVAL
+        if self._paused_until:
+            wait = max(0.0, min(wait, self._paused_until - time.monotonic()))
+        if self._greetings:
+            wait = max(0.0, min(wait, self._greetings[0][0] - time.monotonic()))
+        for key, mask in sel.select(wait):
+            conn = key.data
+            if conn is None:
+                self._accept()
+            elif conn is self._efd:
+                self._completions()
+            else:
+                self._ready(conn, mask)
+        now = time.monotonic()
+        while self._greetings and self._greetings[0][0] <= now:
+            self._greet(heapq.heappop(self._greetings)[2])
+        if self._paused_until and now >= self._paused_until:
+            self._paused_until = 0.0
+            if self.socket is not None:
+                sel.register(self.socket, _READ, None)
+        if self._closing and self.socket is not None:
+            if not self._paused_until:
+                sel.unregister(self.socket)
+            self._close_listening()
+        if now >= next_sweep:
+            next_sweep = now + SWEEP_INTERVAL
+            self._sweep(now)
+        return next_sweep
 
     def stop(self) -> None:
         """Stop accepting (the port is closed when this returns); the open sessions go on to
@@ -235,7 +253,22 @@ class LoopListener:
                 self._start_tls(conn)
                 return
             self._want(conn, _READ)
+            pause = conn.limits.greet_pause
+            if pause:  # input before the greeting is refused (_readable); the greeting waits
+                conn.greet_at = conn.started + pause
+                heapq.heappush(self._greetings, (conn.greet_at, number, conn))
+                return
             self._act(conn, session.greeting(), None)
+        except Exception:
+            self._internal_error(conn)
+
+    def _greet(self, conn: _Conn) -> None:
+        """greet_pause is over, and the client said nothing: the greeting."""
+        if conn.sock is None or not conn.greet_at:
+            return
+        conn.greet_at = 0.0
+        try:
+            self._act(conn, conn.session.greeting(), None)
         except Exception:
             self._internal_error(conn)
 
@@ -284,6 +317,10 @@ class LoopListener:
                 self._close(conn)
             return
         conn.last = time.monotonic()
+        if conn.greet_at:  # it talked before the greeting: not SMTP (typically a spam engine)
+            conn.greet_at = 0.0
+            self._act(conn, session.input_before_reply(), None)
+            return
         if conn.inflight >= 0:  # a commit is in flight: the session only buffers this
             session.feed(data)
             conn.inflight += len(data)
@@ -524,22 +561,28 @@ class LoopListener:
         for conn in list(self.conns.values()):
             if conn.sock is None:
                 continue
-            if conn.request is not None:
-                if now - conn.submitted > ENQUEUE_TIMEOUT and conn.request.cancel():
-                    request = conn.request
-                    self._settled(conn, request.msg, QueueError(
-                        f"timed out after {ENQUEUE_TIMEOUT:.0f}s waiting for the queue writer; message not stored"))
-                continue
-            if conn.closing:
-                continue
-            limits = conn.limits
-            allowed = limits.data_timeout if conn.session.in_data else limits.command_timeout
-            if now - conn.last <= allowed:
-                continue
-            if conn.handshaking:  # as the threaded path: no 421 in the middle of a handshake
-                self._tls_failed(conn, TimeoutError("timed out"))
-            else:
-                self._timed_out(conn, "silence")
+            try:
+                self._overdue(conn, now)
+            except Exception:
+                self._internal_error(conn)
+
+    def _overdue(self, conn: _Conn, now: float) -> None:
+        if conn.request is not None:
+            if now - conn.submitted > ENQUEUE_TIMEOUT and conn.request.cancel():
+                request = conn.request
+                self._settled(conn, request.msg, QueueError(
+                    f"timed out after {ENQUEUE_TIMEOUT:.0f}s waiting for the queue writer; message not stored"))
+            return
+        if conn.closing:
+            return
+        limits = conn.limits
+        allowed = limits.data_timeout if conn.session.in_data else limits.command_timeout
+        if now - conn.last <= allowed:
+            return
+        if conn.handshaking:  # as the threaded path: no 421 in the middle of a handshake
+            self._tls_failed(conn, TimeoutError("timed out"))
+        else:
+            self._timed_out(conn, "silence")
 
     def _timed_out(self, conn: _Conn, why: str) -> None:
         session = conn.session

@@ -319,13 +319,12 @@ class SmtpServer:
         return session
 
     def needs_thread(self, listener: Listener) -> bool:
-        """Whether a session on a plain listener must have a thread of its own from the start
+        """Whether a session must have a thread of its own from the start
         rather than the listener's loop (smtp/loop.py): what it would run may block (plugins'
-        hooks asking DNS, a password check on a submission port), or greet_pause waits."""
+        hooks asking DNS, a password check on a submission port)."""
         plugins, settings = self.plugins, self.settings.get(listener.address)
         return bool(
             settings is None  # a listener a reload has closed: its last connections
-            or self.limits.greet_pause
             or (plugins is not None and any(plugins.wants(h) for h in THREADED_HOOKS))
             or (settings.submission and self.services is not None and self.services.verifier is not None)
         )

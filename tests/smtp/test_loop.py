@@ -240,15 +240,19 @@ def test_a_client_silent_after_starttls_is_closed_at_the_command_timeout(serve, 
     assert server.connections.wait_idle(5)
 
 
-def test_a_session_with_greet_pause_has_a_thread_and_an_early_talker_is_refused(serve):
-    server, lines, port, path = serve(greet_pause=0.5)
+def test_greet_pause_in_the_loop_refuses_an_early_talker_and_greets_a_patient_client(serve):
+    server, lines, port, _path = serve(greet_pause=0.5)
+    before = session_threads()
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(b"EHLO early.example\r\n")  # before the greeting
         reply = sock.recv(1024)
-        assert reply[:1] == b"5", reply
+        assert reply.startswith(b"554 5.5.0 "), reply
     with RawClient("127.0.0.1", port) as c:  # waits for the greeting
+        assert c.greeting[0] == 220
         assert c.cmd("EHLO c.example")[0] == 250
     assert server.connections.wait_idle(5)
+    assert session_threads() == before
+    assert " sync_error " in "".join(lines)
 
 
 def test_a_commit_that_does_not_come_is_a_451_and_nothing_is_stored(serve, monkeypatch):
@@ -336,3 +340,20 @@ def test_an_accept_error_pauses_accepting_is_logged_once_and_the_client_is_serve
         assert c.cmd("EHLO c.example")[0] == 250
     assert failures == [0]
     assert sum(" accept_error " in line for line in lines) == 1  # five failures in under a second
+
+
+def test_a_bug_outside_any_session_is_logged_and_the_loop_goes_on(serve, monkeypatch):
+    server, lines, port, _path = serve()
+    original, broken = LoopListener._sweep, [True]
+
+    def sweep(self, now):
+        if broken[0]:
+            broken[0] = False
+            raise RuntimeError("simulated bug in the sweep")
+        return original(self, now)
+
+    monkeypatch.setattr(LoopListener, "_sweep", sweep)
+    wait_for(lambda: not broken[0], 10, what="the broken sweep to run")
+    wait_for(lambda: "simulated bug in the sweep" in "".join(lines), 5)
+    with RawClient("127.0.0.1", port) as c:
+        assert c.cmd("EHLO c.example")[0] == 250
