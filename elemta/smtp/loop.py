@@ -205,6 +205,8 @@ class LoopListener:
     def _accept(self) -> None:
         owner, listener, listening = self.owner, self.listener, self.socket
         assert listening is not None  # the selector has it only while it is open
+        if self._closing:  # stop() came in the same turn: what waits in the backlog is reset
+            return
         for _ in range(ACCEPT_BATCH):
             try:
                 sock, peer = listening.accept()
@@ -284,6 +286,8 @@ class LoopListener:
                 return
             if mask & _WRITE:
                 self._flush(conn)
+                if conn.handshaking:  # the 220 to STARTTLS is out: the handshake has begun
+                    return
             if mask & _READ and conn.sock is not None and conn.mask & _READ:
                 self._readable(conn)
         except Exception:  # a bug costs one session, never the loop
@@ -358,6 +362,7 @@ class LoopListener:
         watch = conn.watch
         if text:
             watch.asked(session.in_data)  # a request was answered: the client's time starts
+            conn.last = time.monotonic()  # and the per-read timeout counts from here, as SO_RCVTIMEO
             if session.user is not None:
                 watch.privileged = True
             conn.out += text
