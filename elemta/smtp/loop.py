@@ -17,8 +17,8 @@ are not served by a loop at all (server.new_listener). greet_pause is a timer of
 Kept as on the threaded path: the caps and connection rate at accept (SmtpServer.admit), the
 connection's Watch (the deadlines thread's shutdown(SHUT_RD) is end of input here), the
 command and data timeouts (a sweep once a second; the command timeout holds for a TLS
-handshake), the store's 60 s wait for a commit, the RFC 2920 check before a 354, the 421 at
-shutdown, and the same log lines and metrics.
+handshake and for replies the client does not take), the store's 60 s wait for a commit,
+the RFC 2920 check before a 354, the 421 at shutdown, and the same log lines and metrics.
 """
 
 from __future__ import annotations
@@ -400,6 +400,8 @@ class LoopListener:
                 self._close(conn)
                 return
             del conn.out[:sent]
+            if sent:
+                conn.last = time.monotonic()
         if conn.out:  # the client is not reading: no more input until it has our replies
             self._want(conn, _WRITE)
             return
@@ -572,6 +574,11 @@ class LoopListener:
                 self._internal_error(conn)
 
     def _overdue(self, conn: _Conn, now: float) -> None:
+        if conn.out:  # replies the client does not take: ended as SO_SNDTIMEO ends a send
+            if now - conn.last > conn.limits.command_timeout:
+                self.owner.log("io_error", ip=conn.session.client.ip, conn=conn.number, error="send timed out")
+                self._close(conn)
+            return
         if conn.request is not None:
             if now - conn.submitted > ENQUEUE_TIMEOUT and conn.request.cancel():
                 request = conn.request

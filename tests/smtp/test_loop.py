@@ -6,6 +6,7 @@ integration tests) run through the same loop, since it serves every plain listen
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import smtplib
 import socket
@@ -357,3 +358,15 @@ def test_a_bug_outside_any_session_is_logged_and_the_loop_goes_on(serve, monkeyp
     wait_for(lambda: "simulated bug in the sweep" in "".join(lines), 5)
     with RawClient("127.0.0.1", port) as c:
         assert c.cmd("EHLO c.example")[0] == 250
+
+
+def test_a_client_that_never_reads_its_replies_loses_its_slot_after_the_command_timeout(serve):
+    server, lines, port, _path = serve(command_timeout=1)
+    with SlowReader("127.0.0.1", port) as stuck:
+        stuck.sock.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while True:  # EHLOs until the server stops reading: its replies fill both buffers
+                stuck.sock.send(b"EHLO c.example\r\n" * 1000)
+        wait_for(lambda: " io_error " in "".join(lines), 15, what="the send timeout")
+        assert "send timed out" in "".join(lines)
+        assert server.connections.wait_idle(5)  # the slot is free again
