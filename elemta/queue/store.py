@@ -66,7 +66,7 @@ class _Request:
         self.error = error
         self.done.set()
         callback, self.callback = self.callback, None
-        if callback is not None:
+        if callback is not None and self._state != "cancelled":  # a cancelled one was given up
             with contextlib.suppress(Exception):  # a caller's bug must not stop the writer of all
                 callback(self)
 
@@ -219,15 +219,7 @@ class Store:
         any other failure (closed store, stopped writer, timeout, constraint
         violation); in every error case nothing of the message was kept.
         """
-        if not isinstance(msg, NewMessage):
-            raise TypeError("enqueue() takes a NewMessage")
-        if not ids.is_valid(msg.queue_id):
-            raise QueueError(f"malformed queue ID {msg.queue_id!r}; use Store.new_id()")
-        req = _Request(msg)
-        with self._lock:
-            if not self._accepting:
-                raise QueueError(self._not_accepting_reason())
-            self._requests.put(req)
+        req = self._put(msg)
         writer = self._writer
         deadline = None if timeout is None else time.monotonic() + timeout
         while not req.done.is_set():
@@ -256,6 +248,12 @@ class Store:
         a caller that gives up calls request.cancel(), and only if that returns True was the
         message not taken (then the callback never runs).  QueueError at once when the store
         does not accept mail."""
+        return self._put(msg, callback)
+
+    def _put(self, msg: NewMessage, callback: Callable[[_Request], None] | None = None) -> _Request:
+        """Hand msg to the writer: its request, or QueueError when mail is not taken now."""
+        if not isinstance(msg, NewMessage):
+            raise TypeError("the queue takes a NewMessage")
         if not ids.is_valid(msg.queue_id):
             raise QueueError(f"malformed queue ID {msg.queue_id!r}; use Store.new_id()")
         req = _Request(msg, callback)

@@ -57,9 +57,8 @@ _READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 
 
 class _Conn:
-    __slots__ = ("closing", "greet_at", "greeted", "handshaking", "held", "inflight", "last", "limits", "mask",
-                 "number", "out", "pending", "request", "session", "sock", "started", "starttls", "submitted", "tls",
-                 "watch")
+    __slots__ = ("closing", "early", "greet_at", "handshaking", "held", "last", "limits", "mask", "number", "out",
+                 "pending", "request", "session", "sock", "started", "starttls", "submitted", "tls", "watch")
 
     def __init__(self, sock, session, number, watch, limits, now):
         self.sock = sock
@@ -74,13 +73,12 @@ class _Conn:
         self.starttls = False  # STARTTLS's 220 given: the handshake begins once `out` is written
         self.handshaking = False  # TLS handshake under way
         self.tls = False  # the socket is an SSLSocket
-        self.greeted = True  # False on port 465 until the handshake is done
         self.greet_at = 0.0  # smtp.greet_pause: when the greeting is due (0: given)
-        self.inflight = -1  # >= 0 while a commit is in flight: the octets read meanwhile
         self.request = None  # the store's request while a commit is in flight
+        self.early = 0  # octets read while it is in flight
         self.submitted = 0.0
         self.mask = 0  # the selector events registered
-        self.last = now  # last input (per-read timeouts)
+        self.last = now  # the last input, reply or progress in sending one (per-read timeouts)
         self.started = now
 
 
@@ -228,19 +226,13 @@ class LoopListener:
             try:
                 if owner.needs_thread(listener):
                     sock.setblocking(True)
-                    owner.threads.submit(self._threaded, sock, peer, number, watch)
+                    owner.threads.submit(owner.serve, sock, peer, listener, number, watch)
                     continue
                 self._open(sock, peer, number, watch)
             except Exception:  # a bug costs this connection, never the listener
                 owner.log.exception("internal_error", ip=peer[0], conn=number)
                 owner.release(number)
                 sock.close()
-
-    def _threaded(self, sock, peer, number, watch) -> None:
-        try:
-            self.owner.handle(sock, peer, self.listener, number, watch)
-        finally:
-            self._end_threaded(sock, number)
 
     def _open(self, sock, peer, number, watch) -> None:
         owner = self.owner
@@ -251,7 +243,6 @@ class LoopListener:
         self.conns[sock.fileno()] = conn
         try:
             if self.listener.role in TLS_ROLES:  # RFC 8314 §3.3: TLS from the first byte
-                conn.greeted = False
                 self._start_tls(conn)
                 return
             self._want(conn, _READ)
@@ -310,7 +301,7 @@ class LoopListener:
             return
         session, watch = conn.session, conn.watch
         if not data:
-            if conn.inflight >= 0:  # the client left while its message is stored: wait for it
+            if conn.request is not None:  # the client left while its message is stored: wait for it
                 self._want(conn, 0)
                 conn.closing = True
             elif watch.expired:  # the deadlines thread ended the wait: the request took too long
@@ -325,10 +316,10 @@ class LoopListener:
             conn.greet_at = 0.0
             self._act(conn, session.input_before_reply(), None)
             return
-        if conn.inflight >= 0:  # a commit is in flight: the session only buffers this
+        if conn.request is not None:  # a commit is in flight: the session only buffers this
             session.feed(data)
-            conn.inflight += len(data)
-            if conn.inflight > MAX_EARLY:
+            conn.early += len(data)
+            if conn.early > MAX_EARLY:
                 self._want(conn, conn.mask & ~_READ)
             return
         watch.waiting = False
@@ -336,8 +327,8 @@ class LoopListener:
 
     def _act(self, conn: _Conn, outputs: list, data: bytes | None) -> None:
         """Act on a session's outputs: the replies gathered and written in one send, an Enqueue
-        submitted (what follows it waits for its outcome), STARTTLS handed to a thread, a Close
-        after the last reply."""
+        submitted (what follows it waits for its outcome), STARTTLS's handshake begun once its
+        220 is out (_flush), a Close after the last reply."""
         session, pending = conn.session, conn.pending
         while outputs:
             item = outputs.pop(0)
@@ -411,7 +402,7 @@ class LoopListener:
         if conn.starttls:
             self._start_tls(conn)
             return
-        self._want(conn, 0 if conn.inflight > MAX_EARLY else _READ)
+        self._want(conn, 0 if conn.early > MAX_EARLY else _READ)
 
     def _want(self, conn: _Conn, mask: int) -> None:
         """Register the events conn waits for (0: none, out of the selector)."""
@@ -468,8 +459,7 @@ class LoopListener:
         metrics.TLS_HANDSHAKES.labels("in", conn.sock.version() or "unknown", "ok").inc()
         session = conn.session
         outputs = session.tls_started(info)
-        if not conn.greeted:  # port 465: the greeting comes over TLS
-            conn.greeted = True
+        if self.listener.role in TLS_ROLES:  # port 465 (no STARTTLS there): the greeting comes over TLS
             outputs += session.greeting()
             conn.watch.asked(False)
         held, conn.held = conn.held, []
@@ -482,21 +472,6 @@ class LoopListener:
         metrics.TLS_HANDSHAKES.labels("in", "none", "failed").inc()
         self._close(conn)
 
-    def _end_threaded(self, sock, number: int) -> None:
-        self.owner.release(number)
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_WR)
-        sock.close()
-
-    def _forget(self, conn: _Conn) -> None:
-        """Take conn out of the loop, its socket left open."""
-        if conn.mask:
-            with contextlib.suppress(KeyError, ValueError):
-                self.sel.unregister(conn.sock)
-        conn.mask = 0
-        self.conns.pop(conn.sock.fileno(), None)
-        conn.sock = None
-
     # ---- the queue -------------------------------------------------------------------------
 
     def _submit(self, conn: _Conn, item: Enqueue) -> None:
@@ -508,7 +483,7 @@ class LoopListener:
             return
         # Input that comes while the message is stored is only buffered by the session (it
         # waits for the outcome); past MAX_EARLY octets the loop stops reading until then.
-        conn.inflight = 0
+        conn.early = 0
         conn.submitted = time.monotonic()
 
     def _stored(self, conn: _Conn, request) -> None:
@@ -535,7 +510,7 @@ class LoopListener:
 
     def _settled(self, conn: _Conn, message, error) -> None:
         conn.request = None
-        conn.inflight = -1
+        conn.early = 0
         if conn.sock is None:  # closed meanwhile (an error of the loop's own)
             return
         if conn.closing:  # the client left while its message was stored
@@ -622,7 +597,12 @@ class LoopListener:
         sock = conn.sock
         if sock is None:
             return
-        self._forget(conn)
+        if conn.mask:
+            with contextlib.suppress(KeyError, ValueError):
+                self.sel.unregister(sock)
+            conn.mask = 0
+        self.conns.pop(sock.fileno(), None)
+        conn.sock = None
         sock.close()
         if conn.request is not None and conn.request.cancel():
             conn.request = None  # not taken by the writer: the message is not stored

@@ -165,6 +165,14 @@ class SmtpServer:
             lst.address: session_settings(config, lst, self.hostname, recipients, self.tls.available)
             for lst in config.listeners
         }
+        # Which listeners' sessions must have a thread of their own rather than a place in the
+        # loop (smtp/loop.py): what they run may block, plugins' hooks asking DNS or AUTH's
+        # password check on a submission port. Known here, once, not at every connection.
+        plugins_block = self.plugins is not None and any(self.plugins.wants(h) for h in THREADED_HOOKS)
+        self._threaded = {
+            address: plugins_block or (settings.submission and verifier is not None)
+            for address, settings in self.settings.items()
+        }
 
     def _new_limiter(self, config: Config) -> Limiter | None:
         """Limiter over the shared tables; a reload whose limits.max_tracked needs tables the
@@ -319,15 +327,19 @@ class SmtpServer:
         return session
 
     def needs_thread(self, listener: Listener) -> bool:
-        """Whether a session must have a thread of its own from the start
-        rather than the listener's loop (smtp/loop.py): what it would run may block (plugins'
-        hooks asking DNS, a password check on a submission port)."""
-        plugins, settings = self.plugins, self.settings.get(listener.address)
-        return bool(
-            settings is None  # a listener a reload has closed: its last connections
-            or (plugins is not None and any(plugins.wants(h) for h in THREADED_HOOKS))
-            or (settings.submission and self.services is not None and self.services.verifier is not None)
-        )
+        """Whether a new session on listener must have a thread of its own (apply() says which);
+        a listener a reload has closed gives its last connections one too."""
+        return self._threaded.get(listener.address, True)
+
+    def serve(self, sock: socket.socket, peer: tuple, listener: Listener, number: int, watch: Watch) -> None:
+        """A session in this thread (a session thread's job), to its end and the connection's."""
+        try:
+            self.handle(sock, peer, listener, number, watch)
+        finally:
+            self.release(number)
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_WR)
+            sock.close()
 
     def _run(self, conn: _Conn, session: Session, started: float, body: Callable[[], None]) -> None:
         """Run a session's conversation (body) to its end, whatever ends it."""
@@ -569,14 +581,7 @@ class ListenerServer(socketserver.ThreadingTCPServer):
         if admitted is None:
             self.shutdown_request(request)
             return
-        self.owner.threads.submit(self._serve, request, client_address, *admitted)
-
-    def _serve(self, request, client_address, number, watch) -> None:
-        try:
-            self.owner.handle(request, client_address, self.listener, number, watch)
-        finally:
-            self.owner.release(number)
-            self.shutdown_request(request)
+        self.owner.threads.submit(self.owner.serve, request, client_address, self.listener, *admitted)
 
     def stop(self) -> None:
         self.shutdown()
