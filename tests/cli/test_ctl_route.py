@@ -46,11 +46,16 @@ def explain(config, target):
     return json.loads(result.stdout)
 
 
+def cache_policy(tmp_path, mode: str) -> None:
+    """example.test's MTA-STS policy in the spool's cache, naming mx1 only (id 20261205)."""
+    cache = PolicyCache(str(tmp_path / "spool"))
+    cache.put("example.test", Cached(Policy(mode, 86400, ("mx1.example.test",)), "20261205", 4e9))
+    cache.close()
+
+
 def test_an_enforced_mta_sts_policy_says_which_hosts_get_mail_and_how(conf, tmp_path):
     config = conf()
-    cache = PolicyCache(str(tmp_path / "spool"))
-    cache.put("example.test", Cached(Policy("enforce", 86400, ("mx1.example.test",)), "20261205", 4e9))
-    cache.close()
+    cache_policy(tmp_path, "enforce")
     r = explain(config, "example.test")
     assert (r["route"], r["kind"]) == ("mx", "smtp")
     assert r["destination"] == {"key": ["mx1.example.test", "mx2.elsewhere.test"], "port": 25,
@@ -64,9 +69,7 @@ def test_an_enforced_mta_sts_policy_says_which_hosts_get_mail_and_how(conf, tmp_
 
 def test_a_policy_in_mode_testing_is_shown_delivering_as_may(conf, tmp_path):
     config = conf()
-    cache = PolicyCache(str(tmp_path / "spool"))
-    cache.put("example.test", Cached(Policy("testing", 86400, ("mx1.example.test",)), "20261205", 4e9))
-    cache.close()
+    cache_policy(tmp_path, "testing")
     r = explain(config, "example.test")
     assert r["mta_sts"]["applies"] == "testing"
     assert [(h["tls"], h["why"].split(":")[0:2]) for h in r["hosts"]] == [

@@ -16,12 +16,11 @@ import threading
 
 import pytest
 
-from elemta import config as cfg
-from elemta.log import EventLog
 from elemta.queue.store import Store
 from elemta.smtp import loop as loop_mod
 from elemta.smtp.loop import LoopListener
-from elemta.smtp.server import ListenerServer, SmtpServer
+from elemta.smtp.server import ListenerServer
+from tests.smtp.servers import Servers
 from tests.support import RawClient, wait_for
 
 trustme = pytest.importorskip("trustme")
@@ -36,28 +35,14 @@ def ca():
 
 @pytest.fixture
 def serve(tmp_path):
-    started = []
+    servers = Servers(tmp_path)
 
     def start(listeners=None, tls=None, server=None, **smtp):
-        config = cfg.parse({
-            "listeners": listeners or [{"address": "127.0.0.1:0", "role": "mx"}],
-            "server": {"spool_dir": str(tmp_path), "hostname": "mx.test.example", **(server or {})},
-            "smtp": {"local_domains": ["example.com"], **smtp},
-            "queue": {"min_free_space": 0},
-            **({"tls": tls} if tls else {}),
-        })
-        store = Store(config.queue_path)
-        store.open()
-        lines: list[str] = []
-        smtp_server = SmtpServer(config, store, EventLog(sink=lines.append))
-        smtp_server.start()
-        started.append((smtp_server, store))
+        smtp_server, lines, config = servers.start(listeners, server=server, smtp=smtp, tls=tls)
         return smtp_server, lines, next(iter(smtp_server.listeners.values())).port, config.queue_path
 
     yield start
-    for server, store in started:
-        server.stop(grace=2)
-        store.close()
+    servers.close(grace=2)
 
 
 def stored(path: str) -> int:
@@ -77,8 +62,10 @@ def client_context(ca) -> ssl.SSLContext:
     return context
 
 
-def session_threads() -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name.startswith("session-")]
+def session_threads_used(server) -> int:
+    """How many of the server's session threads have served a session (they wait, idle, for
+    the next one afterwards)."""
+    return server.threads.idle()
 
 
 def test_listeners_are_loops_but_those_behind_a_proxy(serve, ca, tmp_path):
@@ -190,8 +177,7 @@ def test_stop_tells_open_sessions_421_and_closes_the_port(serve):
 
 
 def test_starttls_in_the_loop_and_a_message_over_tls(serve, ca, tmp_path):
-    _server, lines, port, path = serve(tls=certificate(ca, tmp_path))
-    before = session_threads()
+    server, lines, port, path = serve(tls=certificate(ca, tmp_path))
     with smtplib.SMTP("127.0.0.1", port, local_hostname="c.example", timeout=10) as s:
         s.ehlo()
         assert s.has_extn("starttls")
@@ -202,7 +188,7 @@ def test_starttls_in_the_loop_and_a_message_over_tls(serve, ca, tmp_path):
         assert s.noop()[0] == 250
     assert stored(path) == 1
     wait_for(lambda: " tls " in "".join(lines) and " disconnect " in "".join(lines), 5)
-    assert session_threads() == before  # no session thread was started for it
+    assert session_threads_used(server) == 0  # no session thread served it
 
 
 def test_implicit_tls_in_the_loop(serve, ca, tmp_path):
@@ -243,7 +229,6 @@ def test_a_client_silent_after_starttls_is_closed_at_the_command_timeout(serve, 
 
 def test_greet_pause_in_the_loop_refuses_an_early_talker_and_greets_a_patient_client(serve):
     server, lines, port, _path = serve(greet_pause=0.5)
-    before = session_threads()
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(b"EHLO early.example\r\n")  # before the greeting
         reply = sock.recv(1024)
@@ -252,7 +237,7 @@ def test_greet_pause_in_the_loop_refuses_an_early_talker_and_greets_a_patient_cl
         assert c.greeting[0] == 220
         assert c.cmd("EHLO c.example")[0] == 250
     assert server.connections.wait_idle(5)
-    assert session_threads() == before
+    assert session_threads_used(server) == 0
     assert " sync_error " in "".join(lines)
 
 
@@ -370,3 +355,16 @@ def test_a_client_that_never_reads_its_replies_loses_its_slot_after_the_command_
         wait_for(lambda: " io_error " in "".join(lines), 15, what="the send timeout")
         assert "send timed out" in "".join(lines)
         assert server.connections.wait_idle(5)  # the slot is free again
+
+
+def test_a_session_on_a_submission_port_with_auth_gets_a_thread_of_its_own(serve):
+    server, _lines, _port, _path = serve(listeners=[{"address": "127.0.0.1:0", "role": "mx"},
+                                                    {"address": "127.0.0.2:0", "role": "submission"}])
+    ports = {s.listener.role: s.port for s in server.listeners.values()}
+    with RawClient("127.0.0.1", ports["mx"]) as c:  # in the loop
+        assert c.cmd("EHLO c.example")[0] == 250
+    assert server.connections.wait_idle(5)
+    assert session_threads_used(server) == 0
+    with RawClient("127.0.0.2", ports["submission"]) as c:  # AUTH's password check may take its time
+        assert c.cmd("EHLO c.example")[0] == 250
+    wait_for(lambda: session_threads_used(server) == 1, 5, what="the session thread to be idle again")

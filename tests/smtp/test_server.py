@@ -9,29 +9,17 @@ import socket
 import pytest
 
 from elemta import config as cfg
-from elemta.log import EventLog
-from elemta.queue.store import Store
-from elemta.smtp.server import SmtpServer
+from tests.smtp.servers import Servers
 from tests.support import RawClient, wait_for
 
 
 @pytest.fixture
 def running(tmp_path):
-    config = cfg.parse({
-        "listeners": [{"address": "127.0.0.1:0", "role": "mx"}],
-        "server": {"spool_dir": str(tmp_path), "hostname": "mx.test.example"},
-        "smtp": {"local_domains": ["example.com"]},
-        "queue": {"min_free_space": 0},
-    })
-    store = Store(config.queue_path)
-    store.open()
-    lines: list[str] = []
-    server = SmtpServer(config, store, EventLog(sink=lines.append))
-    server.start()
+    servers = Servers(tmp_path)
+    server, lines, _config = servers.start()
     port = next(iter(server.listeners.values())).port
     yield server, lines, port
-    server.stop(grace=5)
-    store.close()
+    servers.close(grace=5)
 
 
 def test_a_bug_in_a_session_is_a_451_and_the_server_goes_on(running):
@@ -84,30 +72,17 @@ def test_a_reload_keeps_the_rate_counters_and_the_password_file(running):
 def serve(tmp_path):
     """serve(server={...}, smtp={...}) -> (server, log lines, {role: (host, port)}); mx and submission
     listeners; only 127.0.0.2 is trusted, so 127.0.0.1 plays the stranger."""
-    started = []
+    servers = Servers(tmp_path)
 
     def start(server=None, smtp=None):
-        config = cfg.parse({
-            "listeners": [{"address": "127.0.0.1:0", "role": "mx"},
-                          {"address": "127.0.0.3:0", "role": "submission"}],
-            "server": {"spool_dir": str(tmp_path), "hostname": "mx.test.example", **(server or {})},
-            "smtp": {"local_domains": ["example.com"], "trusted_networks": ["127.0.0.2/32"],
-                     **(smtp or {})},
-            "queue": {"min_free_space": 0},
-        })
-        store = Store(config.queue_path)
-        store.open()
-        lines: list[str] = []
-        srv = SmtpServer(config, store, EventLog(sink=lines.append))
-        srv.start()
-        started.append((srv, store))
+        srv, lines, _config = servers.start(
+            [{"address": "127.0.0.1:0", "role": "mx"}, {"address": "127.0.0.3:0", "role": "submission"}],
+            server=server, smtp={"trusted_networks": ["127.0.0.2/32"], **(smtp or {})})
         ports = {s.listener.role: s.server_address[:2] for s in srv.listeners.values()}
         return srv, lines, ports
 
     yield start
-    for srv, store in started:
-        srv.stop(grace=1)
-        store.close()
+    servers.close(grace=1)
 
 
 class From(RawClient):
