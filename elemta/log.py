@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 import socket
 import sys
 import threading
@@ -53,9 +54,12 @@ def to_journal(environ=None) -> bool:
     return (st.st_dev, st.st_ino) == (device, inode)
 
 
+_NEEDS_QUOTES = re.compile(r'[ "=\\]')
+
+
 def _quote(value: object) -> str:
-    text = str(value)
-    if not text or any(c in text for c in ' "=\\') or not text.isprintable():
+    text = value if type(value) is str else str(value)
+    if not text or _NEEDS_QUOTES.search(text) or not text.isprintable():
         return json.dumps(text, ensure_ascii=True)
     return text
 

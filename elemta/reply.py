@@ -8,6 +8,7 @@ completion, 3 positive intermediate, 4 transient negative, 5 permanent negative.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 
@@ -44,6 +45,11 @@ class Reply:
     def to_bytes(self) -> bytes:
         """As a server sends it: one line per text line, "-" after the code on all but the
         last, the enhanced code on each (RFC 2034 §3)."""
+        return self._wire
+
+    @functools.cached_property
+    def _wire(self) -> bytes:
+        # Kept with the reply: most replies are constants (replies.py), sent again and again.
         lines = self.text.split("\n")
         prefix = f"{self.enhanced} " if self.enhanced else ""
         out = [f"{self.code}-{prefix}{line}\r\n" for line in lines[:-1]]

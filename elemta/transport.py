@@ -13,6 +13,7 @@ configuration is loaded, so a typo is an error at start-up rather than bounced m
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -102,7 +103,9 @@ def split_next_hop(text: str, default_port: int = 25) -> tuple[str, int]:
     return host, port
 
 
+@functools.lru_cache(maxsize=1024)
 def is_ip(text: str) -> bool:
+    """Whether text is an IPv4 or IPv6 address (cached: asked for each host of each delivery)."""
     try:
         ipaddress.ip_address(text)
     except ValueError:

@@ -116,6 +116,8 @@ def xtext(value: str) -> str:
 def _printable(raw: bytes) -> str:
     # Reply text ends up in logs and DSNs: no control characters from a remote server.
     text = raw.decode("utf-8", "replace")
+    if text.isprintable():  # nearly always: no copy character by character
+        return text
     return "".join(c if c.isprintable() else "?" for c in text)
 
 

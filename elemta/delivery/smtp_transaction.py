@@ -10,6 +10,7 @@ the same way.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from elemta.delivery.smtp_reply import RecipientResult, xtext
@@ -64,9 +65,12 @@ class AfterData:
     finals: list[Reply] = field(default_factory=list)
 
 
+_UNSAFE = re.compile(r"[<>\x00-\x1f\x7f]")
+
+
 def unsafe(address: str) -> bool:
     """An address goes between <> on a command line: no controls, no brackets, no CRLF."""
-    return any(c in "<>" or ord(c) < 32 or ord(c) == 127 for c in address)
+    return _UNSAFE.search(address) is not None
 
 
 class OutboundTransaction:

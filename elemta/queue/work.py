@@ -146,7 +146,11 @@ CLAIM = (
     " WHERE id IN ({ids}) AND +state = ?"
     " RETURNING id, queue_id, address, domain, orcpt, notify, attempts, warned, parent"
 )
-EARLIEST = "SELECT min(next_attempt) FROM recipients WHERE state = ? AND priority = ?"
+# The earliest next_attempt of each (state, priority), each arm a single probe of the
+# (state, priority, next_attempt) index, in one statement: the scheduler asks after every look.
+EARLIEST = "SELECT min(t) FROM (" + " UNION ALL ".join(
+    f"SELECT min(next_attempt) AS t FROM recipients WHERE state = '{state}' AND priority = {priority}"
+    for state in WAITING for priority in PRIORITY_VALUES) + ")"
 
 
 class WorkQueue:
@@ -270,13 +274,7 @@ class WorkQueue:
     def next_due(self) -> float | None:
         """The earliest next_attempt of a recipient waiting to be tried, or None."""
         with self._reading() as conn:
-            # Each is a single probe of the (state, priority, next_attempt) index.
-            times = [
-                conn.execute(EARLIEST, (state, priority)).fetchone()[0]
-                for state in WAITING for priority in PRIORITY_VALUES
-            ]
-        times = [t for t in times if t is not None]
-        return min(times) if times else None
+            return conn.execute(EARLIEST).fetchone()[0]
 
     def claim(self, limit: int, lease: float) -> list[Job]:
         """Lease up to `limit` due recipients, most urgent and oldest first, grouped by message."""

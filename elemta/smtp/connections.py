@@ -24,10 +24,12 @@ import ipaddress
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from elemta.shm import Counts, Region, RegionFull
 from elemta.smtp import replies
+
+TRUSTED_CACHE = 4096  # client addresses whose is_trusted answer is kept
 
 
 @dataclass(frozen=True)
@@ -46,9 +48,19 @@ class Limits:
     stress_timeout: float = 0.0  # deadline under stress for untrusted, unauthenticated sessions
     stress_at: int = 1  # open connections from which the listener process is under stress
 
+    # Answers of is_trusted by address: asked at every connection, where parsing the address
+    # cost more than the test. Bounded; a reload makes new Limits, so never stale.
+    _trusted_cache: dict = field(default_factory=dict, compare=False, repr=False)
+
     def is_trusted(self, ip: str) -> bool:
-        address = ipaddress.ip_address(ip)
-        return any(address in net for net in self.trusted)
+        known = self._trusted_cache.get(ip)
+        if known is None:
+            address = ipaddress.ip_address(ip)
+            known = any(address in net for net in self.trusted)
+            if len(self._trusted_cache) >= TRUSTED_CACHE:
+                self._trusted_cache.clear()
+            self._trusted_cache[ip] = known
+        return known
 
 
 class Watch:
@@ -218,3 +230,4 @@ def new_counts(region: Region, capacity: int) -> Counts:
     """The workers' table of open connections, for up to capacity at once (made once, by the
     supervisor: a reload that raises max_connections keeps it, at a higher load)."""
     return Counts(region, "connections", capacity)
+

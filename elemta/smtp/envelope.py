@@ -6,6 +6,7 @@ Pure functions over parsed values; smtp/session.py decides when they run and wha
 from __future__ import annotations
 
 import email.utils
+import functools
 import ipaddress
 from dataclasses import dataclass, field
 
@@ -110,8 +111,7 @@ def received_header(
     protocol = "UTF8SMTP" if envelope.smtputf8 else ("ESMTP" if esmtp else "SMTP")
     if esmtp and (tls or authenticated):  # RFC 3848 §1: ESMTPS, ESMTPA, ESMTPSA (and UTF8SMTP...)
         protocol += ("S" if tls else "") + ("A" if authenticated else "")
-    ip = ipaddress.ip_address(client_ip)
-    literal = f"[IPv6:{ip}]" if ip.version == 6 else f"[{ip}]"
+    literal = _address_literal(client_ip)
     # The HELO name is the client's word: keep it printable ASCII and short.
     helo = "".join(c if 32 < ord(c) < 127 else "?" for c in helo)[:255]
     header = (
@@ -121,5 +121,26 @@ def received_header(
     )
     if len(envelope.recipients) == 1:  # naming one recipient leaks nothing about others
         header += f"\r\n\tfor <{envelope.recipients[0].address}>"
-    header += f";\r\n\t{email.utils.formatdate(now, localtime=True)}\r\n"
+    header += f";\r\n\t{date_field(now)}\r\n"
     return header.encode("utf-8", "surrogateescape")
+
+
+@functools.lru_cache(maxsize=1024)
+def _address_literal(client_ip: str) -> str:
+    """RFC 5321 §4.1.3's address literal; cached, as a busy client comes back many times."""
+    ip = ipaddress.ip_address(client_ip)
+    return f"[IPv6:{ip}]" if ip.version == 6 else f"[{ip}]"
+
+
+_date_second: tuple[int, str] = (-1, "")
+
+
+def date_field(now: float) -> str:
+    """The RFC 5322 §3.3 date-time of `now` in local time, as in a Received or Date field;
+    formatted once a second (formatdate costs more than the rest of the Received field)."""
+    global _date_second
+    second, text = _date_second
+    if int(now) != second:  # a race only formats the same second twice
+        text = email.utils.formatdate(int(now), localtime=True)
+        _date_second = (int(now), text)
+    return text

@@ -8,7 +8,6 @@ are parts.SessionView.
 
 from __future__ import annotations
 
-import email.utils
 import secrets
 
 from elemta import log as logmod
@@ -333,7 +332,7 @@ class MailTransaction:
         s = self.session
         added = b""
         if not dotreader.has_field(text, b"date"):
-            added += b"Date: " + email.utils.formatdate(s.services.now(), localtime=True).encode() + b"\r\n"
+            added += b"Date: " + env.date_field(s.services.now()).encode() + b"\r\n"
         if not dotreader.has_field(text, b"message-id"):
             assert self.envelope is not None  # called by _finish, inside a transaction
             unique = f"{self.envelope.queue_id}.{secrets.token_hex(6)}"

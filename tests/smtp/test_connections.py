@@ -128,3 +128,19 @@ def test_without_stress_the_normal_timeouts_hold(pairs):
     assert table.sweep(lim, now=watches[-1].since + 11) == (0, None)
     lim = limits(stress_timeout=0.0, stress_at=2)  # stress_timeout 0: no stress mode
     assert table.sweep(lim, now=watches[-1].since + 11)[0] == 0
+
+
+def test_is_trusted_answers_by_network_and_keeps_a_bounded_cache(monkeypatch):
+    import ipaddress
+
+    from elemta.smtp import connections
+
+    lim = limits(trusted=(ipaddress.ip_network("192.0.2.0/24"), ipaddress.ip_network("2001:db8::/32")))
+    for _ in range(2):  # the second round is answered from the cache, the same
+        assert lim.is_trusted("192.0.2.7") and lim.is_trusted("2001:db8::1")
+        assert not lim.is_trusted("198.51.100.7") and not lim.is_trusted("2001:db9::1")
+    monkeypatch.setattr(connections, "TRUSTED_CACHE", 3)
+    for last in range(10):
+        assert not lim.is_trusted(f"203.0.113.{last}")
+    assert len(lim._trusted_cache) <= 3
+    assert lim.is_trusted("192.0.2.8")
