@@ -745,8 +745,10 @@ def throughput(args) -> int:
 def format_table(results: list[dict], level: str) -> str:
     head = (f"{'size':>6} {'sess':>4} {'reuse':>5} | {'postfix':>9} {'elemta':>9} {'ratio':>6} |"
             f" {'postfix':>8} {'elemta':>8} | {'other':>5}")
+    m = machine_info()
     lines = [
         f"SMTP acceptance, median msgs/s and server CPU s per 1000 msgs (elemta log level {level})",
+        f"machine: {m['cpus']} x {m['cpu_model'] or '?'}, {m['python']}, elemta {m['elemta_git']}",
         f"{'':>17} | {'msgs/s':^26} | {'CPU s/1000 msgs':^17} | {'':>5}",
         head,
         "-" * len(head),

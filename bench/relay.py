@@ -211,9 +211,14 @@ def main(argv=None) -> int:
     finally:
         postfix.teardown()
         sink.stop()
+    machine = accept.machine_info()
     if args.json:
-        print(json.dumps({"summary": summary, "runs": results}, indent=2))
+        print(json.dumps({"summary": summary, "runs": results, "machine": machine}, indent=2))
     else:
+        # The ratio depends on the CPU: Python's share of the work runs slower, relative to
+        # Postfix's, on some (bench/RESULTS.md, sixth session).
+        print(f"machine: {machine['cpus']} x {machine['cpu_model'] or '?'}, {machine['python']}, "
+              f"elemta {machine['elemta_git']}")
         for name, s in summary.items():
             print(f"{name}: {s}")
     return 1 if failures else 0

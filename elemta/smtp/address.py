@@ -6,6 +6,7 @@ acts on it; errors are AddressError with a `kind` the session maps to a reply
 code and a short text that is safe to echo (it never contains client input).
 """
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -34,6 +35,9 @@ _DOT_STRING = re.compile(_ATOM + r"(?:\." + _ATOM + ")*")
 
 # RFC 5321 §4.1.2: sub-domain = Let-dig [Ldh-str]; Ldh-str ends with Let-dig.
 _LDH_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?")
+# A whole domain of LDH labels of at most 63 octets each: the usual case, checked in one match.
+_LDH_LABEL_63 = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_LDH_NAME = re.compile(rf"(?:{_LDH_LABEL_63}\.)*{_LDH_LABEL_63}")
 # RFC 5321 §4.1.3: Standardized-tag = Ldh-str; dcontent = %d33-90 / %d94-126.
 _LITERAL_TAG = re.compile(r"[A-Za-z0-9-]*[A-Za-z0-9]")
 _DCONTENT = re.compile(r"[\x21-\x5a\x5e-\x7e]+")
@@ -96,6 +100,11 @@ class Address:
         return not self.local.isascii()
 
     def __str__(self) -> str:
+        return self._text
+
+    @functools.cached_property
+    def _text(self) -> str:
+        # Kept: a transaction asks for each address several times (log lines, the queue's rows).
         if self.is_null:
             return ""
         if self.domain == "":
@@ -130,10 +139,24 @@ def split_command_arg(arg: str, keyword: str) -> tuple[str, str]:
     if arg[start : start + 1] != "<":
         raise AddressError("syntax", "Syntax error: address must be enclosed in <>")
     # The path ends at the first '>' outside a quoted local part (RFC 5321
-    # §4.1.2 Quoted-string), so '<"a>b"@c>' is one path.
+    # §4.1.2 Quoted-string), so '<"a>b"@c>' is one path.  Without a quote before
+    # it, that is simply the first '>'.
+    end = arg.find(">", start + 1)
+    quote = arg.find('"', start + 1)
+    if end >= 0 and 0 <= quote < end:
+        end = _path_end(arg, start + 1)
+    if end < 0:
+        raise AddressError("syntax", "Syntax error: address must be enclosed in <>")
+    rest = arg[end + 1 :]
+    # RFC 5321 §4.1.2: parameters are separated from the path by a space.
+    if rest and not rest.startswith(" "):
+        raise AddressError("syntax", "Syntax error: expected a space after the address")
+    return arg[start : end + 1], rest.strip(" ")
+
+
+def _path_end(arg: str, i: int) -> int:
+    """The index of the first '>' at or after i outside a quoted string, or -1."""
     in_quote = False
-    i = start + 1
-    end = -1
     while i < len(arg):
         c = arg[i]
         if in_quote and c == "\\":
@@ -142,16 +165,9 @@ def split_command_arg(arg: str, keyword: str) -> tuple[str, str]:
         if c == '"':
             in_quote = not in_quote
         elif c == ">" and not in_quote:
-            end = i
-            break
+            return i
         i += 1
-    if end < 0:
-        raise AddressError("syntax", "Syntax error: address must be enclosed in <>")
-    rest = arg[end + 1 :]
-    # RFC 5321 §4.1.2: parameters are separated from the path by a space.
-    if rest and not rest.startswith(" "):
-        raise AddressError("syntax", "Syntax error: expected a space after the address")
-    return arg[start : end + 1], rest.strip(" ")
+    return -1
 
 
 def parse_path(path: str, *, smtputf8: bool, allow_null: bool, allow_postmaster: bool) -> Address:
@@ -256,6 +272,10 @@ def _parse_domain_name(text: str) -> tuple[str, str]:
         raise AddressError("domain", "Missing domain")
     if _octets(text) > _MAX_DOMAIN:
         raise AddressError("too_long", "Domain too long")
+    if _LDH_NAME.fullmatch(text):
+        lower = text.lower()
+        if "xn--" not in lower:  # no A-label to check: both forms are the name itself
+            return lower, lower
     a_labels = []
     u_labels = []
     # Empty labels (leading, trailing or doubled dots) fail every branch below:

@@ -8,11 +8,13 @@ from __future__ import annotations
 import email.utils
 import functools
 import ipaddress
+import re
 from dataclasses import dataclass, field
 
 from elemta.queue.model import NewRecipient
 from elemta.smtp import address as addr
 
+_NOT_VISIBLE = re.compile(r"[^\x21-\x7e]")  # anything but visible ASCII
 MAIL_PARAMS = frozenset({"SIZE", "BODY", "SMTPUTF8", "RET", "ENVID", "MT-PRIORITY", "AUTH", "REQUIRETLS"})
 RCPT_PARAMS = frozenset({"NOTIFY", "ORCPT"})
 
@@ -113,7 +115,7 @@ def received_header(
         protocol += ("S" if tls else "") + ("A" if authenticated else "")
     literal = _address_literal(client_ip)
     # The HELO name is the client's word: keep it printable ASCII and short.
-    helo = "".join(c if 32 < ord(c) < 127 else "?" for c in helo)[:255]
+    helo = _NOT_VISIBLE.sub("?", helo)[:255]
     header = (
         f"Received: from {helo} ({literal})\r\n"
         + (f"\t(using {tls})\r\n" if tls else "")

@@ -103,6 +103,8 @@ VALID_PATHS = [
     ("<user@example.com>", True, ("user", "example.com", "example.com"), "user@example.com"),
     # Postmaster with a domain is an ordinary mailbox; local-part case kept
     ("<Postmaster@Example.com>", False, ("Postmaster", "example.com", "example.com"), "Postmaster@example.com"),
+    ("<a@" + "B" * 63 + ".example>", False, ("a", "b" * 63 + ".example", "b" * 63 + ".example"),
+     "a@" + "b" * 63 + ".example"),
 ]
 
 
@@ -151,6 +153,8 @@ def test_bare_postmaster_allowed_for_rcpt(path):
 
 INVALID_PATHS = [
     # (path, smtputf8, allow_null, allow_postmaster, kind)
+    ("<a@" + "b" * 64 + ".example>", False, True, True, "domain"),  # a label of 64 octets (RFC 1035 §2.3.4)
+    ("<a@b-.example>", False, True, True, "domain"),
     ("user@example.com", False, True, True, "syntax"),
     ("<user@example.com", False, True, True, "syntax"),
     ("user@example.com>", False, True, True, "syntax"),
@@ -290,6 +294,8 @@ SPLITS = [
     ("to:<a@b>   SIZE=1  BODY=7BIT  ", "TO", ("<a@b>", "SIZE=1  BODY=7BIT")),
     ("TO:<postmaster>", "to", ("<postmaster>", "")),
     ("TO:<@r.example:a@b>", "TO", ("<@r.example:a@b>", "")),
+    # a quote after the path's end does not change where it ends
+    ('TO:<a@b> ORCPT=rfc822;"q"@c>', "TO", ("<a@b>", 'ORCPT=rfc822;"q"@c>')),
 ]
 
 
@@ -308,6 +314,7 @@ BAD_SPLITS = [
     ('FROM:<"a>', "FROM"),
     ("TO:<a@b>", "FROM"),
     ("FROM:<a@b>", "TO"),
+    ('FROM:<"a>b@c', "FROM"),  # the only '>' is inside the quotes
     ("", "FROM"),
     ("FROM", "FROM"),
     (" FROM:<a@b>", "FROM"),
