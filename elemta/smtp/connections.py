@@ -50,7 +50,7 @@ class Limits:
 
     # Answers of is_trusted by address: asked at every connection, where parsing the address
     # cost more than the test. Bounded; a reload makes new Limits, so never stale.
-    _trusted_cache: dict = field(default_factory=dict, compare=False, repr=False)
+    _trusted_cache: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def is_trusted(self, ip: str) -> bool:
         known = self._trusted_cache.get(ip)
