@@ -21,7 +21,6 @@ _KINDS = frozenset({"syntax", "domain", "too_long", "utf8", "param", "unknown_pa
 _MAX_LOCAL = 64
 _MAX_DOMAIN = 255
 _MAX_MAILBOX = 254  # the 256-octet path limit minus the two angle brackets
-_MAX_LABEL = 63  # RFC 1035 §2.3.4
 
 # Any non-ASCII character except lone surrogates (which are not UTF-8; they only
 # appear when undecodable bytes were smuggled in with surrogateescape).
@@ -33,11 +32,11 @@ _UTF8_NON_ASCII = "\x80-\ud7ff\ue000-\U0010ffff"
 _ATOM = "[A-Za-z0-9!#$%&'*+\\-/=?^_`{|}~" + _UTF8_NON_ASCII + "]+"
 _DOT_STRING = re.compile(_ATOM + r"(?:\." + _ATOM + ")*")
 
-# RFC 5321 §4.1.2: sub-domain = Let-dig [Ldh-str]; Ldh-str ends with Let-dig.
-_LDH_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?")
-# A whole domain of LDH labels of at most 63 octets each: the usual case, checked in one match.
-_LDH_LABEL_63 = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_LDH_NAME = re.compile(rf"(?:{_LDH_LABEL_63}\.)*{_LDH_LABEL_63}")
+# RFC 5321 §4.1.2: sub-domain = Let-dig [Ldh-str]; Ldh-str ends with Let-dig; at most 63
+# octets (RFC 1035 §2.3.4). _LDH_NAME checks the usual all-LDH domain in one match.
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_LDH_LABEL = re.compile(_LABEL)
+_LDH_NAME = re.compile(rf"(?:{_LABEL}\.)*{_LABEL}")
 # RFC 5321 §4.1.3: Standardized-tag = Ldh-str; dcontent = %d33-90 / %d94-126.
 _LITERAL_TAG = re.compile(r"[A-Za-z0-9-]*[A-Za-z0-9]")
 _DCONTENT = re.compile(r"[\x21-\x5a\x5e-\x7e]+")
@@ -282,7 +281,7 @@ def _parse_domain_name(text: str) -> tuple[str, str]:
     # the grammar has no root dot.
     for label in text.split("."):
         if label.isascii():
-            if not _LDH_LABEL.fullmatch(label) or len(label) > _MAX_LABEL:
+            if not _LDH_LABEL.fullmatch(label):
                 raise AddressError("domain", "Invalid domain name")
             a_label = label.lower()
             u_label = a_label
