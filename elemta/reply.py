@@ -8,7 +8,6 @@ completion, 3 positive intermediate, 4 transient negative, 5 permanent negative.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 
@@ -45,11 +44,14 @@ class Reply:
     def to_bytes(self) -> bytes:
         """As a server sends it: one line per text line, "-" after the code on all but the
         last, the enhanced code on each (RFC 2034 §3)."""
-        return self._wire
-
-    @functools.cached_property
-    def _wire(self) -> bytes:
         # Kept with the reply: most replies are constants (replies.py), sent again and again.
+        # (By hand, not functools.cached_property: on Python 3.11 its first read takes a lock.)
+        wire = self.__dict__.get("_wire")
+        if wire is None:
+            wire = self.__dict__["_wire"] = self._encode()
+        return wire
+
+    def _encode(self) -> bytes:
         lines = self.text.split("\n")
         prefix = f"{self.enhanced} " if self.enhanced else ""
         out = [f"{self.code}-{prefix}{line}\r\n" for line in lines[:-1]]

@@ -243,6 +243,33 @@ class Counts:
             else:
                 self._remove(at)
 
+    def admit(self, worker: int, key: str | None, total_cap: int, key_cap: int) -> str | None:
+        """Count one more for worker, in all and under key (if given), unless that would pass
+        total_cap or key_cap: None when counted, else "total" or "key", the cap it met (checked
+        in that order; nothing counted). One locked look at the table, for the connection caps.
+        RegionFull if a new key finds no free slot (nothing counted)."""
+        mem = self.region.mem
+        with self.region:
+            totals = list(self._total.unpack_from(mem, self._base))
+            if sum(totals) >= total_cap:
+                return "total"
+            if key is not None:
+                wanted = self.region.key_hash(key)
+                at = self._find(wanted)
+                if at is None:
+                    if key_cap <= 0:
+                        return "key"
+                    at, values = self._free_slot(wanted), [wanted] + [0] * MAX_WORKERS
+                else:
+                    values = list(self._entry.unpack_from(mem, at))
+                    if sum(values[1:]) >= key_cap:
+                        return "key"
+                values[1 + worker] += 1
+                self._entry.pack_into(mem, at, *values)
+            totals[worker] += 1
+            self._total.pack_into(mem, self._base, *totals)
+            return None
+
     def forget_worker(self, worker: int) -> None:
         """A worker died: what it held is open no more (the kernel closed its sockets)."""
         mem, size = self.region.mem, self._entry.size

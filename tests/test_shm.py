@@ -68,6 +68,47 @@ def test_counts_match_a_plain_model_through_adds_removals_and_a_dead_worker():
             assert counts.total() == sum(model.values())
 
 
+def test_admit_counts_only_under_both_caps_and_says_which_cap_it_met():
+    counts = Counts(Region(1 << 20), "connections", capacity=16)
+    model: dict[tuple[int, str], int] = {}
+    rng = random.Random(11)
+    keys = [f"198.51.100.{n}" for n in range(6)]
+    for _ in range(5000):
+        worker, key = rng.randrange(3), rng.choice(keys)
+        held = model.get((worker, key), 0)
+        if held and rng.random() < 0.45:
+            counts.add(worker, key, -1)
+            model[(worker, key)] = held - 1
+            continue
+        total = sum(model.values())
+        per_key = sum(v for (w, k), v in model.items() if k == key)
+        total_cap, key_cap = rng.choice((8, 12, 40)), rng.choice((0, 2, 5))
+        expected = "total" if total >= total_cap else "key" if per_key >= key_cap else None
+        assert counts.admit(worker, key, total_cap, key_cap) == expected
+        if expected is None:
+            model[(worker, key)] = held + 1
+        assert counts.of(key) == sum(v for (w, k), v in model.items() if k == key)
+        assert counts.total() == sum(model.values())
+    assert counts.admit(0, None, 10**6, 0) is None  # no key: the total alone
+    assert counts.total() == sum(model.values()) + 1
+
+
+def test_admit_in_separate_processes_lets_exactly_the_cap_in():
+    region = Region(1 << 20)
+    counts = Counts(region, "connections", capacity=100)
+
+    def work(n: int) -> int:
+        region.after_fork()
+        admitted = sum(counts.admit(n, "203.0.113.9", 1000, 25) is None for _ in range(40))
+        os.write(pipe_w, admitted.to_bytes(4, "little"))
+        return 0
+
+    pipe_r, pipe_w = os.pipe()
+    assert in_children(4, work) == [0, 0, 0, 0]
+    assert sum(int.from_bytes(os.read(pipe_r, 4), "little") for _ in range(4)) == 25
+    assert counts.of("203.0.113.9") == 25 == counts.total()
+
+
 def test_counts_refuse_when_the_table_is_full():
     counts = Counts(Region(1 << 16), "c", capacity=1)  # 16 slots
     for n in range(16):

@@ -33,24 +33,27 @@ _WAIT_SLICE = 1.0  # how often a waiting session re-checks that the writer is al
 
 
 class _Request:
-    """One enqueue waiting for the writer: the message, a wake-up event, the outcome.
+    """One enqueue waiting for the writer: the message, the outcome, and how it is told.
 
     A request is taken by the writer or cancelled by its timed-out session,
     never both, so a message reported as "not stored" is never written later.
+    Only enqueue() waits on an Event; the loop's submit() is told by its callback, so a
+    request made there carries no Event (and no lock of its own: `_STATE` guards the
+    move of every request, held for two comparisons).
     """
 
-    __slots__ = ("_lock", "_state", "callback", "done", "error", "msg")
+    __slots__ = ("_state", "callback", "done", "error", "finished", "msg")
 
     def __init__(self, msg: NewMessage, callback: Callable[[_Request], None] | None = None) -> None:
         self.msg = msg
-        self.done = threading.Event()
+        self.done = threading.Event() if callback is None else None  # enqueue() waits on it
+        self.finished = False
         self.error: BaseException | None = None
         self.callback = callback  # submit()'s: called in the writer thread with the outcome
-        self._lock = threading.Lock()
         self._state = "pending"
 
     def _move(self, to: str) -> bool:
-        with self._lock:
+        with _STATE:
             if self._state != "pending":
                 return False
             self._state = to
@@ -64,11 +67,16 @@ class _Request:
 
     def finish(self, error: BaseException | None) -> None:
         self.error = error
-        self.done.set()
+        self.finished = True
+        if self.done is not None:
+            self.done.set()
         callback, self.callback = self.callback, None
         if callback is not None and self._state != "cancelled":  # a cancelled one was given up
             with contextlib.suppress(Exception):  # a caller's bug must not stop the writer of all
                 callback(self)
+
+
+_STATE = threading.Lock()  # the moves of every _Request (take or cancel, never both)
 
 
 @dataclass(frozen=True)
@@ -220,9 +228,11 @@ class Store:
         violation); in every error case nothing of the message was kept.
         """
         req = self._put(msg)
+        done = req.done
+        assert done is not None  # made without a callback: it has its Event
         writer = self._writer
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not req.done.is_set():
+        while not done.is_set():
             remaining = _WAIT_SLICE if deadline is None else min(_WAIT_SLICE, deadline - time.monotonic())
             if remaining <= 0:
                 if req.cancel():
@@ -230,12 +240,12 @@ class Store:
                                      "message not stored")
                 # The writer already has it: its transaction decides the outcome, so
                 # wait for that rather than report a failure for mail that commits.
-                if not req.done.wait(timeout):
+                if not done.wait(timeout):
                     raise QueueError("timed out waiting for the queue writer's commit; outcome unknown")
                 break
             writer_gone = writer is not None and not writer.is_alive()
             # The writer fails everything left before it exits; this is a backstop.
-            if not req.done.wait(remaining) and writer_gone and not req.done.is_set():
+            if not done.wait(remaining) and writer_gone and not done.is_set():
                 raise QueueError(self._not_accepting_reason())
         if req.error is not None:
             raise req.error
@@ -373,7 +383,7 @@ class Store:
                 except queue.Empty:
                     break
             for item in batch:
-                if isinstance(item, _Request) and not item.done.is_set():
+                if isinstance(item, _Request) and not item.finished:
                     item.take()
                     item.finish(QueueError(self._not_accepting_reason()))
 
@@ -411,7 +421,7 @@ class Store:
                 self.on_commit()
         finally:
             for req in batch:  # only reached unfinished if the writer itself is dying
-                if not req.done.is_set():
+                if not req.finished:
                     req.finish(QueueError("queue writer stopped before committing the message"))
 
     def _room_for(self, batch: list[_Request]) -> list[_Request]:

@@ -6,7 +6,6 @@ acts on it; errors are AddressError with a `kind` the session maps to a reply
 code and a short text that is safe to echo (it never contains client input).
 """
 
-import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -99,11 +98,14 @@ class Address:
         return not self.local.isascii()
 
     def __str__(self) -> str:
-        return self._text
-
-    @functools.cached_property
-    def _text(self) -> str:
         # Kept: a transaction asks for each address several times (log lines, the queue's rows).
+        # (By hand, not functools.cached_property: on Python 3.11 its first read takes a lock.)
+        text = self.__dict__.get("_text")
+        if text is None:
+            text = self.__dict__["_text"] = self._format()
+        return text
+
+    def _format(self) -> str:
         if self.is_null:
             return ""
         if self.domain == "":

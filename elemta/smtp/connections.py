@@ -122,17 +122,16 @@ class Connections:
         reserved: the client may take the slots kept for trusted networks and submission.
         per_ip=False skips the per-address cap (a proxy's address: rekey() applies it to the
         client the PROXY header names)."""
-        counts = self.counts
-        with self._lock, counts.region:
+        with self._lock:
             cap = limits.max_connections if reserved else limits.max_connections - limits.reserved
-            if counts.total() >= cap:
-                return 0, None, replies.TOO_MANY_CONNECTIONS
-            if per_ip and counts.of(ip) >= limits.max_connections_per_ip:
-                return 0, None, replies.TOO_MANY_FROM_IP
             try:
-                counts.add(self.worker, ip if per_ip else None, +1)
+                over = self.counts.admit(self.worker, ip if per_ip else None, cap, limits.max_connections_per_ip)
             except RegionFull:  # more addresses than the table was sized for at start
                 return 0, None, replies.TOO_MANY_CONNECTIONS
+            if over == "total":
+                return 0, None, replies.TOO_MANY_CONNECTIONS
+            if over == "key":
+                return 0, None, replies.TOO_MANY_FROM_IP
             self._serial += 1
             # Not counted per address until rekey() names the client behind the proxy.
             watch = Watch(sock, ip if per_ip else None, privileged)

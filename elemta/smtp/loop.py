@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import fcntl
 import heapq
 import os
 import select
 import selectors
 import socket
 import ssl
+import termios
 import threading
 import time
 
@@ -54,6 +56,7 @@ STOP_WAIT = 5.0  # seconds stop() waits for the loop to close the listening sock
 ACCEPT_PAUSE = 0.1
 
 _READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
+_NO_BYTES = bytes(4)  # FIONREAD's int, as ioctl() takes and gives it back
 
 
 class _Conn:
@@ -349,7 +352,10 @@ class LoopListener:
             pending[-1:] = session.input_before_reply()
         if pending and isinstance(pending[-1], Close):
             conn.closing = True
-        text = b"".join(item.to_bytes() for item in pending if isinstance(item, Reply))
+        if len(pending) == 1 and type(pending[0]) is Reply:  # nearly always: one command, one reply
+            text = pending[0].to_bytes()
+        else:
+            text = b"".join([item.to_bytes() for item in pending if isinstance(item, Reply)])
         watch = conn.watch
         if text:
             watch.asked(session.in_data)  # a request was answered: the client's time starts
@@ -369,10 +375,8 @@ class LoopListener:
         sock = conn.sock
         if conn.tls:  # no MSG_PEEK through TLS: what OpenSSL holds, or bytes in the kernel
             return bool(sock.pending()) or bool(select.select([sock], [], [], 0)[0])
-        try:
-            return bool(sock.recv(1, socket.MSG_PEEK))
-        except (BlockingIOError, InterruptedError):
-            return False
+        try:  # FIONREAD: what the kernel holds, asked without raising BlockingIOError when nothing
+            return fcntl.ioctl(sock.fileno(), termios.FIONREAD, _NO_BYTES) != _NO_BYTES
         except OSError:
             return True  # the read that follows says what happened
 

@@ -368,3 +368,18 @@ def test_a_session_on_a_submission_port_with_auth_gets_a_thread_of_its_own(serve
     with RawClient("127.0.0.2", ports["submission"]) as c:  # AUTH's password check may take its time
         assert c.cmd("EHLO c.example")[0] == 250
     wait_for(lambda: session_threads_used(server) == 1, 5, what="the session thread to be idle again")
+
+
+def test_more_input_sees_bytes_waiting_in_the_kernel_and_an_empty_socket():
+    # After a 354 the loop asks whether the client already sent message text (RFC 2920 §3.1).
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.setblocking(False)
+        conn = type("Conn", (), {"sock": ours, "tls": False})()
+        assert LoopListener._more_input(None, conn) is False
+        theirs.sendall(b"Subject: early\r\n")
+        wait_for(lambda: LoopListener._more_input(None, conn), timeout=5)
+        assert ours.recv(100) == b"Subject: early\r\n"  # only looked at, not taken
+        assert LoopListener._more_input(None, conn) is False
+        theirs.close()
+        assert LoopListener._more_input(None, conn) is False  # the end of input is no text
