@@ -55,13 +55,30 @@ def to_journal(environ=None) -> bool:
 
 
 _NEEDS_QUOTES = re.compile(r'[ "=\\]')
+_PLAIN = re.compile(r'[!#-<>-\[\]-~]+')  # printable ASCII but space, '"', '=' and '\\': as it is
 
 
 def _quote(value: object) -> str:
+    if type(value) is int:  # digits and a sign: never quoted
+        return str(value)
     text = value if type(value) is str else str(value)
+    if _PLAIN.fullmatch(text):  # the common case, in one look
+        return text
     if not text or _NEEDS_QUOTES.search(text) or not text.isprintable():
         return json.dumps(text, ensure_ascii=True)
-    return text
+    return text  # printable non-ASCII: as it is
+
+
+_FIELD_NAMES: dict[str, str] = {}  # "from_" -> "from=": the names are the code's own, a few dozen
+
+
+def _field_name(key: str) -> str:
+    name = _FIELD_NAMES.get(key)
+    if name is None:
+        name = key.rstrip("_") + "="
+        if len(_FIELD_NAMES) < 1024:  # a plugin's own names too, but never without bound
+            _FIELD_NAMES[key] = name
+    return name
 
 
 FACILITIES = {"mail": 2, "daemon": 3, **{f"local{n}": 16 + n for n in range(8)}}
@@ -259,7 +276,7 @@ class EventLog:
             line = json.dumps(record, default=str)
         else:
             parts = [self.target.prefix(level, now, self._pid) + (qid or "NOQUEUE"), event]
-            parts += [f"{k.rstrip('_')}={_quote(v)}" for k, v in fields.items()]
+            parts += [_field_name(k) + _quote(v) for k, v in fields.items()]
             line = " ".join(parts)
         self.sink(line + "\n")
 

@@ -24,6 +24,24 @@ def test_text_line_format_and_quoting():
     assert lines[1].endswith(" NOQUEUE connect ip=192.0.2.1\n")
 
 
+def test_a_value_is_quoted_exactly_when_it_must_be():
+    def slow_rule(text: str) -> str:  # the rule as the log format states it
+        if not text or any(c in text for c in ' "=\\') or not text.isprintable():
+            return json.dumps(text, ensure_ascii=True)
+        return text
+
+    samples = ["plain", "a@b.example", "<a@b.example>", "[192.0.2.1]", "two words", "k=v", 'say "hi"',
+               "back\\slash", "", "caf\u00e9", "tab\there", "\x01", "~{|}!#$%&'()*+,-./:;<>?@[]^_`"]
+    samples += [chr(c) for c in range(0, 256)]
+    for text in samples:
+        assert log._quote(text) == slow_rule(text), repr(text)
+    assert log._quote(42) == "42" and log._quote(-1) == "-1" and log._quote(True) == "True"
+    assert log._quote(None) == "None" and log._quote(0.25) == "0.25"
+    lines: list[str] = []
+    log.EventLog(sink=lines.append)("x", from_="<a@b>", class_=3)
+    assert lines[0].endswith(" NOQUEUE x from=<a@b> class=3\n")
+
+
 def test_levels_and_reconfigure():
     lines: list[str] = []
     events = log.EventLog("warning", sink=lines.append)

@@ -346,26 +346,29 @@ class LoopListener:
         submitted (what follows it waits for its outcome), STARTTLS's handshake begun once its
         220 is out (_flush), a Close after the last reply."""
         session, pending = conn.session, conn.pending
-        while outputs:
-            item = outputs.pop(0)
-            if isinstance(item, Enqueue):
-                conn.held = outputs
-                self._submit(conn, item)
-                return
-            if isinstance(item, StartTls):
-                # The 220 goes out in the clear, then the handshake (_flush starts it); what
-                # follows waits for its end.
-                conn.starttls, conn.held = True, outputs
-                outputs = []
-                continue
-            pending.append(item)
-        conn.pending = []
+        if not pending and len(outputs) == 1 and type(outputs[0]) is Reply:
+            pending = outputs  # nearly always: one command, one reply
+        else:
+            while outputs:
+                item = outputs.pop(0)
+                if isinstance(item, Enqueue):
+                    conn.held = outputs
+                    self._submit(conn, item)
+                    return
+                if isinstance(item, StartTls):
+                    # The 220 goes out in the clear, then the handshake (_flush starts it); what
+                    # follows waits for its end.
+                    conn.starttls, conn.held = True, outputs
+                    outputs = []
+                    continue
+                pending.append(item)
+            conn.pending = []
         if session.awaiting_data and self._more_input(conn):
             # RFC 2920 §3.1: the client sent message text before our 354.
             pending[-1:] = session.input_before_reply()
         if pending and isinstance(pending[-1], Close):
             conn.closing = True
-        if len(pending) == 1 and type(pending[0]) is Reply:  # nearly always: one command, one reply
+        if len(pending) == 1 and type(pending[0]) is Reply:
             text = pending[0].to_bytes()
         else:
             text = b"".join([item.to_bytes() for item in pending if isinstance(item, Reply)])
