@@ -404,11 +404,9 @@ class WorkQueue:
     def _write_batch(self, batch: list) -> None:
         """Add what waits to batch (in the writers' turn: what came while waiting for it
         joins), then write the batch's results and retry the kept ones when due."""
-        while batch and batch[-1] is not _STOP and len(batch) < _BATCH_MAX:
-            try:
-                batch.append(self._pending.get_nowait())
-            except queue.Empty:
-                break
+        # (empty() first, not get_nowait()'s Empty: this thread is the only taker.)
+        while batch and batch[-1] is not _STOP and len(batch) < _BATCH_MAX and not self._pending.empty():
+            batch.append(self._pending.get_nowait())
         items = []
         for item in batch:
             if item is _STOP:
