@@ -101,6 +101,9 @@ class LoopListener:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:  # separate IPv4 and IPv6 listeners may share a port
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            # Replies go out whole (one send each): no Nagle delay. Set here, where Linux's
+            # accepted sockets inherit it, instead of once per connection.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.bind((host, port))
             sock.listen(1024)  # bursts of clients wait in the kernel
             sock.setblocking(False)
@@ -253,8 +256,7 @@ class LoopListener:
 
     def _open(self, sock, peer, number, watch) -> None:
         owner = self.owner
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # replies go out whole
+        sock.setblocking(False)  # (TCP_NODELAY comes from the listening socket)
         session = owner.new_session(self.listener, peer, number)
         conn = _Conn(sock, session, number, watch, owner.limits, time.monotonic())
         self.conns[sock.fileno()] = conn

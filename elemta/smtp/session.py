@@ -13,6 +13,7 @@ their own (parts.py): the mail transaction, the AUTH command and the plugins' ho
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 from elemta import metrics
@@ -53,6 +54,18 @@ MAX_COMMAND = 512
 MAX_ENVELOPE_COMMAND = 1024
 
 HTTP_VERBS = frozenset({"GET", "POST", "CONNECT", "HEAD", "PUT"})
+
+
+# The greeting and the EHLO reply are the same for most sessions of a listener: made (and
+# their wire form kept, reply.py) once, not once a connection. Keyed by their text.
+@functools.lru_cache(maxsize=64)
+def _greeting(host: str) -> Reply:
+    return replies.GREETING.format(host=host)
+
+
+@functools.lru_cache(maxsize=256)
+def _ehlo(lines: tuple[str, ...]) -> Reply:
+    return replies.EHLO.format(lines="\n".join(lines))
 COMMANDS = ("EHLO", "HELO", "STARTTLS", "AUTH", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "NOOP", "QUIT",
             "VRFY", "HELP")
 
@@ -90,7 +103,7 @@ class Session:
         refusal = self.hooks.connect_refusal()
         if refusal is None:
             metrics.count_reply("connect", 220, "")
-            return [replies.GREETING.format(host=self.settings.hostname)]
+            return [_greeting(self.settings.hostname)]
         metrics.count_reply("connect", refusal.code, refusal.enhanced)
         if refusal.is_transient:  # RFC 5321 §3.1: 421, then close
             return self.close_with(refusal)
@@ -196,33 +209,35 @@ class Session:
         """The next complete command line without its line ending, or None if none yet."""
         while True:
             end = self._buf.find(b"\n")
-            if self._draining:
-                if end < 0:
-                    self._buf.clear()
-                    return None
-                del self._buf[: end + 1]
-                self._draining = False
-                out += self.error(replies.COMMAND_TOO_LONG)
-                if self.state == CLOSED:
-                    return None
-                continue
-            if self.state == AUTH:
-                limit = auth.MAX_LINE + 2  # RFC 4954 §4: SASL responses up to 12,288 octets
-            elif self._buf[:4].upper() in (b"MAIL", b"RCPT"):
-                limit = MAX_ENVELOPE_COMMAND
-            else:
-                limit = MAX_COMMAND
-            if end < 0:
-                if len(self._buf) > limit:
-                    self._draining = True
+            # A line shorter than MAX_COMMAND fits every state's limit: most lines skip this.
+            if self._draining or not 0 <= end < MAX_COMMAND:
+                if self._draining:
+                    if end < 0:
+                        self._buf.clear()
+                        return None
+                    del self._buf[: end + 1]
+                    self._draining = False
+                    out += self.error(replies.COMMAND_TOO_LONG)
+                    if self.state == CLOSED:
+                        return None
                     continue
-                return None
-            if end + 1 > limit:
-                del self._buf[: end + 1]
-                out += self.error(replies.COMMAND_TOO_LONG)
-                if self.state == CLOSED:
+                if self.state == AUTH:
+                    limit = auth.MAX_LINE + 2  # RFC 4954 §4: SASL responses up to 12,288 octets
+                elif self._buf[:4].upper() in (b"MAIL", b"RCPT"):
+                    limit = MAX_ENVELOPE_COMMAND
+                else:
+                    limit = MAX_COMMAND
+                if end < 0:
+                    if len(self._buf) > limit:
+                        self._draining = True
+                        continue
                     return None
-                continue
+                if end + 1 > limit:
+                    del self._buf[: end + 1]
+                    out += self.error(replies.COMMAND_TOO_LONG)
+                    if self.state == CLOSED:
+                        return None
+                    continue
             line = bytes(self._buf[:end])
             del self._buf[: end + 1]
             # Commands end in CRLF; a bare LF is tolerated here (as Postfix does) since a
@@ -318,7 +333,7 @@ class Session:
             lines.append("AUTH " + " ".join(mechanisms))
         if self.client.trusted:
             lines.append("MT-PRIORITY MIXER")  # RFC 6710 §7: the policy the levels follow
-        return [replies.EHLO.format(lines="\n".join(lines))]
+        return [_ehlo(tuple(lines))]
 
     def _starttls(self, arg: str) -> list[Output]:
         if arg:

@@ -383,3 +383,13 @@ def test_more_input_sees_bytes_waiting_in_the_kernel_and_an_empty_socket():
         assert LoopListener._more_input(None, conn) is False
         theirs.close()
         assert LoopListener._more_input(None, conn) is False  # the end of input is no text
+
+
+def test_a_connection_in_the_loop_has_nagle_off_from_its_listener(serve):
+    # TCP_NODELAY is set once, on the listening socket; the kernel gives it to each connection.
+    server, _lines, port, _path = serve()
+    listener = next(iter(server.listeners.values()))
+    with RawClient("127.0.0.1", port) as c:
+        assert c.cmd("EHLO c.example")[0] == 250
+        (conn,) = listener.conns.values()
+        assert conn.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1

@@ -342,3 +342,21 @@ def test_requiretls_without_tls_is_refused_and_a_value_is_a_syntax_error():
     play(session, [EHLO, (b"MAIL FROM:<a@sender.example> REQUIRETLS\r\n", ["530 5.7.10"])])
     session.tls = TlsInfo("TLSv1.3", "TLS_AES_256_GCM_SHA384", 256)
     play(session, [(b"MAIL FROM:<a@sender.example> REQUIRETLS=YES\r\n", ["501 5.5.4"]), MAIL])
+
+
+@pytest.mark.parametrize("ending", [b"\r\n", b"\n"])
+def test_command_line_limits_hold_exactly_at_their_boundaries(ending):
+    # RFC 5321 §4.5.3.1.4: 512 octets with the CRLF; MAIL and RCPT, which carry parameters,
+    # get MAX_ENVELOPE_COMMAND. One octet more is "500 5.5.2", and the session goes on.
+    from elemta.smtp.session import MAX_COMMAND, MAX_ENVELOPE_COMMAND
+
+    session, _ = make_session()
+    play(session, [EHLO])
+    noop = b"NOOP " + b"a" * (MAX_COMMAND - 5 - len(ending))  # exactly at the limit
+    assert codes(session.feed(noop + ending)) == ["250 2.0.0"]
+    assert codes(session.feed(b"NOOP a" + noop[5:] + ending)) == ["500 5.5.2"]  # one over
+    local = b"a" * (MAX_ENVELOPE_COMMAND - len(b"MAIL FROM:<@b.example>") - len(ending))
+    # (a local part this long is refused on its own, 501 5.1.7: what counts is the line's length)
+    assert codes(session.feed(b"MAIL FROM:<" + local + b"@b.example>" + ending)) == ["501 5.1.7"]
+    assert codes(session.feed(b"MAIL FROM:<a" + local + b"@b.example>" + ending)) == ["500 5.5.2"]
+    assert codes(session.feed(b"NOOP\r\n")) == ["250 2.0.0"]
