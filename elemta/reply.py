@@ -60,4 +60,6 @@ class Reply:
 
     def __str__(self) -> str:
         """One line for logs and the queue's records: code, enhanced code, text."""
-        return " ".join(part for part in (str(self.code), self.enhanced, self.text.replace("\n", " ")) if part)
+        text = self.text.replace("\n", " ")
+        head = f"{self.code} {self.enhanced}" if self.enhanced else str(self.code)
+        return f"{head} {text}" if text else head

@@ -78,6 +78,12 @@ def build_reply(lines: list[tuple[int, bool, str]]) -> Reply:
     only when its class matches the reply's first digit (RFC 3463 §2); RFC 2034 §3 repeats
     it on every line, so it is stripped from the other lines' text too.
     """
+    if len(lines) == 1:  # nearly every reply but EHLO's: the same as the loop below, for one line
+        code, _, text = lines[0]
+        match = _ENHANCED.match(text)
+        if match and match.group(1) == str(code)[0]:
+            return Reply(code, ".".join(match.groups()), text[match.end():])
+        return Reply(code, "", text)
     code = lines[0][0]
     if any(line[0] != code for line in lines):
         raise ProtocolError("reply lines with different codes")
