@@ -118,7 +118,7 @@ class Target:
     def prefix(self, level: int, now: float, pid: int) -> str:
         if self._journal:
             return f"<{_syslog_priority(level)}>{self.ident}[{pid}]: "
-        return f"{self._clock.stamp(now)} {self.ident}[{pid}]: "
+        return self._clock.stamp(now) + f" {self.ident}[{pid}]: "
 
     def write(self, text: str) -> None:
         sys.stderr.write(text)
@@ -275,9 +275,11 @@ class EventLog:
             record.update((k.rstrip("_"), v) for k, v in fields.items())
             line = json.dumps(record, default=str)
         else:
-            parts = [self.target.prefix(level, now, self._pid) + (qid or "NOQUEUE"), event]
-            parts += [_field_name(k) + _quote(v) for k, v in fields.items()]
-            line = " ".join(parts)
+            head = f"{self.target.prefix(level, now, self._pid)}{qid or 'NOQUEUE'} {event}"
+            if fields:
+                line = f"{head} {' '.join([_field_name(k) + _quote(v) for k, v in fields.items()])}"
+            else:
+                line = head
         self.sink(line + "\n")
 
     def exception(self, event: str, qid: str | None = None, **fields) -> None:
