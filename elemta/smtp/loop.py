@@ -162,10 +162,7 @@ class LoopListener:
             wait = max(0.0, min(wait, self._paused_until - time.monotonic()))
         if self._greetings:
             wait = max(0.0, min(wait, self._greetings[0][0] - time.monotonic()))
-        try:
-            events = self.epoll.poll(wait)
-        except InterruptedError:
-            events = []
+        events = self.epoll.poll(wait)  # (EINTR is retried by Python itself, PEP 475)
         # Each event's connection is looked up before any is served: serving one may close a
         # socket and accept another on the same descriptor, and that one's events are not these.
         conns, listening, efd = self.conns, self._listening_fd, self._efd
@@ -390,7 +387,8 @@ class LoopListener:
         if conn.sock is not None:
             watch.waiting = True
 
-    def _more_input(self, conn: _Conn) -> bool:
+    @staticmethod
+    def _more_input(conn: _Conn) -> bool:
         sock = conn.sock
         if conn.tls:  # no MSG_PEEK through TLS: what OpenSSL holds, or bytes in the kernel
             return bool(sock.pending()) or bool(select.select([sock], [], [], 0)[0])

@@ -54,6 +54,8 @@ MAX_COMMAND = 512
 MAX_ENVELOPE_COMMAND = 1024
 
 HTTP_VERBS = frozenset({"GET", "POST", "CONNECT", "HEAD", "PUT"})
+COMMANDS = ("EHLO", "HELO", "STARTTLS", "AUTH", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "NOOP", "QUIT",
+            "VRFY", "HELP")
 
 
 # The greeting and the EHLO reply are the same for most sessions of a listener: made (and
@@ -66,8 +68,6 @@ def _greeting(host: str) -> Reply:
 @functools.lru_cache(maxsize=256)
 def _ehlo(lines: tuple[str, ...]) -> Reply:
     return replies.EHLO.format(lines="\n".join(lines))
-COMMANDS = ("EHLO", "HELO", "STARTTLS", "AUTH", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "NOOP", "QUIT",
-            "VRFY", "HELP")
 
 
 class Session:

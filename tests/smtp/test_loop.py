@@ -376,13 +376,13 @@ def test_more_input_sees_bytes_waiting_in_the_kernel_and_an_empty_socket():
     with ours, theirs:
         ours.setblocking(False)
         conn = type("Conn", (), {"sock": ours, "tls": False})()
-        assert LoopListener._more_input(None, conn) is False
+        assert LoopListener._more_input(conn) is False
         theirs.sendall(b"Subject: early\r\n")
-        wait_for(lambda: LoopListener._more_input(None, conn), timeout=5)
+        wait_for(lambda: LoopListener._more_input(conn), timeout=5)
         assert ours.recv(100) == b"Subject: early\r\n"  # only looked at, not taken
-        assert LoopListener._more_input(None, conn) is False
+        assert LoopListener._more_input(conn) is False
         theirs.close()
-        assert LoopListener._more_input(None, conn) is False  # the end of input is no text
+        assert LoopListener._more_input(conn) is False  # the end of input is no text
 
 
 def test_a_connection_in_the_loop_has_nagle_off_from_its_listener(serve):
