@@ -145,7 +145,19 @@ _V4 = (
 # REQUIRETLS (RFC 8689): the message goes on only over authenticated TLS.
 _V5 = ("ALTER TABLE messages ADD COLUMN requiretls INTEGER NOT NULL DEFAULT 0",)
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3, _V4, _V5)
+# The queue-ID high-water mark kept when a message is deleted instead of when one is stored:
+# max(queue_id) of messages already covers every stored one, so only a deleted message's ID
+# needs remembering. Storing mail then leaves the meta page alone, one 16 KiB WAL frame fewer per
+# commit (10.7 -> 9.7 for one 5 KB message). A trigger, so every way a message is deleted
+# (delivery's purge, elemtactl, the sqlite3 shell) keeps the mark.
+_V6 = (
+    """
+    CREATE TRIGGER messages_high_water AFTER DELETE ON messages BEGIN
+        UPDATE meta SET value = max(value, OLD.queue_id) WHERE key = 'last_queue_id';
+    END
+    """,
+)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3, _V4, _V5, _V6)
 VERSION = len(MIGRATIONS)
 
 
@@ -236,13 +248,8 @@ def insert_messages(conn: sqlite3.Connection, msgs: Iterable[NewMessage], now: f
     conn.executemany(_INSERT_MESSAGE, messages)
     conn.executemany(_INSERT_BODY, bodies)
     conn.executemany(_INSERT_RECIPIENT, recipients)
-    if messages:
-        # max() in SQL: the high-water mark never goes down, even with several
-        # processes writing, so IDs issued after a restart sort after it.
-        conn.execute(
-            "UPDATE meta SET value = max(value, ?) WHERE key = 'last_queue_id'",
-            (max(row[0] for row in messages),),
-        )
+    # No high-water mark here: id_floor() sees these IDs in messages, and the trigger of _V6
+    # moves them to meta when they are deleted.
     return nbytes
 
 
@@ -263,8 +270,8 @@ def release_active(conn: sqlite3.Connection, now: float, *, expired_only: bool,
 def id_floor(conn: sqlite3.Connection) -> str | None:
     """The highest queue ID this database has seen, or None for a fresh one.
 
-    meta remembers it after the newest message was delivered and deleted;
-    max(queue_id) covers a meta row that is missing or behind.
+    Stored messages give max(queue_id); meta remembers the highest deleted one (the trigger
+    of _V6), e.g. after the newest message was delivered and purged.
     """
     found = []
     for sql in ("SELECT value FROM meta WHERE key = 'last_queue_id'", "SELECT max(queue_id) FROM messages"):
