@@ -92,7 +92,7 @@ def run_intake(args) -> None:
         server = SmtpServer(conf, store, EventLog(conf.log.level, sink=lambda line: None))
         server.start()
         port = next(iter(server.listeners.values())).port
-        subprocess.run(["smtp-source", "-4", "-s", str(args.sessions), "-m", str(args.n), "-l", str(args.size),
+        subprocess.run(["smtp-source", "-4", *(["-d"] if args.reuse else []), "-s", str(args.sessions), "-m", str(args.n), "-l", str(args.size),
                         "-M", "client.example", "-f", "sender@example.com", "-t", "rcpt@example.net",
                         f"127.0.0.1:{port}"], check=True, timeout=600)
         server.stop(grace=5)
@@ -157,7 +157,7 @@ def counted(args, part: str, n: int) -> int:
         out = os.path.join(tmp, "callgrind.out")
         cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, __file__,
                "--run", part, "-n", str(n), "--tree", args.tree, "--size", str(args.size),
-               "--sessions", str(args.sessions), "--store", args.store, "--log-level", args.log_level,
+               "--sessions", str(args.sessions), *(["--reuse"] if args.reuse else []), "--store", args.store, "--log-level", args.log_level,
                "--dir", args.dir]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
         found = re.search(r"Collected : (\d+)", done.stderr)
@@ -172,6 +172,8 @@ def main(argv=None) -> int:
     p.add_argument("--count", type=int, default=500, help="messages in the first run (the second: twice)")
     p.add_argument("--size", type=int, default=5120, help="message size (octets)")
     p.add_argument("--sessions", type=int, default=10, help="smtp-source sessions (intake)")
+    p.add_argument("--reuse", action="store_true",
+                   help="intake: connections reused (smtp-source -d); the difference is the cost of a connection")
     p.add_argument("--store", choices=("sqlite", "none"), default="sqlite",
                    help="intake: the real queue, or every message answered as stored at once")
     p.add_argument("--log-level", choices=("info", "warning"), default="info")
