@@ -369,46 +369,64 @@ class Scheduler:
             dest.next_start = max(now, dest.next_start) + dest.interval
         return True
 
-    def _start_waiting(self) -> None:
+    def _start_waiting(self, here: tuple | None = None) -> Delivery | None:
+        """Start the deliveries whose destination has a slot now, each on the pool; with `here`
+        (a pool thread whose delivery to that destination just ended), the first of that
+        destination's is returned instead, for the caller to run itself."""
         ready = []
         with self._lock:
             for dest in self._dest.values():
                 while dest.waiting and self._may_start(dest):
                     ready.append(dest.waiting.popleft())
+        mine = None
+        if here is not None:
+            mine = next((dl for dl in ready if dl.route.destination == here), None)
         for dl in ready:
-            self._pool.submit(self._guard, self._deliver, dl)
+            if dl is not mine:
+                self._pool.submit(self._guard, self._deliver, dl)
+        return mine
 
-    def _deliver(self, dl: Delivery) -> None:
-        key = dl.route.destination
-        try:
-            if self._stopping:
-                self._give_back(dl)
-                return
+    def _deliver(self, dl: Delivery | None) -> None:
+        """Run dl, then the deliveries its slot lets start, in this thread (_start_waiting):
+        draining a backlog to one destination costs no hand-off to another thread, and the
+        connection this one just pooled is the one the next takes."""
+        while dl is not None:
+            key = dl.route.destination
             try:
-                instead = hooks.pre_delivery(self.plugins, dl, self.clock())
-                if instead is None:
-                    outcome = self.attempter.run(dl.job, dl.body, dl.recipients, dl.route)
-            except Exception:  # no verdict: due again soon (ERROR_RETRY)
-                self._after_error(dl.job, [*dl.recipients, *(d for dups in dl.duplicates.values() for d in dups)])
-                raise
-            if instead is not None:
-                outcome, extra, action = instead
-                self.log("plugin_verdict", qid=dl.job.queue_id, hook="on_pre_delivery", verdict=action,
-                         nrcpt=len(dl.recipients))
-                merged, extra = _merged(dl, outcome, extra, self.clock())
-                self._record(dl.job, dl.body, merged, extra=extra)
-                return
-            merged, _ = _merged(dl, outcome, [], self.clock())
-            self._record(dl.job, dl.body, merged, final_hop=dl.route.kind == "lmtp" or dl.route.kind == "maildir",
-                         route=dl.route)
-            hooks.notices(self.plugins, dl, outcome)
-        finally:
-            with self._lock:
-                dest = self._dest.get(key)
-                if dest is not None:
-                    dest.active -= 1
-            self._start_waiting()
-            self._part_done(dl.job)
+                self._attempt(dl)
+            except Exception:  # logged; the recipients were given back (_after_error)
+                self.log.exception("delivery_error", task="_deliver")
+            finally:
+                with self._lock:
+                    dest = self._dest.get(key)
+                    if dest is not None:
+                        dest.active -= 1
+                nxt = self._start_waiting(here=key)
+                self._part_done(dl.job)
+            dl = nxt
+
+    def _attempt(self, dl: Delivery) -> None:
+        if self._stopping:
+            self._give_back(dl)
+            return
+        try:
+            instead = hooks.pre_delivery(self.plugins, dl, self.clock())
+            if instead is None:
+                outcome = self.attempter.run(dl.job, dl.body, dl.recipients, dl.route)
+        except Exception:  # no verdict: due again soon (ERROR_RETRY)
+            self._after_error(dl.job, [*dl.recipients, *(d for dups in dl.duplicates.values() for d in dups)])
+            raise
+        if instead is not None:
+            outcome, extra, action = instead
+            self.log("plugin_verdict", qid=dl.job.queue_id, hook="on_pre_delivery", verdict=action,
+                     nrcpt=len(dl.recipients))
+            merged, extra = _merged(dl, outcome, extra, self.clock())
+            self._record(dl.job, dl.body, merged, extra=extra)
+            return
+        merged, _ = _merged(dl, outcome, [], self.clock())
+        self._record(dl.job, dl.body, merged, final_hop=dl.route.kind == "lmtp" or dl.route.kind == "maildir",
+                     route=dl.route)
+        hooks.notices(self.plugins, dl, outcome)
 
     def _record(self, job: Job, body: bytes, outcome: AttemptResult, *, final_hop: bool = False,
                 extra: list[Outcome] | None = None, route: Route | None = None) -> None:
