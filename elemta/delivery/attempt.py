@@ -35,8 +35,8 @@ from elemta.delivery.smtp_pool import Pool
 from elemta.delivery.tls_decision import PUBLISHED, REQUIRETLS_STATUS, HostTls, Plan, make_plan
 from elemta.delivery.tlsrpt import PolicyKey
 from elemta.delivery.tlsrpt_store import Reports
+from elemta.queue.jobs import Attempt, Job, Recipient
 from elemta.queue.query import parse_headers
-from elemta.queue.work import Attempt, Job, Recipient
 from elemta.transport import is_ip
 
 # Postfix's smtp_mx_address_limit: past five addresses more tries rarely help and only delay.

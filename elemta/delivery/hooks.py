@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from elemta.delivery.attempt import AttemptResult, Verdict
 from elemta.plugins import api
-from elemta.queue.work import Attempt, Outcome
+from elemta.queue.jobs import Attempt, Outcome
 
 
 def _context(hook: str, dl, **fields) -> api.Context:

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from elemta import metrics
 from elemta.delivery.attempt import Verdict
 from elemta.queue import bounce
+from elemta.queue.jobs import Attempt, Job, Outcome, Result
 from elemta.queue.model import NewMessage, NewRecipient
 from elemta.queue.schedule import RetrySchedule
-from elemta.queue.work import Attempt, Job, Outcome, Result
 
 TRY_NOW = "try now by elemtactl, not counted"
 

@@ -38,8 +38,10 @@ from elemta.delivery.attempt import Attempter, AttemptResult, Verdict
 from elemta.delivery.dns import DnsError
 from elemta.delivery.outcomes import Reporting, decide
 from elemta.delivery.router import Route, Router
+from elemta.queue.jobs import Attempt, Job, Outcome, Recipient, Result
+from elemta.queue.results import ERROR_RETRY
 from elemta.queue.schedule import RetrySchedule
-from elemta.queue.work import ERROR_RETRY, Attempt, Job, Outcome, Recipient, Result, WorkQueue
+from elemta.queue.work import WorkQueue
 
 POLL = 0.25  # seconds between looks at PRAGMA data_version
 LEASE = 3600.0  # longer than any attempt; only a dead process's leases ever run out

@@ -15,118 +15,16 @@ of a power failure is a duplicate, never a loss. Intake (Store) keeps synchronou
 from __future__ import annotations
 
 import contextlib
-import queue
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 
 from elemta.errors import QueueError
 from elemta.queue import db, schema
-from elemta.queue.model import PRIORITIES, NewMessage
-
-FINAL_STATES = ("delivered", "failed")
-
-
-@dataclass(frozen=True)
-class Recipient:
-    id: int
-    address: str
-    domain: str
-    orcpt: str | None
-    notify: tuple[str, ...]
-    attempts: int
-    warned: bool
-    parent: int | None = None  # the alias row this one was expanded from
-    # False for an admin's "try now": a recipient tried before and made due again by
-    # elemtactl release/requeue/flush (it waits as 'queued', not 'deferred'). Such a try is
-    # recorded in the history but is no failed attempt of the retry schedule: counting it
-    # pushed the next retry out (three commands in a second made attempt 1 into attempt 4).
-    counted: bool = True
-
-
-@dataclass(frozen=True)
-class Job:
-    """One message and those of its recipients that were claimed together."""
-
-    queue_id: str
-    created: float
-    sender: str
-    size: int
-    priority: int
-    envid: str | None
-    ret: str | None
-    body_type: str
-    smtputf8: bool
-    recipients: tuple[Recipient, ...]
-    requiretls: bool = False  # RFC 8689 (delivery/attempt.py)
-
-
-@dataclass(frozen=True)
-class Attempt:
-    """One try of one recipient at one host, for the history (`elemtactl queue trace`)."""
-
-    recipient_id: int
-    at: float
-    outcome: str  # delivered | deferred | failed | expanded | discarded | ...
-    reply: str = ""
-    host: str = ""
-    ip: str = ""
-    port: int = 0
-    tls: str = ""
-    duration: float = 0.0
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """Where one claimed recipient goes next."""
-
-    recipient_id: int
-    state: str  # delivered | deferred | failed | held
-    error: str = ""  # becomes last_error
-    next_attempt: float | None = None  # deferred: when it is due again
-    warned: bool = False  # a delay warning was sent (never send two)
-    counted: bool = True  # adds one to the recipient's attempts (see Recipient.counted)
-
-
-@dataclass
-class Result:
-    """Everything one delivery decided, written in one transaction."""
-
-    outcomes: list[Outcome] = field(default_factory=list)
-    attempts: list[Attempt] = field(default_factory=list)
-    reports: list[NewMessage] = field(default_factory=list)  # bounces / DSNs to enqueue
-    # Claimed recipients given back untried (release()): written by the same writer, in order,
-    # and retried like the rest when the write fails, so they do not wait for a lease to end.
-    release: list[Recipient | int] = field(default_factory=list)
-
-    def recipient_ids(self) -> set[int]:
-        return {o.recipient_id for o in self.outcomes} | {
-            r.id if isinstance(r, Recipient) else r for r in self.release}
-
-
-_STOP = object()
-# Levels of the events given to `log` (elemta.log's; the queue sits below it, see test_layers).
-WARNING, ERROR = 30, 40
-# A result that could not be written (a full disk, a damaged or locked database) is kept in
-# memory and written again, first after RETRY_FIRST seconds, then twice as long each time up to
-# RETRY_MAX; at close, for up to CLOSE_RETRY seconds more. Its recipients stay leased meanwhile:
-# recover_expired() leaves them alone and each failed retry renews their lease (when the
-# database takes that much), since delivering them again would duplicate the message.
-RETRY_FIRST = 0.5
-RETRY_MAX = 30.0
-CLOSE_RETRY = 10.0
-# Kept results are small (outcomes, attempt rows, at most a report); at this many the scheduler
-# claims nothing more until some are written (backlogged()), so memory stays bounded and no
-# result is ever dropped.
-MAX_UNWRITTEN = 1000
-# A recipient whose delivery ended in an error of elemta's own (a bug, a result the database
-# refuses) is due again this many seconds later: soon, not when its hour-long lease runs out,
-# and not at once, which would turn a deterministic error into a busy loop.
-ERROR_RETRY = 60.0
-_BATCH_MAX = 512
-
+from elemta.queue.jobs import Attempt, Job, Recipient, Result
+from elemta.queue.model import PRIORITIES
+from elemta.queue.results import ResultWriter
 
 # Claiming, most urgent and oldest first. CANDIDATES is one range of the (state, priority,
 # next_attempt) index, run for each waiting state and priority, so a claim never sorts the
@@ -176,17 +74,7 @@ class WorkQueue:
         self._lock = threading.RLock()
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
-        self._pending: queue.Queue = queue.Queue()
-        self._writer: threading.Thread | None = None
-        # Results that failed to be written, oldest first: [item, tries, first failure
-        # (monotonic)]; only the writer thread changes it.
-        self._unwritten: list[list] = []
-        self._held_ids: frozenset[int] = frozenset()  # their recipients, for recover_expired
-        self._retry_at = 0.0
-        self._retry_wait = RETRY_FIRST
-        self._successor: WorkQueue | None = None
-        self._submitting = threading.Lock()
-        self._closed = False
+        self._results = ResultWriter(self)
 
     def open(self) -> None:
         try:
@@ -197,8 +85,7 @@ class WorkQueue:
             raise QueueError(f"cannot open queue database {self.path}: {exc}") from exc
         conn.row_factory = sqlite3.Row
         self._conn = conn
-        self._writer = threading.Thread(target=self._write_results, name="results-writer", daemon=True)
-        self._writer.start()
+        self._results.start()
 
     def close(self, successor: WorkQueue | None = None) -> None:
         """Commit what was submitted, then close every connection.
@@ -206,20 +93,7 @@ class WorkQueue:
         Results still kept then are tried for CLOSE_RETRY seconds, or, given a successor (the
         WorkQueue of the scheduler that replaces this one at a reload, same owner), handed to it.
         """
-        self._successor = successor
-        if self._writer is not None:
-            self._pending.put(_STOP)
-            self._writer.join()
-            self._writer = None
-        with self._submitting:
-            self._closed = True  # what is submitted from now on goes to the successor
-            late = []
-            while not self._pending.empty():
-                late.append(self._pending.get_nowait())
-                self._pending.task_done()
-        for item in late:
-            if successor is not None and item is not _STOP:
-                successor.submit(*item)
+        self._results.stop(successor)
         with self._lock:
             if self._conn is not None:
                 self._conn.close()
@@ -343,19 +217,10 @@ class WorkQueue:
             self._apply(conn, queue_id, result, self._clock())
 
     def submit(self, queue_id: str, result: Result, on_commit: Callable[[], None] | None = None) -> None:
-        """finish() on the writer thread, without waiting; on_commit runs after the commit.
-
-        Until then the recipients stay active (leased), so nothing claims them again. A result
-        that cannot be written is kept and written again until it is (see _commit).
-        """
-        with self._submitting:
-            if not self._closed:
-                self._pending.put((queue_id, result, on_commit))
-                return
-        # Closed: a delivery abandoned at a reload ended after all. Its result goes to the new
-        # scheduler's writer (without one it is lost, and the lease's end retries the recipients).
-        if self._successor is not None and self._successor.owner == self.owner:
-            self._successor.submit(queue_id, result, on_commit)
+        """finish() on the writer thread (queue/results.py), without waiting; on_commit runs
+        after the commit. Until then the recipients stay active (leased), so nothing claims them
+        again. A result that cannot be written is kept and written again until it is."""
+        self._results.submit(queue_id, result, on_commit)
 
     def give_back(self, queue_id: str, recipients: Iterable[Recipient | int]) -> None:
         """release() on the writer thread: in order with the results, and retried like them."""
@@ -363,32 +228,15 @@ class WorkQueue:
 
     def flush(self) -> None:
         """Wait until everything submitted so far is committed (or has failed)."""
-        self._pending.join()
+        self._results.flush()
 
     def unwritten(self) -> int:
         """Results kept in memory because they could not be written yet."""
-        return len(self._unwritten)
+        return self._results.unwritten()
 
     def backlogged(self) -> bool:
         """Too many results wait to be written: claim nothing more until some are."""
-        return len(self._unwritten) >= MAX_UNWRITTEN
-
-    def _write_results(self) -> None:
-        while True:
-            try:
-                wait = max(0.0, self._retry_at - time.monotonic()) if self._unwritten else None
-                batch = [self._pending.get(timeout=wait)]
-            except queue.Empty:
-                batch = []
-            with self._turn():
-                self._write_batch(batch)
-            if batch and batch[-1] is _STOP:
-                if self._successor is not None and self._successor.owner == self.owner:
-                    for entry in self._unwritten:  # in order; kept again there if still refused
-                        self._successor.submit(*entry[0])
-                    self._unwritten, self._held_ids = [], frozenset()
-                self._last_tries()
-                return
+        return self._results.backlogged()
 
     @contextlib.contextmanager
     def _turn(self):
@@ -400,140 +248,6 @@ class WorkQueue:
                 return
             with db.writers_turn(self._conn):
                 yield
-
-    def _write_batch(self, batch: list) -> None:
-        """Add what waits to batch (in the writers' turn: what came while waiting for it
-        joins), then write the batch's results and retry the kept ones when due."""
-        # (empty() first, not get_nowait()'s Empty: this thread is the only taker.)
-        while batch and batch[-1] is not _STOP and len(batch) < _BATCH_MAX and not self._pending.empty():
-            batch.append(self._pending.get_nowait())
-        items = []
-        for item in batch:
-            if item is _STOP:
-                continue
-            if self._held_ids & item[1].recipient_ids():
-                # About a recipient whose earlier result waits: written after it, never
-                # before (a give-back must not overtake the delivery it follows).
-                self._keep(item, None)
-            else:
-                items.append(item)
-        try:
-            if self._unwritten and time.monotonic() >= self._retry_at:
-                self._retry()
-            if items:
-                self._commit(items)
-        finally:
-            for _ in batch:
-                self._pending.task_done()
-
-    def _commit(self, items: list, tries: int = 0) -> bool:
-        """Write items in one transaction; True if written.
-
-        On failure a batch is written again item by item. An item the database refuses for its
-        own content (an integrity error) is salvaged: its delivered outcomes are written alone
-        and its other recipients are due again in ERROR_RETRY seconds. An item that fails for any
-        other reason (a full disk, an I/O error, a locked or damaged database) is kept in memory
-        (tries == 0: first failure) and written again by _retry().
-        """
-        try:
-            with self._writing() as conn:
-                now = self._clock()
-                for queue_id, result, _ in items:
-                    self._apply(conn, queue_id, result, now)
-        except QueueError as exc:
-            if len(items) > 1:  # find the culprit: the others are written one by one
-                for item in items:
-                    if self._held_ids & item[1].recipient_ids():
-                        self._keep(item, None)  # behind an earlier one of this batch, kept
-                    else:
-                        self._commit([item])
-                return False
-            if isinstance(exc.__cause__, (sqlite3.IntegrityError, sqlite3.ProgrammingError)):
-                # Not the disk or the database but this result itself: writing it again cannot help.
-                return self._salvage(items[0], exc, tries)
-            if not tries:
-                self._keep(items[0], exc)
-            return False
-        for _, _, on_commit in items:
-            if on_commit is not None:
-                on_commit()
-        return True
-
-    def _keep(self, item, exc: Exception | None) -> None:
-        """Keep a result that could not be written (exc), or one that must wait behind one (None)."""
-        if not self._unwritten:
-            self._retry_at, self._retry_wait = time.monotonic() + RETRY_FIRST, RETRY_FIRST
-        self._unwritten.append([item, 0 if exc is not None else -1, time.monotonic()])
-        self._held_ids = self._held_ids | item[1].recipient_ids()
-        if exc is not None:
-            self._log("results_error", qid=item[0], level=ERROR, error=str(exc)[:200],
-                      kept="in memory, written again until it is", waiting=len(self._unwritten))
-
-    def _salvage(self, item, exc: Exception, tries: int) -> bool:
-        """A result the database refuses: its delivered outcomes win (written alone, so the
-        message is not sent again); its other recipients are given back, due in ERROR_RETRY."""
-        queue_id, result, on_commit = item
-        due = self._clock() + ERROR_RETRY
-        outcomes = [o if o.state == "delivered" else
-                    Outcome(o.recipient_id, "deferred", f"result not recorded: {exc}"[:300],
-                            next_attempt=due, counted=False)
-                    for o in result.outcomes]
-        released = [r.id if isinstance(r, Recipient) else r for r in result.release]
-        outcomes += [Outcome(rid, "deferred", f"result not recorded: {exc}"[:300], next_attempt=due, counted=False)
-                     for rid in released if rid not in {o.recipient_id for o in outcomes}]
-        self._log("results_error", qid=queue_id, level=ERROR, error=str(exc)[:200],
-                  kept="refused: delivered recipients recorded, the others retried later")
-        if not outcomes or (outcomes == result.outcomes and not (result.attempts or result.reports)):
-            return False  # nothing left to try
-        return self._commit([(queue_id, Result(outcomes), on_commit)], tries)
-
-    def _retry(self) -> None:
-        """Write the kept results again, oldest first; stop at the first that still fails."""
-        while self._unwritten:
-            entry = self._unwritten[0]
-            entry[1] += 1
-            if not self._commit([entry[0]], tries=max(1, entry[1])):
-                self._retry_wait = min(self._retry_wait * 2, RETRY_MAX)
-                self._retry_at = time.monotonic() + self._retry_wait
-                self._renew()
-                self._log("results_pending", qid=entry[0][0], level=WARNING,
-                          waiting=len(self._unwritten), tries=entry[1] + 1, retry_in=round(self._retry_wait, 1))
-                return
-            self._unwritten.pop(0)
-            self._held_ids = frozenset(rid for e in self._unwritten for rid in e[0][1].recipient_ids())
-            if entry[1] > 0:  # it had failed (not merely waited behind one that had)
-                self._log("results_written", qid=entry[0][0], level=WARNING, tries=entry[1] + 1,
-                          waited=round(time.monotonic() - entry[2], 1), waiting=len(self._unwritten))
-        self._retry_wait = RETRY_FIRST
-
-    def _renew(self) -> None:
-        """Extend the leases of the kept results' recipients (best effort: the database may
-        refuse this write too), so no other process's recovery takes them while they wait."""
-        ids = sorted(self._held_ids)
-        if not ids:
-            return
-        try:
-            with self._writing() as conn:
-                now = self._clock()
-                for start in range(0, len(ids), 500):
-                    chunk = ids[start:start + 500]
-                    conn.execute(
-                        "UPDATE recipients SET lease_until = max(coalesce(lease_until, 0), ?)"
-                        f" WHERE id IN ({','.join('?' * len(chunk))}) AND state = 'active' AND lease_owner = ?",
-                        (now + self._lease, *chunk, self.owner))
-        except QueueError:
-            pass
-
-    def _last_tries(self) -> None:
-        """At close: keep trying the kept results for CLOSE_RETRY seconds, then say which are
-        lost (their recipients stay leased: the next start delivers them again)."""
-        deadline = time.monotonic() + CLOSE_RETRY
-        while self._unwritten and time.monotonic() < deadline:
-            time.sleep(max(0.0, min(self._retry_at, deadline) - time.monotonic()))
-            self._retry()
-        for (queue_id, _, _), tries, _ in self._unwritten:
-            self._log("results_error", qid=queue_id, level=ERROR, tries=max(0, tries) + 1,
-                      kept="lost at stop: its recipients are delivered again at the next start")
 
     def _apply(self, conn: sqlite3.Connection, queue_id: str, result: Result, now: float) -> None:
         lost = set()
@@ -640,7 +354,7 @@ class WorkQueue:
     def recover_expired(self) -> int:
         """Leases that ran out (their process died) go back to the queue; not those of results
         kept in memory (they were delivered, or tried: only the record is missing)."""
-        held = self._held_ids
+        held = self._results.held_ids
         with self._writing() as conn:
             return schema.release_active(conn, self._clock(), expired_only=True, keep=held)
 

@@ -11,7 +11,7 @@ from elemta.delivery.dane_dns import TlsaLookup
 from elemta.delivery.dns import Resolver
 from elemta.delivery.router import Route
 from elemta.delivery.smtp_pool import Pool
-from elemta.queue.work import Job, Recipient
+from elemta.queue.jobs import Job, Recipient
 from tests.dnssec import DnssecTestbed, needs_dane, spki_sha256
 from tests.mx import Mx
 

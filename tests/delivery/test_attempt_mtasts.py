@@ -11,7 +11,7 @@ from elemta.delivery.mtasts_cache import PolicyCache
 from elemta.delivery.mtasts_finder import PolicyFinder
 from elemta.delivery.router import Route
 from elemta.delivery.smtp_pool import Pool
-from elemta.queue.work import Job, Recipient
+from elemta.queue.jobs import Job, Recipient
 from tests.dnsserver import DnsServer
 from tests.mx import Mx
 from tests.policyserver import POLICY, PolicyServer

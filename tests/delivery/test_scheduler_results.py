@@ -27,8 +27,9 @@ from elemta import log as logmod
 from elemta.daemon import build_scheduler
 from elemta.local import LocalRecipients
 from elemta.queue.model import NewMessage, NewRecipient
+from elemta.queue.results import ERROR_RETRY
 from elemta.queue.store import Store
-from elemta.queue.work import ERROR_RETRY, WorkQueue
+from elemta.queue.work import WorkQueue
 from tests.mx import Handler, Mx
 from tests.support import wait_for
 

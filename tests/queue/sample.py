@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from elemta.queue.jobs import Attempt, Outcome, Result
 from elemta.queue.model import NewMessage, NewRecipient
 from elemta.queue.store import Store
-from elemta.queue.work import Attempt, Outcome, Result, WorkQueue
+from elemta.queue.work import WorkQueue
 
 T0 = 1_700_000_000.0
 HOUR = 3600.0

@@ -19,8 +19,8 @@ from elemta.queue.admin import (
     QueueBusy,
     QueueUnavailable,
 )
+from elemta.queue.jobs import Outcome, Result
 from elemta.queue.store import Store
-from elemta.queue.work import Outcome, Result
 from tests.queue import sample
 from tests.queue.sample import HOUR, T0, enqueue
 

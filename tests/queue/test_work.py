@@ -9,20 +9,11 @@ import pytest
 
 from elemta.errors import QueueError
 from elemta.queue import db, schema
-from elemta.queue import work as workmod
+from elemta.queue import results as resultsmod
+from elemta.queue.jobs import Attempt, Job, Outcome, Recipient, Result
 from elemta.queue.model import NewMessage, NewRecipient
 from elemta.queue.store import Store
-from elemta.queue.work import (
-    CANDIDATES,
-    CLAIM,
-    EARLIEST,
-    Attempt,
-    Job,
-    Outcome,
-    Recipient,
-    Result,
-    WorkQueue,
-)
+from elemta.queue.work import CANDIDATES, CLAIM, EARLIEST, WorkQueue
 from tests.queue import stored
 from tests.support import wait_for
 
@@ -246,7 +237,7 @@ def test_results_that_come_while_the_writer_waits_for_its_turn_join_its_batch(st
         fcntl.flock(fd, fcntl.LOCK_EX)
         first, *rest = queue_ids
         work.submit(first, Result([Outcome(jobs[first].recipients[0].id, "delivered")]))
-        wait_for(lambda: work._pending.unfinished_tasks == 1 and work._pending.qsize() == 0,
+        wait_for(lambda: work._results._pending.unfinished_tasks == 1 and work._results._pending.qsize() == 0,
                  what="the writer to take the first result")
         for queue_id in rest:
             work.submit(queue_id, Result([Outcome(jobs[queue_id].recipients[0].id, "delivered")]))
@@ -675,7 +666,7 @@ def test_submitted_results_are_committed_together_and_a_bad_one_alone_fails(stor
     # leased for an hour either: it is due again in ERROR_RETRY seconds, that try not counted.
     got = row(raw, bad_rcpt.id)
     assert (got["state"], got["lease_owner"], got["next_attempt"], got["attempts"]) == (
-        "deferred", None, T0 + workmod.ERROR_RETRY, 0)
+        "deferred", None, T0 + resultsmod.ERROR_RETRY, 0)
     assert "result not recorded" in got["last_error"]
     assert [qid for qid, _ in events.named("results_error")] == [bad]
 
@@ -817,8 +808,8 @@ def disk_full_on_results(monkeypatch, error="database or disk is full"):
         return real_apply(self, conn, queue_id, result, now)
 
     monkeypatch.setattr(WorkQueue, "_apply", apply)
-    monkeypatch.setattr(workmod, "RETRY_FIRST", 0.05)
-    monkeypatch.setattr(workmod, "RETRY_MAX", 0.2)
+    monkeypatch.setattr(resultsmod, "RETRY_FIRST", 0.05)
+    monkeypatch.setattr(resultsmod, "RETRY_MAX", 0.2)
     return full
 
 
@@ -895,7 +886,7 @@ def test_a_give_back_that_cannot_be_written_is_retried_not_left_for_the_lease(
 
 def test_too_many_kept_results_mean_no_more_claims_never_a_dropped_one(store, db_path, clock, raw, monkeypatch):
     full = disk_full_on_results(monkeypatch)
-    monkeypatch.setattr(workmod, "MAX_UNWRITTEN", 3)
+    monkeypatch.setattr(resultsmod, "MAX_UNWRITTEN", 3)
     wq = open_work(db_path, clock, log=Events())
     try:
         for _ in range(4):
@@ -915,7 +906,7 @@ def test_too_many_kept_results_mean_no_more_claims_never_a_dropped_one(store, db
 
 def test_a_result_still_unwritten_at_close_is_reported_as_lost(store, db_path, clock, raw, monkeypatch):
     disk_full_on_results(monkeypatch, "disk I/O error")
-    monkeypatch.setattr(workmod, "CLOSE_RETRY", 0.3)
+    monkeypatch.setattr(resultsmod, "CLOSE_RETRY", 0.3)
     events = Events()
     wq = open_work(db_path, clock, log=events)
     qid = enqueue(store)
@@ -930,14 +921,14 @@ def test_a_result_still_unwritten_at_close_is_reported_as_lost(store, db_path, c
 def test_event_levels_are_the_logs():
     from elemta import log as logmod
 
-    assert (workmod.WARNING, workmod.ERROR) == (logmod.WARNING, logmod.ERROR)
+    assert (resultsmod.WARNING, resultsmod.ERROR) == (logmod.WARNING, logmod.ERROR)
 
 
 def test_at_a_reload_the_kept_results_go_to_the_next_scheduler(store, db_path, clock, raw, monkeypatch):
     """A reload replaces the scheduler (same process, same lease owner): what the old one could
     not write is handed to the new one's writer, not dropped after CLOSE_RETRY."""
     full = disk_full_on_results(monkeypatch)
-    monkeypatch.setattr(workmod, "CLOSE_RETRY", 0.0)
+    monkeypatch.setattr(resultsmod, "CLOSE_RETRY", 0.0)
     old = open_work(db_path, clock, log=Events())
     new = open_work(db_path, clock, log=Events())
     try:
