@@ -127,7 +127,7 @@ def run_delivery(args) -> None:
                         "-n", str(args.n)], check=True, timeout=600)
         wait_port(port)
         conf = config(args.tree, spool, args.log_level, relayhost=f"127.0.0.1:{port}")
-        from elemta.daemon import build_scheduler
+        from elemta.assemble import build_scheduler
         from elemta.local import LocalRecipients
         from elemta.log import EventLog
         from elemta.queue.store import Store

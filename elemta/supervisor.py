@@ -33,19 +33,9 @@ from collections.abc import Callable
 
 from elemta import filemodes, metrics, monitor, privileges, sdnotify
 from elemta import log as logmod
+from elemta.assemble import Shared, SpoolError, check_startup, new_shared, open_log, prepare_spool
 from elemta.config import Config
-from elemta.daemon import (
-    DELIVERY_WORKER,
-    Daemon,
-    Shared,
-    SpoolError,
-    check_startup,
-    exit_code,
-    listening_line,
-    new_shared,
-    open_log,
-    prepare_spool,
-)
+from elemta.daemon import DELIVERY_WORKER, Daemon, exit_code, listening_line
 from elemta.errors import ConfigError
 from elemta.pidfile import PidFile, PidFileError
 from elemta.wakeup import Wakeup

@@ -26,7 +26,7 @@ def route_explain(ctl: Ctl, target: str, as_json: bool) -> None:
     addresses and TLS decision (DANE: the host's authenticated TLSA records; MTA-STS: the
     record, the cached policy and its expiry).  DNS is asked as delivery asks it; nothing is
     fetched or changed."""
-    from elemta.daemon import build_resolver  # imported late: it loads the delivery code
+    from elemta.assemble import build_resolver  # imported late: it loads the delivery code
     from elemta.delivery import dane_dns
     from elemta.delivery.explain import explain
     from elemta.delivery.mtasts_cache import PolicyCache

@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         return EX_CONFIG
     if args.check_config:
         from elemta import privileges
-        from elemta.daemon import (
+        from elemta.assemble import (
             check_startup,  # imported late: the plain start needs it later
         )
 

@@ -255,7 +255,7 @@ def check(ctl: Ctl, as_json: bool) -> None:
 
     Every problem found is reported, one line each (with --json, as the list "problems").
     """
-    from elemta.daemon import check_startup  # imported late: it loads the delivery code
+    from elemta.assemble import check_startup  # imported late: it loads the delivery code
 
     try:
         config = ctl.config

@@ -1,6 +1,6 @@
 """delivery/scheduler.py: a slot that frees up starts its destination's next delivery where it is.
 
-A real scheduler (daemon.build_scheduler) delivers through a relayhost to a loopback MX
+A real scheduler (assemble.build_scheduler) delivers through a relayhost to a loopback MX
 (tests/mx.py) that holds the first message's DATA until the test lets it go, so the other
 deliveries are sure to be waiting for the destination's one slot by then.
 """
@@ -12,7 +12,7 @@ import tomllib
 
 from elemta import config as cfgmod
 from elemta import log as logmod
-from elemta.daemon import build_scheduler
+from elemta.assemble import build_scheduler
 from elemta.local import LocalRecipients
 from elemta.queue.model import NewMessage, NewRecipient
 from elemta.queue.store import Store

@@ -1,6 +1,6 @@
 """The scheduler when the outcome of a delivery cannot be written (issue 16, defect 4).
 
-A real scheduler (daemon.build_scheduler) delivers to a loopback MX (tests/mx.py) that records
+A real scheduler (assemble.build_scheduler) delivers to a loopback MX (tests/mx.py) that records
 every message. The disk fills while the MX holds the message's DATA: for real (a small tmpfs,
 as root) or by fault injection (WorkQueue._apply raises SQLITE_FULL). The remote has the
 message at that point, so its result must be kept and written once there is room, the message
@@ -24,7 +24,7 @@ import pytest
 
 from elemta import config as cfgmod
 from elemta import log as logmod
-from elemta.daemon import build_scheduler
+from elemta.assemble import build_scheduler
 from elemta.local import LocalRecipients
 from elemta.queue.model import NewMessage, NewRecipient
 from elemta.queue.results import ERROR_RETRY

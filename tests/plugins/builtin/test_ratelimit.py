@@ -180,7 +180,7 @@ def test_without_shared_memory_each_worker_keeps_an_even_share_of_the_limit(tmp_
 
 
 def test_with_shared_memory_the_workers_count_together(tmp_path, clock):
-    from elemta.daemon import _shared_rate_limit
+    from elemta.assemble import _shared_rate_limit
     from elemta.shm import Region
 
     factory = _shared_rate_limit(Region(1 << 22))  # what the daemon lends each worker
