@@ -403,9 +403,10 @@ class Scheduler:
                     dest = self._dest.get(key)
                     if dest is not None:
                         dest.active -= 1
-                nxt = self._start_waiting(here=key)
                 self._part_done(dl.job)
-            dl = nxt
+            # Not in the finally: were this thread ending in a BaseException, a delivery taken
+            # here would be lost with its slot; the scheduler thread starts it instead.
+            dl = self._start_waiting(here=key)
 
     def _attempt(self, dl: Delivery) -> None:
         if self._stopping:
