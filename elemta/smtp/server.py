@@ -1,25 +1,22 @@
-"""SMTP listeners: socketserver.ThreadingTCPServer, a daemon thread per connection.
+"""The SMTP server of one process: its listeners, the connection caps, limits and deadlines
+they share, and the settings its sessions get (applied again at a reload).
 
-This module owns the sockets: it feeds received bytes to a Session, writes the replies,
-stores messages through the queue when the session asks, enforces the connection caps and the
-timeouts, and lets sessions finish (or tells them 421) when the daemon stops.
+A listener is served by an event loop (smtp/loop.py), or, when it reads a PROXY header first,
+by a thread per connection (smtp/threaded.py), which also serves the sessions whose plugins
+need a thread. Either way a message is stored through the queue when the session asks, and the
+sessions are let finish (or told 421) when the daemon stops.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ipaddress
-import select
 import socket
-import socketserver
-import ssl
 import threading
-import time
-from collections.abc import Callable
 
 from elemta import log as logmod
 from elemta import metrics
-from elemta.config import SUBMISSION_ROLES, TLS_ROLES, Config, Listener, split_host_port
+from elemta.config import SUBMISSION_ROLES, TLS_ROLES, Config, Listener
 from elemta.errors import QueueError
 from elemta.local import LocalRecipients
 from elemta.log import EventLog
@@ -27,28 +24,21 @@ from elemta.passwords import PasswordFile
 from elemta.plugins.api import SMTP_HOOKS
 from elemta.queue.store import Store
 from elemta.shm import Counts, Region, RegionFull
-from elemta.smtp import proxy, replies
+from elemta.smtp import threaded
 from elemta.smtp.connections import Connections, Limits, Watch
 from elemta.smtp.limits import Limiter
 from elemta.smtp.limits import size_for as limits_size_for
 from elemta.smtp.loop import LoopListener
-from elemta.smtp.replies import Reply
 from elemta.smtp.session import (
     Client,
-    Close,
-    Enqueue,
-    Output,
     Services,
     Session,
     Settings,
-    StartTls,
 )
+from elemta.smtp.threaded import ListenerServer
 from elemta.smtp.threads import SessionThreads
-from elemta.smtp.tls import ServerTls, TlsInfo
-from elemta.sockopts import set_kernel_timeout
+from elemta.smtp.tls import ServerTls
 
-RECV_SIZE = 65536
-PROXY_TIMEOUT = 10.0  # seconds for a PROXY header to arrive
 SWEEP_INTERVAL = 1.0  # seconds between deadline sweeps: a deadline is kept to within this
 # Hooks that run in a session's own course: with a plugin that has one, sessions get a thread.
 THREADED_HOOKS = (*SMTP_HOOKS, "on_enqueue", "on_disconnect")
@@ -294,26 +284,6 @@ class SmtpServer:
         metrics.CONNECTIONS_OPEN.dec()
         self.connections.release(number)
 
-    def handle(self, sock: socket.socket, peer: tuple, listener: Listener, number: int,
-               watch: Watch | None = None) -> None:
-        limits = self.limits
-        if watch is None:  # called without the accept path (tests): deadlines kept all the same
-            watch = Watch(sock, peer[0], False)
-        conn = _Conn(sock)
-        # Replies go out whole, in one send each: Nagle only delays them, and after a TLS 1.3
-        # handshake it held the banner ~40 ms behind the session tickets' delayed ACK.
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn.set_timeout(socket.SO_RCVTIMEO, limits.command_timeout)
-        conn.set_timeout(socket.SO_SNDTIMEO, limits.command_timeout)
-        ip, early = peer[0], b""
-        if listener.proxy_protocol:
-            peer, early = self._proxied(conn, peer, number, limits, listener, watch)
-            if peer is None:
-                return
-        started = time.monotonic()
-        session = self.new_session(listener, peer, number, proxy=ip if listener.proxy_protocol else None)
-        self._run(conn, session, started, lambda: self._open(conn, session, listener, limits, watch, early))
-
     def new_session(self, listener: Listener, peer: tuple, number: int, proxy: str | None = None) -> Session:
         """A session for a new connection, logged; under the settings of now (a reload's for a
         listener it closed)."""
@@ -333,259 +303,7 @@ class SmtpServer:
 
     def serve(self, sock: socket.socket, peer: tuple, listener: Listener, number: int, watch: Watch) -> None:
         """A session in this thread (a session thread's job), to its end and the connection's."""
-        try:
-            self.handle(sock, peer, listener, number, watch)
-        finally:
-            self.release(number)
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_WR)
-            sock.close()
-
-    def _run(self, conn: _Conn, session: Session, started: float, body: Callable[[], None]) -> None:
-        """Run a session's conversation (body) to its end, whatever ends it."""
-        sock, number = conn.sock, session.client.conn
-        try:
-            body()
-        except OSError as exc:
-            self.log("io_error", ip=session.client.ip, conn=number, error=str(exc)[:80])
-        except Exception:
-            # A bug costs one session, never the server.  For the client it is a transient
-            # failure (451), never a permanent one, and no exception text reaches it; the
-            # traceback goes to the log.
-            self.log.exception("internal_error", ip=session.client.ip, conn=number)
-            with contextlib.suppress(OSError):
-                conn.send([replies.INTERNAL_ERROR])
-        finally:
-            session.disconnected()
-            if conn.sock is not sock:
-                with contextlib.suppress(OSError):
-                    conn.sock.close()
-            self.log(
-                "disconnect", ip=session.client.ip, conn=number, commands=session.commands_seen,
-                errors=session.errors, seconds=round(time.monotonic() - started, 3),
-            )
-
-    def _open(self, conn: _Conn, session: Session, listener: Listener, limits: Limits, watch: Watch,
-              early: bytes) -> None:
-        """From the connection to the conversation: TLS on port 465, greet_pause, the greeting."""
-        if listener.role in TLS_ROLES:  # RFC 8314 §3.3: TLS from the first byte
-            if not self._start_tls(conn, session, session.client.conn, limits.command_timeout):
-                return
-        elif limits.greet_pause and not early and conn.readable(limits.greet_pause):
-            conn.send(session.input_before_reply())
-            return
-        greeting = session.greeting()
-        conn.send(greeting)
-        if isinstance(greeting[-1], Close):  # a plugin's on_connect said 421
-            return
-        watch.asked(False)
-        self._converse(conn, session, limits, watch, early)
-
-    def _proxied(self, conn: _Conn, peer: tuple, number: int, limits: Limits, listener: Listener,
-                 watch: Watch) -> tuple:
-        """Read the PROXY header: ((client ip, port), bytes after it), or (None, b"") when the
-        connection must go (not from a proxy we trust, a bad header, or over a limit)."""
-        ip = peer[0]
-        if not any(ipaddress.ip_address(ip) in net for net in limits.proxies):
-            self.log("reject", ip=ip, conn=number, reason="proxy_not_trusted")
-            return None, b""
-        buffer = b""
-        # The spec (§2) asks a receiver to wait at least 3 s; a proxy that sends nothing
-        # must not hold a session thread for the whole command timeout.
-        conn.set_timeout(socket.SO_RCVTIMEO, min(PROXY_TIMEOUT, limits.command_timeout))
-        try:
-            while (parsed := proxy.parse(buffer)) is None:
-                if len(buffer) >= proxy.MAX_HEADER:
-                    raise proxy.ProxyError("header too long")
-                data = conn.sock.recv(proxy.MAX_HEADER - len(buffer))
-                if not data:
-                    raise proxy.ProxyError("connection closed before the header")
-                buffer += data
-        except (proxy.ProxyError, BlockingIOError, OSError) as exc:
-            self.log("reject", ip=ip, conn=number, reason="proxy_header", error=str(exc)[:80] or "timeout")
-            return None, b""
-        header, used = parsed
-        conn.set_timeout(socket.SO_RCVTIMEO, limits.command_timeout)
-        client = header.source or peer  # LOCAL (a health check) or UNKNOWN: the proxy itself
-        mapped = getattr(ipaddress.ip_address(client[0]), "ipv4_mapped", None)
-        if mapped is not None:  # ::ffff:192.0.2.1 is 192.0.2.1, for trust, limits and logs
-            client = (str(mapped), client[1])
-        trusted = limits.is_trusted(client[0])
-        watch.privileged = trusted
-        reserved = trusted or listener.role in SUBMISSION_ROLES
-        refusal = self.connections.rekey(number, client[0], limits, reserved=reserved)
-        reason = "connection_limit"
-        if refusal is None and not trusted:
-            assert self.limiter is not None  # configure() runs before the listeners start
-            refusal, reason = self.limiter.connect(client[0]), "connection_rate"
-        if refusal is not None:
-            metrics.CONNECTIONS.labels(listener.address, reason).inc()
-            self.log("reject", ip=client[0], conn=number, reason=reason, proxy=ip,
-                     reply=f"{refusal.code} {refusal.enhanced}")
-            with contextlib.suppress(OSError):
-                conn.send([refusal.format(host=self.hostname)])
-            return None, b""
-        return client, buffer[used:]
-
-    def _start_tls(self, conn: _Conn, session: Session, number: int, timeout: float) -> bool:
-        """Handshake on conn (after STARTTLS's 220, or at once on implicit TLS)."""
-        self.tls.check()  # cheap: at most one stat per tls.reload_interval
-        try:
-            conn.sock.settimeout(timeout)  # Python's timeout from here on: see _Conn
-            conn.sock = self.tls.context().wrap_socket(
-                conn.sock, server_side=True, do_handshake_on_connect=False
-            )
-            self.connections.replace(number, conn.sock)
-            conn.sock.do_handshake()
-        except (ssl.SSLError, OSError) as exc:  # TimeoutError: the client said nothing
-            reason = getattr(exc, "reason", None) or str(exc)[:80] or type(exc).__name__
-            self.log("tls_failed", ip=session.client.ip, conn=number, error=reason)
-            metrics.TLS_HANDSHAKES.labels("in", "none", "failed").inc()
-            return False
-        info = TlsInfo.of(conn.sock)
-        metrics.TLS_HANDSHAKES.labels("in", conn.sock.version() or "unknown", "ok").inc()
-        session.tls_started(info)
-        return True
-
-    def _converse(self, conn: _Conn, session: Session, limits: Limits, watch: Watch,
-                  early: bytes = b"") -> None:
-        timeout = limits.command_timeout  # as handle() set it
-        while True:
-            wanted = limits.data_timeout if session.in_data else limits.command_timeout
-            if wanted != timeout:
-                conn.set_timeout(socket.SO_RCVTIMEO, wanted)
-                timeout = wanted
-            if early:  # what came behind a PROXY header, before our greeting
-                data, early = early, b""
-            else:
-                watch.waiting = True
-                try:
-                    data = conn.sock.recv(RECV_SIZE)
-                except (BlockingIOError, TimeoutError):  # SO_RCVTIMEO (TLS: Python's timeout) expired
-                    self._timed_out(conn, session, "silence")
-                    return
-                watch.waiting = False
-            if not data:
-                if watch.expired:  # the sweeper ended the wait: the whole request took too long
-                    self._timed_out(conn, session, "stress" if self.connections.stressed else "deadline")
-                elif self.stopping.is_set():
-                    conn.send(session.shutting_down())
-                return
-            outputs = session.feed(data)
-            pending: list[Output] = []  # replies to send in one write, and a Close after the last
-            while outputs:
-                item = outputs.pop(0)
-                if isinstance(item, Enqueue):
-                    outputs = self._enqueue(session, item) + outputs
-                elif isinstance(item, StartTls):
-                    conn.send(pending)  # the 220, in the clear
-                    pending = []
-                    if not self._start_tls(conn, session, session.client.conn, timeout):
-                        return
-                else:
-                    pending.append(item)
-            if session.awaiting_data and conn.readable(0):
-                # RFC 2920 §3.1: the client sent message text before our 354.
-                pending[-1:] = session.input_before_reply()
-            conn.send(pending)
-            if pending and isinstance(pending[-1], Close):  # nothing ever follows a Close
-                return
-            if pending:  # a request was answered: the client's time for the next one starts
-                watch.asked(session.in_data)
-                if session.user is not None:
-                    watch.privileged = True
-            elif session.in_data:
-                watch.data_bytes += len(data)
-
-    def _timed_out(self, conn: _Conn, session: Session, why: str) -> None:
-        self.log("timeout", ip=session.client.ip, conn=session.client.conn,
-                 phase="data" if session.in_data else "command", limit=why)
-        conn.send(session.timed_out())
-
-    def _enqueue(self, session: Session, item: Enqueue) -> list:
-        listener = session.settings.listener
-        try:
-            self.store.enqueue(item.message)
-        except QueueError as exc:
-            metrics.MESSAGES.labels(listener, "failed").inc()
-            return session.enqueue_failed(exc)
-        metrics.MESSAGES.labels(listener, "accepted").inc()
-        metrics.RECEIVED_BYTES.inc(len(item.message.body))
-        return session.enqueued(item.message)
-
-
-class _Conn:
-    """A blocking client socket whose timeouts the kernel keeps (SO_RCVTIMEO/SO_SNDTIMEO).
-
-    Python's own socket timeouts poll() before every recv and send; kernel timeouts halve
-    the system calls of a conversation, which is most of what a session costs.
-
-    Not over TLS: when the kernel's timeout ends a read on a blocking SSLSocket, OpenSSL
-    says SSL_ERROR_WANT_READ and Python's ssl module simply reads again, so a client that
-    went silent after STARTTLS (or never began the handshake on port 465) held its session
-    thread for good. TLS sockets therefore use Python's timeout (TimeoutError).
-    """
-
-    __slots__ = ("sock",)
-
-    def __init__(self, sock: socket.socket):
-        self.sock = sock
-
-    def set_timeout(self, option: int, seconds: float) -> None:
-        if isinstance(self.sock, ssl.SSLSocket):
-            self.sock.settimeout(seconds)  # one timeout for both directions
-            return
-        set_kernel_timeout(self.sock, option, seconds)
-
-    def send(self, items: list[Output]) -> None:
-        """Send the replies among a session's outputs, in one write.  The other outputs are the
-        caller's to act on (a Close ends the conversation after this send)."""
-        data = b"".join(item.to_bytes() for item in items if isinstance(item, Reply))
-        if data:
-            self.sock.sendall(data)
-
-    def readable(self, timeout: float) -> bool:
-        if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
-            return True  # decrypted bytes already read from the kernel
-        ready, _, _ = select.select([self.sock], [], [], timeout)
-        return bool(ready)
-
-
-class ListenerServer(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 1024  # accept backlog: bursts of clients wait in the kernel
-
-    def __init__(self, owner: SmtpServer, listener: Listener):
-        self.owner = owner
-        self.listener = listener
-        host, port = split_host_port(listener.address)
-        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.allow_reuse_port = owner.reuse_port
-        # process_request below runs each connection itself, so no handler class is used.
-        super().__init__((host, port), socketserver.BaseRequestHandler)
-
-    @property
-    def port(self) -> int:
-        return self.server_address[1]
-
-    def server_bind(self) -> None:
-        if self.address_family == socket.AF_INET6:
-            # Separate IPv4 and IPv6 listeners may share a port.
-            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        super().server_bind()
-
-    def process_request(self, request, client_address) -> None:
-        """A thread per connection (a reused one), after the connection caps are checked."""
-        admitted = self.owner.admit(request, client_address, self.listener)
-        if admitted is None:
-            self.shutdown_request(request)
-            return
-        self.owner.threads.submit(self.owner.serve, request, client_address, self.listener, *admitted)
-
-    def stop(self) -> None:
-        self.shutdown()
-        self.server_close()
+        threaded.serve(self, sock, peer, listener, number, watch)
 
 
 def new_listener(owner: SmtpServer, listener: Listener) -> ListenerServer | LoopListener:
