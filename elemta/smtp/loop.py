@@ -11,7 +11,7 @@ runs.
 
 The loop runs only what cannot block. A session whose plugins have hooks (they ask DNS) and
 one on a submission listener with AUTH (a password check) get a thread of their own from the
-connection on (SmtpServer.handle, the threaded path); listeners that read a PROXY header first
+connection on (smtp/threaded.py, the threaded path); listeners that read a PROXY header first
 are not served by a loop at all (server.new_listener). greet_pause is a timer of the loop's.
 
 Kept as on the threaded path: the caps and connection rate at accept (SmtpServer.admit), the

@@ -57,7 +57,7 @@ class SessionThreads:
     def _run(self, job) -> None:
         while job is not _CLOSE:
             fn, args = job
-            fn(*args)  # the caller's function handles its own errors (SmtpServer.handle does)
+            fn(*args)  # the caller's function handles its own errors (threaded.serve does)
             job = fn = args = None  # drop references to the finished session
             with self._lock:
                 if self._closed or self._idle >= self.max_idle:
