@@ -8,40 +8,18 @@ deliveries are sure to be waiting for the destination's one slot by then.
 from __future__ import annotations
 
 import threading
-import tomllib
 
-from elemta import config as cfgmod
-from elemta import log as logmod
-from elemta.assemble import build_scheduler
-from elemta.local import LocalRecipients
 from elemta.queue.model import NewMessage, NewRecipient
-from elemta.queue.store import Store
-from tests.delivery.test_scheduler_results import GatedHandler
+from tests.delivery.test_scheduler_results import GatedHandler, Setup
 from tests.mx import Mx
 from tests.support import wait_for
-
-CONFIG = """
-[server]
-spool_dir = "{spool}"
-
-[queue]
-min_free_space = 0
-
-[delivery]
-relayhost = "127.0.0.1:{port}"
-relayhost_tls_policy = "none"
-destination_concurrency = 1
-"""
 
 
 def test_the_waiting_deliveries_run_one_after_another_in_the_thread_whose_slot_freed(tmp_path):
     handler = GatedHandler()
     with Mx(handler) as mx:
-        config = cfgmod.parse(tomllib.loads(CONFIG.format(spool=tmp_path / "spool", port=mx.port)))
-        store = Store(config.queue_path)
-        store.open()
-        scheduler = build_scheduler(config, store, logmod.EventLog("info", sink=lambda line: None),
-                                    LocalRecipients.from_config(config))
+        s = Setup(tmp_path / "spool", mx, delivery_extra="destination_concurrency = 1\n")
+        scheduler, store = s.scheduler, s.store
         threads: list[int] = []
         run = scheduler.attempter.run
 
@@ -60,8 +38,9 @@ def test_the_waiting_deliveries_run_one_after_another_in_the_thread_whose_slot_f
 
         scheduler._pool.submit = pool_submit  # type: ignore[method-assign]
         try:
-            sent = [store.enqueue(NewMessage(store.new_id(), "a@example.org", (NewRecipient(f"r{i}@elsewhere.example"),),
-                                             f"Subject: {i}\r\n\r\nbody\r\n".encode())) for i in range(6)]
+            for i in range(6):
+                store.enqueue(NewMessage(store.new_id(), "a@example.org", (NewRecipient(f"r{i}@elsewhere.example"),),
+                                         f"Subject: {i}\r\n\r\nbody\r\n".encode()))
             scheduler.start()
             wait_for(lambda: handler.data_started == 1, 10, what="the MX holding the first message's DATA")
             wait_for(lambda: sum(len(d.waiting) for d in scheduler._dest.values()) == 5, 10,
@@ -70,13 +49,10 @@ def test_the_waiting_deliveries_run_one_after_another_in_the_thread_whose_slot_f
             wait_for(lambda: len(handler.received()) == 6, 20, what="six messages at the MX")
             wait_for(lambda: scheduler._jobs == 0, 10, what="every job finished")
         finally:
-            scheduler.stop(5)
-            scheduler.work.close()
-            store.close()
+            s.close()
     # None was handed to another thread: the one that ran the first ran all six, over the
     # connection the MX saw.
     assert handed_off == []
     assert len(threads) == 6 and len(set(threads)) == 1, threads
     assert mx.handler.connections() == 1
     assert sorted(m.rcpt_tos[0] for m in handler.received()) == sorted(f"r{i}@elsewhere.example" for i in range(6))
-    assert len(sent) == 6

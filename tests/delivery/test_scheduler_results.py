@@ -76,8 +76,8 @@ class Lines:
 
 
 class Setup:
-    def __init__(self, spool: Path, mx: Mx) -> None:
-        text = CONFIG.format(spool=spool, port=mx.port)
+    def __init__(self, spool: Path, mx: Mx, delivery_extra: str = "") -> None:
+        text = CONFIG.format(spool=spool, port=mx.port) + delivery_extra  # [delivery] is last
         self.config = cfgmod.parse(tomllib.loads(text))
         self.store = Store(self.config.queue_path)
         self.store.open()
