@@ -22,7 +22,7 @@ from elemta.errors import QueueError
 from elemta.queue.jobs import Outcome, Recipient, Result
 
 
-class WorkQueue(Protocol):
+class Work(Protocol):
     """What the writer uses of its queue/work.py WorkQueue (named here, not imported, so the
     two modules do not import each other): the owner of the leases, the SQL and the clock."""
 
@@ -66,7 +66,7 @@ _BATCH_MAX = 512
 class ResultWriter:
     """The writer thread of one WorkQueue, its queue of results and the results it keeps."""
 
-    def __init__(self, work: WorkQueue) -> None:
+    def __init__(self, work: Work) -> None:
         self._work = work
         self._pending: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
@@ -76,7 +76,7 @@ class ResultWriter:
         self._held_ids: frozenset[int] = frozenset()  # their recipients, for recover_expired
         self._retry_at = 0.0
         self._retry_wait = RETRY_FIRST
-        self._successor: WorkQueue | None = None
+        self._successor: Work | None = None
         self._submitting = threading.Lock()
         self._closed = False
 
@@ -89,7 +89,7 @@ class ResultWriter:
         self._thread = threading.Thread(target=self._run, name="results-writer", daemon=True)
         self._thread.start()
 
-    def stop(self, successor: WorkQueue | None) -> None:
+    def stop(self, successor: Work | None) -> None:
         """Commit what was submitted; then what is submitted goes to successor (if any)."""
         self._successor = successor
         if self._thread is not None:
