@@ -234,6 +234,12 @@ class Resolver:
                 self._cache.popitem(last=False)  # least recently used
         return status, records, now + ttl
 
+    def cached(self, name: str, rdtype: dns.rdatatype.RdataType) -> bool:
+        """Whether lookup() would answer from the cache now, without asking a nameserver."""
+        with self._lock:
+            entry = self._cache.get((name, rdtype))
+            return entry is not None and entry[0] > self._clock()
+
     def now(self) -> float:
         """The clock lookup_until() answers on."""
         return self._clock()

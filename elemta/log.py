@@ -282,13 +282,14 @@ class EventLog:
                 line = head
         self.sink(line + "\n")
 
-    def exception(self, event: str, qid: str | None = None, **fields) -> None:
-        """An ERROR event for the exception being handled, then its traceback, each line with
-        the event's prefix and queue ID (one grep finds it; syslog gets it line by line)."""
+    def exception(self, event: str, qid: str | None = None, error: BaseException | None = None, **fields) -> None:
+        """An ERROR event for the exception being handled (or error), then its traceback, each
+        line with the event's prefix and queue ID (one grep finds it; syslog gets it line by line)."""
+        text = "".join(traceback.format_exception(error)) if error is not None else traceback.format_exc()
         if self.json_format:
-            self(event, qid=qid, level=ERROR, traceback=traceback.format_exc(), **fields)
+            self(event, qid=qid, level=ERROR, traceback=text, **fields)
             return
         self(event, qid=qid, level=ERROR, **fields)
         if self.level <= ERROR:
             first = self.target.prefix(ERROR, time.time(), self._pid) + (qid or "NOQUEUE") + " | "
-            self.sink("".join(first + line + "\n" for line in traceback.format_exc().rstrip("\n").split("\n")))
+            self.sink("".join(first + line + "\n" for line in text.rstrip("\n").split("\n")))

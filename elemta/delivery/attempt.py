@@ -10,6 +10,10 @@ dane-only and mta-sts, the DANE records and the MTA-STS policy of the recipient 
 here.  A host ruled out is recorded as skipped, with the reason, and never connected to.
 
 The attempt's TLS field says what applied: "(DANE 3 1 1)" or "(MTA-STS enforce)".
+
+An attempt is steps (delivery/steps.py): its transactions' reads and writes are yielded, and
+SLOW before whatever may block (a DNS answer not in the cache, a new connection, the MTA-STS
+policy, a Maildir), so the delivery loop runs the rest and a pool thread only those parts.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from elemta.delivery.smtp_client import (
     SmtpConnection,
 )
 from elemta.delivery.smtp_pool import Pool
+from elemta.delivery.steps import SLOW, Steps, run
 from elemta.delivery.tls_decision import PUBLISHED, REQUIRETLS_STATUS, HostTls, Plan, make_plan
 from elemta.delivery.tlsrpt import PolicyKey
 from elemta.delivery.tlsrpt_store import Reports
@@ -93,13 +98,19 @@ class Attempter:
             self.tls_reports.close()
 
     def run(self, job: Job, body: bytes, recipients: Sequence[Recipient], route: Route) -> AttemptResult:
+        """The attempt on this thread."""
+        return run(self.steps(job, body, recipients, route))
+
+    def steps(self, job: Job, body: bytes, recipients: Sequence[Recipient], route: Route) -> Steps[AttemptResult]:
+        """The attempt as steps, for a driver that waits elsewhere (delivery/loop.py)."""
         if route.kind == "maildir":
+            yield SLOW  # file system writes and an fsync
             return self._maildir(job, body, recipients, route)
-        return self._smtp(job, body, recipients, route)
+        return (yield from self._smtp(job, body, recipients, route))
 
     # -- SMTP / LMTP -----------------------------------------------------------
 
-    def _smtp(self, job: Job, body: bytes, recipients: Sequence[Recipient], route: Route) -> AttemptResult:
+    def _smtp(self, job: Job, body: bytes, recipients: Sequence[Recipient], route: Route) -> Steps[AttemptResult]:
         out = AttemptResult()
         remaining = list(recipients)
         last: dict[int, Verdict] = {}
@@ -109,10 +120,16 @@ class Attempter:
         if not job.requiretls and route.tls_policy in PUBLISHED and tls_required_no(body):
             policy_route = dataclasses.replace(route, tls_policy="may")  # RFC 8689 §4.2.2
         domain = recipients[0].domain
+        if self._plan_asks(policy_route):
+            yield SLOW  # DNS, and MTA-STS's policy fetch
         plan = self.plan(policy_route, domain)
         # RFC 8460: sessions with MX hosts count for the domain's TLS report, not a report's own.
         reports = self.tls_reports if route.mx and not tlsrpt.is_report(body) else None
-        for host, ip, tls in self._addresses(route, remaining, out, last, plan, requiretls, reports):
+        for item in self._addresses(route, remaining, out, last, plan, requiretls, reports):
+            if item is SLOW:
+                yield SLOW
+                continue
+            host, ip, tls = item
             started = time.monotonic()
             message = OutMessage(
                 sender=job.sender,
@@ -123,17 +140,20 @@ class Attempter:
             key = (route.kind, route.path, host, ip, route.port, tls.pool_policy, route.auth)
             tls_text = ""
             try:
-                conn = self.pool.get(key) or self._session(route, host, ip, tls, plan, reports)
+                conn = self.pool.get(key)
+                if conn is None:
+                    yield SLOW  # connect, EHLO, STARTTLS, AUTH
+                    conn = self._session(route, host, ip, tls, plan, reports)
                 tls_text = (str(conn.tls) + tls.label) if conn.tls else ""
                 if requiretls and "REQUIRETLS" not in conn.extensions:
                     # RFC 8689 §4.2.1: the next hop must carry the requirement on; try the next.
-                    self.pool.put(key, conn)
+                    yield from self._pool_put(key, conn)
                     reply = f"REQUIRETLS: {host} does not offer REQUIRETLS"
                     for r in remaining:
                         last[r.id] = Verdict(r, "permanent", reply, REQUIRETLS_STATUS, host)
                         out.attempts.append(self._attempt(r, "permanent", reply, host, ip, route, tls_text, started))
                     continue
-                results = conn.send(message)
+                results = yield from conn.send_steps(message)
             except SmtpClientError as exc:
                 status = "permanent" if exc.permanent and not exc.try_next_host else "transient"
                 reply = str(exc.reply) if exc.reply else str(exc)
@@ -143,7 +163,7 @@ class Attempter:
                 if not exc.try_next_host:
                     break
                 continue
-            self.pool.put(key, conn)
+            yield from self._pool_put(key, conn)
             still = []
             for r, res in zip(remaining, results, strict=True):
                 status = "ok" if res.is_positive else "permanent" if res.is_permanent else "transient"
@@ -162,6 +182,16 @@ class Attempter:
             out.verdicts.append(last.get(r.id) or Verdict(
                 r, "transient", "no next hop could be reached", "4.4.1"))
         return out
+
+    def _pool_put(self, key: tuple, conn: SmtpConnection) -> Steps[None]:
+        if not self.pool.keep(key, conn):
+            yield SLOW  # QUIT waits for the server
+            self.pool.discard(conn)
+
+    def _plan_asks(self, route: Route) -> bool:
+        """Whether plan() may ask DNS or fetch an MTA-STS policy (make_plan's cases)."""
+        return (route.tls_policy in PUBLISHED and not route.path and route.mx
+                and (self.dane is not None or self.sts is not None))
 
     def _session(self, route: Route, host: str, ip: str, tls: HostTls, plan: Plan,
                  reports: Reports | None) -> SmtpConnection:
@@ -208,7 +238,8 @@ class Attempter:
     def _addresses(self, route: Route, remaining: list[Recipient], out: AttemptResult, last: dict[int, Verdict],
                    plan: Plan, requiretls: bool = False, reports: Reports | None = None):
         """(host, ip, its TLS decision) to try, resolving each host only when it is reached; a
-        host the decision rules out is recorded as skipped (for REQUIRETLS, as failed)."""
+        host the decision rules out is recorded as skipped (for REQUIRETLS, as failed).  SLOW
+        comes before a DNS question whose answer is not in the cache."""
         if route.path:  # LMTP over a unix socket
             yield "localhost", "", plan.host("localhost")
             return
@@ -216,6 +247,7 @@ class Attempter:
         for host in route.hosts:
             checked = None
             if plan.asks_dane and self.dane is not None and not is_ip(host):
+                yield SLOW
                 checked = dane_dns.host_check(self.dane, host, route.port if not route.mx else 25)
             tls = plan.host(host, checked)
             if requiretls:
@@ -231,6 +263,8 @@ class Attempter:
             if is_ip(host):
                 addresses = [host]
             else:
+                if not self.resolver.addresses_cached(host):
+                    yield SLOW
                 try:
                     addresses = self.resolver.addresses(host)
                 except DnsError as exc:

@@ -91,6 +91,23 @@ class Resolver(dnscache.Resolver):
             raise error
         raise DnsError(f"host {name} has no A or AAAA record", "4.4.4")
 
+    def mx_hosts_cached(self, domain: str) -> bool:
+        """Whether mx_hosts(domain) would answer from the cache (a domain without MX records
+        needs its addresses too)."""
+        try:
+            name = a_label(domain)
+        except DnsError:
+            return True  # mx_hosts() fails at once
+        if not self.cached(name, dns.rdatatype.MX):
+            return False
+        status, _records = self.lookup(name, dns.rdatatype.MX)
+        return status != NODATA or self.addresses_cached(name)
+
+    def addresses_cached(self, host: str) -> bool:
+        """Whether addresses(host) would answer from the cache, without waiting for DNS."""
+        name = a_label(host)
+        return self.cached(name, dns.rdatatype.A) and self.cached(name, dns.rdatatype.AAAA)
+
     def destination(self, domain: str) -> tuple[str, ...]:
         """Key for per-destination limits: domains with the same MX hosts share one."""
         return tuple(sorted(set(self.mx_hosts(domain))))

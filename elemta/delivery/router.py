@@ -100,6 +100,15 @@ class Router:
         return Route("smtp", tuple(hosts), self.config.delivery.mx_port, tls_policy=self._policy(domain), mx=True,
                      via="mx")
 
+    def answers_now(self, address: str) -> bool:
+        """Whether route(address) needs no DNS answer that is not in the cache: everything but
+        an MX lookup is the configuration's, and one is cached for the records' TTL."""
+        domain = address.rpartition("@")[2].lower().rstrip(".")
+        if (self.recipients.is_local(address) or self._relay is not None or self._transport_for(domain) is not None
+                or _address_literal(domain)):
+            return True
+        return self.resolver.mx_hosts_cached(domain)
+
     def _transport_for(self, domain: str) -> tmod.Transport | None:
         if domain in self._map:
             return self._map[domain]

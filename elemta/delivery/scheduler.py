@@ -1,4 +1,5 @@
-"""The delivery scheduler: claims due recipients and runs their deliveries on a thread pool.
+"""The delivery scheduler: claims due recipients and runs their deliveries on a thread pool
+and the delivery loop.
 
 One scheduler thread claims work (a lease, see queue/work.py), the most urgent and oldest
 first, and never more than the pool can start soon, so mail stays in the queue where
@@ -10,7 +11,10 @@ Each claimed message is routed (DNS lookups run on the pool, never in the schedu
 its recipients are grouped by route, and each group is one delivery to one destination. A
 destination (a set of MX hosts, a relayhost, an LMTP server) has a concurrency limit and an
 optional start rate; a delivery over the limit waits in memory for a slot, holding its lease.
-No network I/O happens inside a database transaction.
+A delivery is steps (delivery/steps.py): it runs on a pool thread until it waits for a server,
+then on the delivery loop (delivery/loop.py), which records it and starts the destination's
+next one; what may block goes back to the pool. No network I/O happens inside a database
+transaction.
 
 Results are written by the queue's writer thread (WorkQueue.submit), which keeps one it cannot
 write (a full disk) in memory and writes it again until it is, its recipients leased meanwhile;
@@ -36,8 +40,10 @@ from elemta.config import Config
 from elemta.delivery import hooks
 from elemta.delivery.attempt import Attempter, AttemptResult, Verdict
 from elemta.delivery.dns import DnsError
+from elemta.delivery.loop import DeliveryLoop, Task
 from elemta.delivery.outcomes import Reporting, decide
 from elemta.delivery.router import Route, Router
+from elemta.delivery.steps import SLOW, Steps
 from elemta.queue.jobs import Attempt, Job, Outcome, Recipient, Result
 from elemta.queue.results import ERROR_RETRY
 from elemta.queue.schedule import RetrySchedule
@@ -90,11 +96,13 @@ class Scheduler:
         self.schedule = RetrySchedule.from_config(d)
         self.concurrency = d.concurrency
         self._pool = ThreadPoolExecutor(max_workers=d.concurrency, thread_name_prefix="delivery")
+        self.loop = DeliveryLoop(self._offload, lambda exc: self.log.exception("delivery_error", error=exc))
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._wake = threading.Event()
         self._stopping = False
         self._jobs = 0  # claimed messages not yet finished
+        self._running = 0  # deliveries started and not finished: at most delivery.concurrency
         # The last look claimed less than it could have (no room, results unwritten): a finished
         # job wakes the scheduler then, and only then (each wake is a thread switch and a query).
         self._starved = False
@@ -105,6 +113,7 @@ class Scheduler:
     # -- lifecycle ---------------------------------------------------------------
 
     def start(self) -> None:
+        self.loop.start()
         self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
         self._thread.start()
 
@@ -133,6 +142,7 @@ class Scheduler:
             while self._jobs > 0 and time.monotonic() < deadline:
                 self._idle.wait(deadline - time.monotonic())
             done = self._jobs == 0
+        self.loop.stop()
         self._pool.shutdown(wait=done)
         self.attempter.pool.close_all()
         if done:  # else a delivery still running may use it; the process exit closes it
@@ -177,7 +187,10 @@ class Scheduler:
         with self._lock:
             self._jobs += len(jobs)
         for job in jobs:
-            self._pool.submit(self._guard, self._route_job, job)
+            if all(self.router.answers_now(r.address) for r in job.recipients):
+                self._guard(self._route_job, job, False)  # no DNS to wait for: routed here
+            else:
+                self._pool.submit(self._guard, self._route_job, job)
         if len(jobs) >= room:
             self._wake.set()  # there may be more: look again after this batch starts
 
@@ -220,8 +233,9 @@ class Scheduler:
         except Exception:  # logged; the recipients were given back (_after_error)
             self.log.exception("delivery_error", task=getattr(fn, "__name__", "?"))
 
-    def _route_job(self, job: Job) -> None:
-        """Route each recipient; settle those that need no connection; dispatch the rest."""
+    def _route_job(self, job: Job, on_pool: bool = True) -> None:
+        """Route each recipient; settle those that need no connection; dispatch the rest (on a
+        pool thread, the first of them runs on here)."""
         try:
             groups = self._route(job)
         except Exception:
@@ -237,7 +251,7 @@ class Scheduler:
             self._parts[id(job)] = len(groups)
         inline = None
         for dl in groups:
-            if self._dispatch(dl, inline_ok=inline is None):
+            if self._dispatch(dl, inline_ok=on_pool and inline is None):
                 inline = dl
         if inline is not None:
             # This thread is free now: deliver here rather than hand the work to another thread.
@@ -358,15 +372,17 @@ class Scheduler:
             return False
         if inline_ok:
             return True
-        self._pool.submit(self._guard, self._deliver, dl)
+        self.loop.call(self._task(dl))
         return False
 
     def _may_start(self, dest: Destination) -> bool:
-        """Under the lock: take a slot if the limit and the rate allow it."""
+        """Under the lock: take a slot if the limits and the rate allow it."""
         now = self.clock()
-        if dest.active >= dest.limit or (dest.interval and now < dest.next_start):
+        if (dest.active >= dest.limit or self._running >= self.concurrency
+                or (dest.interval and now < dest.next_start)):
             return False
         dest.active += 1
+        self._running += 1
         if dest.interval:
             dest.next_start = max(now, dest.next_start) + dest.interval
         return True
@@ -385,39 +401,54 @@ class Scheduler:
             mine = next((dl for dl in ready if dl.route.destination == here), None)
         for dl in ready:
             if dl is not mine:
-                self._pool.submit(self._guard, self._deliver, dl)
+                self.loop.call(self._task(dl))
         return mine
 
-    def _deliver(self, dl: Delivery | None) -> None:
-        """Run dl, then the deliveries its slot lets start, in this thread (_start_waiting):
-        draining a backlog to one destination costs no hand-off to another thread, and the
-        connection this one just pooled is the one the next takes."""
-        while dl is not None:
-            key = dl.route.destination
-            try:
-                self._attempt(dl)
-            except Exception:  # logged; the recipients were given back (_after_error)
-                self.log.exception("delivery_error", task="_deliver")
-            finally:
-                with self._lock:
-                    dest = self._dest.get(key)
-                    if dest is not None:
-                        dest.active -= 1
-                self._part_done(dl.job)
-            # Not in the finally: were this thread ending in a BaseException, a delivery taken
-            # here would be lost with its slot; the scheduler thread starts it instead.
-            dl = self._start_waiting(here=key)
-
-    def _attempt(self, dl: Delivery) -> None:
-        if self._stopping:
-            self._give_back(dl)
-            return
+    def _offload(self, fn: Callable[[], None]) -> None:
+        """The loop's SLOW: fn on the pool."""
         try:
-            instead = hooks.pre_delivery(self.plugins, dl, self.clock())
+            self._pool.submit(self._guard, fn)
+        except RuntimeError:  # the pool is shut down (a stop past its grace): the lease brings it back
+            pass
+
+    def _deliver(self, dl: Delivery) -> None:
+        """Run dl here until it waits for a server; the loop has it then."""
+        self.loop.run(self._task(dl))
+
+    def _task(self, dl: Delivery) -> Task:
+        """dl as the loop's task.  When it ends, its slot is free, and the next delivery waiting
+        for the same destination runs on the thread that ended it (_start_waiting): draining a
+        backlog to one destination costs no hand-off to another thread, and the connection
+        this one just pooled is the one the next takes."""
+        key = dl.route.destination
+
+        def done(_value: object, error: BaseException | None) -> Task | None:
+            if error is not None:  # logged; the recipients were given back (_after_error)
+                self.log.exception("delivery_error", qid=dl.job.queue_id, error=error, task="_deliver")
+            with self._lock:
+                self._running -= 1
+                dest = self._dest.get(key)
+                if dest is not None:
+                    dest.active -= 1
+            self._part_done(dl.job)
+            following = self._start_waiting(here=key)
+            return self._task(following) if following is not None else None
+
+        return Task(self._attempt(dl), done)
+
+    def _attempt(self, dl: Delivery) -> Steps[None]:
+        plugins = self.plugins
+        if self._stopping:  # untried: due again at once (its task's end counts it done)
+            self.work.give_back(dl.job.queue_id, _everyone(dl))
+            return
+        if plugins is not None and plugins.wants("on_pre_delivery"):
+            yield SLOW  # a plugin may ask the network
+        try:
+            instead = hooks.pre_delivery(plugins, dl, self.clock())
             if instead is None:
-                outcome = self.attempter.run(dl.job, dl.body, dl.recipients, dl.route)
+                outcome = yield from self.attempter.steps(dl.job, dl.body, dl.recipients, dl.route)
         except Exception:  # no verdict: due again soon (ERROR_RETRY)
-            self._after_error(dl.job, [*dl.recipients, *(d for dups in dl.duplicates.values() for d in dups)])
+            self._after_error(dl.job, _everyone(dl))
             raise
         if instead is not None:
             outcome, extra, action = instead
@@ -429,7 +460,9 @@ class Scheduler:
         merged, _ = _merged(dl, outcome, [], self.clock())
         self._record(dl.job, dl.body, merged, final_hop=dl.route.kind == "lmtp" or dl.route.kind == "maildir",
                      route=dl.route)
-        hooks.notices(self.plugins, dl, outcome)
+        if plugins is not None and (plugins.wants("on_delivery_success") or plugins.wants("on_delivery_failure")):
+            yield SLOW
+            hooks.notices(plugins, dl, outcome)
 
     def _record(self, job: Job, body: bytes, outcome: AttemptResult, *, final_hop: bool = False,
                 extra: list[Outcome] | None = None, route: Route | None = None) -> None:
@@ -457,7 +490,7 @@ class Scheduler:
                 self.log("held", qid=job.queue_id, rcpt=f"<{addresses.get(o.recipient_id, '?')}>", reply=o.error)
 
     def _give_back(self, dl: Delivery) -> None:
-        self.work.give_back(dl.job.queue_id, [*dl.recipients, *(d for dups in dl.duplicates.values() for d in dups)])
+        self.work.give_back(dl.job.queue_id, _everyone(dl))
         self._part_done(dl.job)
 
     def _after_error(self, job: Job, recipients, delivered: Sequence[Verdict] = ()) -> None:
@@ -492,6 +525,11 @@ class Scheduler:
             starved, self._starved = self._starved, False
         if starved:
             self._wake.set()
+
+
+def _everyone(dl: Delivery) -> list[Recipient]:
+    """The delivery's recipients and their duplicates."""
+    return [*dl.recipients, *(d for dups in dl.duplicates.values() for d in dups)]
 
 
 def _merged(dl: Delivery, outcome: AttemptResult, extra: list[Outcome],

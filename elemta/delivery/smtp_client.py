@@ -2,7 +2,10 @@
 
 One send() is one transaction: one message to several recipients at one next hop.  The
 stored body is bytes with CRLF line endings, never dot-stuffed; stuffing happens here.
-Blocking I/O: the scheduler gives each connection to one worker thread at a time.
+A connection is used by one delivery at a time.  Setting it up (connect, EHLO, STARTTLS, AUTH)
+and closing it are blocking calls, made on a pool thread; a transaction is send_steps(), a
+generator of its reads and writes (delivery/steps.py), which delivery/loop.py drives without
+blocking and send() drives with blocking calls.
 
 Failures of one recipient come back as RecipientResult; failures of the whole transaction
 or connection raise SmtpClientError, whose try_next_host tells the caller to go on with
@@ -37,6 +40,7 @@ from elemta.delivery.smtp_reply import (
     parse_line,
 )
 from elemta.delivery.smtp_transaction import Failure, OutboundTransaction, OutMessage, OutRecipient
+from elemta.delivery.steps import SLOW, Read, Steps, Write, run
 from elemta.sockopts import set_kernel_timeout
 
 __all__ = ["TLS_POLICIES", "SmtpConnection", "OutMessage", "OutRecipient", "RecipientResult", "Reply",
@@ -46,6 +50,7 @@ QUIT_TIMEOUT = 5.0
 # RFC 5321 §4.5.3.2.5 times each block of data, not the whole message: a large message
 # on a slow link is sent in blocks, each with the command timeout.
 SEND_BLOCK = 65536
+RECV_SIZE = 65536
 
 
 @functools.lru_cache(maxsize=16)
@@ -104,6 +109,7 @@ class SmtpConnection:
         self.opened_at = time.monotonic()
         self._sock: socket.socket | None = None
         self._buf = bytearray()
+        self._lines: list[tuple[int, bool, str]] = []  # the reply being read, its lines so far
         self._broken = False
         self._kernel = False  # timeouts kept by the kernel (see _kernel_timeouts)
         self._rcv_timeout = self._snd_timeout = 0.0  # what SO_RCVTIMEO/SO_SNDTIMEO are set to
@@ -215,7 +221,11 @@ class SmtpConnection:
     # -- transactions -------------------------------------------------------------------
 
     def send(self, message: OutMessage) -> list[RecipientResult]:
-        """One transaction; results in the order of message.recipients.
+        """One transaction, on this thread; see send_steps()."""
+        return run(self.send_steps(message))
+
+    def send_steps(self, message: OutMessage) -> Steps[list[RecipientResult]]:
+        """One transaction as steps (delivery/steps.py); results in the order of message.recipients.
 
         Refusals known before MAIL (SIZE, SMTPUTF8, BINARYMIME, unsafe address) are
         returned as permanent results for every recipient; nothing is sent.  What to send
@@ -231,45 +241,53 @@ class SmtpConnection:
         self.messages_sent += 1
         commands = transaction.commands()
         if transaction.pipelining:
-            mail, rcpts, data = self._pipelined(commands)
+            mail, rcpts, data = yield from self._pipelined(commands)
         else:
-            mail, rcpts, data = self._lockstep(commands)
+            mail, rcpts, data = yield from self._lockstep(commands)
         after = transaction.after_data(mail, rcpts, data)
-        if after.abandon:
-            self._abandon(data)
-        self._check(after.failure)
+        if after.abandon or after.failure is not None:
+            yield SLOW  # RSET and QUIT wait for the server: a blocking call from here
+            if after.abandon:
+                self._abandon(data)
+            self._check(after.failure)
         finals = after.finals
         if after.send_body:
-            finals = self._send_body(message.body, sum(1 for r in rcpts if r.is_positive))
+            finals = yield from self._send_body(message.body, sum(1 for r in rcpts if r.is_positive))
         return transaction.results(mail, rcpts, finals)
 
-    def _pipelined(self, commands: list[str]) -> tuple[Reply, list[Reply], Reply | None]:
+    def _pipelined(self, commands: list[str]) -> Steps[tuple[Reply, list[Reply], Reply | None]]:
         # RFC 2920 §3.1: MAIL, every RCPT and DATA in one write; DATA ends the group.
         # Replies come in order, each checked.
-        self._write("".join(f"{c}\r\n" for c in [*commands, "DATA"]).encode(), "mail")
-        mail = self._read_reply("mail")
-        rcpts = [self._read_reply("rcpt") for _ in commands[1:]]
-        return mail, rcpts, self._read_reply("data")
+        yield Write(self, "".join(f"{c}\r\n" for c in [*commands, "DATA"]).encode(), "mail")
+        mail = (yield Read(self, "mail"))[0]
+        rcpts = []
+        for _ in commands[1:]:
+            rcpts.append((yield Read(self, "rcpt"))[0])
+        return mail, rcpts, (yield Read(self, "data"))[0]
 
-    def _lockstep(self, commands: list[str]) -> tuple[Reply, list[Reply], Reply | None]:
-        mail = self._command(commands[0], "mail")
+    def _lockstep(self, commands: list[str]) -> Steps[tuple[Reply, list[Reply], Reply | None]]:
+        mail = yield from self._step(commands[0], "mail")
         if not mail.is_positive:
             return mail, [], None
-        rcpts = [self._command(command, "rcpt") for command in commands[1:]]
-        data = self._command("DATA", "data") if any(r.is_positive for r in rcpts) else None
+        rcpts = []
+        for command in commands[1:]:
+            rcpts.append((yield from self._step(command, "rcpt")))
+        data = (yield from self._step("DATA", "data")) if any(r.is_positive for r in rcpts) else None
         return mail, rcpts, data
 
-    def _send_body(self, body: bytes, accepted: int) -> list[Reply]:
-        text = memoryview(dot_stuff(body))
-        for start in range(0, len(text), SEND_BLOCK):
-            self._write(text[start:start + SEND_BLOCK], "data")
+    def _step(self, line: str, stage: str) -> Steps[Reply]:
+        yield Write(self, f"{line}\r\n".encode(), stage)
+        return (yield Read(self, stage))[0]
+
+    def _send_body(self, body: bytes, accepted: int) -> Steps[list[Reply]]:
+        yield Write(self, memoryview(dot_stuff(body)), "data")
         if not self.lmtp:
-            return [self._read_reply("data")] * accepted  # one reply for all
+            return [(yield Read(self, "data"))[0]] * accepted  # one reply for all
         # RFC 2033 §4.2: LMTP answers once per accepted recipient, in RCPT order.
         replies: list[Reply] = []
         try:
             while len(replies) < accepted:
-                replies.append(self._read_reply("data"))
+                replies.append((yield Read(self, "data"))[0])
         except SmtpClientError as exc:
             if not replies:
                 raise
@@ -301,7 +319,7 @@ class SmtpConnection:
         """Open and in step.  With probe, a poll() too: anything readable while idle (the
         server's idle-timeout 421, or its close) means the server is gone (RFC 5321
         §4.5.3.2.7); a system call, so asked where it matters: when the pool hands it out."""
-        if self._sock is None or self._broken or self._buf:
+        if self._sock is None or self._broken or self._buf or self._lines:
             return False
         if not probe:
             return True
@@ -340,6 +358,11 @@ class SmtpConnection:
         assert self._sock is not None  # only while the connection is open
         return set_kernel_timeout(self._sock, option, seconds)
 
+    def write_now(self, data: bytes | memoryview, stage: str) -> None:
+        """Write data on this thread, in blocks each with the command timeout."""
+        for start in range(0, len(data), SEND_BLOCK):
+            self._write(data[start:start + SEND_BLOCK], stage)
+
     def _write(self, data: bytes | memoryview, stage: str) -> None:
         if self._sock is None:
             raise self._fail(stage, "connection closed", try_next_host=True, enhanced="4.4.2")
@@ -354,57 +377,131 @@ class SmtpConnection:
         except OSError as exc:
             raise self._lost(stage, exc) from exc
 
+    def read_now(self, stage: str) -> tuple[Reply, list[tuple[int, bool, str]]]:
+        return self._read(stage)
+
     def _read_reply(self, stage: str) -> Reply:
         return self._read(stage)[0]
 
     def _read(self, stage: str) -> tuple[Reply, list[tuple[int, bool, str]]]:
-        """One reply (RFC 5321 §4.2.1); a 421 closes the connection and raises."""
+        """One reply (RFC 5321 §4.2.1), waiting on this thread; a 421 closes the connection and raises."""
         # One deadline for the whole reply, not per recv(): a server dripping one byte
         # at a time cannot hold us forever.
-        deadline = time.monotonic() + self.command_timeout
-        lines: list[tuple[int, bool, str]] = []
+        got = self._reply(stage, time.monotonic() + self.command_timeout)
+        assert not isinstance(got, int)  # with a deadline it waits
+        return got
+
+    def _reply(self, stage: str, deadline: float | None) -> tuple[Reply, list[tuple[int, bool, str]]] | int:
+        """The next reply, waiting until deadline for it; without one, the epoll events to wait
+        for when it is not all here yet."""
         try:
-            while not lines or not lines[-1][1]:
-                if len(lines) >= MAX_REPLY_LINES:
-                    raise ProtocolError("reply with too many lines")
-                lines.append(parse_line(self._readline(deadline)))
-            reply = build_reply(lines)
+            while (got := self._take_reply()) is None:
+                if deadline is not None:
+                    self._fill(deadline)
+                elif wait := self._recv_nowait():
+                    return wait
         except ProtocolError as exc:
             raise self._fail(stage, f"protocol error: {exc}", try_next_host=True,
                              enhanced="4.5.0") from None
         except OSError as exc:
             raise self._lost(stage, exc) from exc
-        if reply.code == 421:
+        if got[0].code == 421:
             # RFC 5321 §3.8: the server is closing the channel.
-            raise self._fail(stage, "service not available", reply, try_next_host=True)
-        return reply, lines
+            raise self._fail(stage, "service not available", got[0], try_next_host=True)
+        return got
 
-    def _readline(self, deadline: float) -> bytes:
-        while True:
+    def _take_reply(self) -> tuple[Reply, list[tuple[int, bool, str]]] | None:
+        """The next whole reply in the buffer, taken out of it; None while its last line has
+        not arrived (the lines before it are kept)."""
+        lines = self._lines
+        while not lines or not lines[-1][1]:
             end = self._buf.find(b"\n")
-            if end >= 0:
-                line = bytes(self._buf[:end]).removesuffix(b"\r")
-                del self._buf[:end + 1]
-                return line
-            if len(self._buf) > MAX_REPLY_LINE:
-                raise ProtocolError("reply line too long")
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or self._sock is None:
-                raise TimeoutError("timed out")
-            # The deadline holds for the whole reply; the kernel's timer is set again only
-            # when it is off by more than a second (a reply in pieces, or QUIT's shorter
-            # wait), so a reply may take at most a second longer than command_timeout.
-            if not self._kernel:
-                self._sock.settimeout(remaining)
-            elif abs(remaining - self._rcv_timeout) > 1.0:
-                self._rcv_timeout = self._set_timeout(socket.SO_RCVTIMEO, remaining)
-            try:
-                chunk = self._sock.recv(4096)
-            except BlockingIOError:  # SO_RCVTIMEO expired
-                raise TimeoutError("timed out") from None
-            if not chunk:
-                raise ConnectionResetError("connection closed by the server")
-            self._buf += chunk
+            if end < 0:
+                if len(self._buf) > MAX_REPLY_LINE:
+                    raise ProtocolError("reply line too long")
+                return None
+            if len(lines) >= MAX_REPLY_LINES:
+                raise ProtocolError("reply with too many lines")
+            lines.append(parse_line(bytes(self._buf[:end]).removesuffix(b"\r")))
+            del self._buf[:end + 1]
+        self._lines = []
+        return build_reply(lines), lines
+
+    def _fill(self, deadline: float) -> None:
+        """Wait for more of the reply, until deadline."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or self._sock is None:
+            raise TimeoutError("timed out")
+        # The deadline holds for the whole reply; the kernel's timer is set again only
+        # when it is off by more than a second (a reply in pieces, or QUIT's shorter
+        # wait), so a reply may take at most a second longer than command_timeout.
+        if not self._kernel:
+            self._sock.settimeout(remaining)
+        elif abs(remaining - self._rcv_timeout) > 1.0:
+            self._rcv_timeout = self._set_timeout(socket.SO_RCVTIMEO, remaining)
+        try:
+            chunk = self._sock.recv(4096)
+        except BlockingIOError:  # SO_RCVTIMEO expired
+            raise TimeoutError("timed out") from None
+        if not chunk:
+            raise ConnectionResetError("connection closed by the server")
+        self._buf += chunk
+
+    # -- I/O without waiting, for delivery/loop.py ------------------------------------------
+
+    @property
+    def sock(self) -> socket.socket | None:
+        return self._sock
+
+    def reply_nowait(self, stage: str) -> tuple[Reply, list[tuple[int, bool, str]]] | int:
+        """The next reply if it is all here (reading what has arrived), else the epoll events
+        to wait for; raises as _read() does."""
+        return self._reply(stage, None)
+
+    def _recv_nowait(self) -> int:
+        sock = self._sock
+        if sock is None:
+            raise ConnectionResetError("connection closed")
+        try:
+            if self._kernel:  # a plain socket in blocking mode: this call alone does not wait
+                chunk = sock.recv(RECV_SIZE, socket.MSG_DONTWAIT)
+            else:  # TLS: ssl takes no flags; the socket itself must not wait
+                sock.settimeout(0.0)
+                chunk = sock.recv(RECV_SIZE)
+        except (BlockingIOError, ssl.SSLWantReadError):
+            return select.EPOLLIN
+        except ssl.SSLWantWriteError:  # a TLS record the peer must first get (a key update)
+            return select.EPOLLOUT
+        if not chunk:
+            raise ConnectionResetError("connection closed by the server")
+        self._buf += chunk
+        return 0
+
+    def send_nowait(self, data: memoryview, stage: str) -> tuple[int, int]:
+        """(octets written, epoll events to wait for: 0 when all of data went); at most
+        SEND_BLOCK at a time, so a TLS write that must be retried is retried with the same
+        octets.  Raises as _write() does."""
+        sock = self._sock
+        if sock is None:
+            raise self._fail(stage, "connection closed", try_next_host=True, enhanced="4.4.2")
+        block = data[:SEND_BLOCK]
+        try:
+            if self._kernel:
+                sent = sock.send(block, socket.MSG_DONTWAIT)
+            else:
+                sock.settimeout(0.0)
+                sent = sock.send(block)
+        except (BlockingIOError, ssl.SSLWantWriteError):
+            return 0, select.EPOLLOUT
+        except ssl.SSLWantReadError:
+            return 0, select.EPOLLIN
+        except OSError as exc:
+            raise self._lost(stage, exc) from exc
+        return sent, 0 if sent == len(data) else select.EPOLLOUT if sent < len(block) else 0
+
+    def lost(self, stage: str, exc: OSError) -> SmtpClientError:
+        """The error of a wait given up (the loop's timeout); the connection is closed."""
+        return self._lost(stage, exc)
 
     def _lost(self, stage: str, exc: OSError) -> SmtpClientError:
         reason = "timed out" if isinstance(exc, TimeoutError) else f"lost connection: {_why(exc)}"
@@ -425,6 +522,7 @@ class SmtpConnection:
     def _abort(self) -> None:
         self._broken = True
         self._buf.clear()
+        self._lines = []
         sock, self._sock = self._sock, None
         if sock is not None:
             with contextlib.suppress(OSError):

@@ -58,14 +58,23 @@ class Pool(Generic[C]):
     def put(self, key: Hashable, conn: C) -> None:
         """Give a connection back after send(); closed instead when it has sent
         max_messages, is not usable or the pool holds max_idle already."""
+        if not self.keep(key, conn):
+            self.discard(conn)
+
+    def keep(self, key: Hashable, conn: C) -> bool:
+        """put() without the close: False when the connection is not kept (the caller then
+        discards it, where QUIT may wait for the server)."""
         with self._lock:
             keep = (conn.usable(probe=False) and conn.messages_sent < self.max_messages
                     and sum(map(len, self._idle.values())) < self.max_idle)
             if keep:
                 self._idle.setdefault(key, []).append((self._clock(), conn))
                 self._counts["kept"] += 1
-        if not keep:
-            self._close([conn])
+        return keep
+
+    def discard(self, conn: C) -> None:
+        """Close a connection that was not kept (QUIT, a blocking call)."""
+        self._close([conn])
 
     def close_idle(self) -> int:
         """Close connections idle longer than idle_timeout (or gone); returns how many."""

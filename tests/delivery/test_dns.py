@@ -342,3 +342,21 @@ def test_server_records_change_while_running(server):
     server.fail("late.test", "refused")
     assert ask(server, "late.test", "TXT").rcode() == dns.rcode.REFUSED
     assert server.queries("late.test") == 3
+
+
+def test_whether_an_answer_is_cached_is_known_without_asking(server, resolver, clock):
+    """What the scheduler asks before it routes on its own thread and the attempt before it
+    looks up a host on the loop: cached answers only, never a query."""
+    assert not resolver.mx_hosts_cached("example.test") and not resolver.addresses_cached("mx1.example.test")
+    assert server.queries("example.test", "MX") == 0
+    resolver.mx_hosts("example.test")
+    resolver.addresses("mx1.example.test")
+    assert resolver.mx_hosts_cached("example.test") and resolver.addresses_cached("mx1.example.test")
+    # a domain without MX records needs its addresses for mx_hosts() too
+    resolver.lookup("plain.test", dns.rdatatype.MX)
+    assert not resolver.mx_hosts_cached("plain.test")
+    resolver.mx_hosts("plain.test")
+    assert resolver.mx_hosts_cached("plain.test")
+    clock.advance(301)  # past the TTL
+    assert not resolver.mx_hosts_cached("example.test") and not resolver.addresses_cached("mx1.example.test")
+    assert resolver.mx_hosts_cached("bad..name")  # mx_hosts() fails at once, without DNS

@@ -331,3 +331,13 @@ def test_targets_of_an_expansion_are_final(make_router, aliases):
         # The scheduler routes the rows an expansion made with expand=False.
         assert router.route(target, expand=False).kind == "lmtp", target
     assert router.route("nobody@local.test", expand=False).kind == "error"
+
+
+def test_only_an_mx_route_not_in_the_cache_needs_dns(make_router, server):
+    router = make_router(merged(LOCAL, {"delivery": {"transport": {"corp.test": "smtp:[127.0.0.9]:2525"}}}))
+    assert router.answers_now("bob@local.test") and router.answers_now("bob@corp.test")
+    assert router.answers_now("bob@[192.0.2.1]")
+    assert not router.answers_now("bob@other.test")
+    router.route("bob@other.test")
+    assert router.answers_now("bob@other.test")
+    assert make_router({"delivery": {"relayhost": "[127.0.0.1]:2525"}}).answers_now("bob@fresh.test")

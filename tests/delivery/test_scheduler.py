@@ -1,4 +1,5 @@
-"""delivery/scheduler.py: a slot that frees up starts its destination's next delivery where it is.
+"""delivery/scheduler.py: a slot that frees up starts its destination's next delivery where it is
+(the delivery loop's thread, where the reply that ended the last one was read).
 
 A real scheduler (assemble.build_scheduler) delivers through a relayhost to a loopback MX
 (tests/mx.py) that holds the first message's DATA until the test lets it go, so the other
@@ -21,13 +22,14 @@ def test_the_waiting_deliveries_run_one_after_another_in_the_thread_whose_slot_f
         s = Setup(tmp_path / "spool", mx, delivery_extra="destination_concurrency = 1\n")
         scheduler, store = s.scheduler, s.store
         threads: list[int] = []
-        run = scheduler.attempter.run
+        steps = scheduler.attempter.steps
 
         def attempt(*args, **kwargs):
-            threads.append(threading.get_ident())
-            return run(*args, **kwargs)
+            result = yield from steps(*args, **kwargs)
+            threads.append(threading.get_ident())  # where the attempt ended
+            return result
 
-        scheduler.attempter.run = attempt  # type: ignore[method-assign]
+        scheduler.attempter.steps = attempt  # type: ignore[method-assign]
         handed_off = []
         submit = scheduler._pool.submit
 
@@ -50,9 +52,33 @@ def test_the_waiting_deliveries_run_one_after_another_in_the_thread_whose_slot_f
             wait_for(lambda: scheduler._jobs == 0, 10, what="every job finished")
         finally:
             s.close()
-    # None was handed to another thread: the one that ran the first ran all six, over the
-    # connection the MX saw.
+    # None was handed to another thread: the loop, which read the first one's last reply, ran
+    # all six to their end, over the one connection the MX saw.
     assert handed_off == []
-    assert len(threads) == 6 and len(set(threads)) == 1, threads
+    assert len(threads) == 6 and set(threads) == {scheduler.loop._loop_ident}, threads
     assert mx.handler.connections() == 1
     assert sorted(m.rcpt_tos[0] for m in handler.received()) == sorted(f"r{i}@elsewhere.example" for i in range(6))
+
+
+def test_no_more_deliveries_run_at_once_than_delivery_concurrency(tmp_path):
+    """Four messages for one destination that would take twenty: two run, two wait, since
+    delivery.concurrency counts deliveries in all, whichever thread or loop they are on."""
+    handler = GatedHandler()
+    with Mx(handler) as mx:
+        s = Setup(tmp_path / "spool", mx, delivery_extra="concurrency = 2\n")
+        scheduler, store = s.scheduler, s.store
+        try:
+            for i in range(4):
+                store.enqueue(NewMessage(store.new_id(), "a@example.org", (NewRecipient(f"r{i}@elsewhere.example"),),
+                                         f"Subject: {i}\r\n\r\nbody\r\n".encode()))
+            scheduler.start()
+            wait_for(lambda: handler.data_started == 2, 10, what="two messages' DATA held at the MX")
+            wait_for(lambda: sum(len(d.waiting) for d in scheduler._dest.values()) == 2, 10,
+                     what="the two others waiting")
+            assert handler.data_started == 2 and scheduler._running == 2
+            handler.gate.set()
+            wait_for(lambda: len(handler.received()) == 4, 20, what="four messages at the MX")
+            wait_for(lambda: scheduler._jobs == 0, 10, what="every job finished")
+            assert scheduler._running == 0
+        finally:
+            s.close()

@@ -234,10 +234,10 @@ def test_a_delivery_whose_attempt_raises_is_due_again_soon(tmp_path, setup_in, m
     with Mx() as mx:
         s = setup_in(tmp_path / "spool", mx)
 
-        def run(*args, **kwargs):
+        def steps(*args, **kwargs):
             raise RuntimeError("a bug in the attempt")
 
-        monkeypatch.setattr(s.scheduler.attempter, "run", run)
+        monkeypatch.setattr(s.scheduler.attempter, "steps", steps)
         qid = s.send()
         s.scheduler.start()
         wait_for(lambda: s.recipient(qid)["state"] == "deferred", 10,

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import socket
-import socketserver
 import ssl
-import threading
-import warnings
 
 import pytest
 from aiosmtpd.controller import UnixSocketController
@@ -29,7 +26,7 @@ from elemta.delivery.smtp_client import (
 )
 from elemta.delivery.smtp_pool import Pool
 from elemta.delivery.smtp_reply import ProtocolError, build_reply, parse_line, xtext
-from tests.mx import Mx
+from tests.delivery.conftest import Peer
 from tests.support import wait_for
 
 BODY = b"Subject: test\r\n\r\nHello\r\n"
@@ -75,31 +72,6 @@ class UnixLmtpController(UnixSocketController):
         return LMTP(self.handler, **self.SMTP_kwargs)
 
 
-@pytest.fixture(scope="session")
-def server_tls(ca):
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("mx.test").configure_cert(context)
-    return context
-
-
-@pytest.fixture
-def aiosmtpd():
-    """Start aiosmtpd servers: aiosmtpd(handler, lmtp=False, **SMTP kwargs) -> controller."""
-    controllers = []
-
-    def start(handler, **kwargs):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # aiosmtpd warns about AUTH without TLS
-            controller = Mx(handler, **kwargs)
-            controller.start()
-        controllers.append(controller)
-        return controller
-
-    yield start
-    for controller in controllers:
-        controller.stop()
-
-
 def connect(port, **kwargs) -> SmtpConnection:
     kwargs.setdefault("helo_name", "client.test")
     kwargs.setdefault("tls_policy", "none")
@@ -116,74 +88,6 @@ def message(*recipients, **kwargs) -> OutMessage:
 
 
 # -- scripted servers -----------------------------------------------------------------------
-
-
-class Peer(socketserver.StreamRequestHandler):
-    timeout = 10  # a client that never sends what the script waits for fails the test
-
-    def handle(self):
-        with self.server.lock:
-            self.server.connections += 1
-        try:
-            self.server.script(self)
-        except (OSError, EOFError, AssertionError) as exc:  # checked by the tests
-            self.server.errors.append(exc)
-
-    def line(self) -> str:
-        raw = self.rfile.readline(4096)
-        if not raw:
-            raise EOFError("client closed")
-        text = raw.decode("utf-8").removesuffix("\r\n")
-        self.server.received.append(text)
-        return text
-
-    def send(self, *lines: str) -> None:
-        self.wfile.write("".join(f"{line}\r\n" for line in lines).encode())
-
-    def data(self) -> bytes:
-        """The raw (still dot-stuffed) message text up to and without the final dot."""
-        chunks = []
-        while (raw := self.rfile.readline(4096)) != b".\r\n":
-            if not raw:
-                raise EOFError("client closed in DATA")
-            chunks.append(raw)
-        self.server.messages.append(b"".join(chunks))
-        return b"".join(chunks)
-
-
-class Scripted(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-
-    def __init__(self, script):
-        super().__init__(("127.0.0.1", 0), Peer)
-        self.script = script
-        self.lock = threading.Lock()
-        self.connections = 0
-        self.received: list[str] = []
-        self.messages: list[bytes] = []
-        self.errors: list[Exception] = []
-        self.release = threading.Event()  # ends scripts that wait for the test to finish
-
-    @property
-    def port(self) -> int:
-        return self.server_address[1]
-
-
-@pytest.fixture
-def scripted():
-    servers = []
-
-    def start(script) -> Scripted:
-        server = Scripted(script)
-        threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.release.set()
-        server.shutdown()
-        server.server_close()
 
 
 def esmtp(keywords=("PIPELINING", "8BITMIME"), *, greeting="220 fake.test ESMTP",
@@ -507,18 +411,20 @@ def test_lmtp_over_a_unix_socket(tmp_path):
     assert handler.messages[0]["content"] == BODY
 
 
-def test_lmtp_connection_lost_after_some_replies_keeps_those(scripted):
-    def script(peer):
-        peer.send("220 lmtp.test LMTP")
-        assert peer.line().startswith("LHLO")
-        peer.send("250-lmtp.test", "250 PIPELINING")
-        for _ in range(4):  # MAIL, 2 RCPT, DATA
-            peer.line()
-        peer.send("250 ok", "250 ok", "250 ok", "354 go")
-        peer.data()
-        peer.send("250 2.0.0 bob delivered")  # then gone, before carol's reply
+def lmtp_gone_after_one_reply(peer):
+    """An LMTP server that takes two recipients and is gone after the first one's reply."""
+    peer.send("220 lmtp.test LMTP")
+    assert peer.line().startswith("LHLO")
+    peer.send("250-lmtp.test", "250 PIPELINING")
+    for _ in range(4):  # MAIL, 2 RCPT, DATA
+        peer.line()
+    peer.send("250 ok", "250 ok", "250 ok", "354 go")
+    peer.data()
+    peer.send("250 2.0.0 bob delivered")  # then gone, before carol's reply
 
-    server = scripted(script)
+
+def test_lmtp_connection_lost_after_some_replies_keeps_those(scripted):
+    server = scripted(lmtp_gone_after_one_reply)
     conn = connect(server.port, lmtp=True)
     results = conn.send(message("bob@example.org", "carol@example.org"))
     assert results[0].is_positive
@@ -725,20 +631,25 @@ def test_silent_server_after_starttls_times_out(scripted, server_tls):
     assert "timed out" in str(info.value)
 
 
+def stops_reading_after_354(peer):
+    """A server that says 354 and then reads nothing more."""
+    peer.send("220 fake.test ESMTP")
+    peer.line()
+    peer.send("250-fake.test", "250 PIPELINING")
+    for reply in ("250 2.1.0 ok", "250 2.1.5 ok", "354 go ahead"):
+        peer.line()
+        peer.send(reply)
+    peer.server.release.wait(10)
+
+
+BIG = b"Subject: big\r\n\r\n" + (b"y" * 998 + b"\r\n") * 32_000  # more than the socket buffers hold
+
+
 def test_peer_that_stops_reading_times_out_the_send(scripted):
     """SO_SNDTIMEO: a body the peer does not take ends in a timeout, not a hang."""
-    def script(peer):
-        peer.send("220 fake.test ESMTP")
-        peer.line()
-        peer.send("250-fake.test", "250 PIPELINING")
-        for reply in ("250 2.1.0 ok", "250 2.1.5 ok", "354 go ahead"):
-            peer.line()
-            peer.send(reply)
-        peer.server.release.wait(10)  # reads nothing more
-
-    server = scripted(script)
+    server = scripted(stops_reading_after_354)
     conn = connect(server.port, command_timeout=0.3)
-    body = b"Subject: big\r\n\r\n" + (b"y" * 998 + b"\r\n") * 32_000  # more than the socket buffers hold
+    body = BIG
     with pytest.raises(SmtpClientError) as info:
         conn.send(message("bob@example.org", body=body))
     assert (info.value.stage, info.value.try_next_host) == ("data", True)
