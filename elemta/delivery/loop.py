@@ -114,6 +114,7 @@ class DeliveryLoop:
         on_loop = threading.get_ident() == self._loop_ident
         while task is not None:
             steps = task.steps
+            wrote = None  # the connection a Write just went to: its reply is not there yet
             while True:
                 try:
                     op = steps.throw(error) if error is not None else steps.send(value)
@@ -133,13 +134,15 @@ class DeliveryLoop:
                     if isinstance(op, Read):
                         conn = op.conn
                         assert isinstance(conn, SmtpConnection)
-                        got = conn.reply_nowait(op.stage)
+                        got = conn.reply_nowait(op.stage, read=conn is not wrote)
                         if isinstance(got, int):
                             self._wait(task, op, got, time.monotonic() + conn.command_timeout)
                             return
-                        value = got
-                    elif isinstance(op, Write) and not self._write(task, op, memoryview(op.data)):
-                        return
+                        value, wrote = got, None
+                    elif isinstance(op, Write):
+                        if not self._write(task, op, memoryview(op.data)):
+                            return
+                        wrote = op.conn
                 except Exception as exc:  # noqa: BLE001 -- thrown into the steps: the call's own raise
                     error = exc
             value = error = None

@@ -391,13 +391,16 @@ class SmtpConnection:
         assert not isinstance(got, int)  # with a deadline it waits
         return got
 
-    def _reply(self, stage: str, deadline: float | None) -> tuple[Reply, list[tuple[int, bool, str]]] | int:
+    def _reply(self, stage: str, deadline: float | None,
+               read: bool = True) -> tuple[Reply, list[tuple[int, bool, str]]] | int:
         """The next reply, waiting until deadline for it; without one, the epoll events to wait
-        for when it is not all here yet."""
+        for when it is not all here yet (read=False: without trying the socket first)."""
         try:
             while (got := self._take_reply()) is None:
                 if deadline is not None:
                     self._fill(deadline)
+                elif not read and not self._decrypted():
+                    return select.EPOLLIN
                 elif wait := self._recv_nowait():
                     return wait
         except ProtocolError as exc:
@@ -453,10 +456,16 @@ class SmtpConnection:
     def sock(self) -> socket.socket | None:
         return self._sock
 
-    def reply_nowait(self, stage: str) -> tuple[Reply, list[tuple[int, bool, str]]] | int:
+    def reply_nowait(self, stage: str, read: bool = True) -> tuple[Reply, list[tuple[int, bool, str]]] | int:
         """The next reply if it is all here (reading what has arrived), else the epoll events
-        to wait for; raises as _read() does."""
-        return self._reply(stage, None)
+        to wait for; raises as _read() does.  read=False right after a command was written:
+        its reply cannot have come yet, so only what was read before (a pipelined group's
+        replies, TLS data already decrypted) is looked at, and the socket is left to epoll."""
+        return self._reply(stage, None, read)
+
+    def _decrypted(self) -> bool:
+        """Whether TLS holds data it has read and decrypted already (epoll cannot see it)."""
+        return isinstance(self._sock, ssl.SSLSocket) and self._sock.pending() > 0
 
     def _recv_nowait(self) -> int:
         sock = self._sock

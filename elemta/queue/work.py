@@ -35,10 +35,13 @@ from elemta.queue.results import ResultWriter
 # commit of new mail).
 WAITING = ("queued", "deferred")
 PRIORITY_VALUES = range(len(PRIORITIES))  # 0 = critical
-CANDIDATES = (
-    "SELECT id, priority, next_attempt FROM recipients WHERE state = ? AND priority = ?"
-    " AND next_attempt <= ? ORDER BY next_attempt, id LIMIT ?"
-)
+# The due recipients of each (state, priority), each arm one range of the (state, priority,
+# next_attempt) index, in one statement: ?1 is now, ?2 the most to take.
+CANDIDATES = " UNION ALL ".join(
+    f"SELECT * FROM (SELECT id, priority, next_attempt, '{state}' FROM recipients"
+    f" WHERE state = '{state}' AND priority = {priority} AND next_attempt <= ?1"
+    " ORDER BY next_attempt, id LIMIT ?2)"
+    for state in WAITING for priority in PRIORITY_VALUES)
 CLAIM = (
     "UPDATE recipients SET state = 'active', lease_until = ?, lease_owner = ?, updated = ?"
     " WHERE id IN ({ids}) AND +state = ?"
@@ -159,9 +162,7 @@ class WorkQueue:
         # state guard of CLAIM covers a change between the two.
         with self._reading() as conn:
             candidates = sorted(
-                (priority, due, rid, state)
-                for state in WAITING for priority in PRIORITY_VALUES
-                for rid, priority, due in conn.execute(CANDIDATES, (state, priority, now, limit))
+                (priority, due, rid, state) for rid, priority, due, state in conn.execute(CANDIDATES, (now, limit))
             )[:limit]
         if not candidates:
             return []
