@@ -235,20 +235,13 @@ class Daemon:
             return
         elif self.role == "smtp":
             store.on_commit = lambda fd=self.wake_pipe[1]: poke(fd)
-        else:
-            threading.Thread(target=self._woken_by, args=(self.wake_pipe[0],),
-                             name="wake-pipe", daemon=True).start()
+        elif self.scheduler is not None:
+            self.scheduler.wake_on(self.wake_pipe[0])
 
     def _wake_scheduler(self) -> None:
         scheduler = self.scheduler
         if scheduler is not None:
             scheduler.wake()
-
-    def _woken_by(self, fd: int) -> None:
-        while os.read(fd, 4096):
-            scheduler = self.scheduler
-            if scheduler is not None:
-                scheduler.wake()
 
     @staticmethod
     def _stop_scheduler(scheduler: Scheduler, grace: float, events: logmod.EventLog,
@@ -344,6 +337,8 @@ class Daemon:
             return
         self._stop_scheduler(scheduler, old.server.grace_period, events, successor=fresh)
         self.scheduler = fresh
+        if self.wake_pipe is not None and self.role == "delivery":
+            fresh.wake_on(self.wake_pipe[0])
         fresh.start()
 
     @staticmethod

@@ -26,8 +26,11 @@ given back untried (a stop, no slot) goes back at once: neither waits for its le
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
+import os
 import random
+import select
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -99,7 +102,7 @@ class Scheduler:
         self.loop = DeliveryLoop(self._offload, lambda exc: self.log.exception("delivery_error", error=exc))
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
-        self._wake = threading.Event()
+        self._wake = _Wake()
         self._stopping = False
         self._jobs = 0  # claimed messages not yet finished
         self._running = 0  # deliveries started and not finished: at most delivery.concurrency
@@ -120,6 +123,11 @@ class Scheduler:
     def wake(self) -> None:
         """Something may be due now (new mail, an alias expanded)."""
         self._wake.set()
+
+    def wake_on(self, fd: int) -> None:
+        """Also wake when fd (the read end of the SMTP workers' wake pipe) has bytes: the
+        scheduler thread waits on it itself, so a commit of new mail wakes no other thread."""
+        self._wake.watch(fd)
 
     def stop(self, grace: float) -> bool:
         """Stop claiming; let running deliveries finish for `grace` seconds; give the rest back.
@@ -147,6 +155,7 @@ class Scheduler:
         self.attempter.pool.close_all()
         if done:  # else a delivery still running may use it; the process exit closes it
             self.attempter.close()
+        self._wake.close()
         return done
 
     # -- the scheduler thread ---------------------------------------------------------
@@ -176,7 +185,7 @@ class Scheduler:
                 self.log("scheduler_error", level=logmod.ERROR, error=str(exc)[:200])
                 timeout = 1.0
             if self._wake.wait(timeout):
-                self._wake.clear()
+                pass
             elif self.work.changed():
                 continue
 
@@ -525,6 +534,40 @@ class Scheduler:
             starved, self._starved = self._starved, False
         if starved:
             self._wake.set()
+
+
+class _Wake:
+    """The scheduler thread's sleep: until set() from any thread, a watched pipe has bytes, or a
+    timeout.  What woke it is read away, so the next wait sleeps again (threading.Event's
+    set, wait and clear in one)."""
+
+    def __init__(self) -> None:
+        self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._lock = threading.Lock()  # set() against close(): a closed number may be reused
+        self._poll = select.poll()
+        self._poll.register(self._fd, select.POLLIN)
+
+    def watch(self, fd: int) -> None:
+        os.set_blocking(fd, False)
+        self._poll.register(fd, select.POLLIN)
+
+    def set(self) -> None:
+        with self._lock:
+            if self._fd >= 0:
+                os.eventfd_write(self._fd, 1)
+
+    def wait(self, timeout: float) -> bool:
+        ready = self._poll.poll(timeout * 1000)
+        for fd, _ in ready:
+            with contextlib.suppress(BlockingIOError):
+                while os.read(fd, 4096):  # an eventfd's counter, or the pipe's bytes
+                    pass
+        return bool(ready)
+
+    def close(self) -> None:
+        with self._lock:
+            os.close(self._fd)
+            self._fd = -1
 
 
 def _everyone(dl: Delivery) -> list[Recipient]:

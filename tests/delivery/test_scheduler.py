@@ -82,3 +82,26 @@ def test_no_more_deliveries_run_at_once_than_delivery_concurrency(tmp_path):
             assert scheduler._running == 0
         finally:
             s.close()
+
+
+def test_the_scheduler_sleep_ends_at_a_wake_or_a_byte_in_the_workers_pipe():
+    """What a wake-up leaves is read away: the next sleep is a sleep again."""
+    import os
+
+    from elemta.delivery.scheduler import _Wake
+
+    wake = _Wake()
+    read, write = os.pipe()
+    try:
+        wake.watch(read)
+        assert wake.wait(0) is False
+        wake.set()
+        wake.set()
+        assert wake.wait(10) is True and wake.wait(0) is False
+        os.write(write, b"!!!")  # the SMTP workers' commits (wakeup.poke)
+        assert wake.wait(10) is True and wake.wait(0) is False
+        wake.close()
+        wake.set()  # after close: nothing (the number may be another file's by now)
+    finally:
+        os.close(read)
+        os.close(write)
