@@ -402,9 +402,17 @@ class Scheduler:
         destination's is returned instead, for the caller to run itself."""
         ready = []
         with self._lock:
-            for dest in self._dest.values():
-                while dest.waiting and self._may_start(dest):
-                    ready.append(dest.waiting.popleft())
+            # One start per destination and pass, and a destination that started one goes to
+            # the end of the table: when delivery.concurrency is what holds mail back, the
+            # destinations take turns instead of the oldest taking every free slot.
+            started = True
+            while started:
+                started = False
+                for key, dest in list(self._dest.items()):
+                    if dest.waiting and self._may_start(dest):
+                        ready.append(dest.waiting.popleft())
+                        self._dest[key] = self._dest.pop(key)
+                        started = True
         mine = None
         if here is not None:
             mine = next((dl for dl in ready if dl.route.destination == here), None)

@@ -105,3 +105,33 @@ def test_the_scheduler_sleep_ends_at_a_wake_or_a_byte_in_the_workers_pipe():
     finally:
         os.close(read)
         os.close(write)
+
+
+def test_destinations_take_turns_when_delivery_concurrency_holds_mail_back(tmp_path):
+    from elemta.delivery.router import Route
+    from elemta.delivery.scheduler import Delivery, Destination
+    from elemta.queue.jobs import Job, Recipient
+
+    with Mx() as mx:
+        s = Setup(tmp_path / "spool", mx, delivery_extra="concurrency = 1\n")
+        scheduler = s.scheduler
+        started: list[str] = []
+        scheduler._task = lambda dl: dl  # type: ignore[method-assign]
+        scheduler.loop.call = lambda dl: started.append(dl.domain)  # type: ignore[method-assign]
+        try:
+            for domain in ("a.example", "b.example"):
+                route = Route("smtp", (f"mx.{domain}",), 25, tls_policy="none")
+                dest = scheduler._dest[route.destination] = Destination(limit=20, interval=0.0)
+                for i in range(2):
+                    job = Job(f"{domain}-{i}", 0.0, "s@example.org", 1, 1, None, None, "7BIT", False,
+                              (Recipient(i, f"r@{domain}", domain, None, (), 0, False, None),), False)
+                    dest.waiting.append(Delivery(job, b"x", route, list(job.recipients), domain))
+            for _ in range(4):
+                scheduler._start_waiting()
+                with scheduler._lock:  # the delivery just started ends
+                    scheduler._running -= 1
+                    for dest in scheduler._dest.values():
+                        dest.active = 0
+            assert started == ["a.example", "b.example", "a.example", "b.example"]
+        finally:
+            s.close()
