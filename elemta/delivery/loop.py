@@ -200,17 +200,23 @@ class DeliveryLoop:
             except InterruptedError:
                 continue
             for fd, _ in events:
-                if fd == self._wakeup:
-                    self._started()
-                    continue
-                with self._lock:
-                    task = self._waiting.pop(fd, None)
-                if task is not None:
-                    self._resume(task)
+                try:
+                    if fd == self._wakeup:
+                        self._started()
+                        continue
+                    with self._lock:
+                        task = self._waiting.pop(fd, None)
+                    if task is not None:
+                        self._resume(task)
+                except Exception as exc:  # noqa: BLE001 -- a bug of elemta's: logged; the loop goes on
+                    self._on_error(exc)
             now = time.monotonic()
             if now >= next_sweep:
                 next_sweep = now + SWEEP_INTERVAL
-                self._sweep(now)
+                try:
+                    self._sweep(now)
+                except Exception as exc:  # noqa: BLE001 -- as above
+                    self._on_error(exc)
 
     def _started(self) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -220,7 +226,10 @@ class DeliveryLoop:
                 if not self._calls:
                     return
                 task = self._calls.popleft()
-            self.run(task)
+            try:
+                self.run(task)
+            except Exception as exc:  # noqa: BLE001 -- a bug of elemta's: logged; the others still start
+                self._on_error(exc)
 
     def _resume(self, task: Task) -> None:
         """The connection task waits on is ready: go on with its Write or Read."""
