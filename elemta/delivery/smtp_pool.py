@@ -35,12 +35,15 @@ class Pool(Generic[C]):
         self.max_idle = max_idle
         self._clock = clock
         self._idle: dict[Hashable, list[tuple[float, C]]] = {}
+        self._stale: list[C] = []  # found by get(), closed by the next close_idle()
         self._lock = threading.Lock()  # workers share the pool
         self._counts = {"reused": 0, "kept": 0, "closed": 0}
 
     def get(self, key: Hashable) -> C | None:
-        """An idle usable connection for key, newest first; expired ones are closed."""
-        found, stale = None, []
+        """An idle usable connection for key, newest first.  Expired and broken ones are taken
+        out and closed by the next close_idle(), not here: QUIT waits for the server, and the
+        caller may be the delivery loop."""
+        found = None
         with self._lock:
             entries = self._idle.get(key, [])
             while entries and found is None:
@@ -49,10 +52,9 @@ class Pool(Generic[C]):
                     found = conn
                     self._counts["reused"] += 1
                 else:
-                    stale.append(conn)
+                    self._stale.append(conn)
             if not entries:
                 self._idle.pop(key, None)
-        self._close(stale)
         return found
 
     def put(self, key: Hashable, conn: C) -> None:
@@ -77,9 +79,11 @@ class Pool(Generic[C]):
         self._close([conn])
 
     def close_idle(self) -> int:
-        """Close connections idle longer than idle_timeout (or gone); returns how many."""
-        now, expired = self._clock(), []
+        """Close connections idle longer than idle_timeout (or gone), and those get() took out
+        as such; returns how many.  The scheduler thread calls it once a second."""
+        now = self._clock()
         with self._lock:
+            expired, self._stale = self._stale, []
             for key, entries in list(self._idle.items()):
                 fresh = [(s, c) for s, c in entries
                          if now - s <= self.idle_timeout and c.usable()]
@@ -93,8 +97,9 @@ class Pool(Generic[C]):
 
     def close_all(self) -> None:
         with self._lock:
-            conns = [c for entries in self._idle.values() for _, c in entries]
+            conns = [c for entries in self._idle.values() for _, c in entries] + self._stale
             self._idle.clear()
+            self._stale = []
         self._close(conns)
 
     def stats(self) -> dict[str, int]:
