@@ -54,6 +54,10 @@ class DnsError(ElemtaError):
         return self.enhanced.startswith("5")
 
 
+class NotCached(Exception):
+    """lookup(cached_only=True) found no fresh answer in the cache: asking needs the network."""
+
+
 def parse_nameserver(text: str) -> tuple[str, int]:
     """"ip", "ip:port" or "[ipv6]:port" -> (ip, port); ValueError if malformed."""
     host, port = text.strip(), "53"
@@ -196,20 +200,21 @@ class Resolver:
 
     # -- lookups -----------------------------------------------------------------
 
-    def lookup(self, name: str, rdtype: dns.rdatatype.RdataType) -> tuple[str, tuple]:
+    def lookup(self, name: str, rdtype: dns.rdatatype.RdataType, cached_only: bool = False) -> tuple[str, tuple]:
         """(status, records) from the cache or the nameservers; DnsError 4.4.3 on failure.
 
         status is OK, NXDOMAIN or NODATA.  A record is (preference, host) for MX, the
         address text for A and AAAA, the host name for PTR and CNAME, and the tuple of
         its character strings (bytes) for TXT.
         """
-        status, records, _until = self.lookup_until(name, rdtype)
+        status, records, _until = self.lookup_until(name, rdtype, cached_only)
         return status, records
 
-    def lookup_until(self, name: str, rdtype: dns.rdatatype.RdataType) -> tuple[str, tuple, float]:
+    def lookup_until(self, name: str, rdtype: dns.rdatatype.RdataType,
+                     cached_only: bool = False) -> tuple[str, tuple, float]:
         """lookup(), and until when (on now()'s clock) the answer stays valid: a result
         computed from answers may be kept as long as the earliest of them (an answer
-        not cached is valid only now)."""
+        not cached is valid only now).  cached_only: NotCached instead of a query."""
         key = (name, rdtype)
         with self._lock:
             now = self._clock()
@@ -221,6 +226,8 @@ class Resolver:
                 return entry[1], entry[2], entry[0]
             if entry is not None:
                 del self._cache[key]  # expired
+            if cached_only:
+                raise NotCached(name)
             self._misses += 1
         metrics.DNS_CACHE.labels("miss").inc()
         status, records, ttl = self._query(name, rdtype)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from elemta.delivery import dane_dns, maildir, tlsrpt
 from elemta.delivery.dane_dns import TlsaLookup
-from elemta.delivery.dns import DnsError, Resolver
+from elemta.delivery.dns import DnsError, NotCached, Resolver
 from elemta.delivery.mtasts import Policy
 from elemta.delivery.mtasts_finder import PolicyFinder
 from elemta.delivery.router import Route
@@ -263,10 +263,12 @@ class Attempter:
             if is_ip(host):
                 addresses = [host]
             else:
-                if not self.resolver.addresses_cached(host):
-                    yield SLOW
                 try:
-                    addresses = self.resolver.addresses(host)
+                    try:
+                        addresses = self.resolver.addresses(host, cached_only=True)
+                    except NotCached:
+                        yield SLOW
+                        addresses = self.resolver.addresses(host)
                 except DnsError as exc:
                     # An MX host that does not resolve: try the next one (RFC 5321 §5.1).
                     for r in remaining:

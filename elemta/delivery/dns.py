@@ -19,12 +19,13 @@ from elemta.dnscache import (
     OK,
     ROOT,
     DnsError,
+    NotCached,
     a_label,
     is_ip_literal,
     parse_nameserver,
 )
 
-__all__ = ["DnsError", "Resolver", "a_label", "parse_nameserver"]
+__all__ = ["DnsError", "NotCached", "Resolver", "a_label", "parse_nameserver"]
 
 
 class Resolver(dnscache.Resolver):
@@ -75,16 +76,19 @@ class Resolver(dnscache.Resolver):
             hosts.extend(h for h in same if h not in hosts)
         return hosts
 
-    def addresses(self, host: str) -> list[str]:
+    def addresses(self, host: str, cached_only: bool = False) -> list[str]:
         """IPv4 then IPv6 addresses of host (IPv6 first with prefer_ipv6).
 
         A host without addresses is a transient error (4.4.4): it normally is
         an MX host whose A record is missing or not yet published; that is
         fixed at the recipient's end, other MX hosts may still work, and the
         queue lifetime bounds the retries. (Postfix defers likewise.)
+
+        cached_only: NotCached unless the cache answers for both families (the delivery loop
+        asks so, and asks again from a pool thread).
         """
         name = a_label(host)
-        found, error = self._address_records(name)
+        found, error = self._address_records(name, cached_only)
         if found:
             return found
         if error is not None:
@@ -112,7 +116,7 @@ class Resolver(dnscache.Resolver):
         """Key for per-destination limits: domains with the same MX hosts share one."""
         return tuple(sorted(set(self.mx_hosts(domain))))
 
-    def _address_records(self, name: str) -> tuple[list[str], DnsError | None]:
+    def _address_records(self, name: str, cached_only: bool = False) -> tuple[list[str], DnsError | None]:
         """(addresses, transient error or None); one failed family does not hide the other."""
         types = [dns.rdatatype.A, dns.rdatatype.AAAA]
         if self._prefer_ipv6:
@@ -121,7 +125,7 @@ class Resolver(dnscache.Resolver):
         error = None
         for rdtype in types:
             try:
-                status, records = self.lookup(name, rdtype)
+                status, records = self.lookup(name, rdtype, cached_only)
             except DnsError as exc:
                 error = exc
                 continue

@@ -10,7 +10,7 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
-from elemta.delivery.dns import DnsError, Resolver, parse_nameserver
+from elemta.delivery.dns import DnsError, NotCached, Resolver, parse_nameserver
 from tests.dnsserver import DnsServer
 
 RECORDS = {
@@ -348,10 +348,14 @@ def test_whether_an_answer_is_cached_is_known_without_asking(server, resolver, c
     """What the scheduler asks before it routes on its own thread and the attempt before it
     looks up a host on the loop: cached answers only, never a query."""
     assert not resolver.mx_hosts_cached("example.test") and not resolver.addresses_cached("mx1.example.test")
-    assert server.queries("example.test", "MX") == 0
+    with pytest.raises(NotCached):
+        resolver.addresses("mx1.example.test", cached_only=True)
+    assert server.queries("example.test", "MX") == 0 and server.queries("mx1.example.test", "A") == 0
     resolver.mx_hosts("example.test")
     resolver.addresses("mx1.example.test")
     assert resolver.mx_hosts_cached("example.test") and resolver.addresses_cached("mx1.example.test")
+    assert resolver.addresses("mx1.example.test", cached_only=True) == ["127.0.0.1", "::1"]
+    assert server.queries("mx1.example.test", "A") == 1
     # a domain without MX records needs its addresses for mx_hosts() too
     resolver.lookup("plain.test", dns.rdatatype.MX)
     assert not resolver.mx_hosts_cached("plain.test")
