@@ -135,3 +135,31 @@ def test_destinations_take_turns_when_delivery_concurrency_holds_mail_back(tmp_p
             assert started == ["a.example", "b.example", "a.example", "b.example"]
         finally:
             s.close()
+
+
+def test_a_delivery_given_back_at_a_stop_counts_once_for_its_message(tmp_path):
+    """A message with two deliveries, one of them started as the scheduler stops: it is given
+    back unsent, and the message still waits for its other delivery (it once counted twice,
+    so a stop could think every delivery had ended while one still ran)."""
+    from elemta.delivery.router import Route
+    from elemta.delivery.scheduler import Delivery, Destination
+    from elemta.queue.jobs import Job, Recipient
+
+    with Mx() as mx:
+        s = Setup(tmp_path / "spool", mx)
+        scheduler = s.scheduler
+        try:
+            route = Route("smtp", ("mx.a.example",), 25, tls_policy="none")
+            job = Job("Q1", 0.0, "s@example.org", 1, 1, None, None, "7BIT", False,
+                      (Recipient(1, "r@a.example", "a.example", None, (), 0, False, None),), False)
+            dl = Delivery(job, b"x", route, list(job.recipients), "a.example")
+            with scheduler._lock:
+                scheduler._jobs, scheduler._parts[id(job)] = 1, 2
+                scheduler._dest[route.destination] = Destination(limit=20, interval=0.0, active=1)
+                scheduler._running = 1
+                scheduler._stopping = True
+            scheduler.loop.run(scheduler._task(dl))  # on this thread: it gives the delivery back
+            assert (scheduler._jobs, scheduler._parts.get(id(job)), scheduler._running) == (1, 1, 0)
+        finally:
+            scheduler._stopping = False
+            s.close()
