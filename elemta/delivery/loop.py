@@ -55,7 +55,7 @@ class DeliveryLoop:
     def __init__(self, offload: Callable[[Callable[[], None]], None],
                  on_error: Callable[[BaseException], None]) -> None:
         self._offload = offload  # runs a callable on a pool thread
-        self._on_error = on_error  # a done() that raised: logged by the owner
+        self._on_error = on_error  # a bug of elemta's (a done() or a resume that raised): the owner logs it
         self._epoll = select.epoll()
         self._lock = threading.Lock()
         self._waiting: dict[int, Task] = {}  # fd -> the task waiting on it
