@@ -241,11 +241,12 @@ class Resolver:
                 self._cache.popitem(last=False)  # least recently used
         return status, records, now + ttl
 
-    def cached(self, name: str, rdtype: dns.rdatatype.RdataType) -> bool:
-        """Whether lookup() would answer from the cache now, without asking a nameserver."""
+    def peek(self, name: str, rdtype: dns.rdatatype.RdataType) -> tuple[str, tuple] | None:
+        """(status, records) if the cache holds a fresh answer, else None; never asks a
+        nameserver and is not counted as a hit or a miss (a question about the cache)."""
         with self._lock:
             entry = self._cache.get((name, rdtype))
-            return entry is not None and entry[0] > self._clock()
+            return (entry[1], entry[2]) if entry is not None and entry[0] > self._clock() else None
 
     def now(self) -> float:
         """The clock lookup_until() answers on."""

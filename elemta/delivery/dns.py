@@ -102,15 +102,13 @@ class Resolver(dnscache.Resolver):
             name = a_label(domain)
         except DnsError:
             return True  # mx_hosts() fails at once
-        if not self.cached(name, dns.rdatatype.MX):
-            return False
-        status, _records = self.lookup(name, dns.rdatatype.MX)
-        return status != NODATA or self.addresses_cached(name)
+        found = self.peek(name, dns.rdatatype.MX)
+        return found is not None and (found[0] != NODATA or self.addresses_cached(name))
 
     def addresses_cached(self, host: str) -> bool:
         """Whether addresses(host) would answer from the cache, without waiting for DNS."""
         name = a_label(host)
-        return self.cached(name, dns.rdatatype.A) and self.cached(name, dns.rdatatype.AAAA)
+        return all(self.peek(name, rdtype) is not None for rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA))
 
     def destination(self, domain: str) -> tuple[str, ...]:
         """Key for per-destination limits: domains with the same MX hosts share one."""

@@ -353,7 +353,9 @@ def test_whether_an_answer_is_cached_is_known_without_asking(server, resolver, c
     assert server.queries("example.test", "MX") == 0 and server.queries("mx1.example.test", "A") == 0
     resolver.mx_hosts("example.test")
     resolver.addresses("mx1.example.test")
+    counted = resolver.stats()
     assert resolver.mx_hosts_cached("example.test") and resolver.addresses_cached("mx1.example.test")
+    assert resolver.stats() == counted  # a question about the cache is no hit and no miss
     assert resolver.addresses("mx1.example.test", cached_only=True) == ["127.0.0.1", "::1"]
     assert server.queries("mx1.example.test", "A") == 1
     # a domain without MX records needs its addresses for mx_hosts() too
