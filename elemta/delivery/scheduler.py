@@ -184,9 +184,7 @@ class Scheduler:
             except Exception as exc:  # noqa: BLE001 -- a database hiccup must not end delivery
                 self.log("scheduler_error", level=logmod.ERROR, error=str(exc)[:200])
                 timeout = 1.0
-            if self._wake.wait(timeout):
-                pass
-            elif self.work.changed():
+            if not self._wake.wait(timeout) and self.work.changed():
                 continue
 
     def _claim(self, room: int) -> None:
