@@ -121,8 +121,10 @@ class DeliveryLoop:
                 except StopIteration as stop:
                     task = self._done(task, stop.value, None)
                     break
-                except Exception as exc:  # noqa: BLE001 -- the steps' own failure: done() gets it
+                except BaseException as exc:  # the steps' own failure: done() gets it (and frees its slot)
                     task = self._done(task, None, exc)
+                    if not isinstance(exc, Exception):  # SystemExit, KeyboardInterrupt: still raised
+                        raise
                     break
                 value = error = None
                 if op is SLOW:

@@ -8,7 +8,8 @@ after each commit, other processes' commits (elemtactl flush, other workers) are
 through PRAGMA data_version within POLL seconds, and deferred mail when its time comes.
 
 Each claimed message is routed (DNS lookups run on the pool, never in the scheduler thread),
-its recipients are grouped by route, and each group is one delivery to one destination. A
+its recipients are grouped by route (grouping.py), and each group is one delivery to one
+destination, whose verdicts recorder.py writes to the queue. A
 destination (a set of MX hosts, a relayhost, an LMTP server) has a concurrency limit and an
 optional start rate; a delivery over the limit waits in memory for a slot, holding its lease.
 A delivery is steps (delivery/steps.py): it runs on a pool thread until it waits for a server,
@@ -26,51 +27,34 @@ given back untried (a stop, no slot) goes back at once: neither waits for its le
 from __future__ import annotations
 
 import collections
-import contextlib
-import dataclasses
-import os
 import random
-import select
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from elemta import log as logmod
-from elemta import metrics
 from elemta.config import Config
 from elemta.delivery import hooks
-from elemta.delivery.attempt import Attempter, AttemptResult, Verdict
-from elemta.delivery.dns import DnsError
+from elemta.delivery.attempt import Attempter
+from elemta.delivery.grouping import Delivery, Grouping, everyone, merged
 from elemta.delivery.loop import DeliveryLoop, Task
-from elemta.delivery.outcomes import Reporting, decide
-from elemta.delivery.router import Route, Router
+from elemta.delivery.outcomes import Reporting
+from elemta.delivery.recorder import Recorder
+from elemta.delivery.router import Router
 from elemta.delivery.steps import SLOW, Steps
-from elemta.queue.jobs import Attempt, Job, Outcome, Recipient, Result
-from elemta.queue.results import ERROR_RETRY
+from elemta.delivery.wake import Wake
+from elemta.queue.jobs import Job
 from elemta.queue.schedule import RetrySchedule
 from elemta.queue.work import WorkQueue
 
 POLL = 0.25  # seconds between looks at PRAGMA data_version
 LEASE = 3600.0  # longer than any attempt; only a dead process's leases ever run out
-INTERNAL_ERROR = "451 4.3.0 delivery ended in an internal error; tried again later"
 HOUSEKEEPING = 60.0  # seconds between purges of finished messages
 IDLE_SWEEP = 1.0  # seconds between looks for pooled connections gone idle (a poll() each)
 PURGE_BATCH = 500  # messages deleted per transaction, keeping each write short
 PURGE_BATCHES = 100  # at most 50,000 messages a minute
-
-
-@dataclass
-class Delivery:
-    job: Job
-    body: bytes
-    route: Route
-    recipients: list[Recipient]
-    domain: str
-    # Further recipients of the message for the same mailbox as one in `recipients` (kept id ->
-    # them): not sent again, they share its verdict (issue 16, defect 9).
-    duplicates: dict[int, list[Recipient]] = field(default_factory=dict)
 
 
 @dataclass
@@ -92,17 +76,17 @@ class Scheduler:
         self.work = work
         self.router = router
         self.attempter = attempter
-        self.reporting = reporting
         self.log = log
         self.clock = clock
-        self.rng = rng or random.Random()
-        self.schedule = RetrySchedule.from_config(d)
+        self.recorder = Recorder(work, RetrySchedule.from_config(d), reporting, log, clock, rng or random.Random(),
+                                 self.wake)
+        self.grouping = Grouping(work, router, self.recorder, log, clock, self.wake)
         self.concurrency = d.concurrency
         self._pool = ThreadPoolExecutor(max_workers=d.concurrency, thread_name_prefix="delivery")
         self.loop = DeliveryLoop(self._offload, lambda exc: self.log.exception("delivery_error", error=exc))
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
-        self._wake = _Wake()
+        self._wake = Wake()
         self._stopping = False
         self._jobs = 0  # claimed messages not yet finished
         self._running = 0  # deliveries started and not finished: at most delivery.concurrency
@@ -237,18 +221,22 @@ class Scheduler:
     def _guard(self, fn, *args) -> None:
         try:
             fn(*args)
-        except Exception:  # logged; the recipients were given back (_after_error)
+        except Exception:  # logged; the recipients were given back (Recorder.after_error)
             self.log.exception("delivery_error", task=getattr(fn, "__name__", "?"))
 
     def _route_job(self, job: Job, on_pool: bool = True) -> None:
         """Route each recipient; settle those that need no connection; dispatch the rest (on a
         pool thread, the first of them runs on here)."""
         try:
-            groups = self._route(job)
+            if self._stopping:
+                self.work.give_back(job.queue_id, job.recipients)
+                groups = []
+            else:
+                groups = self.grouping.split(job)
         except Exception:
             # Nothing was sent: the recipients are due again soon, not when the lease ends.
-            # (Those already settled by _route are no longer this lease's: left alone.)
-            self._after_error(job, job.recipients)
+            # (Those already settled by split() are no longer this lease's: left alone.)
+            self.recorder.after_error(job, job.recipients)
             self._job_done(job)
             raise
         if not groups:
@@ -263,99 +251,6 @@ class Scheduler:
         if inline is not None:
             # This thread is free now: deliver here rather than hand the work to another thread.
             self._deliver(inline)
-
-    def _route(self, job: Job) -> list[Delivery]:
-        if self._stopping:
-            self.work.give_back(job.queue_id, job.recipients)
-            return []
-        body = self.work.body(job.queue_id)
-        if body is None:  # deleted (elemtactl) after the claim
-            return []
-        groups: dict[Route, list[Recipient]] = {}
-        verdicts: list[Verdict] = []
-        expansions: list[tuple[Recipient, tuple[str, ...]]] = []
-        result = Result()
-        now = self.clock()
-        for r in job.recipients:
-            try:
-                route = self.router.route(r.address, expand=r.parent is None)
-            except DnsError as exc:
-                verdicts.append(Verdict(r, "permanent" if exc.permanent else "transient", exc.text,
-                                        exc.enhanced))
-                result.attempts.append(Attempt(r.id, now, "failed" if exc.permanent else "deferred", exc.text))
-                continue
-            if route.kind == "expand":
-                expansions.append((r, route.targets))
-            elif route.kind == "hold":
-                result.outcomes.append(Outcome(r.id, "held", "held by transport map"))
-            elif route.kind == "discard":
-                result.outcomes.append(Outcome(r.id, "delivered", "discarded by transport map"))
-                result.attempts.append(Attempt(r.id, now, "discarded", "discarded by transport map"))
-                self.log("discarded", qid=job.queue_id, rcpt=f"<{r.address}>")
-            elif route.kind == "error":
-                permanent = route.status.startswith("5")
-                verdicts.append(Verdict(r, "permanent" if permanent else "transient", f"{route.status} {route.text}",
-                                        route.status))
-                result.attempts.append(Attempt(r.id, now, "failed" if permanent else "deferred", route.text))
-            else:
-                groups.setdefault(route, []).append(r)
-        if expansions:
-            # The targets and the message's other final recipients are given back to the queue
-            # in one transaction, so the next claim takes them together and a mailbox reached
-            # twice is sent one copy (_one_copy); delivering the others now would race with
-            # the targets' delivery. It costs one claim, and no attempt is counted.
-            give_back = [r for rcpts in groups.values() for r in rcpts]
-            self.work.expand_all(job.queue_id, expansions, job.priority, give_back)
-            groups = {}
-            for r, targets in expansions:
-                self.log("expanded", qid=job.queue_id, rcpt=f"<{r.address}>", to=",".join(targets))
-            self.wake()
-        if verdicts or result.outcomes:
-            self._record(job, body, AttemptResult(verdicts, result.attempts), extra=result.outcomes)
-        if any(r.parent is not None for rcpts in groups.values() for r in rcpts):
-            groups = self._drop_delivered(job, body, groups)
-        return [self._one_copy(job, body, route, rcpts) for route, rcpts in groups.items()]
-
-    def _drop_delivered(self, job: Job, body: bytes, groups: dict[Route, list[Recipient]]) -> dict:
-        """Alias targets whose mailbox already got this message (another alias, or the address
-        itself, was delivered in an earlier round): recorded as delivered, not sent again."""
-        key = self.router.recipients.key
-        done = {key(address): (rid, address) for rid, address in self.work.delivered_mailboxes(job.queue_id)}
-        if not done:
-            return groups
-        left: dict[Route, list[Recipient]] = {}
-        for route, rcpts in groups.items():
-            verdicts, attempts = [], []
-            for r in rcpts:
-                first = done.get(key(r.address))
-                if first is None or first[0] == r.id:
-                    left.setdefault(route, []).append(r)
-                    continue
-                reply = f"250 2.0.0 same mailbox as <{first[1]}>, already delivered"
-                verdicts.append(Verdict(r, "ok", reply, "2.0.0"))
-                attempts.append(Attempt(r.id, self.clock(), "duplicate", reply))
-                self.log("duplicate", qid=job.queue_id, rcpt=f"<{r.address}>", same_as=f"<{first[1]}>")
-            if verdicts:
-                self._record(job, body, AttemptResult(verdicts, attempts), final_hop=route.kind in ("lmtp", "maildir"))
-        return left
-
-    def _one_copy(self, job: Job, body: bytes, route: Route, rcpts: list[Recipient]) -> Delivery:
-        """One delivery for the group, each mailbox once (as Postfix drops duplicate recipients).
-
-        Several aliases of one mailbox (postmaster, abuse -> alice), or one address given twice
-        at RCPT in another case (Alice@, alice@), become several final recipients of the message.
-        The first is delivered; the others are kept as recipients (so `queue show` and `trace`
-        still account for every address the sender used) and take its verdict, each with its
-        own NOTIFY and ORCPT, so a DSN reports every original recipient truthfully.
-        """
-        kept: dict[str, Recipient] = {}
-        duplicates: dict[int, list[Recipient]] = {}
-        for r in rcpts:
-            first = kept.setdefault(self.router.recipients.key(r.address), r)
-            if first is not r:
-                duplicates.setdefault(first.id, []).append(r)
-                self.log("duplicate", qid=job.queue_id, rcpt=f"<{r.address}>", same_as=f"<{first.address}>")
-        return Delivery(job, body, route, list(kept.values()), rcpts[0].domain, duplicates)
 
     def _dispatch(self, dl: Delivery, inline_ok: bool = False) -> bool:
         """Start dl (or queue it for its destination); True = the caller must run it itself."""
@@ -438,7 +333,7 @@ class Scheduler:
         key = dl.route.destination
 
         def done(_value: object, error: BaseException | None) -> Task | None:
-            if error is not None:  # logged; the recipients were given back (_after_error)
+            if error is not None:  # logged; the recipients were given back (Recorder.after_error)
                 self.log.exception("delivery_error", qid=dl.job.queue_id, error=error, task="_deliver")
             with self._lock:
                 self._running -= 1
@@ -454,7 +349,7 @@ class Scheduler:
     def _attempt(self, dl: Delivery) -> Steps[None]:
         plugins = self.plugins
         if self._stopping:  # untried: due again at once (its task's end counts it done)
-            self.work.give_back(dl.job.queue_id, _everyone(dl))
+            self.work.give_back(dl.job.queue_id, everyone(dl))
             return
         if plugins is not None and plugins.wants("on_pre_delivery"):
             yield SLOW  # a plugin may ask the network
@@ -463,66 +358,25 @@ class Scheduler:
             if instead is None:
                 outcome = yield from self.attempter.steps(dl.job, dl.body, dl.recipients, dl.route)
         except Exception:  # no verdict: due again soon (ERROR_RETRY)
-            self._after_error(dl.job, _everyone(dl))
+            self.recorder.after_error(dl.job, everyone(dl))
             raise
         if instead is not None:
             outcome, extra, action = instead
             self.log("plugin_verdict", qid=dl.job.queue_id, hook="on_pre_delivery", verdict=action,
                      nrcpt=len(dl.recipients))
-            merged, extra = _merged(dl, outcome, extra, self.clock())
-            self._record(dl.job, dl.body, merged, extra=extra)
+            result, extra = merged(dl, outcome, extra, self.clock())
+            self.recorder.record(dl.job, dl.body, result, extra=extra)
             return
-        merged, _ = _merged(dl, outcome, [], self.clock())
-        self._record(dl.job, dl.body, merged, final_hop=dl.route.kind == "lmtp" or dl.route.kind == "maildir",
-                     route=dl.route)
+        result, _ = merged(dl, outcome, [], self.clock())
+        self.recorder.record(dl.job, dl.body, result, final_hop=dl.route.kind == "lmtp" or dl.route.kind == "maildir",
+                             route=dl.route)
         if plugins is not None and (plugins.wants("on_delivery_success") or plugins.wants("on_delivery_failure")):
             yield SLOW
             hooks.notices(plugins, dl, outcome)
 
-    def _record(self, job: Job, body: bytes, outcome: AttemptResult, *, final_hop: bool = False,
-                extra: list[Outcome] | None = None, route: Route | None = None) -> None:
-        now = self.clock()
-        try:
-            result = decide(job, outcome.verdicts, outcome.attempts, schedule=self.schedule,
-                            reporting=self.reporting, now=now, final_hop=final_hop, body=body, rng=self.rng)
-        except Exception:
-            # The remote has answered: what it took is recorded as delivered whatever else fails.
-            self._after_error(job, [v.recipient for v in outcome.verdicts if v.status != "ok"],
-                              delivered=[v for v in outcome.verdicts if v.status == "ok"])
-            raise
-        result.outcomes.extend(extra or ())
-        self.work.submit(job.queue_id, result, self.wake if result.reports else None)
-        destination = metrics.destination(route.describe() if route is not None else "none")
-        for v, o in zip(outcome.verdicts, result.outcomes, strict=False):
-            self.log(o.state, qid=job.queue_id, rcpt=f"<{v.recipient.address}>", relay=v.host or "-",
-                     reply=v.reply[:200], level=logmod.INFO if o.state != "failed" else logmod.WARNING)
-            metrics.DELIVERY_ATTEMPTS.labels(o.state, destination).inc()
-            if o.state == "delivered":
-                metrics.DELIVERY_DELAY.observe(max(0.0, now - job.created))
-        addresses = {r.id: r.address for r in job.recipients}
-        for o in extra or ():
-            if o.state == "held":
-                self.log("held", qid=job.queue_id, rcpt=f"<{addresses.get(o.recipient_id, '?')}>", reply=o.error)
-
     def _give_back(self, dl: Delivery) -> None:
-        self.work.give_back(dl.job.queue_id, _everyone(dl))
+        self.work.give_back(dl.job.queue_id, everyone(dl))
         self._part_done(dl.job)
-
-    def _after_error(self, job: Job, recipients, delivered: Sequence[Verdict] = ()) -> None:
-        """A delivery ended in an error of elemta's own (a bug, a database error while routing):
-        its recipients are due again in ERROR_RETRY seconds (no attempt counted), not
-        when their hour-long lease runs out; those in `delivered` (the remote took them) are
-        recorded as delivered. Written like any result: kept and retried if the write fails."""
-        now = self.clock()
-        result = Result()
-        for v in delivered:
-            result.outcomes.append(Outcome(v.recipient.id, "delivered", v.reply, counted=v.recipient.counted))
-            result.attempts.append(Attempt(v.recipient.id, now, "delivered", v.reply, host=v.host))
-        for r in recipients:
-            result.outcomes.append(Outcome(r.id, "deferred", INTERNAL_ERROR, next_attempt=now + ERROR_RETRY,
-                                                counted=False))
-            result.attempts.append(Attempt(r.id, now, "deferred", INTERNAL_ERROR))
-        self.work.submit(job.queue_id, result, self.wake)
 
     def _part_done(self, job: Job) -> None:
         with self._lock:
@@ -540,70 +394,3 @@ class Scheduler:
             starved, self._starved = self._starved, False
         if starved:
             self._wake.set()
-
-
-class _Wake:
-    """The scheduler thread's sleep: until set() from any thread, a watched pipe has bytes, or a
-    timeout.  What woke it is read away, so the next wait sleeps again (threading.Event's
-    set, wait and clear in one)."""
-
-    def __init__(self) -> None:
-        self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._lock = threading.Lock()  # set() against close(): a closed number may be reused
-        self._poll = select.poll()
-        self._poll.register(self._fd, select.POLLIN)
-
-    def watch(self, fd: int) -> None:
-        os.set_blocking(fd, False)
-        self._poll.register(fd, select.POLLIN)
-
-    def set(self) -> None:
-        with self._lock:
-            if self._fd >= 0:
-                os.eventfd_write(self._fd, 1)
-
-    def wait(self, timeout: float) -> bool:
-        ready = self._poll.poll(timeout * 1000)
-        for fd, _ in ready:
-            with contextlib.suppress(BlockingIOError):
-                while os.read(fd, 4096):  # an eventfd's counter, or the pipe's bytes
-                    pass
-        return bool(ready)
-
-    def close(self) -> None:
-        with self._lock:
-            os.close(self._fd)
-            self._fd = -1
-
-
-def _everyone(dl: Delivery) -> list[Recipient]:
-    """The delivery's recipients and their duplicates."""
-    return [*dl.recipients, *(d for dups in dl.duplicates.values() for d in dups)]
-
-
-def _merged(dl: Delivery, outcome: AttemptResult, extra: list[Outcome],
-            now: float) -> tuple[AttemptResult, list[Outcome]]:
-    """The outcome with each duplicate given the verdict of the recipient it duplicates.
-
-    Its attempt record says so ("duplicate"), so `queue trace` shows it was not sent twice.
-    """
-    if not dl.duplicates:
-        return outcome, extra
-    verdicts, attempts, more = list(outcome.verdicts), list(outcome.attempts), list(extra)
-    for v in outcome.verdicts:
-        for dup in dl.duplicates.get(v.recipient.id, ()):
-            verdicts.append(dataclasses.replace(v, recipient=dup))
-            attempts.append(Attempt(dup.id, _ended_at(outcome, v.recipient.id, now), "duplicate",
-                                    f"same mailbox as <{v.recipient.address}>, sent once: {v.reply}"))
-    for o in extra:
-        for dup in dl.duplicates.get(o.recipient_id, ()):
-            more.append(dataclasses.replace(o, recipient_id=dup.id))
-            attempts.append(Attempt(dup.id, _ended_at(outcome, o.recipient_id, now), "duplicate",
-                                    f"same mailbox as recipient {o.recipient_id}: {o.error}"))
-    return AttemptResult(verdicts, attempts), more
-
-
-def _ended_at(outcome: AttemptResult, recipient_id: int, now: float) -> float:
-    """When the recipient's own attempt ended (its last record), for its duplicates' records."""
-    times = [a.at for a in outcome.attempts if a.recipient_id == recipient_id]
-    return max(times) if times else now

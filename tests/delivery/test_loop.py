@@ -217,3 +217,15 @@ def test_a_stop_gives_up_the_waits_and_closes_their_connections(loop, scripted):
     conn2 = connect(server.port)
     loop.run(Task(conn2.send_steps(message("bob@example.org")), ended))
     assert conn2.sock is None and not ended.event.is_set()
+
+
+def test_steps_that_raise_systemexit_still_end_their_task_and_the_exit_goes_on(loop):
+    """done() frees the delivery's slot whatever ends its steps; SystemExit is not swallowed."""
+    def steps():
+        yield SLOW
+        raise SystemExit(3)
+
+    ended = Ended()
+    with pytest.raises(SystemExit):
+        loop.run(Task(steps(), ended))
+    assert isinstance(ended.wait().error, SystemExit)

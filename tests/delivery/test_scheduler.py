@@ -84,32 +84,10 @@ def test_no_more_deliveries_run_at_once_than_delivery_concurrency(tmp_path):
             s.close()
 
 
-def test_the_scheduler_sleep_ends_at_a_wake_or_a_byte_in_the_workers_pipe():
-    """What a wake-up leaves is read away: the next sleep is a sleep again."""
-    import os
-
-    from elemta.delivery.scheduler import _Wake
-
-    wake = _Wake()
-    read, write = os.pipe()
-    try:
-        wake.watch(read)
-        assert wake.wait(0) is False
-        wake.set()
-        wake.set()
-        assert wake.wait(10) is True and wake.wait(0) is False
-        os.write(write, b"!!!")  # the SMTP workers' commits (wakeup.poke)
-        assert wake.wait(10) is True and wake.wait(0) is False
-        wake.close()
-        wake.set()  # after close: nothing (the number may be another file's by now)
-    finally:
-        os.close(read)
-        os.close(write)
-
-
 def test_destinations_take_turns_when_delivery_concurrency_holds_mail_back(tmp_path):
+    from elemta.delivery.grouping import Delivery
     from elemta.delivery.router import Route
-    from elemta.delivery.scheduler import Delivery, Destination
+    from elemta.delivery.scheduler import Destination
     from elemta.queue.jobs import Job, Recipient
 
     with Mx() as mx:
@@ -141,8 +119,9 @@ def test_a_delivery_given_back_at_a_stop_counts_once_for_its_message(tmp_path):
     """A message with two deliveries, one of them started as the scheduler stops: it is given
     back unsent, and the message still waits for its other delivery (it once counted twice,
     so a stop could think every delivery had ended while one still ran)."""
+    from elemta.delivery.grouping import Delivery
     from elemta.delivery.router import Route
-    from elemta.delivery.scheduler import Delivery, Destination
+    from elemta.delivery.scheduler import Destination
     from elemta.queue.jobs import Job, Recipient
 
     with Mx() as mx:
