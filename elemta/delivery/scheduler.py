@@ -50,6 +50,9 @@ from elemta.queue.schedule import RetrySchedule
 from elemta.queue.work import WorkQueue
 
 POLL = 0.25  # seconds between looks at PRAGMA data_version
+# Seconds between the starts of two passes of the scheduler thread (claims). Relay at 8,000
+# messages, 5 alternating pairs: the delivery process's CPU per message 0.59 -> 0.49 ms with 10 ms.
+CLAIM_SPACING = 0.01
 LEASE = 3600.0  # longer than any attempt; only a dead process's leases ever run out
 HOUSEKEEPING = 60.0  # seconds between purges of finished messages
 IDLE_SWEEP = 1.0  # seconds between looks for pooled connections gone idle (a poll() each)
@@ -147,6 +150,7 @@ class Scheduler:
     def _run(self) -> None:
         last_housekeeping = last_idle_sweep = 0.0
         while True:
+            began = time.monotonic()
             with self._lock:
                 if self._stopping:
                     return
@@ -168,8 +172,15 @@ class Scheduler:
             except Exception as exc:  # noqa: BLE001 -- a database hiccup must not end delivery
                 self.log("scheduler_error", level=logmod.ERROR, error=str(exc)[:200])
                 timeout = 1.0
-            if not self._wake.wait(timeout) and self.work.changed():
-                continue
+            if not self._wake.wait(timeout):
+                self.work.changed()  # the poll: a look at PRAGMA data_version (module docstring)
+            # A wake-up comes with nearly every commit of new mail; a claim per commit was a
+            # write transaction and a thread switch for one or two recipients. Passes at most
+            # CLAIM_SPACING apart take what came meanwhile in one claim, and a message arriving
+            # at an idle scheduler is still claimed at once.
+            rest = began + CLAIM_SPACING - time.monotonic()
+            if rest > 0 and not self._stopping:
+                time.sleep(rest)
 
     def _claim(self, room: int) -> None:
         jobs = self.work.claim(limit=room, lease=LEASE)
