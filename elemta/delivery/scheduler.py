@@ -51,7 +51,8 @@ from elemta.queue.work import WorkQueue
 
 POLL = 0.25  # seconds between looks at PRAGMA data_version
 # Seconds between the starts of two passes of the scheduler thread (claims). Relay at 8,000
-# messages, 5 alternating pairs: the delivery process's CPU per message 0.59 -> 0.49 ms with 10 ms.
+# messages, two sets of alternating runs: the delivery process's CPU per message 0.55 -> 0.53
+# and 0.55 -> 0.48 ms (bench/RESULTS.md, tenth session).
 CLAIM_SPACING = 0.01
 LEASE = 3600.0  # longer than any attempt; only a dead process's leases ever run out
 HOUSEKEEPING = 60.0  # seconds between purges of finished messages
