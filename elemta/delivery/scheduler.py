@@ -5,7 +5,7 @@ One scheduler thread claims work (a lease, see queue/work.py), the most urgent a
 first, and never more than the pool can start soon, so mail stays in the queue where
 elemtactl can see it. New mail is claimed at once: the queue's writer wakes the scheduler
 after each commit, other processes' commits (elemtactl flush, other workers) are noticed
-through PRAGMA data_version within POLL seconds, and deferred mail when its time comes.
+by the claim each pass makes, at least every POLL seconds, and deferred mail when its time comes.
 
 Each claimed message is routed (DNS lookups run on the pool, never in the scheduler thread),
 its recipients are grouped by route (grouping.py), and each group is one delivery to one
@@ -49,7 +49,7 @@ from elemta.queue.jobs import Job
 from elemta.queue.schedule import RetrySchedule
 from elemta.queue.work import WorkQueue
 
-POLL = 0.25  # seconds between looks at PRAGMA data_version
+POLL = 0.25  # the longest sleep between two passes (claims)
 # Seconds between the starts of two passes of the scheduler thread (claims). Relay at 8,000
 # messages, two sets of alternating runs: the delivery process's CPU per message 0.55 -> 0.53
 # and 0.55 -> 0.48 ms (bench/RESULTS.md, tenth session).
@@ -173,8 +173,7 @@ class Scheduler:
             except Exception as exc:  # noqa: BLE001 -- a database hiccup must not end delivery
                 self.log("scheduler_error", level=logmod.ERROR, error=str(exc)[:200])
                 timeout = 1.0
-            if not self._wake.wait(timeout):
-                self.work.changed()  # the poll: a look at PRAGMA data_version (module docstring)
+            self._wake.wait(timeout)
             # A wake-up comes with nearly every commit of new mail; a claim per commit was a
             # write transaction and a thread switch for one or two recipients. Passes at most
             # CLAIM_SPACING apart take what came meanwhile in one claim, and a message arriving

@@ -14,8 +14,7 @@ Changes are safe while the daemon runs:
     recipient the scheduler has claimed ('active', mid-delivery) is never touched: hold and
     delete skip it and say so;
   * recipients made due are 'queued' with next_attempt = now, exactly what WorkQueue.claim()
-    takes; the running scheduler sees the commit through PRAGMA data_version and claims them
-    within its poll interval (0.25 s).
+    takes; the running scheduler's next claim, at most 0.25 s later (its poll), takes them.
 """
 
 from __future__ import annotations

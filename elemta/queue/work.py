@@ -73,7 +73,6 @@ class WorkQueue:
         self._log = log
         self._lease = 3600.0  # the last claim's lease, for renewing those of kept results
         self._conn: sqlite3.Connection | None = None
-        self._data_version = -1
         self._lock = threading.RLock()
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
@@ -136,17 +135,6 @@ class WorkQueue:
             raise QueueError(f"queue database: {exc}") from exc
 
     # -- finding work ----------------------------------------------------------
-
-    def changed(self) -> bool:
-        """True when another connection committed since the last call (PRAGMA data_version).
-
-        This is how a scheduler notices mail queued by other processes and changes made by
-        elemtactl without polling the recipients table.
-        """
-        with self._reading() as conn:
-            version = conn.execute("PRAGMA data_version").fetchone()[0]
-        changed, self._data_version = version != self._data_version, version
-        return changed
 
     def next_due(self) -> float | None:
         """The earliest next_attempt of a recipient waiting to be tried, or None."""

@@ -445,23 +445,6 @@ def test_next_due_is_the_earliest_queued_or_deferred_time(store, work, clock):
     assert work.next_due() == T0 + 400
 
 
-def test_changed_is_true_after_another_connection_commits_and_false_when_nothing_changed(store, work, raw):
-    assert work.changed() is True  # the first call has nothing to compare with
-    assert work.changed() is False
-    assert work.changed() is False
-    enqueue(store)
-    assert work.changed() is True
-    assert work.changed() is False
-    enqueue(store)
-    enqueue(store)
-    assert work.changed() is True
-    assert work.changed() is False
-    raw.execute("UPDATE recipients SET state = 'held'")  # e.g. elemtactl
-    assert work.changed() is True
-    raw.execute("SELECT count(*) FROM recipients").fetchone()  # a read commits nothing
-    assert work.changed() is False
-
-
 def test_closed_work_queue_refuses_use(tmp_path, clock):
     wq = WorkQueue(str(tmp_path / "queue.db"), OWNER, clock=clock)
     with pytest.raises(QueueError, match="not open"):
