@@ -231,7 +231,7 @@ class MailTransaction:
             self._log_refusal("552 5.3.4", size=data.received)
             self.reset()
             return s.error(replies.SIZE_EXCEEDED.format(limit=s.settings.max_message_size))
-        return self._finish(dotreader.unstuff(text))
+        return self._finish(text)  # unstuffed by the reader
 
     # BDAT (RFC 3030): the chunk's octets follow the command line; they are data, never
     # commands, whatever the state of the transaction, so they are always read in full.

@@ -45,3 +45,43 @@ def test_the_line_length_check_agrees_with_splitting_every_line():
                  for _ in range(rng.randrange(1, 8))]
         text = b"\r\n".join(b"x" * size for size in sizes) + (b"\r\n" if rng.random() < 0.7 else b"")
         assert _lines_fit(text) == (max(map(len, text.split(b"\r\n"))) <= MAX_TEXT_LINE), sizes
+
+
+def reference(stream: bytes) -> tuple[bytes, bytes]:
+    """The message text and the rest, the slow way: lines, the first "." line ends it."""
+    index = (b"\r\n" + stream).find(b"\r\n.\r\n")
+    text, rest = stream[:index], stream[index + 3:]
+    lines = text.split(b"\r\n")  # a line is what lies between CRLFs: a bare CR or LF is in one
+    return b"\r\n".join(line[1:] if line.startswith(b".") else line for line in lines), rest
+
+
+def test_the_reader_unstuffs_and_ends_where_the_lines_say_however_the_input_is_split():
+    """One search finds both the stuffed dots and the terminator: it must agree with reading
+    line by line, with dot lines anywhere (first, last, several, "..", "." alone in a bare-LF
+    line), bare CRs and LFs next to dots, and the input cut at every place."""
+    rng = random.Random(7)
+    pieces = [b"a", b"xyz", b".", b"..", b"\r\n", b"\r", b"\n", b"\r\n.", b"\n.\r\n", b"\r.\r\n"]
+    for trial in range(3_000):
+        body = b"".join(rng.choice(pieces) for _ in range(rng.randrange(0, 12)))
+        stream = body + b"\r\n.\r\n" + b"QUIT\r\n"[: rng.randrange(7)]
+        want = reference(stream)
+        cuts = sorted(rng.sample(range(1, len(stream)), min(len(stream) - 1, rng.randrange(0, 6))))
+        for split in (cuts, list(range(1, len(stream)))):
+            reader, start, got = DataReader(10_000), 0, None
+            for end in split + [len(stream)]:
+                got = reader.feed(stream[start:end])
+                start = end
+                if got is not None:
+                    got = (got[0], got[1] + stream[end:])
+                    break
+            assert got == want, (trial, stream, split)
+
+
+def test_bare_line_endings_are_found_next_to_crlf():
+    from elemta.smtp import replies
+    from elemta.smtp.dotreader import check_text
+
+    assert check_text(b"a\r\nb\r\n") is None
+    assert check_text(b"  \r\n  \r\n") is None  # the mask's own spaces are plain text
+    for bad in (b"a\nb\r\n", b"a\rb\r\n", b"a\r\r\n", b"a\r\n\n", b"a\n\r\n", b"a\r\n\r", b"\r"):
+        assert check_text(bad) is replies.BARE_LINE_ENDING, bad
