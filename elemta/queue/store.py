@@ -18,16 +18,14 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 from elemta import metrics
 from elemta.errors import QueueError, QueueFullError
 from elemta.queue import db, ids, schema
+from elemta.queue.intake import IntakeLimits
 from elemta.queue.model import NewMessage
 
 _STOP = object()  # immutable sentinel telling the writer to finish up
-_INTAKE_CACHE_SECONDS = 1.0
-_ROW_OVERHEAD = 8192  # octets a message adds beyond its body: rows, index entries, WAL frame headers
 _READER_POOL_MAX = 8  # idle read connections kept; more concurrent readers just open their own
 _WAIT_SLICE = 1.0  # how often a waiting session re-checks that the writer is alive
 
@@ -79,17 +77,6 @@ class _Request:
 _STATE = threading.Lock()  # the moves of every _Request (take or cancel, never both)
 
 
-@dataclass(frozen=True)
-class _Intake:
-    """What intake_check last measured, and the writer's totals at that moment."""
-
-    taken_at: float
-    messages: int
-    bytes: int
-    committed_messages: int
-    committed_bytes: int
-
-
 class Store:
     def __init__(
         self,
@@ -109,9 +96,6 @@ class Store:
             raise ValueError(f"worker must be 0..{ids.MAX_WORKER}")
         self.path = path
         self._batch_max = batch_max
-        self._min_free_bytes = min_free_bytes
-        self._max_messages = max_messages
-        self._max_bytes = max_bytes
         self._worker = worker
         self._clock = clock
         self._max_page_count = max_page_count
@@ -137,8 +121,9 @@ class Store:
         )
         # (messages, bytes) this Store has committed: only a delta base for intake_check.
         self._committed = (0, 0)
-        self._intake_lock = threading.Lock()
-        self._intake: _Intake | None = None
+        self._limits = IntakeLimits(path, min_free_bytes=min_free_bytes, max_messages=max_messages,
+                                    max_bytes=max_bytes, clock=clock, committed=self._committed_totals,
+                                    count_undelivered=self._count_undelivered)
         # Called by the writer after each commit of new mail that is not held: the delivery
         # scheduler's wake-up, so the first attempt starts at once instead of at the next poll.
         self.on_commit: Callable[[], None] | None = None
@@ -284,55 +269,19 @@ class Store:
         """New intake limits (a config reload); they apply from the next intake_check."""
         if batch_max is not None:
             self._batch_max = batch_max
-        self._min_free_bytes = min_free_bytes
-        self._max_messages = max_messages
-        self._max_bytes = max_bytes
-        self._intake = None
+        self._limits.set(min_free_bytes=min_free_bytes, max_messages=max_messages, max_bytes=max_bytes)
 
     def intake_check(self) -> str | None:
-        """None if new mail may be accepted, else 'disk' or 'quota'."""
-        if not (self._min_free_bytes or self._max_messages or self._max_bytes):
-            return None
-        snap = self._intake_snapshot()
+        """None if new mail may be accepted, else 'disk' or 'quota' (queue.intake)."""
+        return self._limits.check()
+
+    def _committed_totals(self) -> tuple[int, int]:
         with self._stats_lock:
-            messages, nbytes = self._committed
-        # Commits since the snapshot, so a burst inside the cache window still
-        # hits the limit. A commit racing the snapshot may count twice until the
-        # next refresh, which errs on the side of refusing.
-        new_messages = messages - snap.committed_messages
-        new_bytes = nbytes - snap.committed_bytes
-        # The file system's free space itself, at every MAIL (a statvfs costs a microsecond):
-        # the WAL, checkpoints and other writers use the disk too, not only our messages.
-        if self._min_free_bytes and self._free_bytes() < self._min_free_bytes:
-            return "disk"
-        if self._max_messages and snap.messages + new_messages >= self._max_messages:
-            return "quota"
-        if self._max_bytes and snap.bytes + new_bytes >= self._max_bytes:
-            return "quota"
-        return None
+            return self._committed
 
-    def _intake_snapshot(self) -> _Intake:
-        def fresh(snap: _Intake | None, now: float) -> bool:
-            # A clock that stepped back also counts as stale.
-            return snap is not None and 0 <= now - snap.taken_at < _INTAKE_CACHE_SECONDS
-
-        snap = self._intake
-        if fresh(snap, self._clock()):
-            return snap  # type: ignore[return-value]
-        with self._intake_lock:  # one refresher; the others wait and reuse its result
-            now = self._clock()
-            snap = self._intake
-            if fresh(snap, now):
-                return snap  # type: ignore[return-value]
-            with self._stats_lock:
-                committed_messages, committed_bytes = self._committed
-            messages = nbytes = 0
-            if self._max_messages or self._max_bytes:
-                with self._reader() as conn:
-                    messages, nbytes = schema.undelivered_totals(conn)
-            snap = _Intake(now, messages, nbytes, committed_messages, committed_bytes)
-            self._intake = snap
-            return snap
+    def _count_undelivered(self) -> tuple[int, int]:
+        with self._reader() as conn:
+            return schema.undelivered_totals(conn)
 
     @property
     def stats(self) -> dict[str, int]:
@@ -428,17 +377,12 @@ class Store:
         """The requests the disk has room for above queue.min_free_space, in order; the others
         fail at once with QueueFullError (452 4.3.1).  Checked before each commit, on the file
         system's own free space: MAIL's check cannot see the messages still in transfer."""
-        if not self._min_free_bytes:
+        room = self._limits.room()
+        if room is None:
             return batch
-        try:
-            room = self._free_bytes() - self._min_free_bytes
-        except QueueError:
-            return batch  # statvfs failed: let SQLite's own SQLITE_FULL decide
         fits: list[_Request] = []
         for req in batch:
-            # A message is written to the WAL and then into the database by the checkpoint:
-            # until then it takes its size twice, plus a page or two of index and row.
-            need = 2 * len(req.msg.body) + _ROW_OVERHEAD
+            need = self._limits.need(len(req.msg.body))
             if need <= room:
                 room -= need
                 fits.append(req)
@@ -448,20 +392,6 @@ class Store:
                 req.finish(QueueFullError(
                     f"disk space below queue.min_free_space; message {req.msg.queue_id} not stored"))
         return fits
-
-    def _free_bytes(self) -> int:
-        """The space new mail may use: the file system's free space (what an unprivileged
-        writer may use), less the WAL's size, since what the WAL holds is copied into the
-        database by a checkpoint that may not have run yet (it grows queue.db by up to that)."""
-        try:
-            st = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
-        except OSError as exc:
-            raise QueueError(f"cannot check free space for {self.path}: {exc}") from exc
-        try:
-            wal = os.stat(self.path + "-wal").st_size
-        except OSError:
-            wal = 0
-        return st.f_bavail * st.f_frsize - wal
 
     def _commit(self, batch: list[_Request]) -> None:
         conn = self._wconn
@@ -483,7 +413,7 @@ class Store:
         # in several threads would collect their tracebacks.
         code = getattr(exc, "sqlite_errorcode", None) or 0  # may be an extended code: compare the low byte
         if isinstance(exc, sqlite3.Error) and code & 0xFF == sqlite3.SQLITE_FULL:
-            self._intake = None  # make the next intake_check look at the disk again
+            self._limits.forget()  # make the next intake_check look at the disk again
             err: QueueError = QueueFullError(f"queue database is full; message {msg.queue_id} not stored: {exc}")
         elif isinstance(exc, sqlite3.IntegrityError):
             err = QueueError(f"message {msg.queue_id} rejected by the queue database: {exc}")
