@@ -15,7 +15,6 @@ the next MX or address now.
 from __future__ import annotations
 
 import contextlib
-import functools
 import select
 import socket
 import ssl
@@ -23,7 +22,7 @@ import time
 
 from elemta import metrics
 from elemta.config import TLS_POLICIES
-from elemta.delivery import dane_openssl, tlsrpt
+from elemta.delivery import dane_openssl, smtp_tls, tlsrpt
 from elemta.delivery import smtp_setup as setup
 from elemta.delivery.dane import DaneCheck
 from elemta.delivery.smtp_reply import (
@@ -51,43 +50,6 @@ QUIT_TIMEOUT = 5.0
 # on a slow link is sent in blocks, each with the command timeout.
 SEND_BLOCK = 65536
 RECV_SIZE = 65536
-
-
-@functools.lru_cache(maxsize=16)
-def _tls_context(policy: str, ca_file: str | None) -> ssl.SSLContext:
-    # Cached: loading the system CA store for each connection is slow; contexts are
-    # thread-safe.  A changed ca_file is read again after a restart.
-    if policy == "verify":
-        context = ssl.create_default_context(cafile=ca_file)
-    else:
-        # 'may' and 'encrypt' only defeat passive listeners (RFC 7435): most MX hosts
-        # have no certificate matching their name, so nothing is verified.
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    if policy != "may" and context.minimum_version < ssl.TLSVersion.TLSv1_2:
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-    # The cipher list stays OpenSSL's default on purpose, unlike the listeners' (smtp/tls.py
-    # DEFAULT_CIPHERS): the server picks, OpenSSL lists the forward-secret AEAD suites first,
-    # so any current MX gets them; a server that knows only static RSA or CBC-SHA1 would
-    # otherwise get the mail in plain text ('may', RFC 7435 §3: some protection beats none)
-    # or not at all ('encrypt', 'verify'), as Postfix's smtp_tls_mandatory_ciphers = medium.
-    return context
-
-
-@functools.lru_cache(maxsize=4)
-def _dane_context(ca_file: str | None) -> ssl.SSLContext:
-    return dane_openssl.client_context(ca_file)
-
-
-def _dane_handshake(sock: socket.socket, dane: DaneCheck, server_name: str, ca_file: str | None) -> ssl.SSLSocket:
-    """The TLS handshake checked by OpenSSL against the TLSA records (dane_openssl.py)."""
-    context = _dane_context(ca_file)
-    tls = context.wrap_socket(sock, server_hostname=server_name or None, do_handshake_on_connect=False)
-    if not dane_openssl.prepare(tls, context, dane.base_domain, dane.names, dane.records):
-        raise dane_openssl.DaneUnavailable("OpenSSL took none of the TLSA records")
-    tls.do_handshake()
-    return tls
 
 
 def _why(exc: BaseException) -> str:
@@ -171,11 +133,7 @@ class SmtpConnection:
         assert self._sock is not None  # connected: STARTTLS was just answered
         try:
             self._sock.settimeout(self.command_timeout)
-            if dane is None:
-                self._sock = _tls_context(policy, ca_file).wrap_socket(
-                    self._sock, server_hostname=tls_name or self.host or None)
-            else:
-                self._sock = _dane_handshake(self._sock, dane, tls_name or self.host, ca_file)
+            self._sock = smtp_tls.handshake(self._sock, policy, tls_name or self.host, ca_file, dane)
         except dane_openssl.DaneUnavailable as exc:
             raise self._fail("starttls", f"DANE cannot be checked here: {exc}", permanent=False,
                              try_next_host=True, enhanced="4.7.5", tls_result=tlsrpt.VALIDATION_FAILURE) from exc
