@@ -85,6 +85,9 @@ FACILITIES = {"mail": 2, "daemon": 3, **{f"local{n}": 16 + n for n in range(8)}}
 SYSLOG_PATH = "/dev/log"
 
 
+_MILLIS = tuple(f".{n:03d}" for n in range(1000))  # a table: formatting them cost a third of a line
+
+
 class _Clock:
     """ISO 8601 timestamps with the offset, the per-second part formatted once a second."""
 
@@ -93,15 +96,16 @@ class _Clock:
         self._text = ""
         self._zone = ""
 
-    def stamp(self, now: float) -> str:
+    def stamp(self, now: float, tail: str = "") -> str:
+        """The time of now, then tail."""
         second = int(now)
         if second != self._second:  # a race here only formats the same second twice
             local = time.localtime(second)
-            self._text = time.strftime("%Y-%m-%dT%H:%M:%S", local)
+            text = time.strftime("%Y-%m-%dT%H:%M:%S", local)
             offset = local.tm_gmtoff // 60
-            self._zone = f"{'-' if offset < 0 else '+'}{abs(offset) // 60:02d}:{abs(offset) % 60:02d}"
-            self._second = second
-        return f"{self._text}.{int((now - second) * 1000):03d}{self._zone}"
+            zone = f"{'-' if offset < 0 else '+'}{abs(offset) // 60:02d}:{abs(offset) % 60:02d}"
+            self._text, self._zone, self._second = text, zone, second
+        return self._text + _MILLIS[int((now - second) * 1000)] + self._zone + tail
 
 
 class Target:
@@ -113,12 +117,15 @@ class Target:
     def __init__(self, ident: str = "elemta"):
         self.ident = ident
         self._clock = _Clock()
+        self._tag, self._tag_pid = "", -1
         self._journal = to_journal()
 
     def prefix(self, level: int, now: float, pid: int) -> str:
         if self._journal:
             return f"<{_syslog_priority(level)}>{self.ident}[{pid}]: "
-        return self._clock.stamp(now) + f" {self.ident}[{pid}]: "
+        if pid != self._tag_pid:  # " elemta[812]: ", made again only after a fork
+            self._tag, self._tag_pid = f" {self.ident}[{pid}]: ", pid
+        return self._clock.stamp(now, self._tag)
 
     def write(self, text: str) -> None:
         sys.stderr.write(text)

@@ -110,6 +110,23 @@ def test_timestamps_carry_the_offset_of_local_time(monkeypatch):
         time_module.tzset()
 
 
+def test_the_milliseconds_are_cut_not_rounded_and_the_pid_is_the_callers(monkeypatch):
+    monkeypatch.setenv("TZ", "UTC")
+    import time as time_module
+
+    time_module.tzset()
+    try:
+        target = log.Target()
+        target._journal = False
+        assert target.prefix(log.INFO, 1700000000.0, 7) == "2023-11-14T22:13:20.000+00:00 elemta[7]: "
+        assert target.prefix(log.INFO, 1700000000.9999, 7) == "2023-11-14T22:13:20.999+00:00 elemta[7]: "
+        assert target.prefix(log.INFO, 1700000001.042, 8) == "2023-11-14T22:13:21.042+00:00 elemta[8]: "  # after a fork
+        assert target.prefix(log.INFO, 1700000000.5, 7) == "2023-11-14T22:13:20.500+00:00 elemta[7]: "  # a second back
+    finally:
+        monkeypatch.delenv("TZ")
+        time_module.tzset()
+
+
 def test_a_traceback_keeps_the_prefix_and_queue_id_on_every_line():
     lines: list[str] = []
     events = log.EventLog(sink=lines.append)
