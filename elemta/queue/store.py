@@ -413,7 +413,7 @@ class Store:
         # in several threads would collect their tracebacks.
         code = getattr(exc, "sqlite_errorcode", None) or 0  # may be an extended code: compare the low byte
         if isinstance(exc, sqlite3.Error) and code & 0xFF == sqlite3.SQLITE_FULL:
-            self._limits.forget()  # make the next intake_check look at the disk again
+            self._limits.forget()  # the next intake_check counts the queue again (the disk it reads each time)
             err: QueueError = QueueFullError(f"queue database is full; message {msg.queue_id} not stored: {exc}")
         elif isinstance(exc, sqlite3.IntegrityError):
             err = QueueError(f"message {msg.queue_id} rejected by the queue database: {exc}")
